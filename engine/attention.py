@@ -1,0 +1,180 @@
+"""Attention over the paged KV cache: the backend interface and the torch backend.
+
+Layout (``NHD``): per layer, ``k_cache`` and ``v_cache`` are
+``[num_blocks, block_size, num_kv_heads, head_dim]``. Token ``t`` of a request lives at
+slot ``block_table[t // block_size] * block_size + t % block_size``.
+
+A backend is planned once per batch (``plan``) and run once per layer (``run``), as in
+FlashInfer's ``BatchDecodeWithPagedKVCacheWrapper``. ``run`` first writes the new K/V into
+the cache through ``slot_mapping`` and then lets each request's query chunk attend causally
+to its whole context (cached prefix + new tokens).
+"""
+
+from __future__ import annotations
+
+import abc
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass(frozen=True)
+class AttentionMetadata:
+    """One batch of ``num_reqs`` requests flattened into ``num_tokens`` query tokens.
+
+    Request ``r`` owns query rows ``cu_seqlens_q[r]:cu_seqlens_q[r+1]``; those are the last
+    ``q_len`` tokens of its context of length ``seq_lens[r]`` (positions
+    ``seq_lens[r] - q_len .. seq_lens[r] - 1``).
+    """
+
+    cu_seqlens_q: torch.Tensor  # [num_reqs + 1] int32
+    seq_lens: torch.Tensor  # [num_reqs] int32, context length incl. this step's tokens
+    block_table: torch.Tensor  # [num_reqs, max_blocks_per_req] int32, padded with 0
+    slot_mapping: torch.Tensor  # [num_tokens] int64, -1 = do not write
+    max_seqlen_q: int
+    max_seq_len: int
+    block_size: int
+    # Host copies (python ints) so backends can branch without device syncs.
+    query_lens: tuple[int, ...]
+    seq_lens_host: tuple[int, ...]
+
+    @property
+    def num_reqs(self) -> int:
+        return len(self.query_lens)
+
+    @property
+    def is_pure_decode(self) -> bool:
+        return self.max_seqlen_q == 1
+
+
+class AttentionBackend(abc.ABC):
+    """Paged attention for one worker; ``plan`` per batch, ``run`` per layer."""
+
+    @abc.abstractmethod
+    def plan(self, metadata: AttentionMetadata) -> None: ...
+
+    @abc.abstractmethod
+    def run(
+        self,
+        q: torch.Tensor,  # [num_tokens, num_heads, head_dim]
+        k: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]
+        v: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]
+        k_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
+        v_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
+        scale: float,
+    ) -> torch.Tensor:  # [num_tokens, num_heads, head_dim]
+        ...
+
+
+def write_kv(
+    k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+) -> None:
+    """Scatter new K/V rows into the cache; slots of -1 are skipped."""
+    keep = slot_mapping >= 0
+    slots = slot_mapping[keep]
+    if slots.numel() == 0:
+        return
+    k_flat = k_cache.view(-1, *k_cache.shape[2:])  # [num_blocks * block_size, H_kv, D]
+    v_flat = v_cache.view(-1, *v_cache.shape[2:])
+    k_flat.index_copy_(0, slots, k[keep])
+    v_flat.index_copy_(0, slots, v[keep])
+
+
+class TorchAttentionBackend(AttentionBackend):
+    """Reference-quality paged attention in torch (CPU default).
+
+    Decode rows (``q_len == 1``) are gathered and padded into one batched SDPA call;
+    longer query chunks run one request at a time with an offset causal mask.
+    """
+
+    def __init__(self) -> None:
+        self._md: AttentionMetadata | None = None
+        self._decode_rows: list[int] = []  # request indices with q_len == 1
+        self._decode_slots: torch.Tensor | None = None  # [n_dec, max_len] int64
+        self._decode_mask: torch.Tensor | None = None  # [n_dec, 1, 1, max_len] bool
+        self._extend_slots: list[torch.Tensor] = []  # per extend request: [seq_len] int64
+
+    def plan(self, metadata: AttentionMetadata) -> None:
+        self._md = metadata
+        bs = metadata.block_size
+        table = metadata.block_table.to(torch.int64)
+        self._decode_rows = [r for r, n in enumerate(metadata.query_lens) if n == 1]
+        self._extend_rows = [r for r, n in enumerate(metadata.query_lens) if n > 1]
+        if self._decode_rows:
+            rows = torch.tensor(self._decode_rows, dtype=torch.int64)
+            lens = torch.tensor([metadata.seq_lens_host[r] for r in self._decode_rows])
+            max_len = int(lens.max())
+            pos = torch.arange(max_len)
+            blocks = table[rows][:, (pos // bs)]  # [n_dec, max_len]
+            self._decode_slots = blocks * bs + (pos % bs)
+            self._decode_mask = (pos[None, :] < lens[:, None])[:, None, None, :]
+        self._extend_slots = []
+        for r in self._extend_rows:
+            pos = torch.arange(metadata.seq_lens_host[r])
+            self._extend_slots.append(table[r, pos // bs] * bs + pos % bs)
+
+    def run(self, q, k, v, k_cache, v_cache, scale):
+        md = self._md
+        assert md is not None, "plan() must be called before run()"
+        write_kv(k, v, k_cache, v_cache, md.slot_mapping)
+        k_flat = k_cache.view(-1, *k_cache.shape[2:])
+        v_flat = v_cache.view(-1, *v_cache.shape[2:])
+        out = torch.empty_like(q)
+        gqa = q.shape[1] // k.shape[1]
+        cu = md.cu_seqlens_q
+        if self._decode_rows:
+            starts = cu[torch.tensor(self._decode_rows)].to(torch.int64)
+            q_dec = q[starts].unsqueeze(2)  # [n_dec, H, 1, D]
+            k_ctx = k_flat[self._decode_slots].transpose(1, 2)  # [n_dec, H_kv, L, D]
+            v_ctx = v_flat[self._decode_slots].transpose(1, 2)
+            o = _sdpa(q_dec, k_ctx, v_ctx, self._decode_mask, scale, gqa)
+            out[starts] = o.squeeze(2)
+        for r, slots in zip(self._extend_rows, self._extend_slots, strict=True):
+            start, end = md.query_lens[:r], md.query_lens[r]
+            s = sum(start)
+            q_r = q[s : s + end].transpose(0, 1).unsqueeze(0)  # [1, H, q_len, D]
+            k_r = k_flat[slots].transpose(0, 1).unsqueeze(0)  # [1, H_kv, L, D]
+            v_r = v_flat[slots].transpose(0, 1).unsqueeze(0)
+            mask = _offset_causal_mask(end, len(slots), q.device)
+            out[s : s + end] = _sdpa(q_r, k_r, v_r, mask, scale, gqa)[0].transpose(0, 1)
+        return out
+
+
+def _offset_causal_mask(q_len: int, kv_len: int, device: torch.device) -> torch.Tensor:
+    """[q_len, kv_len] bool: query i (position kv_len - q_len + i) sees keys <= its position."""
+    q_pos = torch.arange(kv_len - q_len, kv_len, device=device)[:, None]
+    return torch.arange(kv_len, device=device)[None, :] <= q_pos
+
+
+def _sdpa(q, k, v, mask, scale, gqa: int) -> torch.Tensor:
+    if gqa > 1:
+        k = k.repeat_interleave(gqa, dim=1)
+        v = v.repeat_interleave(gqa, dim=1)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+
+
+def reference_paged_attention(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, md: AttentionMetadata,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """Float64 loop reference over requests and block tables (for tests); cache already written."""
+    scale = scale if scale is not None else 1.0 / math.sqrt(q.shape[-1])
+    out = torch.empty(q.shape, dtype=torch.float64)
+    gqa = q.shape[1] // k_cache.shape[2]
+    s = 0
+    for r, q_len in enumerate(md.query_lens):
+        seq_len = md.seq_lens_host[r]
+        pos = torch.arange(seq_len)
+        blocks = md.block_table[r].to(torch.int64)[pos // md.block_size]
+        k_ctx = k_cache[blocks, pos % md.block_size].double().repeat_interleave(gqa, 1)
+        v_ctx = v_cache[blocks, pos % md.block_size].double().repeat_interleave(gqa, 1)
+        qr = q[s : s + q_len].double()  # [q_len, H, D]
+        scores = torch.einsum("qhd,khd->hqk", qr, k_ctx) * scale
+        mask = _offset_causal_mask(q_len, seq_len, torch.device("cpu"))
+        scores = scores.masked_fill(~mask, float("-inf"))
+        out[s : s + q_len] = torch.einsum("hqk,khd->qhd", scores.softmax(-1), v_ctx)
+        s += q_len
+    return out

@@ -1,0 +1,110 @@
+"""Frozen configuration dataclasses for the model executor.
+
+One config per component (STYLE §3): ``ModelConfig`` is read from the checkpoint,
+``CacheConfig`` sizes the paged KV cache, ``SchedulerConfig`` bounds each step,
+``EngineConfig`` ties them together for one worker.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+import torch
+
+
+class AttentionBackendKind(enum.Enum):
+    """Which attention implementation runs over the paged KV cache."""
+
+    AUTO = "auto"  # torch on CPU, triton on CUDA
+    TORCH = "torch"
+    TRITON = "triton"  # forced (e.g. under TRITON_INTERPRET=1 on CPU)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Architecture of a Llama-family checkpoint (Llama, Qwen2, SmolLM)."""
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rope_theta: float
+    rms_norm_eps: float
+    max_position_embeddings: int
+    tie_word_embeddings: bool = True
+    attention_bias: bool = False  # Qwen2 has q/k/v biases
+    bos_token_id: int | None = None
+    eos_token_ids: tuple[int, ...] = ()
+    model_id: str = "unknown"
+
+    def __post_init__(self) -> None:
+        assert self.num_heads % self.num_kv_heads == 0, "num_heads must be a multiple of num_kv_heads"
+        assert self.head_dim % 2 == 0, "rotary embedding needs an even head_dim"
+
+    @property
+    def num_queries_per_kv(self) -> int:
+        return self.num_heads // self.num_kv_heads
+
+    def kv_bytes_per_block(self, block_size: int, dtype: torch.dtype) -> int:
+        """Bytes of K plus V for one block across all layers."""
+        elem = torch.tensor([], dtype=dtype).element_size()
+        return 2 * self.num_layers * block_size * self.num_kv_heads * self.head_dim * elem
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    """Paged KV cache sizing.
+
+    ``num_blocks`` wins when set; otherwise it is derived from ``kv_cache_bytes``
+    (``ModelConfig.kv_bytes_per_block``).
+    """
+
+    block_size: int = 16
+    kv_cache_bytes: int = 512 * 1024**2
+    num_blocks: int | None = None
+    enable_prefix_caching: bool = True
+
+    def __post_init__(self) -> None:
+        if self.block_size <= 0 or self.block_size & (self.block_size - 1):
+            raise ValueError(f"block_size must be a positive power of two, got {self.block_size}")
+        if self.num_blocks is not None and self.num_blocks <= 0:
+            raise ValueError(f"num_blocks must be positive, got {self.num_blocks}")
+        if self.kv_cache_bytes <= 0:
+            raise ValueError(f"kv_cache_bytes must be positive, got {self.kv_cache_bytes}")
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    """Per-step budgets for continuous batching with chunked prefill."""
+
+    max_num_seqs: int = 64  # requests in the running batch
+    max_num_batched_tokens: int = 1024  # tokens (prefill chunks + decodes) per step
+
+    def __post_init__(self) -> None:
+        if self.max_num_seqs <= 0 or self.max_num_batched_tokens <= 0:
+            raise ValueError("scheduler budgets must be positive")
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Everything one worker's engine needs. ``model_path`` None = the default model."""
+
+    model_path: str | None = None
+    dtype: str = "float32"  # "float32" | "bfloat16" | "float16"
+    device: str = "cpu"
+    attention_backend: AttentionBackendKind = AttentionBackendKind.AUTO
+    num_threads: int | None = None  # torch intra-op threads; None = torch default
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+
+    def __post_init__(self) -> None:
+        if self.dtype not in ("float32", "bfloat16", "float16"):
+            raise ValueError(f"dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return getattr(torch, self.dtype)
