@@ -1,0 +1,207 @@
+"""The model executor every worker runs: ``step() = schedule() -> execute() -> update()``.
+
+Single-threaded by design; ``engine_loop.EngineLoop`` drives it from a thread and feeds it
+requests from gRPC handlers. Roles use it differently:
+
+- colocated: ``add_request`` and step until finished (chunked prefill mixed with decode);
+- prefill: ``add_request(hold_kv=True)``; after the first token the request finishes but
+  its blocks stay pinned in ``held`` until ``release`` (a decode worker pulled them);
+- decode: ``reserve_blocks`` for the prompt, KV arrives over NIXL, then
+  ``add_prefilled_request`` joins the running batch without running the prompt.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from scission.engine.attention import TorchAttentionBackend
+from scission.engine.block_hash import hash_seed
+from scission.engine.block_manager import BlockManager
+from scission.engine.config import AttentionBackendKind, EngineConfig
+from scission.engine.detokenizer import IncrementalDetokenizer
+from scission.engine.kv_cache import KVCache, num_blocks_for
+from scission.engine.loader import load_checkpoint
+from scission.engine.model import LlamaForCausalLM
+from scission.engine.model_runner import ModelRunner
+from scission.engine.request import FinishReason, Request, RequestStatus, SamplingParams
+from scission.engine.scheduler import Scheduler
+from scission.engine.tokenizer import Tokenizer, default_model_path, load_tokenizer
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class RequestOutput:
+    """What one step produced for one request (a streaming delta)."""
+
+    request_id: str
+    new_token_ids: tuple[int, ...]
+    text_delta: str
+    finish_reason: FinishReason | None
+    num_cached_tokens: int
+    num_prompt_tokens: int
+
+
+def make_attention_backend(kind: AttentionBackendKind, device: str):
+    """torch on CPU; Triton on CUDA or when forced (e.g. TRITON_INTERPRET=1 tests)."""
+    if kind == AttentionBackendKind.TRITON or (kind == AttentionBackendKind.AUTO
+                                               and device.startswith("cuda")):
+        from scission.engine.attention_triton import TritonAttentionBackend
+
+        return TritonAttentionBackend()
+    return TorchAttentionBackend()
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig, tokenizer: Tokenizer | None = None) -> None:
+        if config.num_threads:
+            torch.set_num_threads(config.num_threads)
+        self.config = config
+        self.model_path = config.model_path or default_model_path()
+        model_cfg, state = load_checkpoint(self.model_path)
+        self.model_config = model_cfg
+        self.model = LlamaForCausalLM(model_cfg, config.torch_dtype).to(config.device)
+        self.model.load_hf_state_dict(state)
+        del state
+        self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(self.model_path)
+        self.eos_token_ids = frozenset(self.tokenizer.eos_token_ids) | set(model_cfg.eos_token_ids)
+        self.max_model_len = model_cfg.max_position_embeddings
+        cache = config.cache
+        num_blocks = num_blocks_for(model_cfg, cache, config.torch_dtype)
+        self.kv_cache = KVCache(model_cfg, num_blocks, cache.block_size, config.torch_dtype,
+                                config.device)
+        self.block_manager = BlockManager(num_blocks, cache.block_size,
+                                          hash_seed(model_cfg.model_id), cache.enable_prefix_caching)
+        self.scheduler = Scheduler(config.scheduler, self.block_manager)
+        attn = make_attention_backend(config.attention_backend, config.device)
+        self.runner = ModelRunner(self.model, self.kv_cache, attn)
+        self.requests: dict[str, Request] = {}
+        self.held: dict[str, Request] = {}  # prefill role: finished, blocks pinned
+        self._detok: dict[str, IncrementalDetokenizer] = {}
+
+    # -- request intake -------------------------------------------------------------
+    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+                    hold_kv: bool = False) -> Request:
+        """Queue a prompt. Raises ValueError on a duplicate id (callers validate lengths)."""
+        req = Request(request_id, list(prompt_token_ids), params, hold_kv_after_prefill=hold_kv)
+        self._register(req)
+        self.scheduler.add_request(req)
+        return req
+
+    def reserve_blocks(self, request_id: str, num_tokens: int) -> list[int] | None:
+        """Decode role: allocate blocks for ``num_tokens`` prompt tokens (None = no room)."""
+        table: list[int] = []
+        if self.block_manager.allocate(request_id, table, num_tokens) is None:
+            return None
+        return table
+
+    def free_reserved(self, request_id: str, block_ids: list[int]) -> None:
+        self.block_manager.free(request_id, list(block_ids))
+
+    def add_prefilled_request(self, request_id: str, prompt_token_ids: list[int],
+                              first_token_id: int, params: SamplingParams,
+                              block_ids: list[int], num_cached_tokens: int = 0) -> Request:
+        """Decode role: the prompt's KV is already in ``block_ids``; decode from the first token."""
+        req = Request(request_id, list(prompt_token_ids), params, block_table=list(block_ids),
+                      num_computed_tokens=len(prompt_token_ids), num_cached_tokens=num_cached_tokens)
+        self._register(req)
+        self.block_manager.cache_full_blocks(request_id, req.block_table, req.prompt_token_ids,
+                                             req.num_computed_tokens)
+        self._detok[request_id].push([first_token_id])
+        req.output_token_ids.append(first_token_id)
+        self.scheduler.add_request(req)
+        return req
+
+    def abort(self, request_id: str) -> bool:
+        """Stop a request wherever it is and free its blocks. Returns False if unknown."""
+        if self.release(request_id):
+            return True
+        req = self.requests.pop(request_id, None)
+        if req is None:
+            return False
+        self.scheduler.finish(req, RequestStatus.FINISHED_ABORTED)
+        self._detok.pop(request_id, None)
+        return True
+
+    def release(self, request_id: str) -> bool:
+        """Prefill role: unpin a held request's blocks (after the pull, or on timeout)."""
+        req = self.held.pop(request_id, None)
+        if req is None:
+            return False
+        self.block_manager.free(request_id, req.block_table)
+        return True
+
+    # -- the loop -------------------------------------------------------------------
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    def step(self) -> list[RequestOutput]:
+        sched = self.scheduler.schedule()
+        if sched.is_empty:
+            return []
+        sampled = self.runner.execute(sched)
+        return self._update(sched, sampled)
+
+    def _update(self, sched, sampled: dict[str, int]) -> list[RequestOutput]:
+        outputs = []
+        for req, n in sched.scheduled:
+            req.num_computed_tokens += n
+            self.block_manager.cache_full_blocks(req.request_id, req.block_table,
+                                                 req.all_token_ids, req.num_computed_tokens)
+            token = sampled.get(req.request_id)
+            if token is None:
+                continue
+            req.output_token_ids.append(token)
+            out = self._detok[req.request_id].push([token])
+            status = self._check_stop(req, token, out.stopped_on)
+            text = out.text_delta
+            if status is not None:
+                text += "" if out.stopped_on else self._detok[req.request_id].finish()
+                self._finish(req, status)
+            elif req.hold_kv_after_prefill:  # prefill role: pin the KV for the decode pull
+                self._hold(req)
+            outputs.append(RequestOutput(req.request_id, (token,), text, req.finish_reason,
+                                         req.num_cached_tokens, req.num_prompt_tokens))
+        return outputs
+
+    def _check_stop(self, req: Request, token: int, stopped_on: str | None) -> RequestStatus | None:
+        p = req.sampling_params
+        if stopped_on is not None or token in p.stop_token_ids:
+            return RequestStatus.FINISHED_STOPPED
+        if not p.ignore_eos and token in self.eos_token_ids:
+            return RequestStatus.FINISHED_STOPPED
+        if req.num_output_tokens >= p.max_tokens or req.num_tokens >= self.max_model_len:
+            return RequestStatus.FINISHED_LENGTH
+        return None
+
+    def _finish(self, req: Request, status: RequestStatus) -> None:
+        self.scheduler.finish(req, status)
+        self.requests.pop(req.request_id, None)
+        self._detok.pop(req.request_id, None)
+
+    def _hold(self, req: Request) -> None:
+        """Leave the batch but keep the blocks; ``finish_reason`` stays None (decode continues)."""
+        self.scheduler.finish(req, RequestStatus.FINISHED_STOPPED, keep_blocks=True)
+        req.status = RequestStatus.RUNNING  # not finished for the caller: decode goes on
+        self.held[req.request_id] = req
+        self.requests.pop(req.request_id, None)
+        self._detok.pop(req.request_id, None)
+
+    def _register(self, req: Request) -> None:
+        if req.request_id in self.requests or req.request_id in self.held:
+            raise ValueError(f"duplicate request_id {req.request_id!r}")
+        self.requests[req.request_id] = req
+        self._detok[req.request_id] = IncrementalDetokenizer(
+            self.tokenizer, req.prompt_token_ids, stop=req.sampling_params.stop)
+
+    # -- introspection --------------------------------------------------------------
+    @property
+    def num_free_blocks(self) -> int:
+        return self.block_manager.num_free_blocks
+
+    def queued_prefill_tokens(self) -> int:
+        return sum(r.num_tokens_to_compute for r in self.scheduler.waiting) + sum(
+            r.num_tokens_to_compute for r in self.scheduler.running if r.num_tokens_to_compute > 1)

@@ -1,0 +1,170 @@
+"""Weight loading: GGUF files (dequantized with ``gguf``) and HF safetensors directories.
+
+Both paths produce a ``ModelConfig`` and a state dict with HF Llama parameter names
+(``model.layers.{i}.self_attn.q_proj.weight`` ...), so the model has one naming scheme.
+Nothing is downloaded: the path must exist on disk.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from scission.engine.config import ModelConfig
+
+logger = logging.getLogger(__name__)
+
+# GGUF tensor name -> HF name ({i} = layer index).
+_GGUF_TO_HF = {
+    "token_embd.weight": "model.embed_tokens.weight",
+    "output_norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+    "blk.{i}.attn_norm.weight": "model.layers.{i}.input_layernorm.weight",
+    "blk.{i}.ffn_norm.weight": "model.layers.{i}.post_attention_layernorm.weight",
+    "blk.{i}.attn_q.weight": "model.layers.{i}.self_attn.q_proj.weight",
+    "blk.{i}.attn_k.weight": "model.layers.{i}.self_attn.k_proj.weight",
+    "blk.{i}.attn_v.weight": "model.layers.{i}.self_attn.v_proj.weight",
+    "blk.{i}.attn_q.bias": "model.layers.{i}.self_attn.q_proj.bias",
+    "blk.{i}.attn_k.bias": "model.layers.{i}.self_attn.k_proj.bias",
+    "blk.{i}.attn_v.bias": "model.layers.{i}.self_attn.v_proj.bias",
+    "blk.{i}.attn_output.weight": "model.layers.{i}.self_attn.o_proj.weight",
+    "blk.{i}.ffn_gate.weight": "model.layers.{i}.mlp.gate_proj.weight",
+    "blk.{i}.ffn_up.weight": "model.layers.{i}.mlp.up_proj.weight",
+    "blk.{i}.ffn_down.weight": "model.layers.{i}.mlp.down_proj.weight",
+}
+
+
+def load_checkpoint(path: str) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+    """Load a ``.gguf`` file or an HF safetensors directory.
+
+    Returns:
+        (config, state dict of float32 CPU tensors with HF names).
+    Raises:
+        FileNotFoundError: the path does not exist.
+        ValueError: unsupported architecture or file kind.
+    """
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"model path {path!r} does not exist")
+    if os.path.isdir(path):
+        return _load_safetensors_dir(Path(path))
+    if path.endswith(".gguf"):
+        return _load_gguf(path)
+    raise ValueError(f"{path!r}: expected a .gguf file or an HF checkpoint directory")
+
+
+def _gguf_field(reader, key: str, default=None):
+    field = reader.fields.get(key)
+    return default if field is None else field.contents()
+
+
+def _gguf_config(reader, path: str) -> ModelConfig:
+    arch = _gguf_field(reader, "general.architecture")
+    if arch not in ("llama", "qwen2"):
+        raise ValueError(f"{path}: unsupported GGUF architecture {arch!r} (llama, qwen2)")
+    g = lambda k, d=None: _gguf_field(reader, f"{arch}.{k}", d)  # noqa: E731
+    hidden, heads = int(g("embedding_length")), int(g("attention.head_count"))
+    names = {t.name for t in reader.tensors}
+    eos = _gguf_field(reader, "tokenizer.ggml.eos_token_id")
+    bos = _gguf_field(reader, "tokenizer.ggml.bos_token_id")
+    return ModelConfig(
+        vocab_size=int(g("vocab_size", 0) or len(_gguf_field(reader, "tokenizer.ggml.tokens"))),
+        hidden_size=hidden,
+        intermediate_size=int(g("feed_forward_length")),
+        num_layers=int(g("block_count")),
+        num_heads=heads,
+        num_kv_heads=int(g("attention.head_count_kv", heads)),
+        head_dim=hidden // heads,
+        rope_theta=float(g("rope.freq_base", 10000.0)),
+        rms_norm_eps=float(g("attention.layer_norm_rms_epsilon", 1e-6)),
+        max_position_embeddings=int(g("context_length", 2048)),
+        tie_word_embeddings="output.weight" not in names,
+        attention_bias="blk.0.attn_q.bias" in names,
+        bos_token_id=None if bos is None else int(bos),
+        eos_token_ids=() if eos is None else (int(eos),),
+        model_id=str(_gguf_field(reader, "general.name", os.path.basename(path))),
+    )
+
+
+def _hf_name(gguf_name: str) -> str | None:
+    parts = gguf_name.split(".")
+    if parts[0] == "blk":
+        key = ".".join(["blk", "{i}", *parts[2:]])
+        hf = _GGUF_TO_HF.get(key)
+        return None if hf is None else hf.format(i=parts[1])
+    return _GGUF_TO_HF.get(gguf_name)
+
+
+def _unpermute_qk(w: torch.Tensor, n_head: int) -> torch.Tensor:
+    """Undo llama.cpp's Q/K row permutation (GGUF rope layout -> HF neox layout)."""
+    half = w.shape[0] // n_head // 2
+    return w.reshape(n_head, half, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
+
+
+def _load_gguf(path: str) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+    from gguf import GGUFReader
+    from gguf.quants import dequantize
+
+    reader = GGUFReader(path)
+    config = _gguf_config(reader, path)
+    arch = _gguf_field(reader, "general.architecture")
+    state: dict[str, torch.Tensor] = {}
+    for t in reader.tensors:
+        name = _hf_name(t.name)
+        if name is None:
+            logger.warning("ignoring unknown GGUF tensor %s", t.name)
+            continue
+        arr = dequantize(t.data, t.tensor_type).astype(np.float32, copy=False)
+        shape = tuple(int(d) for d in reversed(t.shape))  # ggml order -> row-major
+        w = torch.from_numpy(np.ascontiguousarray(arr.reshape(shape)))
+        if arch == "llama" and name.endswith(("q_proj.weight", "q_proj.bias")):
+            w = _unpermute_qk(w, config.num_heads)
+        elif arch == "llama" and name.endswith(("k_proj.weight", "k_proj.bias")):
+            w = _unpermute_qk(w, config.num_kv_heads)
+        state[name] = w
+    logger.info("loaded GGUF %s: %d tensors, %d layers", path, len(state), config.num_layers)
+    return config, state
+
+
+def _load_safetensors_dir(path: Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+    from safetensors.torch import load_file
+
+    cfg_path = path / "config.json"
+    if not cfg_path.exists():
+        raise FileNotFoundError(f"{path}: no config.json")
+    hf = json.loads(cfg_path.read_text())
+    archs = hf.get("architectures") or []
+    if hf.get("model_type") not in ("llama", "qwen2", "mistral") and not any(
+        a.startswith(("Llama", "Qwen2", "Mistral")) for a in archs
+    ):
+        raise ValueError(f"{path}: unsupported model_type {hf.get('model_type')!r}")
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"{path}: no *.safetensors files")
+    state: dict[str, torch.Tensor] = {}
+    for f in files:
+        state.update({k: v.float() for k, v in load_file(str(f)).items()})
+    eos = hf.get("eos_token_id")
+    heads = hf["num_attention_heads"]
+    config = ModelConfig(
+        vocab_size=hf["vocab_size"],
+        hidden_size=hf["hidden_size"],
+        intermediate_size=hf["intermediate_size"],
+        num_layers=hf["num_hidden_layers"],
+        num_heads=heads,
+        num_kv_heads=hf.get("num_key_value_heads", heads),
+        head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
+        rope_theta=float(hf.get("rope_theta", 10000.0)),
+        rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+        max_position_embeddings=hf.get("max_position_embeddings", 2048),
+        tie_word_embeddings=bool(hf.get("tie_word_embeddings", "lm_head.weight" not in state)),
+        attention_bias=hf.get("model_type") == "qwen2" or bool(hf.get("attention_bias", False)),
+        bos_token_id=hf.get("bos_token_id"),
+        eos_token_ids=tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,)),
+        model_id=hf.get("_name_or_path") or path.name,
+    )
+    return config, state

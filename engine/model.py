@@ -1,0 +1,130 @@
+"""Llama-family decoder (Llama, SmolLM, Qwen2) over a paged KV cache.
+
+The batch is flattened: ``input_ids`` and ``positions`` are ``[num_tokens]`` across all
+requests of the step; attention reads and writes the paged cache through an
+``AttentionBackend`` planned once per step. Q/K/V and gate/up projections are fused
+into single matmuls (one GEMM instead of three / two on the hot path).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from scission.engine.attention import AttentionBackend
+from scission.engine.config import ModelConfig
+
+KVCaches = list[tuple[torch.Tensor, torch.Tensor]]  # per layer (k_cache, v_cache), NHD
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm (Zhang & Sennrich 2019), computed in float32. x: [num_tokens, hidden]."""
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return (xf * weight.float()).to(x.dtype)
+
+
+def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype):
+    """cos/sin ``[num_tokens, head_dim // 2]`` for the neox layout (RoFormer, Su et al. 2021)."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+    freqs = positions.to(torch.float32)[:, None] * inv_freq[None, :]
+    return freqs.cos().to(dtype), freqs.sin().to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Neox rotary embedding. x: [num_tokens, num_heads, head_dim]; cos/sin: [num_tokens, D/2]."""
+    x1, x2 = x.chunk(2, dim=-1)
+    c, s = cos[:, None, :], sin[:, None, :]
+    return torch.cat((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.cfg = cfg
+        q_size, kv_size = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+        self.q_size, self.kv_size = q_size, kv_size
+        e = dict(dtype=dtype)
+        self.input_norm = nn.Parameter(torch.ones(cfg.hidden_size, **e), requires_grad=False)
+        self.post_norm = nn.Parameter(torch.ones(cfg.hidden_size, **e), requires_grad=False)
+        self.qkv = nn.Linear(cfg.hidden_size, q_size + 2 * kv_size, bias=cfg.attention_bias, **e)
+        self.o_proj = nn.Linear(q_size, cfg.hidden_size, bias=False, **e)
+        self.gate_up = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False, **e)
+        self.down = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False, **e)
+        self.scale = 1.0 / math.sqrt(cfg.head_dim)
+
+    def forward(self, h, cos, sin, kv, attn: AttentionBackend) -> torch.Tensor:
+        cfg = self.cfg
+        x = rms_norm(h, self.input_norm, cfg.rms_norm_eps)
+        q, k, v = self.qkv(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = apply_rope(q.view(-1, cfg.num_heads, cfg.head_dim), cos, sin)
+        k = apply_rope(k.view(-1, cfg.num_kv_heads, cfg.head_dim), cos, sin)
+        v = v.view(-1, cfg.num_kv_heads, cfg.head_dim)
+        o = attn.run(q, k, v, kv[0], kv[1], self.scale)  # [num_tokens, H, D]
+        h = h + self.o_proj(o.reshape(-1, self.q_size))
+        x = rms_norm(h, self.post_norm, cfg.rms_norm_eps)
+        gate, up = self.gate_up(x).chunk(2, dim=-1)
+        return h + self.down(F.silu(gate) * up)
+
+
+class LlamaForCausalLM(nn.Module):
+    """Decoder stack + LM head. Call ``forward`` then ``compute_logits`` on selected rows."""
+
+    def __init__(self, cfg: ModelConfig, dtype: torch.dtype = torch.float32) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.dtype = dtype
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size, dtype=dtype)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, dtype) for _ in range(cfg.num_layers))
+        self.norm = nn.Parameter(torch.ones(cfg.hidden_size, dtype=dtype), requires_grad=False)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False, dtype=dtype)
+        self.requires_grad_(False)
+
+    @torch.inference_mode()
+    def forward(
+        self,
+        input_ids: torch.Tensor,  # [num_tokens] int64
+        positions: torch.Tensor,  # [num_tokens] int64
+        kv_caches: KVCaches,
+        attn: AttentionBackend,
+    ) -> torch.Tensor:  # [num_tokens, hidden_size]
+        cfg = self.cfg
+        h = self.embed(input_ids)
+        cos, sin = rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta, self.dtype)
+        for layer, kv in zip(self.layers, kv_caches, strict=True):
+            h = layer(h, cos, sin, kv, attn)
+        return rms_norm(h, self.norm, cfg.rms_norm_eps)
+
+    @torch.inference_mode()
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden: [n, hidden_size] -> logits [n, vocab_size] float32."""
+        return self.lm_head(hidden).float()
+
+    def load_hf_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Copy HF-named weights in, fusing q/k/v and gate/up.
+
+        Raises:
+            KeyError: a required weight is missing.
+        """
+        cast = lambda t: t.to(self.dtype)  # noqa: E731
+        self.embed.weight.copy_(cast(state["model.embed_tokens.weight"]))
+        self.norm.copy_(cast(state["model.norm.weight"]))
+        head = state.get("lm_head.weight")
+        self.lm_head.weight.copy_(cast(head if head is not None and not self.cfg.tie_word_embeddings
+                                       else state["model.embed_tokens.weight"]))
+        for i, layer in enumerate(self.layers):
+            p = f"model.layers.{i}."
+            a = p + "self_attn."
+            layer.input_norm.copy_(cast(state[p + "input_layernorm.weight"]))
+            layer.post_norm.copy_(cast(state[p + "post_attention_layernorm.weight"]))
+            qkv = [state[a + f"{n}_proj.weight"] for n in "qkv"]
+            layer.qkv.weight.copy_(cast(torch.cat(qkv, 0)))
+            if self.cfg.attention_bias:
+                layer.qkv.bias.copy_(cast(torch.cat([state[a + f"{n}_proj.bias"] for n in "qkv"])))
+            layer.o_proj.weight.copy_(cast(state[a + "o_proj.weight"]))
+            gate_up = [state[p + "mlp.gate_proj.weight"], state[p + "mlp.up_proj.weight"]]
+            layer.gate_up.weight.copy_(cast(torch.cat(gate_up, 0)))
+            layer.down.weight.copy_(cast(state[p + "mlp.down_proj.weight"]))

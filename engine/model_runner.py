@@ -1,0 +1,93 @@
+"""Turns a ``SchedulerOutput`` into model inputs, runs the model and samples.
+
+Index arithmetic for a request scheduled ``n`` tokens this step::
+
+    positions  num_computed_tokens ........ num_computed_tokens + n - 1
+    slot       block_table[pos // block_size] * block_size + pos % block_size
+    sample     only if num_computed_tokens + n == num_tokens (the chunk reaches the end)
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from scission.engine.attention import AttentionBackend, AttentionMetadata
+from scission.engine.kv_cache import KVCache
+from scission.engine.model import LlamaForCausalLM
+from scission.engine.request import Request
+from scission.engine.sampler import Sampler
+from scission.engine.scheduler import SchedulerOutput
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ModelInput:
+    input_ids: torch.Tensor  # [num_tokens] int64
+    positions: torch.Tensor  # [num_tokens] int64
+    metadata: AttentionMetadata
+    logits_indices: torch.Tensor  # [num_sampled] int64, rows of the flattened batch
+    sampled_requests: tuple[Request, ...]  # requests that get a token this step
+
+
+def build_model_input(out: SchedulerOutput, block_size: int) -> ModelInput:
+    """Flatten the step's requests into one token batch (see the module docstring)."""
+    ids: list[int] = []
+    positions: list[int] = []
+    slots: list[int] = []
+    query_lens, seq_lens, logits_idx, sampled = [], [], [], []
+    max_blocks = max(len(r.block_table) for r, _ in out.scheduled)
+    table = torch.zeros(len(out.scheduled), max_blocks, dtype=torch.int32)
+    for i, (req, n) in enumerate(out.scheduled):
+        start = req.num_computed_tokens
+        ids.extend(req.all_token_ids[start : start + n])
+        pos = range(start, start + n)
+        positions.extend(pos)
+        bt = req.block_table
+        slots.extend(bt[p // block_size] * block_size + p % block_size for p in pos)
+        table[i, : len(bt)] = torch.tensor(bt, dtype=torch.int32)
+        query_lens.append(n)
+        seq_lens.append(start + n)
+        if start + n == req.num_tokens:
+            logits_idx.append(len(ids) - 1)
+            sampled.append(req)
+    cu = torch.zeros(len(query_lens) + 1, dtype=torch.int32)
+    cu[1:] = torch.cumsum(torch.tensor(query_lens, dtype=torch.int32), 0)
+    md = AttentionMetadata(
+        cu_seqlens_q=cu,
+        seq_lens=torch.tensor(seq_lens, dtype=torch.int32),
+        block_table=table,
+        slot_mapping=torch.tensor(slots, dtype=torch.int64),
+        max_seqlen_q=max(query_lens),
+        max_seq_len=max(seq_lens),
+        block_size=block_size,
+        query_lens=tuple(query_lens),
+        seq_lens_host=tuple(seq_lens),
+    )
+    return ModelInput(torch.tensor(ids, dtype=torch.int64), torch.tensor(positions),
+                      md, torch.tensor(logits_idx, dtype=torch.int64), tuple(sampled))
+
+
+class ModelRunner:
+    def __init__(self, model: LlamaForCausalLM, kv_cache: KVCache, attn: AttentionBackend) -> None:
+        self.model = model
+        self.kv_cache = kv_cache
+        self.attn = attn
+        self.sampler = Sampler()
+
+    @torch.inference_mode()
+    def execute(self, out: SchedulerOutput) -> dict[str, int]:
+        """Run one step; returns request_id -> sampled token id for requests that sample."""
+        inp = build_model_input(out, self.kv_cache.block_size)
+        self.attn.plan(inp.metadata)
+        hidden = self.model(inp.input_ids, inp.positions, self.kv_cache.layers, self.attn)
+        if not inp.sampled_requests:
+            return {}
+        logits = self.model.compute_logits(hidden[inp.logits_indices])
+        params = [r.sampling_params for r in inp.sampled_requests]
+        positions = [r.num_output_tokens for r in inp.sampled_requests]
+        tokens = self.sampler.sample(logits, params, positions).tolist()
+        return {r.request_id: t for r, t in zip(inp.sampled_requests, tokens, strict=True)}
