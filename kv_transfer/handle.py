@@ -1,0 +1,239 @@
+"""Typed, versioned messages of the KV transfer contract (DESIGN.md "Transfer contract").
+
+- ``TransferHandle``: returned by a prefill worker with the first token; tells the decode
+  worker which blocks to pull from which NIXL agent (and which incarnation of it).
+- ``KVLayoutDescriptor``: published by every worker with its registration (next to its
+  NIXL agent metadata); lets a reader build remote descriptors for any block.
+- ``KVNotification``: the NIXL notification a decode worker sends after a pull, so the
+  prefill worker can release the request's blocks.
+
+All three encode to msgpack maps (``to_bytes``) and decode strictly (``from_bytes`` raises
+``ValueError`` on a wrong version or malformed input). Nothing here imports torch or NIXL.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass
+from enum import IntEnum
+from typing import Any
+
+from scission.kv_transfer.codec import INT, INT_TUPLE, STR, pack_message, unpack_message
+
+logger = logging.getLogger(__name__)
+
+# Bump on any change of these messages' fields or meaning (vLLM NIXL_CONNECTOR_VERSION).
+KV_TRANSFER_VERSION = 1
+
+# Per-layer cache layout: ``[num_blocks, block_size, num_kv_heads, head_dim]``.
+KV_LAYOUT_NHD = "NHD"
+SUPPORTED_LAYOUTS = (KV_LAYOUT_NHD,)
+
+
+def _require(cond: bool, kind: str, msg: str) -> None:
+    if not cond:
+        raise ValueError(f"{kind}: {msg}")
+
+
+def _to_int_tuple(obj: Any, name: str) -> None:
+    """Coerce a list field of a frozen dataclass to a tuple (hashable, immutable)."""
+    value = getattr(obj, name)
+    if isinstance(value, list):
+        object.__setattr__(obj, name, tuple(value))
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TransferHandle:
+    """Where a request's prompt KV lives, for a one-sided NIXL READ by the decode worker.
+
+    Invariant: ``len(block_ids) == ceil(num_tokens / block_size)``; block ``i`` holds the
+    KV of tokens ``[i * block_size, min((i + 1) * block_size, num_tokens))``::
+
+        tokens   |0 ....... bs-1|bs ..... 2bs-1| ... |(n-1)bs .. num_tokens-1|
+        blocks   | block_ids[0] | block_ids[1] | ... | block_ids[n-1] (partial)|
+    """
+
+    version: int = KV_TRANSFER_VERSION
+    request_id: str
+    prefill_worker_id: str
+    incarnation: int  # etcd lease id of the prefill worker's registration
+    agent_name: str  # NIXL agent name of the prefill worker
+    block_ids: tuple[int, ...]  # prefill-side block ids, in token order
+    num_tokens: int  # tokens whose KV the blocks hold (the prompt)
+    block_size: int  # tokens per block
+    dtype: str  # torch dtype name without "torch.", e.g. "bfloat16"
+    layout: str = KV_LAYOUT_NHD
+
+    _KIND = "TransferHandle"
+    _SCHEMA = {
+        "version": INT, "request_id": STR, "prefill_worker_id": STR, "incarnation": INT,
+        "agent_name": STR, "block_ids": INT_TUPLE, "num_tokens": INT, "block_size": INT,
+        "dtype": STR, "layout": STR,
+    }  # fmt: skip
+
+    def __post_init__(self) -> None:
+        _to_int_tuple(self, "block_ids")
+        k = self._KIND
+        _require(self.version == KV_TRANSFER_VERSION, k, f"unsupported version {self.version}")
+        _require(bool(self.request_id), k, "empty request_id")
+        _require(bool(self.prefill_worker_id), k, "empty prefill_worker_id")
+        _require(bool(self.agent_name), k, "empty agent_name")
+        _require(self.incarnation >= 0, k, f"negative incarnation {self.incarnation}")
+        _require(self.block_size > 0, k, f"block_size must be > 0, got {self.block_size}")
+        _require(self.num_tokens > 0, k, f"num_tokens must be > 0, got {self.num_tokens}")
+        _require(all(b >= 0 for b in self.block_ids), k, "negative block id")
+        _require(len(set(self.block_ids)) == len(self.block_ids), k, "duplicate block ids")
+        expected = -(-self.num_tokens // self.block_size)
+        _require(
+            len(self.block_ids) == expected,
+            k,
+            f"{len(self.block_ids)} block ids for {self.num_tokens} tokens of block_size "
+            f"{self.block_size} (expected {expected})",
+        )
+        _require(bool(self.dtype), k, "empty dtype")
+        _require(self.layout in SUPPORTED_LAYOUTS, k, f"unsupported layout {self.layout!r}")
+
+    @property
+    def num_blocks(self) -> int:
+        return len(self.block_ids)
+
+    def to_bytes(self) -> bytes:
+        return pack_message(asdict(self))
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> TransferHandle:
+        """Decode; raises ``ValueError`` on a wrong version or malformed input."""
+        return cls(**unpack_message(data, cls._SCHEMA, cls._KIND, KV_TRANSFER_VERSION))
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class KVLayoutDescriptor:
+    """A worker's registered KV cache memory, as a remote reader needs it.
+
+    Layer ``l``'s K cache for block ``b`` starts at ``k_base_addrs[l] + b * bytes_per_block``
+    (same for V) and spans ``bytes_per_block`` bytes; the caches are ``NHD`` and
+    contiguous, so a run of consecutive block ids is one contiguous byte range.
+    Addresses are virtual addresses in the owning process, valid only together with the
+    NIXL agent metadata of the same incarnation.
+    """
+
+    version: int = KV_TRANSFER_VERSION
+    agent_name: str
+    num_layers: int
+    num_blocks: int
+    block_size: int
+    num_kv_heads: int
+    head_dim: int
+    dtype: str  # torch dtype name without "torch.", e.g. "bfloat16"
+    layout: str = KV_LAYOUT_NHD
+    bytes_per_block: int  # block_size * num_kv_heads * head_dim * element size
+    k_base_addrs: tuple[int, ...]  # [num_layers] address of block 0 of each K cache
+    v_base_addrs: tuple[int, ...]  # [num_layers] address of block 0 of each V cache
+
+    _KIND = "KVLayoutDescriptor"
+    _SCHEMA = {
+        "version": INT, "agent_name": STR, "num_layers": INT, "num_blocks": INT,
+        "block_size": INT, "num_kv_heads": INT, "head_dim": INT, "dtype": STR, "layout": STR,
+        "bytes_per_block": INT, "k_base_addrs": INT_TUPLE, "v_base_addrs": INT_TUPLE,
+    }  # fmt: skip
+    # Fields two workers must agree on to exchange blocks (num_blocks may differ).
+    _COMPAT_FIELDS = (
+        "num_layers", "block_size", "num_kv_heads", "head_dim", "dtype", "layout",
+        "bytes_per_block",
+    )  # fmt: skip
+
+    def __post_init__(self) -> None:
+        _to_int_tuple(self, "k_base_addrs")
+        _to_int_tuple(self, "v_base_addrs")
+        k = self._KIND
+        _require(self.version == KV_TRANSFER_VERSION, k, f"unsupported version {self.version}")
+        _require(bool(self.agent_name), k, "empty agent_name")
+        for name in ("num_layers", "num_blocks", "block_size", "num_kv_heads", "head_dim"):
+            _require(getattr(self, name) > 0, k, f"{name} must be > 0")
+        _require(self.bytes_per_block > 0, k, "bytes_per_block must be > 0")
+        _require(bool(self.dtype), k, "empty dtype")
+        _require(self.layout in SUPPORTED_LAYOUTS, k, f"unsupported layout {self.layout!r}")
+        for name in ("k_base_addrs", "v_base_addrs"):
+            addrs = getattr(self, name)
+            _require(len(addrs) == self.num_layers, k, f"{name} has {len(addrs)} entries")
+            _require(all(a > 0 for a in addrs), k, f"{name} has a null address")
+
+    @property
+    def bytes_per_layer_cache(self) -> int:
+        """Bytes of one layer's K (or V) cache."""
+        return self.num_blocks * self.bytes_per_block
+
+    def check_compatible(self, other: KVLayoutDescriptor) -> None:
+        """Raise ``ValueError`` if blocks of ``other`` cannot be copied byte-wise into ours."""
+        diffs = [
+            f"{n}: {getattr(self, n)!r} != {getattr(other, n)!r}"
+            for n in self._COMPAT_FIELDS
+            if getattr(self, n) != getattr(other, n)
+        ]
+        if diffs:
+            raise ValueError(
+                f"KV layout of {other.agent_name!r} is incompatible with {self.agent_name!r}: "
+                + "; ".join(diffs)
+            )
+
+    def to_bytes(self) -> bytes:
+        return pack_message(asdict(self))
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> KVLayoutDescriptor:
+        """Decode; raises ``ValueError`` on a wrong version or malformed input."""
+        return cls(**unpack_message(data, cls._SCHEMA, cls._KIND, KV_TRANSFER_VERSION))
+
+
+class KVNotificationKind(IntEnum):
+    """What a decode worker tells a prefill worker about a request's blocks."""
+
+    PULL_DONE = 1  # blocks were read; release them
+    PULL_ABORTED = 2  # decode gave up (failure, cancellation); release them
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class KVNotification:
+    """NIXL notification payload from decode to prefill (sent with/after the READ).
+
+    ``incarnation`` is the prefill incarnation from the ``TransferHandle``; a prefill
+    worker ignores notifications addressed to another incarnation of itself.
+    """
+
+    version: int = KV_TRANSFER_VERSION
+    kind: KVNotificationKind
+    request_id: str
+    incarnation: int
+
+    _KIND = "KVNotification"
+    _SCHEMA = {"version": INT, "kind": INT, "request_id": STR, "incarnation": INT}
+
+    def __post_init__(self) -> None:
+        k = self._KIND
+        _require(self.version == KV_TRANSFER_VERSION, k, f"unsupported version {self.version}")
+        try:
+            object.__setattr__(self, "kind", KVNotificationKind(self.kind))
+        except ValueError as e:
+            raise ValueError(f"{k}: unknown kind {self.kind!r}") from e
+        _require(bool(self.request_id), k, "empty request_id")
+        _require(self.incarnation >= 0, k, f"negative incarnation {self.incarnation}")
+
+    def to_bytes(self) -> bytes:
+        fields = asdict(self)
+        fields["kind"] = int(self.kind)
+        return pack_message(fields)
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> KVNotification:
+        """Decode; raises ``ValueError`` on a wrong version or malformed input."""
+        return cls(**unpack_message(data, cls._SCHEMA, cls._KIND, KV_TRANSFER_VERSION))
+
+
+__all__ = [
+    "KV_LAYOUT_NHD",
+    "KV_TRANSFER_VERSION",
+    "KVLayoutDescriptor",
+    "KVNotification",
+    "KVNotificationKind",
+    "TransferHandle",
+]
