@@ -1,0 +1,567 @@
+"""Worker registry in etcd: workers register under a lease, the router watches the directory.
+
+Keys (all of a worker's keys are under its lease, so a dead worker vanishes within its TTL):
+    {prefix}/workers/{worker_id} -> WorkerInfo.to_bytes()         (msgpack, typed, versioned)
+    {prefix}/stats/{worker_id}   -> WorkerStatsRecord.to_bytes()  (periodic load stats)
+
+python3-etcd3 0.13 quirks handled here:
+- ``Etcd3Client`` blacklists its only endpoint for 300 s after one UNAVAILABLE error (then raises
+  ``ValueError('Trying to use a failed node')`` although etcd is back): see ``connect()``.
+- ``etcd3.watch.Watcher`` dies with ``NameError: six`` when its stream fails, leaving its
+  iterators blocked forever: ``WorkerDirectory`` drives the raw ``etcdrpc.WatchStub`` stream.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import functools
+import logging
+import queue
+import threading
+import typing
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import etcd3
+import grpc
+import msgpack
+from etcd3 import etcdrpc
+from etcd3.etcdrpc import kv_pb2
+from etcd3.utils import prefix_range_end
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_PREFIX = "/scission"
+FORMAT_VERSION = 1
+ETCD_ERRORS = (etcd3.Etcd3Exception, grpc.RpcError)  # what a call to etcd may raise
+
+
+class WorkerRole(enum.Enum):
+    PREFILL = "prefill"
+    DECODE = "decode"
+    COLOCATED = "colocated"
+    ENCODE = "encode"
+
+
+class _Record:
+    """msgpack codec for a frozen dataclass: ``{"kind", "version", <fields>}``, enums by value."""
+
+    KIND: typing.ClassVar[str]
+
+    def to_bytes(self) -> bytes:
+        fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}  # type: ignore
+        fields = {k: v.value if isinstance(v, enum.Enum) else v for k, v in fields.items()}
+        return msgpack.packb({"kind": self.KIND, "version": FORMAT_VERSION, **fields})
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> typing.Self:
+        """Decode; raises ValueError on anything but a valid record of this kind and version."""
+        try:
+            obj = msgpack.unpackb(data, raw=False)
+        except (TypeError, ValueError, msgpack.UnpackException) as exc:  # incl. bad UTF-8
+            raise ValueError(f"{cls.KIND}: not valid msgpack ({exc!r})") from exc
+        if not isinstance(obj, dict) or obj.get("kind") != cls.KIND:
+            raise ValueError(f"{cls.KIND}: not a {cls.KIND} record")
+        if obj.get("version") != FORMAT_VERSION:
+            raise ValueError(f"{cls.KIND}: unsupported version {obj.get('version')!r}")
+        kwargs = {}
+        for name, typ in _field_types(cls).items():
+            if name not in obj:
+                raise ValueError(f"{cls.KIND}: missing field {name!r}")
+            value = obj[name]
+            if typ is float and type(value) is int:
+                value = float(value)
+            is_enum = isinstance(typ, type) and issubclass(typ, enum.Enum)
+            if is_enum and value in {member.value for member in typ}:  # type: ignore[union-attr]
+                value = typ(value)
+            elif is_enum or type(value) is not typ:
+                raise ValueError(f"{cls.KIND}.{name}: bad {typ.__name__} {value!r}")
+            kwargs[name] = value
+        try:
+            return cls(**kwargs)  # unknown extra fields of the same version are ignored
+        except ValueError as exc:  # __post_init__ range checks
+            raise ValueError(f"{cls.KIND}: {exc}") from exc
+
+
+_R = typing.TypeVar("_R", bound=_Record)
+
+
+@functools.cache
+def _field_types(cls: type) -> dict[str, type]:
+    """Dataclass field name -> resolved type (annotations are strings under __future__)."""
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+@dataclass(frozen=True)
+class WorkerInfo(_Record):
+    """What peers need to reach a worker. Value of ``{prefix}/workers/{worker_id}``."""
+
+    KIND: typing.ClassVar[str] = "worker_info"
+    worker_id: str
+    role: WorkerRole
+    endpoint: str  # host:port of the worker's internal gRPC server
+    agent_name: str  # NIXL agent name
+    agent_metadata: bytes  # NIXL agent metadata (peers load it to READ our KV blocks)
+    kv_layout: bytes  # opaque msgpack from kv_transfer
+    num_blocks: int
+    block_size: int
+    model_id: str
+    started_at_s: float  # wall clock (time.time()) when the worker process started
+    incarnation: int = 0  # lease id, set by WorkerRegistration.register; 0 = not registered
+
+    def __post_init__(self) -> None:
+        if not self.worker_id or "/" in self.worker_id:
+            raise ValueError(f"worker_id must be non-empty without '/': {self.worker_id!r}")
+        if not isinstance(self.role, WorkerRole) or not self.endpoint:
+            raise ValueError(f"bad role {self.role!r} or empty endpoint {self.endpoint!r}")
+        if self.num_blocks < 0 or self.block_size <= 0 or self.incarnation < 0:
+            raise ValueError("num_blocks >= 0, block_size > 0 and incarnation >= 0 required")
+
+
+@dataclass(frozen=True)
+class WorkerStatsRecord(_Record):
+    """Periodic load stats of one worker. Value of ``{prefix}/stats/{worker_id}``."""
+
+    KIND: typing.ClassVar[str] = "worker_stats"
+    num_free_blocks: int
+    num_running: int
+    num_waiting: int
+    queued_prefill_tokens: int
+    updated_at_s: float  # wall clock (time.time())
+
+    def __post_init__(self) -> None:
+        counts = (self.num_free_blocks, self.num_running, self.num_waiting)
+        if min(*counts, self.queued_prefill_tokens) < 0:
+            raise ValueError(f"stats counts must be >= 0: {self}")
+
+
+@dataclass(frozen=True)
+class EtcdClientConfig:
+    endpoints: tuple[str, ...] = ("127.0.0.1:2379",)  # "host:port"; a list is accepted
+    timeout_s: float = 5.0  # per unary RPC
+    endpoint_retry_s: float = 0.5  # a failed endpoint is skipped this long (Etcd3Client: 300 s)
+    keepalive_s: float = 10.0  # gRPC ping interval (etcd refuses < 5 s): finds a dead etcd
+    max_reconnect_backoff_s: float = 2.0  # reconnect soon after an etcd restart (gRPC: 120 s)
+    use_http_proxy: bool = False  # honour http(s)_proxy env vars (gRPC's default) for etcd
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "endpoints", tuple(self.endpoints))
+        if not self.endpoints or not all(_split_endpoint(e) for e in self.endpoints):
+            raise ValueError(f"etcd endpoints must be host:port, got {self.endpoints!r}")
+        if self.timeout_s <= 0 or self.endpoint_retry_s < 0 or self.keepalive_s < 5:
+            raise ValueError("timeout_s > 0, endpoint_retry_s >= 0, keepalive_s >= 5 required")
+        if self.max_reconnect_backoff_s <= 0:
+            raise ValueError("max_reconnect_backoff_s must be > 0")
+
+
+def _split_endpoint(endpoint: str) -> tuple[str, int] | None:
+    host, _, port = endpoint.rpartition(":")
+    return (host, int(port)) if host and port.isdigit() else None
+
+
+def connect(config: EtcdClientConfig) -> etcd3.MultiEndpointEtcd3Client:
+    """An etcd client (insecure channel) that recovers after etcd outages; makes no RPC.
+
+    Returns the base class of ``etcd3.Etcd3Client`` (same API) built with ``endpoint_retry_s``
+    instead of Etcd3Client's fixed 300 s blacklist, and failover across ``endpoints``.
+    """
+    backoff_ms = int(config.max_reconnect_backoff_s * 1000)
+    options = [
+        ("grpc.keepalive_time_ms", int(config.keepalive_s * 1000)),
+        ("grpc.keepalive_timeout_ms", int(config.timeout_s * 1000)),
+        ("grpc.initial_reconnect_backoff_ms", min(1000, backoff_ms)),
+        ("grpc.max_reconnect_backoff_ms", backoff_ms),
+        ("grpc.enable_http_proxy", int(config.use_http_proxy)),
+    ]
+    endpoints = [
+        etcd3.Endpoint(host, port, secure=False, time_retry=config.endpoint_retry_s, opts=options)
+        for host, port in map(_split_endpoint, config.endpoints)  # type: ignore[misc]
+    ]
+    return etcd3.MultiEndpointEtcd3Client(endpoints, timeout=config.timeout_s, failover=True)
+
+
+@dataclass(frozen=True)
+class RegistryConfig:
+    prefix: str = DEFAULT_PREFIX  # trailing "/" is stripped
+    retry_interval_s: float = 0.5  # wait before retrying after an etcd error
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "prefix", self.prefix.rstrip("/"))
+        if not self.prefix.startswith("/") or self.retry_interval_s <= 0:
+            raise ValueError(f"prefix must start with '/' ({self.prefix!r}), retry_interval_s > 0")
+
+    @property
+    def workers_prefix(self) -> str:
+        return f"{self.prefix}/workers/"
+
+    @property
+    def stats_prefix(self) -> str:
+        return f"{self.prefix}/stats/"
+
+
+class WorkerRegistration:
+    """One worker's entry in etcd, kept alive by a background thread.
+
+    ``register`` grants a lease of ``ttl_s`` seconds, writes the WorkerInfo with ``incarnation =
+    lease id`` and refreshes the lease every ``ttl_s / 3`` (etcd errors are logged and retried
+    every ``retry_interval_s``). If the lease is lost anyway (expired during an etcd outage or a
+    stall of this process, or revoked by an operator) the thread grants a new lease and writes
+    the info and the last stats again: the worker comes back as a NEW incarnation. Peers see a
+    delete then a put and must drop what they cached for the old incarnation (NIXL metadata,
+    transfer handles). ``on_new_incarnation(info)`` is then called from the keepalive thread.
+    """
+
+    def __init__(self, client: etcd3.MultiEndpointEtcd3Client, config: RegistryConfig | None = None,
+                 on_new_incarnation: Callable[[WorkerInfo], None] | None = None) -> None:
+        self._client = client
+        self._config = config if config is not None else RegistryConfig()
+        self._on_new_incarnation = on_new_incarnation
+        self._lock = threading.Lock()  # guards the fields below; serializes our etcd writes
+        self._info: WorkerInfo | None = None  # as registered (incarnation = current lease)
+        self._stats: WorkerStatsRecord | None = None  # last stats, re-put on re-register
+        self._ttl_s = 0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.num_callback_errors = 0  # metric: on_new_incarnation calls that raised
+
+    @property
+    def info(self) -> WorkerInfo | None:
+        """The registered info; ``info.incarnation`` is the current lease id. None if not."""
+        return self._info
+
+    def register(self, info: WorkerInfo, ttl_s: int) -> WorkerInfo:
+        """Write ``info`` under a new lease and start the keepalive thread; returns what it wrote.
+
+        ``info.incarnation`` is replaced by the lease id. Raises etcd errors (at most a lease is
+        left behind, and it expires within ``ttl_s``). etcd may raise a tiny TTL to its minimum.
+        """
+        if ttl_s < 1:
+            raise ValueError(f"ttl_s must be >= 1, got {ttl_s}")
+        with self._lock:
+            if self._thread is not None:
+                raise RuntimeError(f"{info.worker_id} is already registered")
+            self._ttl_s, self._stats = ttl_s, None
+            registered = self._grant_and_put(info)
+            self._stop.clear()
+            self._thread = threading.Thread(
+                target=self._keepalive_loop, name=f"lease-{info.worker_id}", daemon=True
+            )
+            self._thread.start()
+        return registered
+
+    def _grant_and_put(self, info: WorkerInfo) -> WorkerInfo:
+        """Grant a lease and atomically put the info (and last stats) under it. Lock held."""
+        lease = self._client.lease(self._ttl_s)
+        info = dataclasses.replace(info, incarnation=lease.id)
+        worker_key = self._config.workers_prefix + info.worker_id
+        ops = [etcd3.transactions.Put(worker_key, info.to_bytes(), lease=lease.id)]
+        if self._stats is not None:
+            stats_key = self._config.stats_prefix + info.worker_id
+            ops.append(etcd3.transactions.Put(stats_key, self._stats.to_bytes(), lease=lease.id))
+        self._client.transaction(compare=[], success=ops, failure=[])
+        self._info = info
+        logger.info("registered %s role=%s incarnation=%x ttl=%ds",
+                    info.worker_id, info.role.value, lease.id, lease.ttl)
+        return info
+
+    def _keepalive_loop(self) -> None:
+        interval_s = max(self._ttl_s / 3.0, 0.1)
+        wait_s, failures = interval_s, 0
+        while not self._stop.wait(wait_s):
+            try:
+                new_info = self._refresh_once()
+            except ETCD_ERRORS as exc:
+                failures += 1
+                log = logger.warning if failures == 1 else logger.debug  # once per outage
+                log("lease keepalive failed (%d in a row): %s", failures, _describe(exc))
+                wait_s = min(interval_s, self._config.retry_interval_s)
+                continue
+            if failures:
+                logger.info("lease keepalive recovered after %d failures", failures)
+            wait_s, failures = interval_s, 0
+            if new_info is not None and not _call_safely(self._on_new_incarnation, new_info):
+                self.num_callback_errors += 1
+
+    def _refresh_once(self) -> WorkerInfo | None:
+        """Refresh the lease; if it is gone, re-register and return the new info."""
+        with self._lock:
+            info = self._info
+            if self._stop.is_set() or info is None:
+                return None
+            responses = list(self._client.refresh_lease(info.incarnation))
+            if responses and responses[-1].TTL > 0:
+                return None
+            logger.warning("lease %x of %s was lost; re-registering as a new incarnation",
+                           info.incarnation, info.worker_id)
+            return self._grant_and_put(info)
+
+    def update_stats(self, record: WorkerStatsRecord) -> None:
+        """Put ``record`` under the lease. Raises etcd errors; the record is kept either way and
+        re-written if the worker re-registers."""
+        with self._lock:
+            if self._info is None:
+                raise RuntimeError("update_stats before register")
+            self._stats = record
+            key = self._config.stats_prefix + self._info.worker_id
+            self._client.put(key, record.to_bytes(), lease=self._info.incarnation)
+
+    def deregister(self) -> None:
+        """Stop the keepalive thread and revoke the lease (both keys vanish). Idempotent.
+
+        If etcd is unreachable the keys still vanish when the lease expires (within ttl_s).
+        """
+        self._stop.set()
+        thread, self._thread = self._thread, None
+        if thread is not None:
+            thread.join()
+        with self._lock:
+            info, self._info = self._info, None
+        if info is None:
+            return
+        try:
+            self._client.revoke_lease(info.incarnation)
+            logger.info("deregistered %s incarnation=%x", info.worker_id, info.incarnation)
+        except ETCD_ERRORS as exc:
+            logger.warning("revoking %s failed (%s); its keys expire within %ds",
+                           info.worker_id, _describe(exc), self._ttl_s)
+
+    def __enter__(self) -> WorkerRegistration:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.deregister()
+
+
+class _Resync(Exception):
+    """The watch cannot go on (compacted, canceled, ended): re-list, then re-watch."""
+
+
+class WorkerDirectory:
+    """Router-side, in-memory view of the registered workers and their stats.
+
+    ``start()`` loads all workers with one range read (stats at the same revision); a thread then
+    follows a watch from that revision + 1. After an etcd error or a broken stream it re-lists
+    and re-watches, firing callbacks for the difference. Lookups never touch etcd.
+
+    Callbacks run on the watch thread: ``on_added(info)`` for each new or changed WorkerInfo (a
+    new incarnation of a worker_id fires it again), ``on_removed(worker_id)`` when a worker's key
+    is gone. A malformed value is logged and treated as absent.
+    """
+
+    def __init__(self, client: etcd3.MultiEndpointEtcd3Client, config: RegistryConfig | None = None,
+                 on_added: Callable[[WorkerInfo], None] | None = None,
+                 on_removed: Callable[[str], None] | None = None) -> None:
+        self._client = client
+        self._config = config if config is not None else RegistryConfig()
+        self._on_added = on_added
+        self._on_removed = on_removed
+        self._lock = threading.Lock()  # guards the fields below
+        self._workers: dict[str, WorkerInfo] = {}  # worker_id -> info
+        self._stats: dict[str, WorkerStatsRecord] = {}  # worker_id -> latest stats
+        self._revision = 0  # etcd revision the view reflects
+        self._call: Any = None  # the live gRPC Watch stream, cancelled by close()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.num_callback_errors = 0  # metric: callbacks that raised
+
+    def start(self) -> WorkerDirectory:
+        """Load the current workers (raises etcd errors) and start following the watch."""
+        assert self._thread is None, "WorkerDirectory.start called twice"
+        self._resync()
+        self._thread = threading.Thread(target=self._run, name="worker-directory", daemon=True)
+        self._thread.start()
+        return self
+
+    def workers(self, role: WorkerRole | None = None) -> list[WorkerInfo]:
+        """Registered workers (of ``role`` if given), sorted by worker_id."""
+        with self._lock:
+            infos = sorted(self._workers.values(), key=lambda info: info.worker_id)
+        return [info for info in infos if role is None or info.role is role]
+
+    def get(self, worker_id: str) -> WorkerInfo | None:
+        with self._lock:
+            return self._workers.get(worker_id)
+
+    def stats(self, worker_id: str) -> WorkerStatsRecord | None:
+        """Latest stats of a worker in the view (None if it has none or is not registered:
+        the two prefixes are separate watches, so their events may interleave)."""
+        with self._lock:
+            return self._stats.get(worker_id) if worker_id in self._workers else None
+
+    @property
+    def revision(self) -> int:
+        with self._lock:
+            return self._revision
+
+    def close(self) -> None:
+        """Stop the watch thread; idempotent. The view keeps its last contents."""
+        self._stop.set()
+        with self._lock:
+            call = self._call
+        if call is not None:
+            call.cancel()
+        thread, self._thread = self._thread, None
+        if thread is not None:
+            thread.join()
+
+    def __enter__(self) -> WorkerDirectory:
+        return self.start() if self._thread is None else self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def _run(self) -> None:
+        synced, failures = True, 0  # synced: the view matches etcd at self._revision
+        while not self._stop.is_set():
+            try:
+                if not synced:
+                    self._resync()
+                    if failures:
+                        logger.info("worker watch recovered after %d failures", failures)
+                    failures = 0
+                synced = False
+                self._watch()
+            except _Resync as exc:
+                logger.info("worker watch on %s: %s; re-listing", self._config.prefix, exc)
+            except ETCD_ERRORS as exc:
+                if self._stop.is_set():
+                    return
+                failures += 1
+                log = logger.warning if failures == 1 else logger.debug  # once per outage
+                log("worker watch on %s failed (%d in a row): %s; retrying every %.1fs",
+                    self._config.prefix, failures, _describe(exc), self._config.retry_interval_s)
+                self._stop.wait(self._config.retry_interval_s)
+
+    def _resync(self) -> None:
+        """Replace the view with a range read and fire callbacks for the difference."""
+        cfg = self._config
+        workers_rsp = self._client.get_prefix_response(cfg.workers_prefix)
+        revision = workers_rsp.header.revision
+        stats_rsp = self._client.get_prefix_response(cfg.stats_prefix, revision=revision)
+        workers = self._decode_all(workers_rsp.kvs, cfg.workers_prefix, WorkerInfo)
+        stats = self._decode_all(stats_rsp.kvs, cfg.stats_prefix, WorkerStatsRecord)
+        with self._lock:
+            old, self._workers, self._stats = self._workers, workers, stats
+            self._revision = revision
+        removed = [worker_id for worker_id in old if worker_id not in workers]
+        added = [info for worker_id, info in workers.items() if old.get(worker_id) != info]
+        logger.info("worker directory %s: %d workers at revision %d",
+                    cfg.prefix, len(workers), revision)
+        self._notify(added, removed)
+
+    def _watch(self) -> None:
+        """Follow both prefixes from revision + 1 on one raw Watch stream until it breaks."""
+        requests: queue.SimpleQueue[etcdrpc.WatchRequest | None] = queue.SimpleQueue()
+        for prefix in (self._config.workers_prefix.encode(), self._config.stats_prefix.encode()):
+            create = etcdrpc.WatchCreateRequest(
+                key=prefix, range_end=prefix_range_end(prefix), start_revision=self._revision + 1
+            )
+            requests.put(etcdrpc.WatchRequest(create_request=create))
+        stub = etcdrpc.WatchStub(self._client.channel)
+        call = stub.Watch(_drain(requests), credentials=self._client.call_credentials,
+                          metadata=self._client.metadata)
+        with self._lock:
+            self._call = call
+        try:
+            if self._stop.is_set():  # close() ran before the call was published
+                call.cancel()
+            for response in call:
+                if response.compact_revision:
+                    raise _Resync(f"revision {response.compact_revision} compacted")
+                if response.canceled:
+                    raise _Resync(f"watch canceled: {response.cancel_reason}")
+                self._apply(response.events, response.header.revision)
+            raise _Resync("watch stream ended")
+        finally:
+            requests.put(None)  # ends the request iterator (and gRPC's thread consuming it)
+            with self._lock:
+                self._call = None
+
+    def _apply(self, events: Any, revision: int) -> None:
+        """Apply watch events: a PUT of a valid value sets, a DELETE or a bad value removes."""
+        workers_prefix, stats_prefix = self._config.workers_prefix, self._config.stats_prefix
+        added: list[WorkerInfo] = []
+        removed: list[str] = []
+        with self._lock:
+            for event in events:
+                key = event.kv.key.decode(errors="replace")
+                is_put = event.type == kv_pb2.Event.PUT
+                if key.startswith(workers_prefix):
+                    worker_id = key[len(workers_prefix):]
+                    info = _decode(key, worker_id, event.kv.value, WorkerInfo) if is_put else None
+                    if info is None and self._workers.pop(worker_id, None) is not None:
+                        removed.append(worker_id)
+                    elif info is not None and self._workers.get(worker_id) != info:
+                        self._workers[worker_id] = info
+                        added.append(info)
+                elif key.startswith(stats_prefix):
+                    worker_id = key[len(stats_prefix):]
+                    record = None
+                    if is_put:
+                        record = _decode(key, worker_id, event.kv.value, WorkerStatsRecord)
+                    if record is None:
+                        self._stats.pop(worker_id, None)
+                    else:
+                        self._stats[worker_id] = record
+            self._revision = max(self._revision, revision)
+        self._notify(added, removed)
+
+    @staticmethod
+    def _decode_all(kvs: Any, prefix: str, cls: type[_R]) -> dict[str, _R]:
+        """worker_id -> record for a range read, skipping malformed values."""
+        records = {}
+        for kv in kvs:
+            key = kv.key.decode(errors="replace")
+            worker_id = key[len(prefix):]
+            record = _decode(key, worker_id, kv.value, cls)
+            if record is not None:
+                records[worker_id] = record
+        return records
+
+    def _notify(self, added: list[WorkerInfo], removed: list[str]) -> None:
+        calls: list[tuple[Callable[[Any], None] | None, Any]] = []
+        calls += [(self._on_removed, worker_id) for worker_id in removed]
+        calls += [(self._on_added, info) for info in added]
+        for callback, arg in calls:
+            if not _call_safely(callback, arg):
+                self.num_callback_errors += 1
+
+
+def _decode(key: str, worker_id: str, value: bytes, cls: type[_R]) -> _R | None:
+    """Decode the value at ``key`` (of ``worker_id``); None and a warning if it is malformed."""
+    try:
+        record = cls.from_bytes(value)
+    except ValueError as exc:
+        logger.warning("skipping malformed value at %r: %s", key, exc)
+        return None
+    if isinstance(record, WorkerInfo) and record.worker_id != worker_id:
+        logger.warning("skipping %r: it holds worker_id %r", key, record.worker_id)
+        return None
+    return record
+
+
+def _call_safely(callback: Callable[[Any], None] | None, arg: Any) -> bool:
+    """Run a subscriber's callback; False if it raised (logged: it must not kill our thread)."""
+    if callback is None:
+        return True
+    try:
+        callback(arg)
+    except Exception:  # callers count these in num_callback_errors
+        logger.exception("registry callback %r failed", callback)
+        return False
+    return True
+
+
+def _describe(exc: BaseException) -> str:
+    """One line for an etcd error (a grpc.RpcError's repr spans several lines)."""
+    if isinstance(exc, grpc.RpcError) and hasattr(exc, "code"):
+        return f"{exc.code().name}: {exc.details()}"
+    return repr(exc)
+
+
+def _drain(requests: queue.SimpleQueue[Any]) -> Iterator[Any]:
+    while (request := requests.get()) is not None:
+        yield request
