@@ -81,6 +81,7 @@ class LLMEngine:
         self.requests: dict[str, Request] = {}
         self.held: dict[str, Request] = {}  # prefill role: finished, blocks pinned
         self._detok: dict[str, IncrementalDetokenizer] = {}
+        self.num_prompt_tokens_computed = 0  # prompt tokens run through the model (all time)
 
     # -- request intake -------------------------------------------------------------
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
@@ -110,6 +111,16 @@ class LLMEngine:
         self._register(req)
         self.block_manager.cache_full_blocks(request_id, req.block_table, req.prompt_token_ids,
                                              req.num_computed_tokens)
+        self._detok[request_id].push([first_token_id])
+        req.output_token_ids.append(first_token_id)
+        self.scheduler.add_request(req)
+        return req
+
+    def add_recompute_request(self, request_id: str, prompt_token_ids: list[int],
+                              first_token_id: int, params: SamplingParams) -> Request:
+        """Decode role fallback when a KV pull fails: recompute prompt + first token locally."""
+        req = Request(request_id, list(prompt_token_ids), params)
+        self._register(req)
         self._detok[request_id].push([first_token_id])
         req.output_token_ids.append(first_token_id)
         self.scheduler.add_request(req)
@@ -148,6 +159,8 @@ class LLMEngine:
     def _update(self, sched, sampled: dict[str, int]) -> list[RequestOutput]:
         outputs = []
         for req, n in sched.scheduled:
+            prompt_left = max(req.num_prompt_tokens - req.num_computed_tokens, 0)
+            self.num_prompt_tokens_computed += min(n, prompt_left)
             req.num_computed_tokens += n
             self.block_manager.cache_full_blocks(req.request_id, req.block_table,
                                                  req.all_token_ids, req.num_computed_tokens)

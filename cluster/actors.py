@@ -1,0 +1,87 @@
+"""Ray actors: one per worker process and one for the router.
+
+Actors take ``num_cpus=0`` so a small machine can host a whole cluster; CPU use is set
+by each worker's torch thread count instead. Introspection methods (``kv_token_bytes``,
+``pulled_blocks``) are for operators and tests over Ray, not part of the network API.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import ray
+import torch
+
+from scission.cluster.registry import WorkerRole
+from scission.cluster.worker_runtime import WorkerConfig, WorkerRuntime
+from scission.router.config import RouterConfig
+
+
+def _setup_logging() -> None:
+    logging.basicConfig(level=os.environ.get("SCISSION_LOG_LEVEL", "INFO"),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def _servicer_factory(role: WorkerRole):
+    if role == WorkerRole.PREFILL:
+        from scission.prefill_worker.servicer import PrefillServicer
+
+        return PrefillServicer
+    if role in (WorkerRole.DECODE, WorkerRole.COLOCATED):
+        from scission.decode_worker.servicer import DecodeServicer
+
+        return DecodeServicer
+    raise ValueError(f"no servicer for role {role}")
+
+
+@ray.remote(num_cpus=0, max_restarts=0)
+class WorkerActor:
+    def __init__(self, config: WorkerConfig) -> None:
+        _setup_logging()
+        self.config = config
+        self.runtime: WorkerRuntime | None = None
+
+    def start(self) -> str:
+        """Load the model, serve, register in etcd; returns the internal endpoint."""
+        self.runtime = WorkerRuntime(self.config, _servicer_factory(self.config.role)).start()
+        return self.runtime.endpoint
+
+    def pid(self) -> int:
+        return os.getpid()
+
+    def stop(self) -> None:
+        if self.runtime is not None:
+            self.runtime.stop()
+            self.runtime = None
+
+    def kv_token_bytes(self, block_ids: list[int], num_tokens: int) -> bytes:
+        """K and V bytes of the first ``num_tokens`` token slots of ``block_ids`` (all layers)."""
+        assert self.runtime is not None, "worker not started"
+        cache = self.runtime.engine.kv_cache.tensor  # [L, 2, N, bs, H, D]
+        sel = cache.index_select(2, torch.tensor(block_ids, dtype=torch.int64))
+        flat = sel.reshape(sel.shape[0], 2, -1, *sel.shape[4:])[:, :, :num_tokens]
+        return flat.contiguous().view(torch.uint8).numpy().tobytes()
+
+    def pulled_blocks(self, request_id: str) -> list[int] | None:
+        """Decode role: local block ids a recent request's KV was pulled into."""
+        assert self.runtime is not None, "worker not started"
+        return getattr(self.runtime.servicer, "pulled", {}).get(request_id)
+
+
+@ray.remote(num_cpus=0, max_restarts=0)
+class RouterActor:
+    def __init__(self, config: RouterConfig) -> None:
+        _setup_logging()
+        from scission.router.server import RouterServer
+
+        self.server = RouterServer(config)
+
+    def start(self) -> str:
+        return self.server.start().address
+
+    def pid(self) -> int:
+        return os.getpid()
+
+    def stop(self) -> None:
+        self.server.stop()

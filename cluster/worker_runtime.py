@@ -1,0 +1,148 @@
+"""What every worker process runs, whatever its role: the engine loop, the NIXL agent, the
+internal gRPC server, and the etcd registration with periodic load stats.
+
+Role servicers (``prefill_worker``, ``decode_worker``) subclass ``BaseWorkerServicer``.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from concurrent import futures
+from dataclasses import dataclass, field
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from scission.cluster.registry import (
+    EtcdClientConfig,
+    RegistryConfig,
+    WorkerDirectory,
+    WorkerInfo,
+    WorkerRegistration,
+    WorkerRole,
+    WorkerStatsRecord,
+    connect,
+)
+from scission.engine.config import EngineConfig
+from scission.engine.engine_loop import EngineLoop
+from scission.engine.llm_engine import LLMEngine
+from scission.proto.scission.internal.v1 import worker_pb2 as pb
+from scission.proto.scission.internal.v1 import worker_pb2_grpc as pb_grpc
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    worker_id: str
+    role: WorkerRole
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    etcd: EtcdClientConfig = field(default_factory=EtcdClientConfig)
+    registry: RegistryConfig = field(default_factory=RegistryConfig)
+    host: str = "127.0.0.1"
+    port: int = 0  # 0 = any free port
+    lease_ttl_s: int = 5
+    hold_timeout_s: float = 30.0  # prefill: unpulled KV is released after this
+    kv_pull_timeout_s: float = 10.0
+    kv_pull_failure_recompute: bool = True  # decode: recompute locally if a pull fails
+    stats_interval_s: float = 0.5
+    request_timeout_s: float = 600.0
+    grpc_max_workers: int = 128
+
+    def __post_init__(self) -> None:
+        if self.lease_ttl_s < 1 or self.hold_timeout_s <= 0 or self.stats_interval_s <= 0:
+            raise ValueError("lease_ttl_s >= 1, hold_timeout_s > 0, stats_interval_s > 0 required")
+
+
+class WorkerRuntime:
+    """Builds and owns one worker's parts; ``start()`` returns once registered in etcd."""
+
+    def __init__(self, config: WorkerConfig,
+                 servicer_factory: Callable[[WorkerRuntime], BaseWorkerServicer]) -> None:
+        from scission.kv_transfer.agent import KVTransferAgent
+
+        self.config = config
+        self.engine = LLMEngine(config.engine)
+        self.loop = EngineLoop(self.engine)
+        self.agent = KVTransferAgent(f"{config.worker_id}:{uuid.uuid4().hex[:8]}",
+                                     self.engine.kv_cache.layers)
+        self.etcd = connect(config.etcd)
+        self.directory = WorkerDirectory(self.etcd, config.registry)
+        self.registration = WorkerRegistration(self.etcd, config.registry)
+        self.server = grpc.server(futures.ThreadPoolExecutor(config.grpc_max_workers))
+        self.servicer = servicer_factory(self)
+        pb_grpc.add_WorkerServicer_to_server(self.servicer, self.server)
+        self.health = health.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        self.port = self.server.add_insecure_port(f"{config.host}:{config.port}")
+        self.endpoint = f"{config.host}:{self.port}"
+        self.info: WorkerInfo | None = None
+        self._stop = threading.Event()
+
+    def start(self) -> WorkerRuntime:
+        self.loop.start()
+        self.server.start()
+        self.directory.start()
+        eng = self.engine
+        info = WorkerInfo(
+            worker_id=self.config.worker_id, role=self.config.role, endpoint=self.endpoint,
+            agent_name=self.agent.name, agent_metadata=self.agent.metadata(),
+            kv_layout=self.agent.layout().to_bytes(), num_blocks=eng.kv_cache.num_blocks,
+            block_size=eng.kv_cache.block_size, model_id=eng.model_config.model_id,
+            started_at_s=time.time(),
+        )
+        self.info = self.registration.register(info, self.config.lease_ttl_s)
+        self.health.set("", health_pb2.HealthCheckResponse.SERVING)
+        threading.Thread(target=self._publish_stats, name="stats", daemon=True).start()
+        logger.info("worker %s (%s) serving on %s, incarnation %d", self.config.worker_id,
+                    self.config.role.value, self.endpoint, self.info.incarnation)
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self.health.enter_graceful_shutdown()
+        self.registration.deregister()
+        self.server.stop(grace=2).wait()
+        self.loop.stop()
+        self.directory.close()
+        self.agent.close()
+
+    def stats(self) -> pb.WorkerStats:
+        eng, sched = self.engine, self.engine.scheduler
+        return pb.WorkerStats(
+            worker_id=self.config.worker_id, role=self.config.role.value,
+            num_blocks=eng.kv_cache.num_blocks, num_free_blocks=eng.num_free_blocks,
+            num_running=len(sched.running), num_waiting=len(sched.waiting),
+            num_held=len(eng.held), queued_prefill_tokens=eng.queued_prefill_tokens(),
+            num_prompt_tokens_computed=eng.num_prompt_tokens_computed,
+        )
+
+    def _publish_stats(self) -> None:
+        while not self._stop.wait(self.config.stats_interval_s):
+            s = self.stats()
+            try:
+                self.registration.update_stats(WorkerStatsRecord(
+                    num_free_blocks=s.num_free_blocks, num_running=s.num_running,
+                    num_waiting=s.num_waiting, queued_prefill_tokens=s.queued_prefill_tokens,
+                    updated_at_s=time.time()))
+            except Exception as e:  # etcd blip: the next tick retries
+                logger.warning("stats publish failed: %s", e)
+
+
+class BaseWorkerServicer(pb_grpc.WorkerServicer):
+    """Abort and GetStats for every role; role methods default to UNIMPLEMENTED."""
+
+    def __init__(self, runtime: WorkerRuntime) -> None:
+        self.runtime = runtime
+        self.loop = runtime.loop
+        self.engine = runtime.engine
+
+    def Abort(self, request: pb.AbortRequest, context) -> pb.AbortResponse:
+        return pb.AbortResponse(aborted=self.loop.abort(request.request_id))
+
+    def GetStats(self, request: pb.StatsRequest, context) -> pb.WorkerStats:
+        return self.runtime.stats()

@@ -1,0 +1,116 @@
+"""Decode role (and colocated role): pull the prompt's KV over NIXL, then stream tokens.
+
+``Decode``: reserve blocks, one-sided NIXL READ of the prefill worker's blocks into them
+(the READ's notification tells prefill to release), then join the running batch without
+running the prompt through the model. If the pull fails, the request is either recomputed
+locally (prompt + first token, the default) or failed with UNAVAILABLE.
+``Generate``: prompt in, tokens out on this worker (colocated mode, or local prefill).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import OrderedDict
+
+import grpc
+
+from scission.cluster.registry import WorkerInfo
+from scission.cluster.worker_convert import sampling_from_proto
+from scission.cluster.worker_runtime import BaseWorkerServicer, WorkerRuntime
+from scission.cluster.worker_stream import stream_request
+from scission.engine.request import InvalidRequestError
+from scission.kv_transfer.agent import KVTransferError
+from scission.kv_transfer.handle import (
+    KVLayoutDescriptor,
+    KVNotification,
+    KVNotificationKind,
+    TransferHandle,
+)
+from scission.proto.scission.internal.v1 import worker_pb2 as pb
+
+logger = logging.getLogger(__name__)
+RESERVE_RETRY_S = 5.0  # wait this long for free blocks before RESOURCE_EXHAUSTED
+
+
+class DecodeServicer(BaseWorkerServicer):
+    def __init__(self, runtime: WorkerRuntime) -> None:
+        super().__init__(runtime)
+        self.pulled: OrderedDict[str, list[int]] = OrderedDict()  # rid -> local blocks (recent)
+        self.num_pull_failures = 0
+
+    def Generate(self, request: pb.GenerateRequest, context):
+        rid, prompt = request.request_id, list(request.prompt_token_ids)
+        params = self._params(request.sampling, context)
+        yield from stream_request(self.loop, rid,
+                                  lambda: self.engine.add_request(rid, prompt, params),
+                                  context, self.runtime.config.request_timeout_s)
+
+    def Decode(self, request: pb.DecodeRequest, context):
+        rid, prompt = request.request_id, list(request.prompt_token_ids)
+        params = self._params(request.sampling, context)
+        try:
+            handle = TransferHandle.from_bytes(request.transfer_handle)
+        except ValueError as e:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"transfer_handle: {e}")
+        if handle.num_tokens != len(prompt) or handle.block_size != self.engine.kv_cache.block_size:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                          "transfer_handle: num_tokens/block_size do not match this request")
+        blocks = self._reserve(rid, len(prompt), context)
+        pulled = self._pull(handle, blocks)
+        first = request.first_token_id
+        if pulled:
+            add = lambda: self.engine.add_prefilled_request(rid, prompt, first, params, blocks)  # noqa: E731
+        else:
+            self.loop.call(lambda: self.engine.free_reserved(rid, blocks))
+            if not self.runtime.config.kv_pull_failure_recompute:
+                context.abort(grpc.StatusCode.UNAVAILABLE, f"KV pull for {rid} failed")
+            add = lambda: self.engine.add_recompute_request(rid, prompt, first, params)  # noqa: E731
+        yield from stream_request(self.loop, rid, add, context,
+                                  self.runtime.config.request_timeout_s)
+
+    # -- helpers -----------------------------------------------------------------------
+    def _params(self, m: pb.SamplingParams, context):
+        try:
+            return sampling_from_proto(m)
+        except InvalidRequestError as e:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+
+    def _reserve(self, rid: str, num_tokens: int, context) -> list[int]:
+        deadline = time.monotonic() + RESERVE_RETRY_S
+        while True:
+            blocks = self.loop.call(lambda: self.engine.reserve_blocks(rid, num_tokens))
+            if blocks is not None:
+                return blocks
+            if time.monotonic() > deadline or not context.is_active():
+                context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                              f"no free KV blocks for {num_tokens} prompt tokens")
+            time.sleep(0.05)
+
+    def _pull(self, handle: TransferHandle, blocks: list[int]) -> bool:
+        """NIXL READ of the handle's blocks into ``blocks``; False on any transfer failure."""
+        note = KVNotification(kind=KVNotificationKind.PULL_DONE, request_id=handle.request_id,
+                              incarnation=handle.incarnation).to_bytes()
+        try:
+            self._ensure_peer(handle)
+            self.runtime.agent.read_blocks(handle.agent_name, list(handle.block_ids), blocks,
+                                           note, timeout_s=self.runtime.config.kv_pull_timeout_s)
+        except (KVTransferError, LookupError, ValueError) as e:
+            self.num_pull_failures += 1
+            logger.warning("KV pull for %s from %s failed: %s", handle.request_id,
+                           handle.prefill_worker_id, e)
+            return False
+        self.pulled[handle.request_id] = list(blocks)
+        while len(self.pulled) > 256:
+            self.pulled.popitem(last=False)
+        return True
+
+    def _ensure_peer(self, handle: TransferHandle) -> None:
+        if handle.agent_name in self.runtime.agent.peers():
+            return
+        info: WorkerInfo | None = self.runtime.directory.get(handle.prefill_worker_id)
+        if info is None or info.agent_name != handle.agent_name:
+            raise LookupError(f"prefill worker {handle.prefill_worker_id} ({handle.agent_name}) "
+                              "is not registered")
+        self.runtime.agent.add_peer(info.agent_name, info.agent_metadata,
+                                    KVLayoutDescriptor.from_bytes(info.kv_layout))

@@ -1,0 +1,98 @@
+"""Prefill role: run the prompt, return the first token and a KV transfer handle.
+
+The request's blocks stay pinned (``LLMEngine.held``) until the decode worker's NIXL
+notification says it pulled them, the router calls ``Release`` (cancellation), or
+``hold_timeout_s`` passes. No KV block is ever stranded.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import grpc
+
+from scission.cluster.worker_convert import sampling_from_proto
+from scission.cluster.worker_runtime import BaseWorkerServicer, WorkerRuntime
+from scission.engine.engine_loop import wait_output
+from scission.engine.request import InvalidRequestError
+from scission.kv_transfer.handle import KVNotification, TransferHandle
+from scission.proto.scission.internal.v1 import worker_pb2 as pb
+
+logger = logging.getLogger(__name__)
+
+
+class PrefillServicer(BaseWorkerServicer):
+    def __init__(self, runtime: WorkerRuntime) -> None:
+        super().__init__(runtime)
+        self._held_at: dict[str, float] = {}  # request_id -> monotonic time pinned (loop thread)
+        self.loop.add_hook(self._release_pulled)
+        self.loop.add_hook(self._release_expired)
+
+    def Prefill(self, request: pb.PrefillRequest, context) -> pb.PrefillResponse:
+        rid, prompt = request.request_id, list(request.prompt_token_ids)
+        try:
+            params = sampling_from_proto(request.sampling)
+        except InvalidRequestError as e:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        q = self.loop.open_stream(rid)
+        try:
+            self.loop.call(lambda: self.engine.add_request(rid, prompt, params, hold_kv=True))
+        except ValueError as e:
+            self.loop.close_stream(rid)
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        out = wait_output(q, self.runtime.config.request_timeout_s, context.is_active)
+        self.loop.close_stream(rid)
+        if out is None:
+            self.loop.abort(rid)
+            context.abort(grpc.StatusCode.CANCELLED, f"prefill of {rid} cancelled or timed out")
+        resp = pb.PrefillResponse(first_token_id=out.new_token_ids[0], text=out.text_delta,
+                                  cached_tokens=out.num_cached_tokens)
+        if out.finish_reason is not None:
+            resp.finished, resp.finish_reason = True, out.finish_reason.value
+            return resp
+        block_ids = self.loop.call(lambda: self._pin(rid))
+        if block_ids is None:  # aborted between the step and here
+            context.abort(grpc.StatusCode.CANCELLED, f"request {rid} was aborted")
+        resp.transfer_handle = self._handle(rid, block_ids, len(prompt)).to_bytes()
+        return resp
+
+    def Release(self, request: pb.ReleaseRequest, context) -> pb.ReleaseResponse:
+        rid = request.request_id
+        return pb.ReleaseResponse(released=self.loop.call(lambda: self._release(rid)))
+
+    # -- loop-thread helpers ---------------------------------------------------------
+    def _pin(self, rid: str) -> list[int] | None:
+        req = self.engine.held.get(rid)
+        return None if req is None else list(req.block_table)
+
+    def _release(self, rid: str) -> bool:
+        self._held_at.pop(rid, None)
+        return self.engine.release(rid)
+
+    def _handle(self, rid: str, block_ids: list[int], num_tokens: int) -> TransferHandle:
+        rt = self.runtime
+        n = -(-num_tokens // rt.engine.kv_cache.block_size)
+        return TransferHandle(
+            request_id=rid, prefill_worker_id=rt.config.worker_id,
+            incarnation=rt.info.incarnation if rt.info else 0, agent_name=rt.agent.name,
+            block_ids=tuple(block_ids[:n]), num_tokens=num_tokens,
+            block_size=rt.engine.kv_cache.block_size, dtype=rt.config.engine.dtype,
+        )
+
+    def _release_pulled(self) -> None:
+        for _peer, msg in self.runtime.agent.poll_notifications():
+            try:
+                note = KVNotification.from_bytes(msg)
+            except ValueError as e:
+                logger.warning("ignoring malformed KV notification: %s", e)
+                continue
+            self._release(note.request_id)
+
+    def _release_expired(self) -> None:
+        now, timeout = time.monotonic(), self.runtime.config.hold_timeout_s
+        for rid in self.engine.held:  # every held request gets a clock, pinned or not
+            self._held_at.setdefault(rid, now)
+        for rid in [r for r, t in self._held_at.items() if now - t > timeout]:
+            logger.warning("request %s: KV not pulled within %.1fs; releasing", rid, timeout)
+            self._release(rid)

@@ -1,0 +1,48 @@
+"""Router configuration (one frozen dataclass, STYLE §3)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from scission.cluster.registry import EtcdClientConfig, RegistryConfig
+
+
+@dataclass(frozen=True)
+class PlacementConfig:
+    """Prefill cost = prefill_load_scale * max(queued + new - cached, 0) + decode_blocks_in_use
+    (DESIGN: Placement). ``temperature`` 0 = argmin, > 0 = softmax sampling over -cost."""
+
+    prefill_load_scale: float = 1.0
+    temperature: float = 0.0
+    kv_aware: bool = True
+    # Conditional disaggregation: prefill on the decode worker when the uncached part is
+    # short or the decode worker already holds most of the prompt.
+    local_prefill_max_uncached_tokens: int = 0  # 0 = never prefill locally because short
+    local_prefill_min_hit_ratio: float = 1.1  # > 1 = never prefill locally because cached
+    speculative_ttl_s: float = 2.0
+
+    def __post_init__(self) -> None:
+        if self.prefill_load_scale < 0 or self.temperature < 0 or self.speculative_ttl_s < 0:
+            raise ValueError("placement parameters must be >= 0")
+
+
+@dataclass(frozen=True)
+class RouterConfig:
+    host: str = "127.0.0.1"
+    port: int = 0  # 0 = any free port
+    model_path: str | None = None  # tokenizer + chat template; None = default model
+    etcd: EtcdClientConfig = field(default_factory=EtcdClientConfig)
+    registry: RegistryConfig = field(default_factory=RegistryConfig)
+    placement: PlacementConfig = field(default_factory=PlacementConfig)
+    default_max_tokens: int = 256
+    max_tokens_limit: int = 4096
+    max_prompt_tokens: int | None = None  # None = the model's context length
+    prefill_timeout_s: float = 120.0
+    request_timeout_s: float = 600.0
+    max_message_bytes: int = 4 * 1024**2
+    max_concurrent_rpcs: int = 1024
+    metrics_port: int | None = None  # Prometheus endpoint; None = off
+
+    def __post_init__(self) -> None:
+        if not (0 < self.default_max_tokens <= self.max_tokens_limit):
+            raise ValueError("need 0 < default_max_tokens <= max_tokens_limit")

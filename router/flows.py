@@ -1,0 +1,157 @@
+"""How one request runs once placed: disaggregated (prefill -> NIXL -> decode) or on one
+worker (colocated / local prefill). Both yield public ``GenerateResponse`` chunks; the
+last one carries ``finish_reason`` and ``Usage``."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import grpc
+
+from scission.cluster.worker_convert import sampling_to_proto
+from scission.proto.scission.internal.v1 import worker_pb2 as wpb
+from scission.proto.scission.v1 import generation_pb2 as pb
+from scission.router.convert import ValidatedRequest, finish_to_proto
+from scission.router.placement import Placement
+from scission.router.worker_pool import WorkerPool
+
+logger = logging.getLogger(__name__)
+
+
+class FlowError(Exception):
+    """A worker call failed; carries the gRPC status to end the client's stream with."""
+
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass
+class UsageTracker:
+    """Router-side timings: TTFT from receipt to the first token sent."""
+
+    start_s: float
+    num_prompt_tokens: int
+    prefill_worker: str
+    decode_worker: str
+    num_output_tokens: int = 0
+    cached_tokens: int = 0
+    first_token_s: float | None = None
+    token_times_s: list[float] = field(default_factory=list)
+
+    def add(self, n: int) -> None:
+        now = time.monotonic()
+        if self.first_token_s is None and n:
+            self.first_token_s = now
+        self.num_output_tokens += n
+
+    def usage(self) -> pb.Usage:
+        end = time.monotonic()
+        ttft_ms = ((self.first_token_s or end) - self.start_s) * 1e3
+        e2e_ms = (end - self.start_s) * 1e3
+        n = self.num_output_tokens
+        tpot_ms = (e2e_ms - ttft_ms) / (n - 1) if n > 1 else 0.0
+        return pb.Usage(prompt_tokens=self.num_prompt_tokens, output_tokens=n,
+                        cached_tokens=self.cached_tokens, ttft_ms=ttft_ms, tpot_ms=tpot_ms,
+                        e2e_ms=e2e_ms, prefill_worker=self.prefill_worker,
+                        decode_worker=self.decode_worker)
+
+
+def _status(e: grpc.RpcError) -> grpc.StatusCode:
+    code = e.code()
+    return grpc.StatusCode.UNAVAILABLE if code == grpc.StatusCode.CANCELLED else code
+
+
+def stream_chunks(vr: ValidatedRequest, chunks: Iterator[wpb.TokenChunk],
+                  track: UsageTracker) -> Iterator[pb.GenerateResponse]:
+    """Worker TokenChunks -> public responses; raises FlowError if the worker fails."""
+    try:
+        for c in chunks:
+            if c.cached_tokens:
+                track.cached_tokens = c.cached_tokens
+            track.add(len(c.token_ids))
+            resp = pb.GenerateResponse(request_id=vr.request_id, token_ids=list(c.token_ids),
+                                       text=c.text)
+            if c.finish_reason:
+                resp.finish_reason = finish_to_proto(c.finish_reason)
+                resp.usage.CopyFrom(track.usage())
+                if c.finish_reason == "error":
+                    raise FlowError(grpc.StatusCode.INTERNAL, c.error or "worker error")
+            yield resp
+            if c.finish_reason:
+                return
+    except grpc.RpcError as e:
+        raise FlowError(_status(e), f"worker {track.decode_worker}: {e.details()}") from None
+    raise FlowError(grpc.StatusCode.UNAVAILABLE, f"worker {track.decode_worker} ended the stream")
+
+
+def run_local(vr: ValidatedRequest, placement: Placement, pool: WorkerPool, start_s: float,
+              timeout_s: float) -> Iterator[pb.GenerateResponse]:
+    w = placement.decode
+    track = UsageTracker(start_s, len(vr.prompt_token_ids), w.worker_id, w.worker_id)
+    req = wpb.GenerateRequest(request_id=vr.request_id, prompt_token_ids=vr.prompt_token_ids,
+                              sampling=sampling_to_proto(vr.params))
+    pool.begin(w.worker_id, len(vr.prompt_token_ids))
+    call = pool.stub(w).Generate(req, timeout=timeout_s)
+    try:
+        yield from stream_chunks(vr, call, track)
+    finally:
+        call.cancel()  # no-op when finished; aborts on the worker otherwise
+        pool.end(w.worker_id, len(vr.prompt_token_ids))
+
+
+def run_disaggregated(vr: ValidatedRequest, placement: Placement, pool: WorkerPool,
+                      start_s: float, prefill_timeout_s: float,
+                      timeout_s: float) -> Iterator[pb.GenerateResponse]:
+    pre, dec = placement.prefill, placement.decode
+    assert pre is not None, "disaggregated flow needs a prefill worker"
+    track = UsageTracker(start_s, len(vr.prompt_token_ids), pre.worker_id, dec.worker_id)
+    first = _prefill(vr, pre, pool, prefill_timeout_s)
+    track.cached_tokens = first.cached_tokens
+    track.add(1)
+    resp = pb.GenerateResponse(request_id=vr.request_id, token_ids=[first.first_token_id],
+                               text=first.text)
+    if first.finished:
+        resp.finish_reason = finish_to_proto(first.finish_reason)
+        resp.usage.CopyFrom(track.usage())
+        yield resp
+        return
+    yield resp
+    req = wpb.DecodeRequest(request_id=vr.request_id, prompt_token_ids=vr.prompt_token_ids,
+                            first_token_id=first.first_token_id,
+                            sampling=sampling_to_proto(vr.params),
+                            transfer_handle=first.transfer_handle)
+    pool.begin(dec.worker_id)
+    call = pool.stub(dec).Decode(req, timeout=timeout_s)
+    done = False
+    try:
+        yield from stream_chunks(vr, call, track)
+        done = True
+    finally:
+        call.cancel()
+        pool.end(dec.worker_id)
+        if not done:  # cancelled or failed, maybe before the pull: free the prefill KV now
+            _release(pool, pre, vr.request_id)
+
+
+def _prefill(vr: ValidatedRequest, pre, pool: WorkerPool, timeout_s: float) -> wpb.PrefillResponse:
+    n = len(vr.prompt_token_ids)
+    req = wpb.PrefillRequest(request_id=vr.request_id, prompt_token_ids=vr.prompt_token_ids,
+                             sampling=sampling_to_proto(vr.params))
+    pool.begin(pre.worker_id, n)
+    try:
+        return pool.stub(pre).Prefill(req, timeout=timeout_s)
+    except grpc.RpcError as e:
+        raise FlowError(_status(e), f"prefill worker {pre.worker_id}: {e.details()}") from None
+    finally:
+        pool.end(pre.worker_id, n)
+
+
+def _release(pool: WorkerPool, pre, request_id: str) -> None:
+    try:
+        pool.stub(pre).Release(wpb.ReleaseRequest(request_id=request_id), timeout=5)
+    except grpc.RpcError as e:  # the hold timeout frees it anyway
+        logger.warning("release of %s on %s failed: %s", request_id, pre.worker_id, e.code())
