@@ -22,11 +22,13 @@ logger = logging.getLogger(__name__)
 
 
 class FlowError(Exception):
-    """A worker call failed; carries the gRPC status to end the client's stream with."""
+    """A worker call failed; carries the gRPC status to end the client's stream with.
+    ``failed_worker`` is set when nothing was streamed yet and another worker may retry."""
 
-    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+    def __init__(self, code: grpc.StatusCode, message: str, failed_worker: str | None = None):
         super().__init__(message)
         self.code = code
+        self.failed_worker = failed_worker
 
 
 @dataclass
@@ -114,25 +116,26 @@ def run_disaggregated(vr: ValidatedRequest, placement: Placement, pool: WorkerPo
     track.add(1)
     resp = pb.GenerateResponse(request_id=vr.request_id, token_ids=[first.first_token_id],
                                text=first.text)
-    if first.finished:
+    if first.finished:  # nothing held on the prefill worker
         resp.finish_reason = finish_to_proto(first.finish_reason)
         resp.usage.CopyFrom(track.usage())
         yield resp
         return
-    yield resp
-    req = wpb.DecodeRequest(request_id=vr.request_id, prompt_token_ids=vr.prompt_token_ids,
-                            first_token_id=first.first_token_id,
-                            sampling=sampling_to_proto(vr.params),
-                            transfer_handle=first.transfer_handle)
-    pool.begin(dec.worker_id)
-    call = pool.stub(dec).Decode(req, timeout=timeout_s)
-    done = False
+    done, call = False, None
     try:
+        yield resp  # the client may already be gone: GeneratorExit here releases below
+        req = wpb.DecodeRequest(request_id=vr.request_id, prompt_token_ids=vr.prompt_token_ids,
+                                first_token_id=first.first_token_id,
+                                sampling=sampling_to_proto(vr.params),
+                                transfer_handle=first.transfer_handle)
+        pool.begin(dec.worker_id)
+        call = pool.stub(dec).Decode(req, timeout=timeout_s)
         yield from stream_chunks(vr, call, track)
         done = True
     finally:
-        call.cancel()
-        pool.end(dec.worker_id)
+        if call is not None:
+            call.cancel()
+            pool.end(dec.worker_id)
         if not done:  # cancelled or failed, maybe before the pull: free the prefill KV now
             _release(pool, pre, vr.request_id)
 
@@ -145,7 +148,9 @@ def _prefill(vr: ValidatedRequest, pre, pool: WorkerPool, timeout_s: float) -> w
     try:
         return pool.stub(pre).Prefill(req, timeout=timeout_s)
     except grpc.RpcError as e:
-        raise FlowError(_status(e), f"prefill worker {pre.worker_id}: {e.details()}") from None
+        retry = e.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED)
+        raise FlowError(_status(e), f"prefill worker {pre.worker_id}: {e.details()}",
+                        pre.worker_id if retry else None) from None
     finally:
         pool.end(pre.worker_id, n)
 

@@ -22,6 +22,8 @@ from scission.router.placement import NoWorkersError, Placer
 from scission.router.worker_pool import WorkerPool
 
 logger = logging.getLogger(__name__)
+MAX_PLACEMENT_ATTEMPTS = 3  # a prefill that fails before streaming is retried elsewhere
+SUSPECT_S = 10.0  # a failed worker gets no traffic for this long (or until it leaves etcd)
 
 
 class GenerationServicer(pb_grpc.GenerationServicer):
@@ -43,19 +45,25 @@ class GenerationServicer(pb_grpc.GenerationServicer):
             code = grpc.StatusCode.OUT_OF_RANGE if e.out_of_range else \
                 grpc.StatusCode.INVALID_ARGUMENT
             context.abort(code, str(e))
-        try:
-            placement = self.placer.place(len(vr.prompt_token_ids), [])
-        except NoWorkersError as e:
-            context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
+        for attempt in range(MAX_PLACEMENT_ATTEMPTS):
+            try:
+                placement = self.placer.place(len(vr.prompt_token_ids), [])
+            except NoWorkersError as e:
+                context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
+            try:
+                yield from self._run(vr, placement, start_s)
+                return
+            except flows.FlowError as e:
+                if e.failed_worker is None or attempt + 1 == MAX_PLACEMENT_ATTEMPTS:
+                    context.abort(e.code, str(e))
+                self.pool.mark_suspect(e.failed_worker, SUSPECT_S)
+
+    def _run(self, vr, placement, start_s: float):
+        cfg = self.config
         if placement.disaggregated:
-            chunks = flows.run_disaggregated(vr, placement, self.pool, start_s,
-                                             cfg.prefill_timeout_s, cfg.request_timeout_s)
-        else:
-            chunks = flows.run_local(vr, placement, self.pool, start_s, cfg.request_timeout_s)
-        try:
-            yield from chunks
-        except flows.FlowError as e:
-            context.abort(e.code, str(e))
+            return flows.run_disaggregated(vr, placement, self.pool, start_s,
+                                           cfg.prefill_timeout_s, cfg.request_timeout_s)
+        return flows.run_local(vr, placement, self.pool, start_s, cfg.request_timeout_s)
 
 
 class RouterServer:

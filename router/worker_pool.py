@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections import defaultdict
 from dataclasses import dataclass
 
@@ -39,9 +40,19 @@ class WorkerPool:
         self._inflight_prefill_tokens: dict[str, int] = defaultdict(int)
         self._inflight_requests: dict[str, int] = defaultdict(int)
         self.draining: set[str] = set()
+        self._suspect_until: dict[str, float] = {}  # worker_id -> monotonic time
 
     def workers(self, role: WorkerRole) -> list[WorkerInfo]:
-        return [w for w in self.directory.workers(role) if w.worker_id not in self.draining]
+        """Alive (registered), not draining, not recently failed workers of ``role``."""
+        now = time.monotonic()
+        return [w for w in self.directory.workers(role) if w.worker_id not in self.draining
+                and self._suspect_until.get(w.worker_id, 0.0) <= now]
+
+    def mark_suspect(self, worker_id: str, duration_s: float) -> None:
+        """Stop routing to a worker whose call failed, until its lease would have expired."""
+        logger.warning("worker %s failed a call; not routing to it for %.1fs", worker_id,
+                       duration_s)
+        self._suspect_until[worker_id] = time.monotonic() + duration_s
 
     def stub(self, info: WorkerInfo) -> pb_grpc.WorkerStub:
         """A cached stub for the worker's current endpoint (a new endpoint, a new channel)."""

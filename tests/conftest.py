@@ -2,13 +2,28 @@
 
 from __future__ import annotations
 
+import json
+import os
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
 
 from scission.cluster.ports import find_free_port
+
+# Kernels are decorated at import: the interpreter must be chosen before anything imports them.
+try:
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+except ImportError:  # pragma: no cover
+    pass
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+PROMPTS = json.loads((Path(__file__).parent / "data" / "chat_prompts.json").read_text())
 
 if TYPE_CHECKING:
     import etcd3
@@ -47,3 +62,23 @@ def etcd_prefix(etcd_client: etcd3.MultiEndpointEtcd3Client) -> Iterator[str]:
 def free_port() -> int:
     """A loopback TCP port that was free when the test started."""
     return find_free_port()
+
+
+@pytest.fixture(scope="session")
+def default_model_path() -> str:
+    from scission.engine.tokenizer import default_model_path
+
+    return default_model_path()
+
+
+@pytest.fixture(scope="session")
+def tokenizer(default_model_path):
+    from scission.engine.tokenizer import load_tokenizer
+
+    return load_tokenizer(default_model_path)
+
+
+@pytest.fixture(scope="session")
+def chat_prompt_ids(tokenizer) -> list[list[int]]:
+    """The 22 varied chat prompts of tests/data/chat_prompts.json, chat-templated."""
+    return [tokenizer.apply_chat_template([{"role": "user", "content": p}]) for p in PROMPTS]

@@ -1,0 +1,178 @@
+"""Handlers behind ``scission`` subcommands (parsing lives in ``cli.py``)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+from scission.cluster.client import GenerationResult, connect, make_request
+from scission.cluster.client import generate as run_one
+from scission.cluster.launcher import ClusterConfig, LocalCluster
+from scission.cluster.state import DEFAULT_STATE_FILE, ClusterState
+from scission.engine.config import CacheConfig, EngineConfig, SchedulerConfig
+from scission.router.config import RouterConfig
+
+DEMO_PROMPTS = (
+    "What is the capital of France?",
+    "Write a haiku about the sea.",
+    "Explain in two sentences why the sky is blue.",
+    "Give me three tips for learning to cook.",
+)
+
+
+def _fail(msg: str) -> int:
+    print(f"scission: error: {msg}", file=sys.stderr)
+    return 2
+
+
+def cluster_config(args: argparse.Namespace) -> ClusterConfig:
+    engine = EngineConfig(
+        model_path=args.model, dtype=args.dtype,
+        cache=CacheConfig(block_size=args.block_size, kv_cache_bytes=args.kv_cache_mb * 2**20,
+                          enable_prefix_caching=not args.no_prefix_caching),
+        scheduler=SchedulerConfig(max_num_batched_tokens=args.max_batched_tokens))
+    endpoints = tuple(e for e in args.etcd_endpoints.split(",") if e)
+    return ClusterConfig(
+        num_prefill=args.prefill, num_decode=args.decode, num_colocated=args.colocated,
+        engine=engine, router=RouterConfig(host=args.host, port=args.port, model_path=args.model),
+        etcd_endpoints=endpoints, ray_address=args.ray_address, lease_ttl_s=args.lease_ttl_s,
+        threads_per_worker=args.threads_per_worker)
+
+
+def _start(cfg: ClusterConfig) -> LocalCluster:
+    pools = ", ".join(f"{n} {role.value}" for role, n in cfg.pools.items())
+    print(f"scission: starting {pools} worker(s); each loads the model (~10-60 s) ...",
+          file=sys.stderr, flush=True)
+    cluster = LocalCluster(cfg)
+    t0 = time.monotonic()
+    try:
+        cluster.start()
+    except BaseException:
+        cluster.stop()
+        raise
+    print(f"scission: cluster up in {time.monotonic() - t0:.0f} s", file=sys.stderr, flush=True)
+    return cluster
+
+
+def up(args: argparse.Namespace) -> int:
+    if ClusterState.read() is not None:
+        return _fail(f"a cluster is already running (state file {DEFAULT_STATE_FILE}); "
+                     "`scission down` first")
+    try:
+        cfg = cluster_config(args)
+    except ValueError as e:
+        return _fail(str(e))
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    cluster = _start(cfg)
+    endpoints = list(cfg.etcd_endpoints) or [cluster.etcd.endpoint]
+    ClusterState(os.getpid(), cluster.router_address, endpoints, cfg.registry_prefix).write()
+    print(f"scission router listening on {cluster.router_address}\n"
+          f"  try:  scission generate --chat \"What is the capital of France?\"\n"
+          f"  stop: Ctrl-C here, or `scission down`", flush=True)
+    try:
+        stop.wait()
+    finally:
+        print("scission: stopping ...", file=sys.stderr, flush=True)
+        cluster.stop()
+        DEFAULT_STATE_FILE.unlink(missing_ok=True)
+    return 0
+
+
+def down(args: argparse.Namespace) -> int:
+    state = ClusterState.read()
+    if state is None:
+        return _fail("no running cluster found (nothing started with `scission up`)")
+    os.kill(state.pid, signal.SIGTERM)
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline:
+        try:
+            os.kill(state.pid, 0)
+        except OSError:
+            print("scission: cluster stopped")
+            return 0
+        time.sleep(0.2)
+    return _fail(f"process {state.pid} did not exit within 90 s")
+
+
+def _print_result(res: GenerationResult, streamed: bool) -> None:
+    if res.error:
+        print(f"error: {res.error}", file=sys.stderr)
+        return
+    if not streamed:
+        print(res.text)
+    print(f"\n[{res.finish_reason}] prompt_tokens={res.prompt_tokens} "
+          f"output_tokens={res.output_tokens} cached_tokens={res.cached_tokens} "
+          f"ttft_ms={res.ttft_ms:.1f} tpot_ms={res.tpot_ms:.1f} "
+          f"prefill={res.prefill_worker} decode={res.decode_worker}", file=sys.stderr)
+
+
+def generate(args: argparse.Namespace) -> int:
+    address = args.router or getattr(ClusterState.read(), "router_address", None)
+    if address is None:
+        return _fail("no router address: pass --router or start one with `scission up`")
+    if args.file:
+        with open(args.file, encoding="utf-8") as f:
+            prompts = [line.rstrip("\n") for line in f if line.strip()]
+    elif args.prompt:
+        prompts = [args.prompt]
+    else:
+        return _fail("give a prompt or --file")
+    temperature = 0.0 if args.greedy else args.temperature
+    reqs = [make_request(p, args.chat, args.max_tokens, temperature, args.top_p, args.top_k,
+                         args.seed, tuple(args.stop), args.system) for p in prompts]
+    stub = connect(address)
+    stream = len(reqs) == 1 and not args.json
+    if stream:
+        res = run_one(stub, reqs[0], args.timeout_s, lambda t: print(t, end="", flush=True))
+        _print_result(res, streamed=True)
+        return 1 if res.error else 0
+    with ThreadPoolExecutor(max(1, min(len(reqs), 64))) as ex:
+        results = list(ex.map(lambda r: run_one(stub, r, args.timeout_s), reqs))
+    for prompt, res in zip(prompts, results, strict=True):
+        if args.json:
+            print(json.dumps({"prompt": prompt, **res.to_dict()}))
+        else:
+            print(f"### {prompt}")
+            _print_result(res, streamed=False)
+    return 1 if any(r.error for r in results) else 0
+
+
+def status(args: argparse.Namespace) -> int:
+    from scission.cluster.status import print_status
+
+    state = ClusterState.read()
+    endpoints = [e for e in args.etcd_endpoints.split(",") if e] or (
+        state.etcd_endpoints if state else [])
+    if not endpoints:
+        return _fail("no etcd endpoint: pass --etcd-endpoints or start one with `scission up`")
+    return print_status(endpoints, state.registry_prefix if state else "/scission", args.json)
+
+
+def demo(args: argparse.Namespace) -> int:
+    try:
+        cfg = cluster_config(args)
+    except ValueError as e:
+        return _fail(str(e))
+    cluster = _start(cfg)
+    try:
+        stub = connect(cluster.router_address)
+        reqs = [make_request(p, True, args.max_tokens, 0.0) for p in DEMO_PROMPTS]
+        print(f"scission: sending {len(reqs)} chat prompts concurrently to "
+              f"{cluster.router_address}\n", flush=True)
+        with ThreadPoolExecutor(len(reqs)) as ex:
+            results = list(ex.map(lambda r: run_one(stub, r, 600), reqs))
+        for prompt, res in zip(DEMO_PROMPTS, results, strict=True):
+            print(f"### {prompt}\n{res.text.strip() or res.error}", flush=True)
+            _print_result(res, streamed=True)
+            print(flush=True)
+        return 1 if any(r.error for r in results) else 0
+    finally:
+        cluster.stop()

@@ -1,0 +1,156 @@
+"""End to end on a real local cluster: embedded etcd + Ray + router + 2 prefill + 1 decode
+workers running the default model, KV moved over NIXL."""
+
+from __future__ import annotations
+
+import grpc
+import pytest
+import ray
+from serving_helpers import run_concurrently, token_request, wait_until
+
+from scission.cluster.client import connect, generate
+from scission.cluster.launcher import ClusterConfig, LocalCluster
+from scission.cluster.registry import EtcdClientConfig, RegistryConfig, WorkerDirectory, WorkerRole
+from scission.cluster.registry import connect as etcd_connect
+from scission.engine.config import CacheConfig, EngineConfig
+from scission.kv_transfer.handle import TransferHandle
+from scission.proto.scission.internal.v1 import worker_pb2 as wpb
+from scission.proto.scission.internal.v1 import worker_pb2_grpc as wpb_grpc
+from scission.proto.scission.v1 import generation_pb2 as pb
+
+LEASE_TTL_S = 3
+NUM_BLOCKS = 384
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    cfg = ClusterConfig(num_prefill=2, num_decode=1, lease_ttl_s=LEASE_TTL_S,
+                        threads_per_worker=1, hold_timeout_s=60,
+                        engine=EngineConfig(cache=CacheConfig(num_blocks=NUM_BLOCKS)))
+    c = LocalCluster(cfg)
+    try:
+        c.start()
+        yield c
+    finally:
+        c.stop()
+
+
+@pytest.fixture(scope="module")
+def directory(cluster):
+    client = etcd_connect(EtcdClientConfig(endpoints=(cluster.etcd.endpoint,)))
+    with WorkerDirectory(client, RegistryConfig(prefix=cluster.config.registry_prefix)) as d:
+        yield d
+
+
+def worker_stub(directory, worker_id: str) -> wpb_grpc.WorkerStub:
+    return wpb_grpc.WorkerStub(grpc.insecure_channel(directory.get(worker_id).endpoint))
+
+
+def all_blocks_free(directory) -> bool:
+    for w in directory.workers():
+        s = worker_stub(directory, w.worker_id).GetStats(wpb.StatsRequest(), timeout=5)
+        if s.num_free_blocks != s.num_blocks or s.num_held or s.num_running or s.num_waiting:
+            return False
+    return True
+
+
+def test_cluster_tokens_equal_engine_alone(cluster, chat_prompt_ids, engine_reference):
+    """Every prompt, 16 in flight, through router -> prefill -> NIXL -> decode gives exactly
+    the engine-alone greedy tokens, and each request names the workers that served it."""
+    reqs = [token_request(ids, len(ref)) for ids, ref in zip(chat_prompt_ids, engine_reference,
+                                                               strict=True)]
+    results = run_concurrently(cluster.router_address, reqs, in_flight=16)
+    for i, (res, ref) in enumerate(zip(results, engine_reference, strict=True)):
+        assert res.error == "", res.error
+        assert res.token_ids == ref, f"prompt {i} differs"
+        assert res.finish_reason == "length" and res.output_tokens == len(ref)
+        assert res.prompt_tokens == len(chat_prompt_ids[i])
+        assert res.prefill_worker in ("prefill-0", "prefill-1")
+        assert res.decode_worker == "decode-0"
+        assert res.ttft_ms > 0 and res.tpot_ms > 0
+
+
+def test_kv_crosses_over_nixl(cluster, directory, chat_prompt_ids):
+    """Decode's blocks hold exactly prefill's KV bytes for the prompt, and decode never runs
+    the prompt through the model (its prompt-token counter does not move)."""
+    ids = chat_prompt_ids[5]
+    pre, dec = worker_stub(directory, "prefill-0"), worker_stub(directory, "decode-0")
+    sampling = wpb.SamplingParams(temperature=0.0, top_p=1.0, max_tokens=4, ignore_eos=True)
+    resp = pre.Prefill(wpb.PrefillRequest(request_id="kv-cross", prompt_token_ids=ids,
+                                          sampling=sampling), timeout=60)
+    handle = TransferHandle.from_bytes(resp.transfer_handle)
+    prefill_bytes = ray.get(cluster.workers["prefill-0"].kv_token_bytes.remote(
+        list(handle.block_ids), len(ids)))
+    before = dec.GetStats(wpb.StatsRequest(), timeout=5).num_prompt_tokens_computed
+    chunks = list(dec.Decode(wpb.DecodeRequest(
+        request_id="kv-cross", prompt_token_ids=ids, first_token_id=resp.first_token_id,
+        sampling=sampling, transfer_handle=resp.transfer_handle), timeout=60))
+    assert chunks[-1].finish_reason == "length"
+    assert sum(len(c.token_ids) for c in chunks) == 3  # the first token came from prefill
+    local = ray.get(cluster.workers["decode-0"].pulled_blocks.remote("kv-cross"))
+    decode_bytes = ray.get(cluster.workers["decode-0"].kv_token_bytes.remote(local, len(ids)))
+    assert len(prefill_bytes) > 0 and decode_bytes == prefill_bytes
+    assert dec.GetStats(wpb.StatsRequest(), timeout=5).num_prompt_tokens_computed == before
+    wait_until(lambda: pre.GetStats(wpb.StatsRequest(), timeout=5).num_held == 0, 10)
+
+
+def test_cancelled_and_finished_requests_free_every_block(cluster, directory, chat_prompt_ids):
+    """After finished and client-cancelled requests (during prefill and during decode), every
+    worker's free block count is back to its total and nothing is held or running."""
+    stub = connect(cluster.router_address)
+    calls = [stub.Generate(token_request(ids, 200), timeout=120) for ids in chat_prompt_ids[:6]]
+    next(calls[0])  # first token arrived: cancel during decode
+    for c in calls:
+        c.cancel()
+    done = run_concurrently(cluster.router_address,
+                            [token_request(ids, 8) for ids in chat_prompt_ids[6:10]], 4)
+    assert all(r.error == "" and r.output_tokens == 8 for r in done)
+    wait_until(lambda: all_blocks_free(directory), 30)
+
+
+@pytest.mark.parametrize("request_, code, field", [
+    (pb.GenerateRequest(), grpc.StatusCode.INVALID_ARGUMENT, "input"),
+    (pb.GenerateRequest(prompt="   "), grpc.StatusCode.INVALID_ARGUMENT, "prompt"),
+    (pb.GenerateRequest(token_ids=pb.TokenIds(ids=[1, 10**7])),
+     grpc.StatusCode.INVALID_ARGUMENT, "token_ids"),
+    (pb.GenerateRequest(chat=pb.ChatMessages(messages=[pb.ChatMessage(role="robot",
+                                                                      content="hi")])),
+     grpc.StatusCode.INVALID_ARGUMENT, "messages"),
+    (pb.GenerateRequest(prompt="hi", sampling=pb.SamplingParams(temperature=-1)),
+     grpc.StatusCode.INVALID_ARGUMENT, "sampling.temperature"),
+    (pb.GenerateRequest(prompt="hi", sampling=pb.SamplingParams(top_p=0)),
+     grpc.StatusCode.INVALID_ARGUMENT, "sampling.top_p"),
+    (pb.GenerateRequest(prompt="hi", sampling=pb.SamplingParams(max_tokens=0)),
+     grpc.StatusCode.INVALID_ARGUMENT, "sampling.max_tokens"),
+    (pb.GenerateRequest(token_ids=pb.TokenIds(ids=[5] * 8000),
+                        sampling=pb.SamplingParams(max_tokens=1000)),
+     grpc.StatusCode.OUT_OF_RANGE, "sampling.max_tokens"),
+    (pb.GenerateRequest(token_ids=pb.TokenIds(ids=[5] * 9000),
+                        sampling=pb.SamplingParams(max_tokens=1)),
+     grpc.StatusCode.OUT_OF_RANGE, "input"),
+])
+def test_bad_input_gets_clear_status(cluster, request_, code, field):
+    """Bad input is rejected with the right status and a message naming the field; the
+    cluster keeps serving."""
+    stub = connect(cluster.router_address)
+    with pytest.raises(grpc.RpcError) as err:
+        list(stub.Generate(request_, timeout=30))
+    assert err.value.code() == code
+    assert field in err.value.details()
+    ok = generate(stub, pb.GenerateRequest(prompt="Hello", sampling=pb.SamplingParams(
+        temperature=0, max_tokens=2)))
+    assert ok.error == "" and ok.output_tokens == 2
+
+
+def test_killed_prefill_worker_leaves_and_traffic_moves(cluster, directory, chat_prompt_ids):
+    """A SIGKILLed prefill worker leaves etcd within its lease TTL (+ etcd's expiry tick),
+    and every later request succeeds on the surviving prefill worker."""
+    assert {w.worker_id for w in directory.workers(WorkerRole.PREFILL)} == {"prefill-0",
+                                                                             "prefill-1"}
+    cluster.kill_worker("prefill-0")
+    gone_s = wait_until(lambda: directory.get("prefill-0") is None, LEASE_TTL_S + 5)
+    assert gone_s <= LEASE_TTL_S + 1.5
+    results = run_concurrently(cluster.router_address,
+                               [token_request(ids, 4) for ids in chat_prompt_ids[:6]], 3)
+    assert [r.error for r in results] == [""] * 6
+    assert {r.prefill_worker for r in results} == {"prefill-1"}
