@@ -93,8 +93,9 @@ class TorchAttentionBackend(AttentionBackend):
     def __init__(self) -> None:
         self._md: AttentionMetadata | None = None
         self._decode_rows: list[int] = []  # request indices with q_len == 1
-        self._decode_slots: torch.Tensor | None = None  # [n_dec, max_len] int64
-        self._decode_mask: torch.Tensor | None = None  # [n_dec, 1, 1, max_len] bool
+        self._decode_blocks: torch.Tensor | None = None  # [n_dec * max_blocks] int64
+        self._decode_mask: torch.Tensor | None = None  # [n_dec, 1, 1, max_blocks * bs] bool
+        self._decode_starts: torch.Tensor | None = None  # [n_dec] rows in the flat batch
         self._extend_slots: list[torch.Tensor] = []  # per extend request: [seq_len] int64
 
     def plan(self, metadata: AttentionMetadata) -> None:
@@ -106,11 +107,11 @@ class TorchAttentionBackend(AttentionBackend):
         if self._decode_rows:
             rows = torch.tensor(self._decode_rows, dtype=torch.int64)
             lens = torch.tensor([metadata.seq_lens_host[r] for r in self._decode_rows])
-            max_len = int(lens.max())
-            pos = torch.arange(max_len)
-            blocks = table[rows][:, (pos // bs)]  # [n_dec, max_len]
-            self._decode_slots = blocks * bs + (pos % bs)
+            num_blocks = -(-int(lens.max()) // bs)
+            self._decode_blocks = table[rows, :num_blocks].reshape(-1)  # [n_dec * nb]
+            pos = torch.arange(num_blocks * bs)
             self._decode_mask = (pos[None, :] < lens[:, None])[:, None, None, :]
+            self._decode_starts = metadata.cu_seqlens_q[rows].to(torch.int64)
         self._extend_slots = []
         for r in self._extend_rows:
             pos = torch.arange(metadata.seq_lens_host[r])
@@ -126,12 +127,8 @@ class TorchAttentionBackend(AttentionBackend):
         gqa = q.shape[1] // k.shape[1]
         cu = md.cu_seqlens_q
         if self._decode_rows:
-            starts = cu[torch.tensor(self._decode_rows)].to(torch.int64)
-            q_dec = q[starts].unsqueeze(2)  # [n_dec, H, 1, D]
-            k_ctx = k_flat[self._decode_slots].transpose(1, 2)  # [n_dec, H_kv, L, D]
-            v_ctx = v_flat[self._decode_slots].transpose(1, 2)
-            o = _sdpa(q_dec, k_ctx, v_ctx, self._decode_mask, scale, gqa)
-            out[starts] = o.squeeze(2)
+            out[self._decode_starts] = self._decode(q[self._decode_starts], k_cache, v_cache,
+                                                    scale)
         for r, slots in zip(self._extend_rows, self._extend_slots, strict=True):
             start, end = md.query_lens[:r], md.query_lens[r]
             s = sum(start)
@@ -141,6 +138,22 @@ class TorchAttentionBackend(AttentionBackend):
             mask = _offset_causal_mask(end, len(slots), q.device)
             out[s : s + end] = _sdpa(q_r, k_r, v_r, mask, scale, gqa)[0].transpose(0, 1)
         return out
+
+
+    def _decode(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                scale: float) -> torch.Tensor:
+        """One SDPA call for all decode rows. The GQA group is folded into the query axis
+        (``[n, H, D] -> [n, H_kv, gqa, D]``) so K/V are gathered once per KV head and never
+        repeated; whole blocks are gathered (one ``index_select`` per layer)."""
+        n, num_heads, head_dim = q.shape
+        num_kv_heads = k_cache.shape[2]
+        gqa = num_heads // num_kv_heads
+        k = k_cache.index_select(0, self._decode_blocks).view(n, -1, num_kv_heads, head_dim)
+        v = v_cache.index_select(0, self._decode_blocks).view(n, -1, num_kv_heads, head_dim)
+        qf = q.view(n, num_kv_heads, gqa, head_dim)  # head h -> kv head h // gqa
+        o = F.scaled_dot_product_attention(qf, k.transpose(1, 2), v.transpose(1, 2),
+                                           attn_mask=self._decode_mask, scale=scale)
+        return o.reshape(n, num_heads, head_dim)
 
 
 def _offset_causal_mask(q_len: int, kv_len: int, device: torch.device) -> torch.Tensor:
