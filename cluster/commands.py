@@ -22,7 +22,7 @@ DEMO_PROMPTS = (
     "What is the capital of France?",
     "Write a haiku about the sea.",
     "Explain in two sentences why the sky is blue.",
-    "Give me three tips for learning to cook.",
+    "Name three primary colors and one thing that is each color.",
 )
 
 

@@ -118,9 +118,10 @@ def _load_gguf(path: str) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
         if name is None:
             logger.warning("ignoring unknown GGUF tensor %s", t.name)
             continue
-        arr = dequantize(t.data, t.tensor_type).astype(np.float32, copy=False)
+        arr = dequantize(t.data, t.tensor_type)
         shape = tuple(int(d) for d in reversed(t.shape))  # ggml order -> row-major
-        w = torch.from_numpy(np.ascontiguousarray(arr.reshape(shape)))
+        # A copy: F32 tensors come back as read-only views of the memory-mapped file.
+        w = torch.from_numpy(np.array(arr.reshape(shape), dtype=np.float32, copy=True))
         if arch == "llama" and name.endswith(("q_proj.weight", "q_proj.bias")):
             w = _unpermute_qk(w, config.num_heads)
         elif arch == "llama" and name.endswith(("k_proj.weight", "k_proj.bias")):
