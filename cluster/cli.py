@@ -7,6 +7,7 @@ import logging
 import sys
 
 from scission.cluster import commands
+from scission.router.config import RoutingPolicy
 
 DESCRIPTION = """scission: a disaggregated LLM serving cluster.
 
@@ -47,6 +48,11 @@ def _cluster_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--lease-ttl-s", type=int, default=5,
                    help="worker lease TTL: a dead worker leaves discovery within this")
     g.add_argument("--no-prefix-caching", action="store_true", help="disable the prefix cache")
+    g.add_argument("--metrics-port", type=int, default=None,
+                   help="router Prometheus /metrics port (default: off)")
+    g.add_argument("--routing-policy", default="kv-aware",
+                   choices=[p.value for p in RoutingPolicy],
+                   help="how the router picks the prefill worker (default kv-aware)")
 
 
 def _sampling_args(p: argparse.ArgumentParser) -> None:

@@ -16,7 +16,7 @@ from scission.cluster.client import generate as run_one
 from scission.cluster.launcher import ClusterConfig, LocalCluster
 from scission.cluster.state import DEFAULT_STATE_FILE, ClusterState
 from scission.engine.config import CacheConfig, EngineConfig, SchedulerConfig
-from scission.router.config import RouterConfig
+from scission.router.config import PlacementConfig, RouterConfig, RoutingPolicy
 
 DEMO_PROMPTS = (
     "What is the capital of France?",
@@ -40,7 +40,10 @@ def cluster_config(args: argparse.Namespace) -> ClusterConfig:
     endpoints = tuple(e for e in args.etcd_endpoints.split(",") if e)
     return ClusterConfig(
         num_prefill=args.prefill, num_decode=args.decode, num_colocated=args.colocated,
-        engine=engine, router=RouterConfig(host=args.host, port=args.port, model_path=args.model),
+        engine=engine,
+        router=RouterConfig(host=args.host, port=args.port, model_path=args.model,
+                            metrics_port=args.metrics_port, metrics_host=args.host,
+                            placement=PlacementConfig(policy=RoutingPolicy(args.routing_policy))),
         etcd_endpoints=endpoints, ray_address=args.ray_address, lease_ttl_s=args.lease_ttl_s,
         threads_per_worker=args.threads_per_worker)
 

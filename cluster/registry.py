@@ -8,7 +8,8 @@ python3-etcd3 0.13 quirks handled here:
 - ``Etcd3Client`` blacklists its only endpoint for 300 s after one UNAVAILABLE error (then raises
   ``ValueError('Trying to use a failed node')`` although etcd is back): see ``connect()``.
 - ``etcd3.watch.Watcher`` dies with ``NameError: six`` when its stream fails, leaving its
-  iterators blocked forever: ``WorkerDirectory`` drives the raw ``etcdrpc.WatchStub`` stream.
+  iterators blocked forever: ``WorkerDirectory`` follows the raw ``etcdrpc.WatchStub`` stream
+  through ``etcd_watch.WatchLoop`` (shared with the KV-block index).
 """
 
 from __future__ import annotations
@@ -17,25 +18,23 @@ import dataclasses
 import enum
 import functools
 import logging
-import queue
 import threading
 import typing
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import etcd3
-import grpc
 import msgpack
-from etcd3 import etcdrpc
 from etcd3.etcdrpc import kv_pb2
-from etcd3.utils import prefix_range_end
+
+from scission.cluster.etcd_watch import ETCD_ERRORS, WatchLoop
+from scission.cluster.etcd_watch import describe_etcd_error as _describe
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_PREFIX = "/scission"
 FORMAT_VERSION = 1
-ETCD_ERRORS = (etcd3.Etcd3Exception, grpc.RpcError)  # what a call to etcd may raise
 
 
 class WorkerRole(enum.Enum):
@@ -335,10 +334,6 @@ class WorkerRegistration:
         self.deregister()
 
 
-class _Resync(Exception):
-    """The watch cannot go on (compacted, canceled, ended): re-list, then re-watch."""
-
-
 class WorkerDirectory:
     """Router-side, in-memory view of the registered workers and their stats.
 
@@ -362,17 +357,14 @@ class WorkerDirectory:
         self._workers: dict[str, WorkerInfo] = {}  # worker_id -> info
         self._stats: dict[str, WorkerStatsRecord] = {}  # worker_id -> latest stats
         self._revision = 0  # etcd revision the view reflects
-        self._call: Any = None  # the live gRPC Watch stream, cancelled by close()
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._loop = WatchLoop(client, (self._config.workers_prefix, self._config.stats_prefix),
+                               self._resync, self._apply, self._config.retry_interval_s,
+                               "worker-directory")
         self.num_callback_errors = 0  # metric: callbacks that raised
 
     def start(self) -> WorkerDirectory:
         """Load the current workers (raises etcd errors) and start following the watch."""
-        assert self._thread is None, "WorkerDirectory.start called twice"
-        self._resync()
-        self._thread = threading.Thread(target=self._run, name="worker-directory", daemon=True)
-        self._thread.start()
+        self._loop.start()
         return self
 
     def workers(self, role: WorkerRole | None = None) -> list[WorkerInfo]:
@@ -398,45 +390,17 @@ class WorkerDirectory:
 
     def close(self) -> None:
         """Stop the watch thread; idempotent. The view keeps its last contents."""
-        self._stop.set()
-        with self._lock:
-            call = self._call
-        if call is not None:
-            call.cancel()
-        thread, self._thread = self._thread, None
-        if thread is not None:
-            thread.join()
+        self._loop.close()
 
     def __enter__(self) -> WorkerDirectory:
-        return self.start() if self._thread is None else self
+        return self.start() if not self._loop.started else self
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
 
-    def _run(self) -> None:
-        synced, failures = True, 0  # synced: the view matches etcd at self._revision
-        while not self._stop.is_set():
-            try:
-                if not synced:
-                    self._resync()
-                    if failures:
-                        logger.info("worker watch recovered after %d failures", failures)
-                    failures = 0
-                synced = False
-                self._watch()
-            except _Resync as exc:
-                logger.info("worker watch on %s: %s; re-listing", self._config.prefix, exc)
-            except ETCD_ERRORS as exc:
-                if self._stop.is_set():
-                    return
-                failures += 1
-                log = logger.warning if failures == 1 else logger.debug  # once per outage
-                log("worker watch on %s failed (%d in a row): %s; retrying every %.1fs",
-                    self._config.prefix, failures, _describe(exc), self._config.retry_interval_s)
-                self._stop.wait(self._config.retry_interval_s)
-
-    def _resync(self) -> None:
-        """Replace the view with a range read and fire callbacks for the difference."""
+    def _resync(self) -> int:
+        """Replace the view with a range read and fire callbacks for the difference; returns
+        the revision read."""
         cfg = self._config
         workers_rsp = self._client.get_prefix_response(cfg.workers_prefix)
         revision = workers_rsp.header.revision
@@ -451,36 +415,9 @@ class WorkerDirectory:
         logger.info("worker directory %s: %d workers at revision %d",
                     cfg.prefix, len(workers), revision)
         self._notify(added, removed)
+        return revision
 
-    def _watch(self) -> None:
-        """Follow both prefixes from revision + 1 on one raw Watch stream until it breaks."""
-        requests: queue.SimpleQueue[etcdrpc.WatchRequest | None] = queue.SimpleQueue()
-        for prefix in (self._config.workers_prefix.encode(), self._config.stats_prefix.encode()):
-            create = etcdrpc.WatchCreateRequest(
-                key=prefix, range_end=prefix_range_end(prefix), start_revision=self._revision + 1
-            )
-            requests.put(etcdrpc.WatchRequest(create_request=create))
-        stub = etcdrpc.WatchStub(self._client.channel)
-        call = stub.Watch(_drain(requests), credentials=self._client.call_credentials,
-                          metadata=self._client.metadata)
-        with self._lock:
-            self._call = call
-        try:
-            if self._stop.is_set():  # close() ran before the call was published
-                call.cancel()
-            for response in call:
-                if response.compact_revision:
-                    raise _Resync(f"revision {response.compact_revision} compacted")
-                if response.canceled:
-                    raise _Resync(f"watch canceled: {response.cancel_reason}")
-                self._apply(response.events, response.header.revision)
-            raise _Resync("watch stream ended")
-        finally:
-            requests.put(None)  # ends the request iterator (and gRPC's thread consuming it)
-            with self._lock:
-                self._call = None
-
-    def _apply(self, events: Any, revision: int) -> None:
+    def _apply(self, events: Sequence[Any], revision: int) -> None:
         """Apply watch events: a PUT of a valid value sets, a DELETE or a bad value removes."""
         workers_prefix, stats_prefix = self._config.workers_prefix, self._config.stats_prefix
         added: list[WorkerInfo] = []
@@ -553,15 +490,3 @@ def _call_safely(callback: Callable[[Any], None] | None, arg: Any) -> bool:
         logger.exception("registry callback %r failed", callback)
         return False
     return True
-
-
-def _describe(exc: BaseException) -> str:
-    """One line for an etcd error (a grpc.RpcError's repr spans several lines)."""
-    if isinstance(exc, grpc.RpcError) and hasattr(exc, "code"):
-        return f"{exc.code().name}: {exc.details()}"
-    return repr(exc)
-
-
-def _drain(requests: queue.SimpleQueue[Any]) -> Iterator[Any]:
-    while (request := requests.get()) is not None:
-        yield request

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from scission.cluster.kv_index import KVEventPublisher, KVIndexConfig
 from scission.cluster.registry import (
     EtcdClientConfig,
     RegistryConfig,
@@ -43,6 +44,7 @@ class WorkerConfig:
     engine: EngineConfig = field(default_factory=EngineConfig)
     etcd: EtcdClientConfig = field(default_factory=EtcdClientConfig)
     registry: RegistryConfig = field(default_factory=RegistryConfig)
+    kv_index: KVIndexConfig = field(default_factory=KVIndexConfig)
     host: str = "127.0.0.1"
     port: int = 0  # 0 = any free port
     lease_ttl_s: int = 5
@@ -72,7 +74,11 @@ class WorkerRuntime:
                                      self.engine.kv_cache.layers)
         self.etcd = connect(config.etcd)
         self.directory = WorkerDirectory(self.etcd, config.registry)
-        self.registration = WorkerRegistration(self.etcd, config.registry)
+        self.registration = WorkerRegistration(self.etcd, config.registry,
+                                               on_new_incarnation=self._on_new_incarnation)
+        self.kv_publisher = KVEventPublisher(self.etcd, config.registry, config.worker_id,
+                                             config.kv_index)
+        self.loop.add_hook(self._drain_kv_events)
         self.server = grpc.server(futures.ThreadPoolExecutor(config.grpc_max_workers))
         self.servicer = servicer_factory(self)
         pb_grpc.add_WorkerServicer_to_server(self.servicer, self.server)
@@ -96,6 +102,8 @@ class WorkerRuntime:
             started_at_s=time.time(),
         )
         self.info = self.registration.register(info, self.config.lease_ttl_s)
+        self.kv_publisher.set_lease(self.info.incarnation)
+        self.kv_publisher.start()
         self.health.set("", health_pb2.HealthCheckResponse.SERVING)
         threading.Thread(target=self._publish_stats, name="stats", daemon=True).start()
         logger.info("worker %s (%s) serving on %s, incarnation %d", self.config.worker_id,
@@ -105,6 +113,9 @@ class WorkerRuntime:
     def stop(self) -> None:
         self._stop.set()
         self.health.enter_graceful_shutdown()
+        self.kv_publisher.close()  # revoking the lease below removes the index keys
+        logger.info("KV index publisher of %s: %s", self.config.worker_id,
+                    self.kv_publisher.counters)
         self.registration.deregister()
         self.server.stop(grace=2).wait()
         self.loop.stop()
@@ -120,6 +131,16 @@ class WorkerRuntime:
             num_held=len(eng.held), queued_prefill_tokens=eng.queued_prefill_tokens(),
             num_prompt_tokens_computed=eng.num_prompt_tokens_computed,
         )
+
+    def _drain_kv_events(self) -> None:
+        """Engine-loop hook: hand this step's KV events to the publisher (no I/O here)."""
+        self.kv_publisher.submit(self.engine.take_kv_events())
+
+    def _on_new_incarnation(self, info: WorkerInfo) -> None:
+        """The lease was lost and re-granted: new transfer handles carry the new incarnation
+        and the KV index is re-published under the new lease (the old keys died with it)."""
+        self.info = info
+        self.kv_publisher.set_lease(info.incarnation)
 
     def _publish_stats(self) -> None:
         while not self._stop.wait(self.config.stats_interval_s):

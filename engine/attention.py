@@ -125,13 +125,11 @@ class TorchAttentionBackend(AttentionBackend):
         v_flat = v_cache.view(-1, *v_cache.shape[2:])
         out = torch.empty_like(q)
         gqa = q.shape[1] // k.shape[1]
-        cu = md.cu_seqlens_q
         if self._decode_rows:
             out[self._decode_starts] = self._decode(q[self._decode_starts], k_cache, v_cache,
                                                     scale)
         for r, slots in zip(self._extend_rows, self._extend_slots, strict=True):
-            start, end = md.query_lens[:r], md.query_lens[r]
-            s = sum(start)
+            s, end = int(md.cu_seqlens_q[r]), md.query_lens[r]
             q_r = q[s : s + end].transpose(0, 1).unsqueeze(0)  # [1, H, q_len, D]
             k_r = k_flat[slots].transpose(0, 1).unsqueeze(0)  # [1, H_kv, L, D]
             v_r = v_flat[slots].transpose(0, 1).unsqueeze(0)

@@ -132,10 +132,17 @@ class BlockManager:
             self._emit(KVEventKind.STORED, stored)
 
     def reset_prefix_cache(self) -> None:
-        """Forget every unreferenced cached block (emits ``CLEARED``)."""
+        """Forget every unreferenced cached block.
+
+        Emits ``CLEARED`` and then ``STORED`` with the hashes still cached in referenced blocks
+        (they keep their hashes), so a consumer that applies CLEARED as "forget everything"
+        ends up with exactly ``_cached`` again.
+        """
         for b in self._free:
             self._uncache(self.blocks[b], emit=False)
         self._emit(KVEventKind.CLEARED, [])
+        if self._cached:
+            self._emit(KVEventKind.STORED, list(self._cached))
 
     def take_events(self) -> list[KVEvent]:
         events, self._events = self._events, []

@@ -23,6 +23,7 @@ from scission.engine.block_manager import BlockManager
 from scission.engine.config import AttentionBackendKind, EngineConfig
 from scission.engine.detokenizer import IncrementalDetokenizer
 from scission.engine.kv_cache import KVCache, num_blocks_for
+from scission.engine.kv_events import KVEvent
 from scission.engine.loader import load_checkpoint
 from scission.engine.model import LlamaForCausalLM
 from scission.engine.model_runner import ModelRunner
@@ -211,6 +212,11 @@ class LLMEngine:
             self.tokenizer, req.prompt_token_ids, stop=req.sampling_params.stop)
 
     # -- introspection --------------------------------------------------------------
+    def take_kv_events(self) -> list[KVEvent]:
+        """KV cache events since the last call (``BlockManager.take_events``), for the global
+        KV-block index; call on the engine's thread."""
+        return self.block_manager.take_events()
+
     @property
     def num_free_blocks(self) -> int:
         return self.block_manager.num_free_blocks

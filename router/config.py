@@ -2,19 +2,29 @@
 
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass, field
 
 from scission.cluster.registry import EtcdClientConfig, RegistryConfig
 
 
+class RoutingPolicy(enum.Enum):
+    """How the prefill (or colocated) worker is picked (decode: most free blocks, always)."""
+
+    KV_AWARE = "kv-aware"  # cost with the prefix-index hit subtracted, + speculative entries
+    LEAST_LOADED = "least-loaded"  # the same cost with cached_prefix_tokens = 0
+    ROUND_ROBIN = "round-robin"  # in turn, by worker_id order; ignores load and cache
+
+
 @dataclass(frozen=True)
 class PlacementConfig:
     """Prefill cost = prefill_load_scale * max(queued + new - cached, 0) + decode_blocks_in_use
-    (DESIGN: Placement). ``temperature`` 0 = argmin, > 0 = softmax sampling over -cost."""
+    (DESIGN: Placement), in tokens + blocks. ``temperature`` 0 = argmin, > 0 = softmax sampling
+    over -cost / temperature (so temperature is in cost units)."""
 
     prefill_load_scale: float = 1.0
     temperature: float = 0.0
-    kv_aware: bool = True
+    policy: RoutingPolicy = RoutingPolicy.KV_AWARE
     # Conditional disaggregation: prefill on the decode worker when the uncached part is
     # short or the decode worker already holds most of the prompt.
     local_prefill_max_uncached_tokens: int = 0  # 0 = never prefill locally because short
@@ -24,6 +34,14 @@ class PlacementConfig:
     def __post_init__(self) -> None:
         if self.prefill_load_scale < 0 or self.temperature < 0 or self.speculative_ttl_s < 0:
             raise ValueError("placement parameters must be >= 0")
+        if self.local_prefill_max_uncached_tokens < 0 or self.local_prefill_min_hit_ratio < 0:
+            raise ValueError("local prefill thresholds must be >= 0")
+        if not isinstance(self.policy, RoutingPolicy):
+            raise ValueError(f"policy must be a RoutingPolicy, got {self.policy!r}")
+
+    @property
+    def kv_aware(self) -> bool:
+        return self.policy is RoutingPolicy.KV_AWARE
 
 
 @dataclass(frozen=True)
@@ -41,8 +59,14 @@ class RouterConfig:
     request_timeout_s: float = 600.0
     max_message_bytes: int = 4 * 1024**2
     max_concurrent_rpcs: int = 1024
-    metrics_port: int | None = None  # Prometheus endpoint; None = off
+    metrics_port: int | None = None  # Prometheus endpoint (0 = any free port); None = off
+    metrics_host: str = "127.0.0.1"
+    kv_lag_probe_interval_s: float = 1.0  # metrics: how often the index lag is measured
 
     def __post_init__(self) -> None:
         if not (0 < self.default_max_tokens <= self.max_tokens_limit):
             raise ValueError("need 0 < default_max_tokens <= max_tokens_limit")
+        if self.metrics_port is not None and not 0 <= self.metrics_port < 65536:
+            raise ValueError(f"metrics_port out of range: {self.metrics_port}")
+        if self.kv_lag_probe_interval_s <= 0:
+            raise ValueError("kv_lag_probe_interval_s must be > 0")

@@ -1,39 +1,58 @@
 """Placement: filter -> score -> pick (llm-d's scheduler pipeline; DESIGN: Placement).
 
-The decode worker is chosen first (most free KV blocks, then fewest running requests);
-then the prefill worker by cost (lower is better)::
+Filter: ``WorkerPool.workers(role)`` (registered, not draining, not suspect). The decode worker
+is chosen first (most free KV blocks, then fewest running requests); then the prefill worker by
+cost (lower is better), in tokens plus blocks::
 
     cost = prefill_load_scale * max(queued_prefill_tokens + new_prompt_tokens
                                     - cached_prefix_tokens, 0) + decode_blocks_in_use
 
 picked by argmin (temperature 0) or softmax sampling over -cost / temperature.
-Conditional disaggregation: the decode worker prefills locally when the uncached part of
-the prompt is short or it already holds most of the prompt.
+``cached_prefix_tokens`` = leading blocks the worker holds (prefix index, ``RoutingPolicy.
+KV_AWARE`` only) * block_size, capped at ``(new_prompt_tokens - 1) // block_size * block_size``
+because a worker always computes the last prompt token (``BlockManager.cached_prefix``).
+Conditional disaggregation: the decode worker prefills locally when the uncached part of the
+prompt is short or it already holds most of the prompt (``PlacementConfig.local_prefill_*``).
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 import random
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 from scission.cluster.registry import WorkerInfo, WorkerRole
-from scission.router.config import PlacementConfig
-from scission.router.worker_pool import WorkerLoad, WorkerPool
+from scission.router.config import PlacementConfig, RoutingPolicy
+from scission.router.worker_pool import WorkerLoad
 
 PrefixMatch = Callable[[list[int]], dict[str, int]]  # block hashes -> worker_id -> blocks hit
+
+
+class WorkerView(Protocol):
+    """What placement reads (``WorkerPool``; tests and benchmarks pass fakes)."""
+
+    def workers(self, role: WorkerRole) -> list[WorkerInfo]: ...
+
+    def load(self, info: WorkerInfo) -> WorkerLoad: ...
 
 
 @dataclass(frozen=True)
 class Placement:
     decode: WorkerInfo  # the worker that streams tokens (decode or colocated role)
     prefill: WorkerInfo | None  # None = prefill on the decode worker (local / colocated)
-    cached_prefix_tokens: int  # expected prefix-cache hit on the prefill side
+    cached_prefix_tokens: int  # expected prefix-cache hit on the worker that prefills
 
     @property
     def disaggregated(self) -> bool:
         return self.prefill is not None
+
+    @property
+    def prefill_worker(self) -> WorkerInfo:
+        """The worker that runs the prompt (the decode worker when not disaggregated)."""
+        return self.prefill if self.prefill is not None else self.decode
 
 
 class NoWorkersError(RuntimeError):
@@ -42,12 +61,14 @@ class NoWorkersError(RuntimeError):
 
 def prefill_cost(cfg: PlacementConfig, load: WorkerLoad, num_prompt_tokens: int,
                  cached_tokens: int) -> float:
+    """The cost above for one candidate; ``cached_tokens`` already capped by the caller."""
     uncached = max(load.queued_prefill_tokens + num_prompt_tokens - cached_tokens, 0)
     return cfg.prefill_load_scale * uncached + load.blocks_in_use
 
 
 def pick_min_cost(costs: list[float], temperature: float, rng: random.Random) -> int:
-    """Index of the chosen candidate: argmin, or softmax(-cost / temperature) sampling."""
+    """Index of the chosen candidate: argmin (first on ties), or softmax(-cost / temperature)
+    sampling (shifted by the minimum, so large costs do not underflow)."""
     if temperature <= 0:
         return min(range(len(costs)), key=costs.__getitem__)
     lo = min(costs)
@@ -56,43 +77,60 @@ def pick_min_cost(costs: list[float], temperature: float, rng: random.Random) ->
 
 
 class Placer:
-    def __init__(self, cfg: PlacementConfig, pool: WorkerPool, block_size: int,
+    """Chooses workers for one request; thread-safe for concurrent ``place`` calls."""
+
+    def __init__(self, cfg: PlacementConfig, pool: WorkerView,
                  prefix_match: PrefixMatch | None = None, seed: int = 0) -> None:
         self.cfg = cfg
         self.pool = pool
-        self.block_size = block_size
-        self.prefix_match = prefix_match if cfg.kv_aware else None
+        self.prefix_match = prefix_match if cfg.policy is RoutingPolicy.KV_AWARE else None
         self.rng = random.Random(seed)
+        self._turns = {role: itertools.count() for role in WorkerRole}  # ROUND_ROBIN
 
-    def place(self, num_prompt_tokens: int, block_hashes: list[int]) -> Placement:
-        """Raises NoWorkersError when no decode-capable worker is alive."""
+    def place(self, num_prompt_tokens: int, block_hashes: list[int],
+              block_size: int) -> Placement:
+        """Raises NoWorkersError when no decode-capable worker is alive.
+
+        Args:
+            block_hashes: the prompt's full-block hashes (``PromptHasher``); may be empty.
+            block_size: tokens per block of those hashes.
+        """
         hits = self.prefix_match(block_hashes) if self.prefix_match and block_hashes else {}
+        max_cached = (num_prompt_tokens - 1) // block_size * block_size if block_size else 0
+
+        def cached(w: WorkerInfo) -> int:
+            return min(hits.get(w.worker_id, 0) * block_size, max_cached)
+
         decoders = self.pool.workers(WorkerRole.DECODE)
         prefillers = self.pool.workers(WorkerRole.PREFILL)
         if not decoders or not prefillers:
             colocated = self.pool.workers(WorkerRole.COLOCATED) or decoders
             if not colocated:
                 raise NoWorkersError("no decode or colocated worker is registered")
-            best = self._cheapest(colocated, num_prompt_tokens, hits)
-            return Placement(best, None, hits.get(best.worker_id, 0) * self.block_size)
-        decode = max(decoders, key=lambda w: self._decode_score(w))
-        decode_hit = hits.get(decode.worker_id, 0) * self.block_size
-        if self._prefill_locally(num_prompt_tokens, decode_hit):
-            return Placement(decode, None, decode_hit)
-        prefill = self._cheapest(prefillers, num_prompt_tokens, hits)
-        return Placement(decode, prefill, hits.get(prefill.worker_id, 0) * self.block_size)
+            best = self._pick(colocated, num_prompt_tokens, cached, WorkerRole.COLOCATED)
+            return Placement(best, None, cached(best))
+        decode = max(decoders, key=self._decode_score)
+        if self._prefill_locally(num_prompt_tokens, cached(decode)):
+            return Placement(decode, None, cached(decode))
+        prefill = self._pick(prefillers, num_prompt_tokens, cached, WorkerRole.PREFILL)
+        return Placement(decode, prefill, cached(prefill))
 
     def _decode_score(self, w: WorkerInfo) -> tuple[int, int]:
         load = self.pool.load(w)
         return (load.num_free_blocks, -load.num_running)
 
-    def _cheapest(self, workers: list[WorkerInfo], n: int, hits: dict[str, int]) -> WorkerInfo:
-        costs = [prefill_cost(self.cfg, self.pool.load(w), n,
-                              hits.get(w.worker_id, 0) * self.block_size) for w in workers]
+    def _pick(self, workers: list[WorkerInfo], n: int, cached: Callable[[WorkerInfo], int],
+              role: WorkerRole) -> WorkerInfo:
+        if self.cfg.policy is RoutingPolicy.ROUND_ROBIN:
+            return workers[next(self._turns[role]) % len(workers)]
+        costs = [prefill_cost(self.cfg, self.pool.load(w), n, cached(w)) for w in workers]
         return workers[pick_min_cost(costs, self.cfg.temperature, self.rng)]
 
     def _prefill_locally(self, num_prompt_tokens: int, decode_hit_tokens: int) -> bool:
+        """Conditional disaggregation (thresholds in ``PlacementConfig``)."""
+        cfg = self.cfg
         uncached = num_prompt_tokens - decode_hit_tokens
-        if uncached <= self.cfg.local_prefill_max_uncached_tokens:
+        if 0 < cfg.local_prefill_max_uncached_tokens and \
+                uncached <= cfg.local_prefill_max_uncached_tokens:
             return True
-        return decode_hit_tokens >= self.cfg.local_prefill_min_hit_ratio * num_prompt_tokens
+        return decode_hit_tokens >= cfg.local_prefill_min_hit_ratio * num_prompt_tokens

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Iterator
 from concurrent import futures
+from dataclasses import dataclass
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from scission.cluster.kv_index_watch import KVIndexWatcher
 from scission.cluster.registry import WorkerDirectory, connect
 from scission.engine.request import InvalidRequestError
 from scission.engine.tokenizer import Tokenizer, default_model_path, load_tokenizer
@@ -17,8 +20,10 @@ from scission.proto.scission.v1 import generation_pb2 as pb
 from scission.proto.scission.v1 import generation_pb2_grpc as pb_grpc
 from scission.router import flows
 from scission.router.config import RouterConfig
-from scission.router.convert import validate
-from scission.router.placement import NoWorkersError, Placer
+from scission.router.convert import ValidatedRequest, validate
+from scission.router.metrics import RouterMetrics
+from scission.router.placement import NoWorkersError, Placement, Placer
+from scission.router.prefix_index import PrefixIndex, PromptBlocks, PromptHasher
 from scission.router.worker_pool import WorkerPool
 
 logger = logging.getLogger(__name__)
@@ -26,37 +31,80 @@ MAX_PLACEMENT_ATTEMPTS = 3  # a prefill that fails before streaming is retried e
 SUSPECT_S = 10.0  # a failed worker gets no traffic for this long (or until it leaves etcd)
 
 
+@dataclass
+class _Outcome:
+    """How one request ended, for the metrics (set as the request goes)."""
+
+    status: str = "cancelled"  # the client went away unless something else is recorded
+    prompt_tokens: int = 0
+    cached_tokens: int = 0
+
+
 class GenerationServicer(pb_grpc.GenerationServicer):
     def __init__(self, config: RouterConfig, tokenizer: Tokenizer, pool: WorkerPool,
-                 placer: Placer) -> None:
+                 placer: Placer, index: PrefixIndex, hasher: PromptHasher,
+                 metrics: RouterMetrics) -> None:
         self.config = config
         self.tokenizer = tokenizer
         self.pool = pool
         self.placer = placer
+        self.index = index
+        self.hasher = hasher
+        self.metrics = metrics
         self.context_len = tokenizer.context_length or 2048
 
     def Generate(self, request: pb.GenerateRequest, context):
         start_s = time.monotonic()
-        cfg = self.config
+        outcome = _Outcome()
         try:
-            vr = validate(request, self.tokenizer, self.context_len, cfg.default_max_tokens,
-                          cfg.max_tokens_limit, cfg.max_prompt_tokens)
-        except InvalidRequestError as e:
-            code = grpc.StatusCode.OUT_OF_RANGE if e.out_of_range else \
-                grpc.StatusCode.INVALID_ARGUMENT
-            context.abort(code, str(e))
+            cfg = self.config
+            try:
+                vr = validate(request, self.tokenizer, self.context_len, cfg.default_max_tokens,
+                              cfg.max_tokens_limit, cfg.max_prompt_tokens)
+            except InvalidRequestError as e:
+                code = grpc.StatusCode.OUT_OF_RANGE if e.out_of_range else \
+                    grpc.StatusCode.INVALID_ARGUMENT
+                _abort(context, outcome, code, str(e))
+            yield from self._serve(vr, context, start_s, outcome)
+        finally:
+            self.metrics.observe_request(outcome.status, outcome.prompt_tokens,
+                                         outcome.cached_tokens)
+
+    def _serve(self, vr: ValidatedRequest, context, start_s: float,
+               outcome: _Outcome) -> Iterator[pb.GenerateResponse]:
+        """Place and run, retrying elsewhere when a prefill fails before anything streamed."""
+        t0 = time.perf_counter()
+        prompt = self.hasher(vr.prompt_token_ids) if self.placer.cfg.kv_aware else \
+            PromptBlocks(0, [])
+        hash_s = time.perf_counter() - t0
         for attempt in range(MAX_PLACEMENT_ATTEMPTS):
+            placement = self._place(vr, prompt, context, outcome, hash_s if attempt == 0 else 0)
             try:
-                placement = self.placer.place(len(vr.prompt_token_ids), [])
-            except NoWorkersError as e:
-                context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
-            try:
-                yield from self._run(vr, placement, start_s)
+                for resp in self._run(vr, placement, start_s):
+                    if resp.HasField("usage"):
+                        outcome.status = "ok"
+                        outcome.prompt_tokens = resp.usage.prompt_tokens
+                        outcome.cached_tokens = resp.usage.cached_tokens
+                    yield resp
                 return
             except flows.FlowError as e:
                 if e.failed_worker is None or attempt + 1 == MAX_PLACEMENT_ATTEMPTS:
-                    context.abort(e.code, str(e))
+                    _abort(context, outcome, e.code, str(e))
                 self.pool.mark_suspect(e.failed_worker, SUSPECT_S)
+
+    def _place(self, vr: ValidatedRequest, prompt: PromptBlocks, context, outcome: _Outcome,
+               hash_s: float) -> Placement:
+        """Placement plus a speculative index entry for the worker that will prefill; records
+        the decision time (``hash_s`` spent hashing the prompt + this)."""
+        t0 = time.perf_counter() - hash_s
+        try:
+            placement = self.placer.place(len(vr.prompt_token_ids), prompt.block_hashes,
+                                          prompt.block_size)
+        except NoWorkersError as e:
+            _abort(context, outcome, grpc.StatusCode.UNAVAILABLE, str(e))
+        self.index.insert_speculative(placement.prefill_worker.worker_id, prompt.block_hashes)
+        self.metrics.decision_s.observe(time.perf_counter() - t0)
+        return placement
 
     def _run(self, vr, placement, start_s: float):
         cfg = self.config
@@ -64,6 +112,12 @@ class GenerationServicer(pb_grpc.GenerationServicer):
             return flows.run_disaggregated(vr, placement, self.pool, start_s,
                                            cfg.prefill_timeout_s, cfg.request_timeout_s)
         return flows.run_local(vr, placement, self.pool, start_s, cfg.request_timeout_s)
+
+
+def _abort(context, outcome: _Outcome, code: grpc.StatusCode, message: str) -> None:
+    """Record the status and end the RPC (``context.abort`` raises)."""
+    outcome.status = code.name.lower()
+    context.abort(code, message)
 
 
 class RouterServer:
@@ -75,13 +129,19 @@ class RouterServer:
         self.etcd = connect(config.etcd)
         self.directory = WorkerDirectory(self.etcd, config.registry)
         self.pool = WorkerPool(self.directory)
-        self.placer = Placer(config.placement, self.pool, block_size=16)
+        self.index = PrefixIndex(config.placement.speculative_ttl_s)
+        self.kv_watcher = KVIndexWatcher(self.etcd, config.registry, self.index)
+        self.placer = Placer(config.placement, self.pool, prefix_match=self.index.match)
+        self.hasher = PromptHasher(self.directory.workers)
+        self.metrics = RouterMetrics(self.index, self.kv_watcher)
+        self.metrics_port: int | None = None  # bound port once started with metrics on
         opts = [("grpc.max_receive_message_length", config.max_message_bytes),
                 ("grpc.max_send_message_length", config.max_message_bytes)]
         self.server = grpc.server(futures.ThreadPoolExecutor(config.max_concurrent_rpcs),
                                   options=opts, maximum_concurrent_rpcs=config.max_concurrent_rpcs)
         pb_grpc.add_GenerationServicer_to_server(
-            GenerationServicer(config, self.tokenizer, self.pool, self.placer), self.server)
+            GenerationServicer(config, self.tokenizer, self.pool, self.placer, self.index,
+                               self.hasher, self.metrics), self.server)
         self.health = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         names = (pb.DESCRIPTOR.services_by_name["Generation"].full_name,
@@ -92,7 +152,12 @@ class RouterServer:
         self.address = f"{config.host}:{self.port}"
 
     def start(self) -> RouterServer:
+        cfg = self.config
         self.directory.start()
+        self.kv_watcher.start()
+        if cfg.metrics_port is not None:
+            self.metrics_port = self.metrics.serve(cfg.metrics_host, cfg.metrics_port,
+                                                   cfg.kv_lag_probe_interval_s)
         self.server.start()
         self.health.set("", health_pb2.HealthCheckResponse.SERVING)
         self.health.set("scission.v1.Generation", health_pb2.HealthCheckResponse.SERVING)
@@ -102,5 +167,7 @@ class RouterServer:
     def stop(self) -> None:
         self.health.enter_graceful_shutdown()
         self.server.stop(grace=2).wait()
+        self.metrics.close()
+        self.kv_watcher.close()
         self.directory.close()
         self.pool.close()
