@@ -47,6 +47,7 @@ from scission.cluster.kv_index import kv_prefix
 from scission.cluster.launcher import ClusterConfig, LocalCluster
 from scission.cluster.ports import find_free_port
 from scission.cluster.registry import EtcdClientConfig, WorkerRole, connect
+from scission.cluster.worker_directory import WorkerDirectory
 from scission.engine.config import CacheConfig, EngineConfig
 from scission.proto.scission.internal.v1 import worker_pb2 as wpb
 from scission.proto.scission.internal.v1 import worker_pb2_grpc as wpb_grpc
@@ -143,7 +144,7 @@ ROUTER_SAMPLES = ("scission_kv_index_blocks", "scission_router_prefix_hit_rate",
 
 def warm_up(cluster: LocalCluster, seed: int) -> None:
     """One short unrelated prompt on every worker, straight over the internal API."""
-    from scission.cluster.registry import RegistryConfig, WorkerDirectory
+    from scission.cluster.registry import RegistryConfig
 
     client = connect(EtcdClientConfig(endpoints=(cluster.etcd.endpoint,)))
     rng = random.Random(seed ^ 0xBEEF)

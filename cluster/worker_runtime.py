@@ -21,13 +21,13 @@ from scission.cluster.kv_index import KVEventPublisher, KVIndexConfig
 from scission.cluster.registry import (
     EtcdClientConfig,
     RegistryConfig,
-    WorkerDirectory,
     WorkerInfo,
     WorkerRegistration,
     WorkerRole,
     WorkerStatsRecord,
     connect,
 )
+from scission.cluster.worker_directory import WorkerDirectory
 from scission.engine.config import EngineConfig
 from scission.engine.engine_loop import EngineLoop
 from scission.engine.llm_engine import LLMEngine

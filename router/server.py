@@ -13,7 +13,8 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from scission.cluster.kv_index_watch import KVIndexWatcher
-from scission.cluster.registry import WorkerDirectory, connect
+from scission.cluster.registry import connect
+from scission.cluster.worker_directory import WorkerDirectory
 from scission.engine.request import InvalidRequestError
 from scission.engine.tokenizer import Tokenizer, default_model_path, load_tokenizer
 from scission.proto.scission.v1 import generation_pb2 as pb

@@ -14,7 +14,8 @@ from dataclasses import dataclass
 
 import grpc
 
-from scission.cluster.registry import WorkerDirectory, WorkerInfo, WorkerRole
+from scission.cluster.registry import WorkerInfo, WorkerRole
+from scission.cluster.worker_directory import WorkerDirectory
 from scission.proto.scission.internal.v1 import worker_pb2_grpc as pb_grpc
 
 logger = logging.getLogger(__name__)

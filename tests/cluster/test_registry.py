@@ -19,13 +19,13 @@ from scission.cluster.registry import (
     ETCD_ERRORS,
     EtcdClientConfig,
     RegistryConfig,
-    WorkerDirectory,
     WorkerInfo,
     WorkerRegistration,
     WorkerRole,
     WorkerStatsRecord,
     connect,
 )
+from scission.cluster.worker_directory import WorkerDirectory
 
 TTL_S = 2
 

@@ -10,8 +10,9 @@ from serving_helpers import run_concurrently, token_request, wait_until
 
 from scission.cluster.client import connect, generate
 from scission.cluster.launcher import ClusterConfig, LocalCluster
-from scission.cluster.registry import EtcdClientConfig, RegistryConfig, WorkerDirectory, WorkerRole
+from scission.cluster.registry import EtcdClientConfig, RegistryConfig, WorkerRole
 from scission.cluster.registry import connect as etcd_connect
+from scission.cluster.worker_directory import WorkerDirectory
 from scission.engine.config import CacheConfig, EngineConfig
 from scission.kv_transfer.handle import TransferHandle
 from scission.proto.scission.internal.v1 import worker_pb2 as wpb
