@@ -42,9 +42,13 @@ class DecodeServicer(BaseWorkerServicer):
     def Generate(self, request: pb.GenerateRequest, context):
         rid, prompt = request.request_id, list(request.prompt_token_ids)
         params = self._params(request.sampling, context)
-        yield from stream_request(self.loop, rid,
-                                  lambda: self.engine.add_request(rid, prompt, params),
-                                  context, self.runtime.config.request_timeout_s)
+        outputs = list(request.output_token_ids)
+        if outputs:  # migrated here: recompute prompt + what was already streamed
+            add = lambda: self.engine.add_recompute_request(rid, prompt, outputs, params)  # noqa: E731
+        else:
+            add = lambda: self.engine.add_request(rid, prompt, params)  # noqa: E731
+        yield from stream_request(self.loop, rid, add, context,
+                                  self.runtime.config.request_timeout_s)
 
     def Decode(self, request: pb.DecodeRequest, context):
         rid, prompt = request.request_id, list(request.prompt_token_ids)
@@ -65,7 +69,7 @@ class DecodeServicer(BaseWorkerServicer):
             self.loop.call(lambda: self.engine.free_reserved(rid, blocks))
             if not self.runtime.config.kv_pull_failure_recompute:
                 context.abort(grpc.StatusCode.UNAVAILABLE, f"KV pull for {rid} failed")
-            add = lambda: self.engine.add_recompute_request(rid, prompt, first, params)  # noqa: E731
+            add = lambda: self.engine.add_recompute_request(rid, prompt, [first], params)  # noqa: E731
         yield from stream_request(self.loop, rid, add, context,
                                   self.runtime.config.request_timeout_s)
 

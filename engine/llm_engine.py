@@ -118,12 +118,15 @@ class LLMEngine:
         return req
 
     def add_recompute_request(self, request_id: str, prompt_token_ids: list[int],
-                              first_token_id: int, params: SamplingParams) -> Request:
-        """Decode role fallback when a KV pull fails: recompute prompt + first token locally."""
+                              output_token_ids: list[int], params: SamplingParams) -> Request:
+        """Continue a request whose KV is elsewhere or lost (failed pull, migration off a dead
+        worker): recompute prompt + ``output_token_ids`` here, then keep decoding. Seeded
+        sampling continues at output position ``len(output_token_ids)``, so the tokens are the
+        ones the request would have produced anyway."""
         req = Request(request_id, list(prompt_token_ids), params)
         self._register(req)
-        self._detok[request_id].push([first_token_id])
-        req.output_token_ids.append(first_token_id)
+        self._detok[request_id].push(list(output_token_ids))
+        req.output_token_ids.extend(output_token_ids)
         self.scheduler.add_request(req)
         return req
 

@@ -31,6 +31,15 @@ class FlowError(Exception):
         self.failed_worker = failed_worker
 
 
+@dataclass(frozen=True)
+class Resume:
+    """A request continuing on a new worker after its decode worker failed mid-stream."""
+
+    output_token_ids: tuple[int, ...]  # already streamed to the client
+    first_token_s: float  # when the client got its first token (TTFT stays as it was)
+    prefill_worker: str
+
+
 @dataclass
 class UsageTracker:
     """Router-side timings: TTFT from receipt to the first token sent."""
@@ -86,16 +95,25 @@ def stream_chunks(vr: ValidatedRequest, chunks: Iterator[wpb.TokenChunk],
             if c.finish_reason:
                 return
     except grpc.RpcError as e:
-        raise FlowError(_status(e), f"worker {track.decode_worker}: {e.details()}") from None
-    raise FlowError(grpc.StatusCode.UNAVAILABLE, f"worker {track.decode_worker} ended the stream")
+        lost = e.code() == grpc.StatusCode.UNAVAILABLE  # the worker died or went away
+        raise FlowError(_status(e), f"worker {track.decode_worker}: {e.details()}",
+                        track.decode_worker if lost else None) from None
+    raise FlowError(grpc.StatusCode.UNAVAILABLE, f"worker {track.decode_worker} ended the stream",
+                    track.decode_worker)
 
 
 def run_local(vr: ValidatedRequest, placement: Placement, pool: WorkerPool, start_s: float,
-              timeout_s: float) -> Iterator[pb.GenerateResponse]:
+              timeout_s: float, resume: Resume | None = None) -> Iterator[pb.GenerateResponse]:
+    """Prefill and decode on one worker; with ``resume``, continue a migrated request."""
     w = placement.decode
     track = UsageTracker(start_s, len(vr.prompt_token_ids), w.worker_id, w.worker_id)
     req = wpb.GenerateRequest(request_id=vr.request_id, prompt_token_ids=vr.prompt_token_ids,
                               sampling=sampling_to_proto(vr.params))
+    if resume is not None:
+        req.output_token_ids.extend(resume.output_token_ids)
+        track.prefill_worker = resume.prefill_worker
+        track.first_token_s = resume.first_token_s
+        track.num_output_tokens = len(resume.output_token_ids)
     pool.begin(w.worker_id, len(vr.prompt_token_ids))
     call = pool.stub(w).Generate(req, timeout=timeout_s)
     try:

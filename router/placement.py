@@ -115,6 +115,14 @@ class Placer:
         prefill = self._pick(prefillers, num_prompt_tokens, cached, WorkerRole.PREFILL)
         return Placement(decode, prefill, cached(prefill))
 
+    def place_decode(self) -> Placement:
+        """A decode-capable worker (decode or colocated role) with the most free blocks, for
+        a request migrating off a failed worker. Raises NoWorkersError when there is none."""
+        workers = self.pool.workers(WorkerRole.DECODE) + self.pool.workers(WorkerRole.COLOCATED)
+        if not workers:
+            raise NoWorkersError("no decode or colocated worker left to migrate to")
+        return Placement(max(workers, key=self._decode_score), None, 0)
+
     def _decode_score(self, w: WorkerInfo) -> tuple[int, int]:
         load = self.pool.load(w)
         return (load.num_free_blocks, -load.num_running)

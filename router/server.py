@@ -28,7 +28,7 @@ from scission.router.prefix_index import PrefixIndex, PromptBlocks, PromptHasher
 from scission.router.worker_pool import WorkerPool
 
 logger = logging.getLogger(__name__)
-MAX_PLACEMENT_ATTEMPTS = 3  # a prefill that fails before streaming is retried elsewhere
+MAX_PLACEMENT_ATTEMPTS = 4  # retries before streaming + migrations after, in all
 SUSPECT_S = 10.0  # a failed worker gets no traffic for this long (or until it leaves etcd)
 
 
@@ -73,15 +73,26 @@ class GenerationServicer(pb_grpc.GenerationServicer):
 
     def _serve(self, vr: ValidatedRequest, context, start_s: float,
                outcome: _Outcome) -> Iterator[pb.GenerateResponse]:
-        """Place and run, retrying elsewhere when a prefill fails before anything streamed."""
+        """Place and run. A worker that fails before anything streamed is retried elsewhere;
+        one that dies mid-stream has its request migrated: another decode-capable worker
+        recomputes prompt + streamed tokens and continues (DESIGN: fault model)."""
         t0 = time.perf_counter()
         prompt = self.hasher(vr.prompt_token_ids) if self.placer.cfg.kv_aware else \
             PromptBlocks(0, [])
         hash_s = time.perf_counter() - t0
+        streamed: list[int] = []
+        first_token_s, prefill_worker = 0.0, ""
         for attempt in range(MAX_PLACEMENT_ATTEMPTS):
-            placement = self._place(vr, prompt, context, outcome, hash_s if attempt == 0 else 0)
+            resume = flows.Resume(tuple(streamed), first_token_s, prefill_worker) \
+                if streamed else None
+            placement = self._migrate(context, outcome) if resume else \
+                self._place(vr, prompt, context, outcome, hash_s if attempt == 0 else 0)
             try:
-                for resp in self._run(vr, placement, start_s):
+                for resp in self._run(vr, placement, start_s, resume):
+                    if not streamed and resp.token_ids:
+                        first_token_s = time.monotonic()
+                        prefill_worker = placement.prefill_worker.worker_id
+                    streamed.extend(resp.token_ids)
                     if resp.HasField("usage"):
                         outcome.status = "ok"
                         outcome.prompt_tokens = resp.usage.prompt_tokens
@@ -92,6 +103,15 @@ class GenerationServicer(pb_grpc.GenerationServicer):
                 if e.failed_worker is None or attempt + 1 == MAX_PLACEMENT_ATTEMPTS:
                     _abort(context, outcome, e.code, str(e))
                 self.pool.mark_suspect(e.failed_worker, SUSPECT_S)
+                if streamed:
+                    logger.warning("request %s: worker %s failed after %d tokens; migrating",
+                                   vr.request_id, e.failed_worker, len(streamed))
+
+    def _migrate(self, context, outcome: _Outcome) -> Placement:
+        try:
+            return self.placer.place_decode()
+        except NoWorkersError as e:
+            _abort(context, outcome, grpc.StatusCode.UNAVAILABLE, str(e))
 
     def _place(self, vr: ValidatedRequest, prompt: PromptBlocks, context, outcome: _Outcome,
                hash_s: float) -> Placement:
@@ -107,12 +127,12 @@ class GenerationServicer(pb_grpc.GenerationServicer):
         self.metrics.decision_s.observe(time.perf_counter() - t0)
         return placement
 
-    def _run(self, vr, placement, start_s: float):
+    def _run(self, vr, placement, start_s: float, resume: flows.Resume | None):
         cfg = self.config
-        if placement.disaggregated:
+        if placement.disaggregated and resume is None:
             return flows.run_disaggregated(vr, placement, self.pool, start_s,
                                            cfg.prefill_timeout_s, cfg.request_timeout_s)
-        return flows.run_local(vr, placement, self.pool, start_s, cfg.request_timeout_s)
+        return flows.run_local(vr, placement, self.pool, start_s, cfg.request_timeout_s, resume)
 
 
 def _abort(context, outcome: _Outcome, code: grpc.StatusCode, message: str) -> None:

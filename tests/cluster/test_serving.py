@@ -3,6 +3,9 @@ workers running the default model, KV moved over NIXL."""
 
 from __future__ import annotations
 
+import time
+from concurrent.futures import ThreadPoolExecutor
+
 import grpc
 import pytest
 import ray
@@ -155,3 +158,27 @@ def test_killed_prefill_worker_leaves_and_traffic_moves(cluster, directory, chat
                                [token_request(ids, 4) for ids in chat_prompt_ids[:6]], 3)
     assert [r.error for r in results] == [""] * 6
     assert {r.prefill_worker for r in results} == {"prefill-1"}
+
+
+def test_requests_migrate_off_a_killed_decode_worker(cluster, directory, chat_prompt_ids,
+                                                     engine_reference):
+    """Requests streaming from a decode worker that is SIGKILLed mid-stream finish on the
+    other decode worker (prompt + streamed tokens recomputed there), with exactly the greedy
+    tokens they would have produced anyway."""
+    new_id = cluster.add_worker(WorkerRole.DECODE)
+    wait_until(lambda: directory.get(new_id) is not None, 30)
+    time.sleep(1.0)  # the router's own watch
+    n_tokens, prompts = 40, chat_prompt_ids[:6]
+    reqs = [token_request(ids, n_tokens) for ids in prompts]
+    with ThreadPoolExecutor(1) as ex:
+        fut = ex.submit(run_concurrently, cluster.router_address, reqs, 6)
+        dec = worker_stub(directory, "decode-0")
+        wait_until(lambda: dec.GetStats(wpb.StatsRequest(), timeout=5).num_running > 0, 60,
+                   interval_s=0.02)
+        time.sleep(0.5)  # some tokens have streamed
+        cluster.kill_worker("decode-0")
+        results = fut.result(timeout=300)
+    for i, res in enumerate(results):
+        assert res.error == "", res.error
+        assert res.token_ids == engine_reference[i][:n_tokens], f"prompt {i} differs"
+    assert {r.decode_worker for r in results} == {new_id}
