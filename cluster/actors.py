@@ -17,10 +17,25 @@ from scission.cluster.registry import WorkerRole
 from scission.cluster.worker_runtime import WorkerConfig, WorkerRuntime
 from scission.router.config import RouterConfig
 
+logger = logging.getLogger(__name__)
+
 
 def _setup_logging() -> None:
     logging.basicConfig(level=os.environ.get("SCISSION_LOG_LEVEL", "INFO"),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def pin_process(cpu_ids: tuple[int, ...]) -> None:
+    """Restrict every thread of this process to ``cpu_ids`` (threads started later inherit it).
+
+    Called before the engine loads, so torch's intra-op threads start on these cores.
+    """
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            os.sched_setaffinity(int(tid), cpu_ids)
+        except ProcessLookupError:  # the thread exited meanwhile
+            continue
+    logger.info("pid %d pinned to cpus %s", os.getpid(), sorted(os.sched_getaffinity(0)))
 
 
 def _servicer_factory(role: WorkerRole):
@@ -37,8 +52,11 @@ def _servicer_factory(role: WorkerRole):
 
 @ray.remote(num_cpus=0, max_restarts=0)
 class WorkerActor:
-    def __init__(self, config: WorkerConfig) -> None:
+    def __init__(self, config: WorkerConfig, cpu_ids: tuple[int, ...] = ()) -> None:
+        """``cpu_ids``: pin the process to these cores (``ClusterConfig.pin_cpus``)."""
         _setup_logging()
+        if cpu_ids:
+            pin_process(cpu_ids)
         self.config = config
         self.runtime: WorkerRuntime | None = None
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import ray
@@ -32,11 +33,16 @@ class ClusterConfig:
     lease_ttl_s: int = 5
     hold_timeout_s: float = 30.0
     threads_per_worker: int | None = None  # None = cores / workers
+    # Pin each worker process to its own disjoint set of cores (``assign_cpus``; one core
+    # each with 2 cores and 2 workers), applied before torch starts its threads.
+    pin_cpus: bool = False
     start_timeout_s: float = 600.0
 
     def __post_init__(self) -> None:
         if min(self.num_prefill, self.num_decode, self.num_colocated) < 0:
             raise ValueError("worker counts must be >= 0")
+        if self.threads_per_worker is not None and self.threads_per_worker < 1:
+            raise ValueError(f"threads_per_worker must be >= 1, got {self.threads_per_worker}")
         if self.num_colocated == 0 and (self.num_prefill < 1 or self.num_decode < 1):
             raise ValueError("need at least one prefill and one decode worker, or --colocated K")
 
@@ -45,6 +51,25 @@ class ClusterConfig:
         if self.num_colocated:
             return {WorkerRole.COLOCATED: self.num_colocated}
         return {WorkerRole.PREFILL: self.num_prefill, WorkerRole.DECODE: self.num_decode}
+
+
+def assign_cpus(cpus: Sequence[int], num_workers: int,
+                cores_per_worker: int | None = None) -> list[tuple[int, ...]]:
+    """One core set per worker, cut in order from ``cpus``: ``cores_per_worker`` cores each
+    (None = ``len(cpus) // num_workers``, at least 1). Disjoint while the cores last; past
+    that the sets wrap around and share cores (a warning is logged).
+
+    Example: cpus (0, 1), 2 workers -> [(0,), (1,)]; cpus 0..7, 3 workers, 2 each ->
+    [(0, 1), (2, 3), (4, 5)].
+    """
+    assert cpus and num_workers >= 1, "need cores and at least one worker"
+    ordered = sorted(cpus)
+    per = min(cores_per_worker or max(1, len(ordered) // num_workers), len(ordered))
+    if per * num_workers > len(ordered):
+        logger.warning("pinning %d workers x %d cores onto %d cores: sets overlap",
+                       num_workers, per, len(ordered))
+    return [tuple(ordered[(i * per + j) % len(ordered)] for j in range(per))
+            for i in range(num_workers)]
 
 
 class LocalCluster:
@@ -56,6 +81,8 @@ class LocalCluster:
         self.router_address: str | None = None
         self._ray_started = False
         self._etcd_cfg: EtcdClientConfig | None = None
+        self._cpu_sets: list[tuple[int, ...]] = []  # pin_cpus: one per worker, in spawn order
+        self._num_spawned = 0
 
     def start(self) -> str:
         """Returns the router's address once every worker is registered."""
@@ -69,6 +96,9 @@ class LocalCluster:
             self.etcd = EmbeddedEtcd().start()
             endpoints = (self.etcd.endpoint,)
         self._etcd_cfg = EtcdClientConfig(endpoints=endpoints)
+        if cfg.pin_cpus:
+            self._cpu_sets = assign_cpus(sorted(os.sched_getaffinity(0)),
+                                         sum(cfg.pools.values()), cfg.threads_per_worker)
         counters = {role: 0 for role in cfg.pools}
         pending = [self._spawn(role, counters) for role, n in cfg.pools.items() for _ in range(n)]
         ray.get(pending, timeout=cfg.start_timeout_s)
@@ -111,11 +141,17 @@ class LocalCluster:
         cfg = self.config
         worker_id = f"{role.value}-{counters[role]}"
         counters[role] += 1
-        threads = cfg.threads_per_worker or max(1, (os.cpu_count() or 1) // sum(cfg.pools.values()))
+        cpu_ids: tuple[int, ...] = ()
+        if self._cpu_sets:  # a worker added later reuses the sets in turn
+            cpu_ids = self._cpu_sets[self._num_spawned % len(self._cpu_sets)]
+        self._num_spawned += 1
+        threads = cfg.threads_per_worker or len(cpu_ids) or max(
+            1, (os.cpu_count() or 1) // sum(cfg.pools.values()))
         engine = dataclasses.replace(cfg.engine, num_threads=threads)
         wcfg = WorkerConfig(worker_id=worker_id, role=role, engine=engine, etcd=self._etcd_cfg,
                             registry=RegistryConfig(prefix=cfg.registry_prefix),
                             lease_ttl_s=cfg.lease_ttl_s, hold_timeout_s=cfg.hold_timeout_s)
-        actor = WorkerActor.options(name=f"scission-{worker_id}-{os.getpid()}").remote(wcfg)
+        actor = WorkerActor.options(name=f"scission-{worker_id}-{os.getpid()}").remote(wcfg,
+                                                                                      cpu_ids)
         self.workers[worker_id] = actor
         return actor.start.remote()
