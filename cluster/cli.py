@@ -20,6 +20,8 @@ them over NIXL; etcd holds worker registrations; the router serves gRPC.
   scission down                    stop the cluster started by `scission up`
   scission demo                    up + a few real prompts + down, in one command
   scission bench serve --help      load generator: TTFT/TPOT/goodput on real traces
+  scission bench side-by-side      colocated vs disaggregated on the same cores
+  scission bench engine            the engine alone vs HF transformers / llama.cpp
 """
 
 
@@ -97,10 +99,19 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="benchmarks")
     bench_sub = bench.add_subparsers(dest="bench_command", required=True, metavar="BENCH")
     serve = bench_sub.add_parser("serve", help="load generator against a running router")
-    from scission.bench.serve import add_arguments, run
+    from scission.bench import engine as bench_engine
+    from scission.bench import serve as bench_serve
+    from scission.bench import side_by_side
 
-    add_arguments(serve)
-    serve.set_defaults(func=run)
+    bench_serve.add_arguments(serve)
+    serve.set_defaults(func=bench_serve.run)
+    eng = bench_sub.add_parser("engine", help="engine alone vs HF transformers (and llama.cpp)")
+    bench_engine.add_arguments(eng)
+    eng.set_defaults(func=bench_engine.run)
+    sbs = bench_sub.add_parser("side-by-side",
+                               help="colocated vs disaggregated on the same cores, one command")
+    side_by_side.add_arguments(sbs)
+    sbs.set_defaults(func=side_by_side.run)
     return parser
 
 
