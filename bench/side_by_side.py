@@ -171,6 +171,12 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescrip
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``scission bench side-by-side`` (defaults shown by ``--help``)."""
     parser.formatter_class = _HelpFormatter
+    _add_deployment_arguments(parser)
+    _add_workload_arguments(parser)
+    _add_load_arguments(parser)
+
+
+def _add_deployment_arguments(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("deployments")
     g.add_argument("--workers", type=int, default=2, help="colocated workers")
     g.add_argument("--prefill-workers", type=int, default=1, help="disaggregated: prefill pool")
@@ -196,6 +202,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="enable prefix caching (off: every rate recomputes every prompt)",
     )
+
+
+def _add_workload_arguments(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("workload")
     g.add_argument("--num-requests", type=int, default=16, help="requests per rate")
     g.add_argument("--input-len", type=int, default=1024, help="mean prompt tokens")
@@ -221,6 +230,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="text the prompts are cut from (default: shared/corpus/tinyshakespeare)",
     )
     g.add_argument("--seed", type=int, default=0, help="seed of lengths, prompts and arrivals")
+
+
+def _add_load_arguments(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("load and SLOs")
     g.add_argument(
         "--rates",

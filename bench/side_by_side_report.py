@@ -121,21 +121,15 @@ def _rps(value: float | None) -> str:
     return "none" if value is None else f"{value:g} rps"
 
 
-def format_table(deployments: Sequence[DeploymentRuns]) -> str:
-    """Per rate: each deployment's attainment and latencies (ms), then the ratio row
-    ``other/baseline``; then goodput and pooled ratios."""
-    header = [
-        "rate rps",
-        "config",
-        "ok",
-        "attain",
-        "TTFT p50",
-        "TTFT p90",
-        "TPOT p50",
-        "TPOT p90",
-        "out tok/s",
-    ]
-    rows = [header]
+_HEADER = (
+    "rate rps", "config", "ok", "attain", "TTFT p50", "TTFT p90", "TPOT p50", "TPOT p90",
+    "out tok/s",
+)  # fmt: skip
+
+
+def _table_rows(deployments: Sequence[DeploymentRuns]) -> list[list[str]]:
+    """Per rate of the baseline: one row per deployment, then its ratio row vs the baseline."""
+    rows = []
     base = deployments[0]
     for rate, b in sorted(runs_by_rate(base.runs).items()):
         for dep in deployments:
@@ -143,26 +137,28 @@ def format_table(deployments: Sequence[DeploymentRuns]) -> str:
             if r is None:
                 continue
             s, lat = r.summary, run_latencies(r)
-            rows.append(
-                [
-                    f"{rate:g}",
-                    dep.label,
-                    f"{s.num_succeeded}/{s.num_requests}",
-                    f"{s.slo_attainment:.2f}",
-                    *(_ms(v) for v in lat.values()),
-                    f"{s.output_tokens_per_s:.1f}",
-                ]
-            )
+            rows.append([
+                f"{rate:g}", dep.label, f"{s.num_succeeded}/{s.num_requests}",
+                f"{s.slo_attainment:.2f}", *(_ms(v) for v in lat.values()),
+                f"{s.output_tokens_per_s:.1f}",
+            ])  # fmt: skip
             if dep is not base:
                 ratios = latency_ratios(lat, run_latencies(b))
-                rows.append(
-                    ["", f"{dep.label}/{base.label}", "", "", *(_x(v) for v in ratios.values()), ""]
-                )
-    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+                label = f"{dep.label}/{base.label}"
+                rows.append(["", label, "", "", *(_x(v) for v in ratios.values()), ""])
+    return rows
+
+
+def format_table(deployments: Sequence[DeploymentRuns]) -> str:
+    """Per rate: each deployment's attainment and latencies (ms), then the ratio row
+    ``other/baseline``; then goodput and pooled ratios."""
+    rows = [list(_HEADER), *_table_rows(deployments)]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(_HEADER))]
     lines = ["  ".join(c.rjust(w) for c, w in zip(row, widths, strict=True)) for row in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
-    slo = base.runs[0].summary.slo if base.runs else None
-    if slo is not None:
+    base = deployments[0]
+    if base.runs:
+        slo = base.runs[0].summary.slo
         lines.append(
             f"SLO: TTFT <= {slo.ttft_slo_ms:g} ms and TPOT <= {slo.tpot_slo_ms:g} ms; "
             f"goodput = highest rate with attainment >= {base.goodput.target:g}"
