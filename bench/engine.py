@@ -37,6 +37,7 @@ from pathlib import Path
 
 import torch
 
+from scission.bench.cli_main import bench_main
 from scission.bench.engine_runners import RunnerSpec, llama_cpp_available, make_runner
 from scission.bench.prompts import PromptBuilder, load_tokenizer
 
@@ -378,17 +379,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m scission.bench.engine",
-        description=__doc__,
-        formatter_class=_HelpFormatter,
-    )
-    add_arguments(parser)
-    args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
-    return run(args)
+    return bench_main("python -m scission.bench.engine", __doc__, add_arguments, run, argv)
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ import sys
 from dataclasses import dataclass
 
 from scission.bench.arrivals import ArrivalConfig, ArrivalKind
+from scission.bench.cli_main import bench_main
 from scission.bench.loadgen import LoadGenConfig
 from scission.bench.metrics import GoodputResult, SloConfig
 from scission.bench.plots import plot_attainment_vs_rate, plot_latency_cdfs
@@ -188,13 +189,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m scission.bench.serve", description=__doc__)
-    add_arguments(parser)
-    args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
-    return run(args)
+    return bench_main("python -m scission.bench.serve", __doc__, add_arguments, run, argv)
 
 
 if __name__ == "__main__":

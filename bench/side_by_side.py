@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from scission.bench.arrivals import ArrivalConfig, ArrivalKind
+from scission.bench.cli_main import bench_main
 from scission.bench.loadgen import LoadGenConfig
 from scission.bench.metrics import SloConfig
 from scission.bench.prompts import PromptBuilder, load_tokenizer
@@ -321,15 +322,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m scission.bench.side_by_side", description=__doc__
-    )
-    add_arguments(parser)
-    args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
-    return run(args)
+    return bench_main("python -m scission.bench.side_by_side", __doc__, add_arguments, run, argv)
 
 
 if __name__ == "__main__":
