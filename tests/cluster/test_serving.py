@@ -168,16 +168,25 @@ def test_requests_migrate_off_a_killed_decode_worker(cluster, directory, chat_pr
     new_id = cluster.add_worker(WorkerRole.DECODE)
     wait_until(lambda: directory.get(new_id) is not None, 30)
     time.sleep(1.0)  # the router's own watch
-    n_tokens, prompts = 40, chat_prompt_ids[:6]
-    reqs = [token_request(ids, n_tokens) for ids in prompts]
-    with ThreadPoolExecutor(1) as ex:
-        fut = ex.submit(run_concurrently, cluster.router_address, reqs, 6)
+    n_tokens, prompts = 64, chat_prompt_ids[:6]
+    streamed = [0] * len(prompts)  # text deltas seen by the client, per request
+    stub = connect(cluster.router_address)
+
+    def run(i: int):
+        def on_text(_delta: str) -> None:
+            streamed[i] += 1
+        return generate(stub, token_request(prompts[i], n_tokens), timeout_s=600,
+                        on_text=on_text)
+
+    with ThreadPoolExecutor(len(prompts)) as ex:
+        futs = [ex.submit(run, i) for i in range(len(prompts))]
+        # Kill once every stream is under way (so none has finished on decode-0), decided by
+        # what the client has seen rather than by a sleep that a slow machine can outrun.
+        wait_until(lambda: min(streamed) >= 3, 120, interval_s=0.01)
         dec = worker_stub(directory, "decode-0")
-        wait_until(lambda: dec.GetStats(wpb.StatsRequest(), timeout=5).num_running > 0, 60,
-                   interval_s=0.02)
-        time.sleep(0.5)  # some tokens have streamed
+        assert dec.GetStats(wpb.StatsRequest(), timeout=10).num_running > 0
         cluster.kill_worker("decode-0")
-        results = fut.result(timeout=300)
+        results = [f.result(timeout=300) for f in futs]
     for i, res in enumerate(results):
         assert res.error == "", res.error
         assert res.token_ids == engine_reference[i][:n_tokens], f"prompt {i} differs"
