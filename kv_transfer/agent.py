@@ -27,7 +27,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 from nixl import _bindings as nixl_bindings
-from nixl._api import nixl_agent, nixl_agent_config, nixl_xfer_handle
+from nixl._api import nixl_xfer_handle
 
 from scission.kv_transfer.descriptors import (
     describe_kv_caches,
@@ -37,6 +37,7 @@ from scission.kv_transfer.descriptors import (
     validate_block_ids,
 )
 from scission.kv_transfer.handle import KVLayoutDescriptor
+from scission.kv_transfer.nixl_progress import DEFAULT_PROGRESS_TIMEOUT_MS, new_nixl_agent
 from scission.kv_transfer.ucx import configure_ucx_env
 
 logger = logging.getLogger(__name__)
@@ -84,9 +85,12 @@ class KVTransferAgent:
             ``[num_blocks, block_size, num_kv_heads, head_dim]``, CPU, contiguous, same
             shape and dtype. The agent keeps references; the memory stays registered
             until ``close()``.
+        progress_timeout_ms: longest NIXL's UCX progress thread sleeps between events
+            (see ``nixl_progress``); 0 = NIXL's default busy polling, which costs a core.
     """
 
-    def __init__(self, name: str, kv_caches: Sequence[tuple[torch.Tensor, torch.Tensor]]):
+    def __init__(self, name: str, kv_caches: Sequence[tuple[torch.Tensor, torch.Tensor]],
+                 progress_timeout_ms: int = DEFAULT_PROGRESS_TIMEOUT_MS):
         configure_ucx_env()
         self._name = name
         self._layout = describe_kv_caches(name, kv_caches)
@@ -96,7 +100,7 @@ class KVTransferAgent:
         self._closed = False
         regions = registration_regions(kv_caches)
         try:
-            self._agent = nixl_agent(name, nixl_agent_config(backends=[_BACKEND]))
+            self._agent = new_nixl_agent(name, _BACKEND, progress_timeout_ms)
         except _NIXL_ERRORS as e:
             raise KVTransferError(f"creating NIXL agent {name!r} failed: {e!r}") from e
         if _BACKEND not in self._agent.backends:
