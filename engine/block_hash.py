@@ -8,6 +8,7 @@ model id so two models never share entries. Only full blocks are hashed.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import struct
 from collections.abc import Sequence
@@ -43,12 +44,33 @@ def hash_prompt_blocks(
 ) -> list[int]:
     """Hashes of every full block of ``token_ids``; continues after ``start_hashes``.
 
+    Equal to chaining ``hash_block`` over the blocks (no extra keys), about 2x faster: the
+    prompt is packed to bytes once and each block copies a hasher already fed the seed.
+
     Returns:
         ``len(token_ids) // block_size`` hashes (the first ``len(start_hashes)`` reused).
     """
     hashes = list(start_hashes)
-    parent = hashes[-1] if hashes else NONE_HASH
-    for b in range(len(hashes), len(token_ids) // block_size):
-        parent = hash_block(seed, parent, token_ids[b * block_size : (b + 1) * block_size])
-        hashes.append(parent)
+    num_blocks = len(token_ids) // block_size
+    if len(hashes) >= num_blocks:
+        return hashes
+    first = len(hashes) * block_size
+    block_ids = token_ids[first : num_blocks * block_size]
+    data = struct.pack(f"<{len(block_ids)}i", *block_ids)
+    seeded = _seeded_hasher(seed)
+    parent = struct.pack("<Q", hashes[-1] if hashes else NONE_HASH)
+    step = block_size * 4
+    digests = []
+    for off in range(0, len(data), step):
+        h = seeded.copy()
+        h.update(parent + data[off : off + step])
+        parent = h.digest()
+        digests.append(parent)
+    hashes.extend(int.from_bytes(d, "little") for d in digests)
     return hashes
+
+
+@functools.lru_cache(maxsize=16)
+def _seeded_hasher(seed: bytes) -> hashlib.blake2b:
+    """BLAKE2b state after the seed; callers only ``copy()`` it."""
+    return hashlib.blake2b(seed, digest_size=8)

@@ -54,7 +54,7 @@ class PrefixIndex:
         self._holders: dict[int, int] = {}  # block_hash -> mask of workers (from etcd)
         self._hashes: dict[str, set[int]] = {}  # worker_id -> its block hashes (from etcd)
         self._spec_mask: dict[int, int] = {}  # block_hash -> mask of speculative holders
-        self._spec_expiry: dict[tuple[int, int], float] = {}  # (block_hash, bit) -> expiry
+        self._spec_expiry: dict[int, dict[int, float]] = {}  # bit -> block_hash -> expiry
         self._spec_queue: collections.deque[tuple[float, int, tuple[int, ...]]] = \
             collections.deque()  # (expiry, bit, hashes) in insertion (= expiry) order
         self.num_changes_applied = 0
@@ -130,10 +130,12 @@ class PrefixIndex:
             self._expire(now)
             bit = self._bit_of(worker_id)
             expiry = now + self.speculative_ttl_s
-            for h in block_hashes:
-                self._spec_expiry[(h, bit)] = expiry
-                self._spec_mask[h] = self._spec_mask.get(h, 0) | (1 << bit)
-            self._spec_queue.append((expiry, bit, tuple(block_hashes)))
+            hashes = tuple(block_hashes)
+            self._spec_expiry.setdefault(bit, {}).update(dict.fromkeys(hashes, expiry))
+            flag, spec = 1 << bit, self._spec_mask
+            for h in hashes:
+                spec[h] = spec.get(h, 0) | flag
+            self._spec_queue.append((expiry, bit, hashes))
 
     # -- introspection ----------------------------------------------------------------
     @property
@@ -156,7 +158,7 @@ class PrefixIndex:
         """Live (unexpired) speculative (block, worker) entries."""
         with self._lock:
             self._expire(self._clock())
-            return len(self._spec_expiry)
+            return sum(len(entries) for entries in self._spec_expiry.values())
 
     # -- internals (lock held) ----------------------------------------------------------
     def _bit_of(self, worker_id: str) -> int:
@@ -194,9 +196,8 @@ class PrefixIndex:
                 self._holders[h] = mask
             else:
                 del self._holders[h]
-        for key in [k for k in self._spec_expiry if k[1] == bit]:
-            del self._spec_expiry[key]
-            self._clear_spec_bit(key[0], keep)
+        for h in self._spec_expiry.pop(bit, {}):
+            self._clear_spec_bit(h, keep)
         self._spec_queue = collections.deque(e for e in self._spec_queue if e[1] != bit)
         del self._worker_of_bit[bit]
         self._free_bits.append(bit)
@@ -205,10 +206,10 @@ class PrefixIndex:
         queue = self._spec_queue
         while queue and queue[0][0] <= now:
             expiry, bit, hashes = queue.popleft()
-            keep = ~(1 << bit)
+            keep, entries = ~(1 << bit), self._spec_expiry.get(bit, {})
             for h in hashes:
-                if self._spec_expiry.get((h, bit)) == expiry:  # not refreshed since
-                    del self._spec_expiry[(h, bit)]
+                if entries.get(h) == expiry:  # not refreshed since
+                    del entries[h]
                     self._clear_spec_bit(h, keep)
 
     def _clear_spec_bit(self, block_hash: int, keep: int) -> None:

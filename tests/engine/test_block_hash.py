@@ -83,3 +83,21 @@ def test_extra_keys_change_the_hash():
     seed = hash_seed("tiny-llama")
     block = TOKENS[:BLOCK_SIZE]
     assert hash_block(seed, NONE_HASH, block, b"img") != hash_block(seed, NONE_HASH, block)
+
+
+def test_prompt_hashes_equal_a_plain_blake2b_chain_for_large_ids():
+    """The packed fast path equals BLAKE2b(seed | parent u64 LE | ids i32 LE) per block,
+    computed here with hashlib directly, for ids up to 2**31 - 1 and block size 32."""
+    import hashlib
+    import struct
+
+    seed, block_size = hash_seed("big-vocab"), 32
+    tokens = [(i * 2654435761) % (2**31 - 1) for i in range(3 * block_size + 5)]
+    parent, expected = NONE_HASH, []
+    for b in range(3):
+        h = hashlib.blake2b(seed, digest_size=8)
+        h.update(struct.pack("<Q", parent))
+        h.update(struct.pack(f"<{block_size}i", *tokens[b * block_size:(b + 1) * block_size]))
+        parent = int.from_bytes(h.digest(), "little")
+        expected.append(parent)
+    assert hash_prompt_blocks(seed, tokens, block_size) == expected
