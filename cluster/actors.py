@@ -1,7 +1,8 @@
 """Ray actors: one per worker process and one for the router.
 
 Actors take ``num_cpus=0`` so a small machine can host a whole cluster; CPU use is set
-by each worker's torch thread count instead. Introspection methods (``kv_token_bytes``,
+by each worker's torch thread count instead. A worker whose process dies is restarted by
+Ray (``max_restarts`` from ``ClusterConfig.max_worker_restarts``) and serves again by itself. Introspection methods (``kv_token_bytes``,
 ``pulled_blocks``) are for operators and tests over Ray, not part of the network API.
 """
 
@@ -59,6 +60,12 @@ class WorkerActor:
             pin_process(cpu_ids)
         self.config = config
         self.runtime: WorkerRuntime | None = None
+        if ray.get_runtime_context().was_current_actor_reconstructed:
+            # Ray restarted this actor after its process died (ClusterConfig.
+            # max_worker_restarts): nobody will call start(), so serve again right away as a
+            # new incarnation (new lease, new NIXL agent name; the old lease expires).
+            logger.warning("worker %s restarted after a crash; starting again", config.worker_id)
+            self.start()
 
     def start(self) -> str:
         """Load the model, serve, register in etcd; returns the internal endpoint."""

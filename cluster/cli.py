@@ -49,6 +49,9 @@ def _cluster_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--ray-address", default=None, help="join this Ray cluster (default: local)")
     g.add_argument("--lease-ttl-s", type=int, default=5,
                    help="worker lease TTL: a dead worker leaves discovery within this")
+    g.add_argument("--max-worker-restarts", type=int, default=3,
+                   help="times Ray restarts a worker whose process died (-1 = forever); the "
+                        "restarted worker loads the model and registers again")
     g.add_argument("--no-prefix-caching", action="store_true", help="disable the prefix cache")
     g.add_argument("--metrics-port", type=int, default=None,
                    help="router Prometheus /metrics port (default: off)")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import signal
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -37,10 +38,15 @@ class ClusterConfig:
     # each with 2 cores and 2 workers), applied before torch starts its threads.
     pin_cpus: bool = False
     start_timeout_s: float = 600.0
+    # Ray restarts a worker whose process died this many times (-1 = forever); the restarted
+    # worker registers again as a new incarnation. ``kill_worker`` never restarts.
+    max_worker_restarts: int = 3
 
     def __post_init__(self) -> None:
         if min(self.num_prefill, self.num_decode, self.num_colocated) < 0:
             raise ValueError("worker counts must be >= 0")
+        if self.max_worker_restarts < -1:
+            raise ValueError(f"max_worker_restarts must be >= -1, got {self.max_worker_restarts}")
         if self.threads_per_worker is not None and self.threads_per_worker < 1:
             raise ValueError(f"threads_per_worker must be >= 1, got {self.threads_per_worker}")
         if self.num_colocated == 0 and (self.num_prefill < 1 or self.num_decode < 1):
@@ -117,8 +123,15 @@ class LocalCluster:
         return list(self.workers)[-1]
 
     def kill_worker(self, worker_id: str) -> None:
-        """Hard-kill a worker process (no deregistration: its lease expires)."""
+        """Hard-kill a worker for good (no deregistration: its lease expires; no restart)."""
         ray.kill(self.workers.pop(worker_id), no_restart=True)
+
+    def crash_worker(self, worker_id: str) -> int:
+        """SIGKILL a worker's process as a crash would; Ray restarts it while
+        ``max_worker_restarts`` allows. Returns the killed pid."""
+        pid = ray.get(self.workers[worker_id].pid.remote(), timeout=30)
+        os.kill(pid, signal.SIGKILL)
+        return pid
 
     def stop(self) -> None:
         handles = list(self.workers.values()) + ([self.router] if self.router else [])
@@ -151,7 +164,7 @@ class LocalCluster:
         wcfg = WorkerConfig(worker_id=worker_id, role=role, engine=engine, etcd=self._etcd_cfg,
                             registry=RegistryConfig(prefix=cfg.registry_prefix),
                             lease_ttl_s=cfg.lease_ttl_s, hold_timeout_s=cfg.hold_timeout_s)
-        actor = WorkerActor.options(name=f"scission-{worker_id}-{os.getpid()}").remote(wcfg,
-                                                                                      cpu_ids)
+        actor = WorkerActor.options(name=f"scission-{worker_id}-{os.getpid()}",
+                                    max_restarts=cfg.max_worker_restarts).remote(wcfg, cpu_ids)
         self.workers[worker_id] = actor
         return actor.start.remote()

@@ -160,6 +160,29 @@ def test_killed_prefill_worker_leaves_and_traffic_moves(cluster, directory, chat
     assert {r.prefill_worker for r in results} == {"prefill-1"}
 
 
+def test_crashed_worker_is_restarted_and_serves_again(cluster, directory, chat_prompt_ids,
+                                                      engine_reference):
+    """A worker process that dies (SIGKILL, not a deliberate kill) is restarted by Ray,
+    registers again as a new incarnation, and serves exactly the reference tokens."""
+    before = directory.get("prefill-1")
+    assert before is not None
+    cluster.crash_worker("prefill-1")
+
+    def restarted() -> bool:
+        info = directory.get("prefill-1")
+        return info is not None and info.incarnation != before.incarnation
+
+    wait_until(restarted, 300, interval_s=0.5)
+    time.sleep(1.0)  # the router's own watch
+    prompts = chat_prompt_ids[6:10]
+    results = run_concurrently(cluster.router_address,
+                               [token_request(ids, 8) for ids in prompts], 4)
+    for i, res in enumerate(results):
+        assert res.error == "", res.error
+        assert res.token_ids == engine_reference[6 + i][:8], f"prompt {6 + i} differs"
+    assert {r.prefill_worker for r in results} == {"prefill-1"}
+
+
 def test_requests_migrate_off_a_killed_decode_worker(cluster, directory, chat_prompt_ids,
                                                      engine_reference):
     """Requests streaming from a decode worker that is SIGKILLed mid-stream finish on the
