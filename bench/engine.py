@@ -44,7 +44,7 @@ from scission.bench.prompts import PromptBuilder, load_tokenizer
 logger = logging.getLogger(__name__)
 
 ENGINES = ("scission", "hf", "llama.cpp")
-DTYPES = ("float32", "bfloat16")
+DTYPES = ("float32", "bfloat16", "int4")  # int4: scission only (float32 + int4 weights)
 
 
 @dataclass(frozen=True)
@@ -163,6 +163,8 @@ def run_all(cfg: EngineBenchConfig, builder: PromptBuilder) -> tuple[list[Measur
             for n in cfg.engines
             if n != "llama.cpp" or (dtype == cfg.dtypes[0] and "llama.cpp" not in notes)
         ]
+        if dtype == "int4":  # scission's weight-only int4 path; HF has no such CPU mode here
+            names = [n for n in names if n == "scission"]
         runners = [make_runner(name, runner_spec(cfg), dtype) for name in names]
         results.extend(bench_runners(runners, cfg, builder))
         for runner in runners:
@@ -320,7 +322,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--dtype",
         type=_csv(str),
         default="float32,bfloat16",
-        help="comma list of torch dtypes for scission and HF",
+        help="comma list of torch dtypes for scission and HF; int4 = scission only, float32 "
+        "activations with int4 weight-only linears (EngineConfig.weight_quantization)",
     )
     parser.add_argument(
         "--engines",

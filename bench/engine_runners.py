@@ -44,7 +44,8 @@ class ScissionRunner:
         self.engine = LLMEngine(
             EngineConfig(
                 model_path=spec.model_path,
-                dtype=dtype,
+                dtype="float32" if dtype == "int4" else dtype,
+                weight_quantization="int4" if dtype == "int4" else "none",
                 num_threads=spec.threads,
                 # No prefix caching: repeats of the same prompt must recompute it.
                 cache=CacheConfig(enable_prefix_caching=False),

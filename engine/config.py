@@ -98,12 +98,17 @@ class EngineConfig:
     device: str = "cpu"
     attention_backend: AttentionBackendKind = AttentionBackendKind.AUTO
     num_threads: int | None = None  # torch intra-op threads; None = torch default
+    # "none" | "int4": weight-only int4 decoder linears + int8 LM head (engine/quant.py, CPU)
+    weight_quantization: str = "none"
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
 
     def __post_init__(self) -> None:
         if self.dtype not in ("float32", "bfloat16", "float16"):
             raise ValueError(f"dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
+        if self.weight_quantization not in ("none", "int4"):
+            raise ValueError(f"weight_quantization must be none or int4, "
+                             f"got {self.weight_quantization!r}")
 
     @property
     def torch_dtype(self) -> torch.dtype:

@@ -12,6 +12,7 @@ requests from gRPC handlers. Roles use it differently:
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass
 
@@ -27,6 +28,7 @@ from scission.engine.kv_events import KVEvent
 from scission.engine.loader import load_checkpoint
 from scission.engine.model import LlamaForCausalLM
 from scission.engine.model_runner import ModelRunner
+from scission.engine.quant import quantize_model_int4
 from scission.engine.request import FinishReason, Request, RequestStatus, SamplingParams
 from scission.engine.scheduler import Scheduler
 from scission.engine.tokenizer import Tokenizer, default_model_path, load_tokenizer
@@ -67,6 +69,13 @@ class LLMEngine:
         self.model = LlamaForCausalLM(model_cfg, config.torch_dtype).to(config.device)
         self.model.load_hf_state_dict(state)
         del state
+        if config.weight_quantization == "int4":
+            read_bytes = quantize_model_int4(self.model)
+            # Quantized KV differs from the float model's: never share prefix-cache entries.
+            model_cfg = dataclasses.replace(model_cfg, model_id=f"{model_cfg.model_id}+int4")
+            self.model_config = model_cfg
+            logger.info("int4 weight-only quantization: decode reads %.0f MB of linear weights",
+                        read_bytes / 1e6)
         self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(self.model_path)
         self.eos_token_ids = frozenset(self.tokenizer.eos_token_ids) | set(model_cfg.eos_token_ids)
         self.max_model_len = model_cfg.max_position_embeddings

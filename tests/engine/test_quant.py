@@ -1,0 +1,94 @@
+"""Weight-only int4/int8 linears against float64 references of their dequantized weights."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from scission.engine.quant import (
+    Int4Linear,
+    Int8Linear,
+    dequantize_int4_groupwise,
+    quantize_int4_groupwise,
+)
+
+# bfloat16 activations (8 mantissa bits) bound the error: ‖y − ref‖ / ‖ref‖ ≤ 1e-2.
+REL_TOL = 1e-2
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((out.double() - ref).norm() / ref.norm()).item()
+
+
+def q4_1_like(n: int, k: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Weights built as llama.cpp's Q4_1 stores them: code * d + m per 32-block, every block
+    using codes 0 and 15 (Q4_1 maps each block's min and max to them)."""
+    codes = torch.randint(0, 16, (n, k), generator=gen, dtype=torch.int32)
+    codes[:, ::32], codes[:, 1::32] = 0, 15
+    d = torch.rand(n, k // 32, generator=gen) * 0.02 + 1e-3
+    m = -torch.rand(n, k // 32, generator=gen) * 0.1
+    w = (codes.float().reshape(n, -1, 32) * d[..., None] + m[..., None]).reshape(n, k)
+    return codes, w
+
+
+def test_q4_1_weights_requantize_to_their_own_codes():
+    gen = torch.Generator().manual_seed(1)
+    codes, w = q4_1_like(48, 96, gen)
+    got, scales, mins = quantize_int4_groupwise(w)
+    assert torch.equal(got, codes)
+    assert torch.allclose(dequantize_int4_groupwise(got, scales, mins), w, atol=1e-6)
+
+
+def test_quantization_error_is_at_most_half_a_step():
+    gen = torch.Generator().manual_seed(2)
+    w = torch.randn(32, 128, generator=gen)
+    codes, scales, mins = quantize_int4_groupwise(w)
+    assert codes.min() >= 0 and codes.max() <= 15
+    step = scales.repeat_interleave(32, dim=1)
+    assert ((dequantize_int4_groupwise(codes, scales, mins) - w).abs() <= step / 2 + 1e-6).all()
+
+
+def test_rejects_in_features_not_multiple_of_group():
+    with pytest.raises(ValueError, match="multiple of the group size"):
+        quantize_int4_groupwise(torch.randn(16, 40))
+
+
+@pytest.mark.parametrize("batch", [1, 5, 33, 80])  # 80 > INT4_MAX_PACKED_ROWS: dense path
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_int4_linear_matches_float64_reference(batch, bias, dtype):
+    gen = torch.Generator().manual_seed(batch * 7 + bias)
+    dense = nn.Linear(96, 48, bias=bias)
+    _, w = q4_1_like(48, 96, gen)
+    with torch.no_grad():
+        dense.weight.copy_(w)
+    layer = Int4Linear(dense)
+    x = torch.randn(batch, 96, generator=gen).to(dtype)
+    sz = layer.scales_and_zeros.double()  # [K/32, N, 2] as the kernel reads them (bfloat16)
+    scales, zeros = sz[..., 0].T, sz[..., 1].T
+    codes, _, _ = quantize_int4_groupwise(w)
+    w_ref = ((codes.double().reshape(48, -1, 32) - 8) * scales[..., None]
+             + zeros[..., None]).reshape(48, 96)
+    ref = x.double() @ w_ref.T + (dense.bias.double() if bias else 0)
+    out = torch.full((batch, 48), float("nan"), dtype=dtype)
+    out.copy_(layer(x))
+    assert out.dtype == dtype and out.shape == (batch, 48)
+    assert rel_err(out, ref) < REL_TOL
+
+
+def test_int8_linear_matches_float64_reference():
+    gen = torch.Generator().manual_seed(3)
+    dense = nn.Linear(64, 80, bias=False)
+    with torch.no_grad():
+        dense.weight.copy_(torch.randn(80, 64, generator=gen))
+    layer = Int8Linear(dense)
+    x = torch.randn(7, 64, generator=gen)
+    w_ref = layer.weight_int8.double() * layer.scales.double()[:, None]
+    assert rel_err(layer(x), x.double() @ w_ref.T) < REL_TOL
+    assert rel_err(layer(x), x.double() @ dense.weight.double().T) < 2 * REL_TOL
+
+
+def test_out_features_must_fit_the_packed_kernel():
+    with pytest.raises(ValueError, match="multiple of 16"):
+        Int4Linear(nn.Linear(64, 40))
