@@ -71,6 +71,7 @@ class SideBySideConfig:
     threads_per_worker: int = 1
     pin_cpus: bool = True
     dtype: str = "float32"
+    weight_quantization: str = "none"  # "int4": EngineConfig.weight_quantization
     prefix_caching: bool = False
     max_num_batched_tokens: int = 1024
     warmup_requests: int = 2
@@ -91,6 +92,7 @@ def cluster_config(cfg: SideBySideConfig, dep: Deployment):
 
     engine = EngineConfig(
         dtype=cfg.dtype,
+        weight_quantization=cfg.weight_quantization,
         cache=CacheConfig(enable_prefix_caching=cfg.prefix_caching),
         scheduler=SchedulerConfig(max_num_batched_tokens=cfg.max_num_batched_tokens),
     )
@@ -193,6 +195,12 @@ def _add_deployment_arguments(parser: argparse.ArgumentParser) -> None:
         help="engine dtype of every worker",
     )
     g.add_argument(
+        "--weight-quantization",
+        default="none",
+        choices=("none", "int4"),
+        help="weight-only quantization of every worker (int4: faster small-batch decode)",
+    )
+    g.add_argument(
         "--max-num-batched-tokens",
         type=int,
         default=1024,
@@ -288,6 +296,7 @@ def config_from_args(args: argparse.Namespace) -> SideBySideConfig:
         threads_per_worker=args.threads_per_worker,
         pin_cpus=not args.no_pin_cpus,
         dtype=args.dtype,
+        weight_quantization=args.weight_quantization,
         prefix_caching=args.prefix_caching,
         max_num_batched_tokens=args.max_num_batched_tokens,
         warmup_requests=args.warmup_requests,
