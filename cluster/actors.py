@@ -2,7 +2,8 @@
 
 Actors take ``num_cpus=0`` so a small machine can host a whole cluster; CPU use is set
 by each worker's torch thread count instead. A worker whose process dies is restarted by
-Ray (``max_restarts`` from ``ClusterConfig.max_worker_restarts``) and serves again by itself. Introspection methods (``kv_token_bytes``,
+Ray (``max_restarts`` from ``ClusterConfig.max_worker_restarts``) and serves again by itself;
+so does the router (``max_router_restarts``), on the same address. Introspection methods (``kv_token_bytes``,
 ``pulled_blocks``) are for operators and tests over Ray, not part of the network API.
 """
 
@@ -101,6 +102,13 @@ class RouterActor:
         from scission.router.server import RouterServer
 
         self.server = RouterServer(config)
+        if ray.get_runtime_context().was_current_actor_reconstructed:
+            # Restarted after a crash (ClusterConfig.max_router_restarts): serve again on the
+            # same port (LocalCluster fixes it), rebuilding the worker directory and the prefix
+            # index from etcd. Streams that were in flight on the old process are lost.
+            logger.warning("router restarted after a crash; serving again on %s",
+                           self.server.address)
+            self.server.start()
 
     def start(self) -> str:
         return self.server.start().address

@@ -56,6 +56,9 @@ def _cluster_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-worker-restarts", type=int, default=3,
                    help="times Ray restarts a worker whose process died (-1 = forever); the "
                         "restarted worker loads the model and registers again")
+    g.add_argument("--max-router-restarts", type=int, default=3,
+                   help="times Ray restarts the router if its process died (-1 = forever); it "
+                        "comes back on the same address, streams in flight are lost")
     g.add_argument("--no-prefix-caching", action="store_true", help="disable the prefix cache")
     g.add_argument("--metrics-port", type=int, default=None,
                    help="router Prometheus /metrics port (default: off)")

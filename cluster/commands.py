@@ -45,7 +45,8 @@ def cluster_config(args: argparse.Namespace) -> ClusterConfig:
                             metrics_port=args.metrics_port, metrics_host=args.host,
                             placement=PlacementConfig(policy=RoutingPolicy(args.routing_policy))),
         etcd_endpoints=endpoints, ray_address=args.ray_address, lease_ttl_s=args.lease_ttl_s,
-        threads_per_worker=args.threads_per_worker, max_worker_restarts=args.max_worker_restarts)
+        threads_per_worker=args.threads_per_worker, max_worker_restarts=args.max_worker_restarts,
+        max_router_restarts=args.max_router_restarts)
 
 
 def _start(cfg: ClusterConfig) -> LocalCluster:

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import ray
 
 from scission.cluster.etcd_server import EmbeddedEtcd
+from scission.cluster.ports import find_free_port
 from scission.cluster.registry import EtcdClientConfig, RegistryConfig, WorkerRole
 from scission.cluster.worker_runtime import WorkerConfig
 from scission.engine.config import EngineConfig
@@ -41,12 +42,15 @@ class ClusterConfig:
     # Ray restarts a worker whose process died this many times (-1 = forever); the restarted
     # worker registers again as a new incarnation. ``kill_worker`` never restarts.
     max_worker_restarts: int = 3
+    # Likewise for the router; its port is fixed at start (a free one if router.port is 0),
+    # so a restarted router serves on the same address. Streams in flight are lost.
+    max_router_restarts: int = 3
 
     def __post_init__(self) -> None:
         if min(self.num_prefill, self.num_decode, self.num_colocated) < 0:
             raise ValueError("worker counts must be >= 0")
-        if self.max_worker_restarts < -1:
-            raise ValueError(f"max_worker_restarts must be >= -1, got {self.max_worker_restarts}")
+        if min(self.max_worker_restarts, self.max_router_restarts) < -1:
+            raise ValueError("max_worker_restarts and max_router_restarts must be >= -1")
         if self.threads_per_worker is not None and self.threads_per_worker < 1:
             raise ValueError(f"threads_per_worker must be >= 1, got {self.threads_per_worker}")
         if self.num_colocated == 0 and (self.num_prefill < 1 or self.num_decode < 1):
@@ -108,11 +112,13 @@ class LocalCluster:
         counters = {role: 0 for role in cfg.pools}
         pending = [self._spawn(role, counters) for role, n in cfg.pools.items() for _ in range(n)]
         ray.get(pending, timeout=cfg.start_timeout_s)
-        router_cfg = dataclasses.replace(cfg.router, etcd=self._etcd_cfg,
+        router_port = cfg.router.port or find_free_port(cfg.router.host)
+        router_cfg = dataclasses.replace(cfg.router, etcd=self._etcd_cfg, port=router_port,
                                          registry=RegistryConfig(prefix=cfg.registry_prefix))
         from scission.cluster.actors import RouterActor
 
-        self.router = RouterActor.remote(router_cfg)
+        self.router = RouterActor.options(max_restarts=cfg.max_router_restarts).remote(
+            router_cfg)
         self.router_address = ray.get(self.router.start.remote(), timeout=cfg.start_timeout_s)
         return self.router_address
 
@@ -130,6 +136,13 @@ class LocalCluster:
         """SIGKILL a worker's process as a crash would; Ray restarts it while
         ``max_worker_restarts`` allows. Returns the killed pid."""
         pid = ray.get(self.workers[worker_id].pid.remote(), timeout=30)
+        os.kill(pid, signal.SIGKILL)
+        return pid
+
+    def crash_router(self) -> int:
+        """SIGKILL the router process as a crash would; Ray restarts it on the same address
+        while ``max_router_restarts`` allows. Returns the killed pid."""
+        pid = ray.get(self.router.pid.remote(), timeout=30)
         os.kill(pid, signal.SIGKILL)
         return pid
 

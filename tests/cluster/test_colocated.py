@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import pytest
-from serving_helpers import run_concurrently, token_request
+import ray
+from serving_helpers import run_concurrently, token_request, wait_until
 
 from scission.cluster.launcher import ClusterConfig, LocalCluster
 from scission.engine.config import CacheConfig, EngineConfig
@@ -33,3 +34,22 @@ def test_colocated_tokens_equal_engine_alone(colocated_cluster, chat_prompt_ids,
         assert res.prefill_worker == res.decode_worker
         assert res.decode_worker in ("colocated-0", "colocated-1")
     assert {r.decode_worker for r in results} == {"colocated-0", "colocated-1"}
+
+
+def test_crashed_router_is_restarted_on_the_same_address(colocated_cluster, chat_prompt_ids,
+                                                         engine_reference):
+    """A router process that dies is restarted by Ray on the same address, rebuilds its view
+    of the workers from etcd and serves exactly the reference tokens again."""
+    address = colocated_cluster.router_address
+    old_pid = colocated_cluster.crash_router()
+
+    def serves() -> bool:
+        res = run_concurrently(address, [token_request(chat_prompt_ids[0], 4)], 1)[0]
+        return res.error == ""
+
+    wait_until(serves, 120, interval_s=0.5)
+    assert ray.get(colocated_cluster.router.pid.remote(), timeout=30) != old_pid
+    results = run_concurrently(address, [token_request(ids, 8) for ids in chat_prompt_ids[:4]], 4)
+    for i, res in enumerate(results):
+        assert res.error == "", res.error
+        assert res.token_ids == engine_reference[i][:8], f"prompt {i} differs"
