@@ -46,7 +46,7 @@ def cluster_config(args: argparse.Namespace) -> ClusterConfig:
                             placement=PlacementConfig(policy=RoutingPolicy(args.routing_policy))),
         etcd_endpoints=endpoints, ray_address=args.ray_address, lease_ttl_s=args.lease_ttl_s,
         threads_per_worker=args.threads_per_worker, max_worker_restarts=args.max_worker_restarts,
-        max_router_restarts=args.max_router_restarts)
+        max_router_restarts=args.max_router_restarts, worker_host=args.worker_host)
 
 
 def _start(cfg: ClusterConfig) -> LocalCluster:

@@ -45,6 +45,10 @@ class ClusterConfig:
     # Likewise for the router; its port is fixed at start (a free one if router.port is 0),
     # so a restarted router serves on the same address. Streams in flight are lost.
     max_router_restarts: int = 3
+    # Where workers bind their gRPC server: "auto" = 127.0.0.1 on a Ray cluster started here,
+    # 0.0.0.0 (advertising the node's IP) when joining one (``ray_address``, possibly
+    # multi-node); or an explicit address.
+    worker_host: str = "auto"
 
     def __post_init__(self) -> None:
         if min(self.num_prefill, self.num_decode, self.num_colocated) < 0:
@@ -174,7 +178,11 @@ class LocalCluster:
         threads = cfg.threads_per_worker or len(cpu_ids) or max(
             1, (os.cpu_count() or 1) // sum(cfg.pools.values()))
         engine = dataclasses.replace(cfg.engine, num_threads=threads)
+        host = cfg.worker_host
+        if host == "auto":
+            host = "127.0.0.1" if cfg.ray_address is None else "0.0.0.0"
         wcfg = WorkerConfig(worker_id=worker_id, role=role, engine=engine, etcd=self._etcd_cfg,
+                            host=host,
                             registry=RegistryConfig(prefix=cfg.registry_prefix),
                             lease_ttl_s=cfg.lease_ttl_s, hold_timeout_s=cfg.hold_timeout_s)
         actor = WorkerActor.options(name=f"scission-{worker_id}-{os.getpid()}",

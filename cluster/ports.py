@@ -19,3 +19,17 @@ def find_free_port(host: str = "127.0.0.1") -> int:
         sock.bind((host, 0))
         port: int = sock.getsockname()[1]
     return port
+
+
+_WILDCARD_HOSTS = ("0.0.0.0", "::", "[::]", "")
+
+
+def advertised_host(bind_host: str) -> str:
+    """The address peers should dial for a server bound to ``bind_host``: the host itself,
+    unless it is a wildcard (``0.0.0.0`` / ``::``), then this node's IP as Ray reports it
+    (the address other Ray nodes reach this one at)."""
+    if bind_host not in _WILDCARD_HOSTS:
+        return bind_host
+    import ray
+
+    return ray.util.get_node_ip_address()

@@ -18,6 +18,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from scission.cluster.kv_index import KVEventPublisher, KVIndexConfig
+from scission.cluster.ports import advertised_host
 from scission.cluster.registry import (
     EtcdClientConfig,
     RegistryConfig,
@@ -45,8 +46,11 @@ class WorkerConfig:
     etcd: EtcdClientConfig = field(default_factory=EtcdClientConfig)
     registry: RegistryConfig = field(default_factory=RegistryConfig)
     kv_index: KVIndexConfig = field(default_factory=KVIndexConfig)
-    host: str = "127.0.0.1"
+    host: str = "127.0.0.1"  # bind address; 0.0.0.0 = all interfaces (multi-node)
     port: int = 0  # 0 = any free port
+    # Address registered in etcd for the router and peers; None = ``host``, or this node's IP
+    # when ``host`` is a wildcard (``ports.advertised_host``).
+    advertise_host: str | None = None
     lease_ttl_s: int = 5
     hold_timeout_s: float = 30.0  # prefill: unpulled KV is released after this
     kv_pull_timeout_s: float = 10.0
@@ -85,7 +89,7 @@ class WorkerRuntime:
         self.health = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         self.port = self.server.add_insecure_port(f"{config.host}:{config.port}")
-        self.endpoint = f"{config.host}:{self.port}"
+        self.endpoint = f"{config.advertise_host or advertised_host(config.host)}:{self.port}"
         self.info: WorkerInfo | None = None
         self._stop = threading.Event()
 

@@ -329,3 +329,20 @@ def _try_register(registration: WorkerRegistration, info: WorkerInfo) -> bool:
     except ETCD_ERRORS:  # etcd still coming back: the caller polls
         return False
     return True
+
+
+def test_workers_bound_to_all_interfaces_advertise_a_reachable_address():
+    """A worker bound to 0.0.0.0 registers this node's IP (a server bound to the wildcard
+    accepts connections there); an explicit bind address is advertised as is."""
+    import socket
+
+    from scission.cluster.ports import advertised_host
+
+    assert advertised_host("127.0.0.1") == "127.0.0.1"
+    ip = advertised_host("0.0.0.0")
+    assert ip not in ("0.0.0.0", "", "::")
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as server:
+        server.bind(("0.0.0.0", 0))
+        server.listen(1)
+        with socket.create_connection((ip, server.getsockname()[1]), timeout=5):
+            pass
