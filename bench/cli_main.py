@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 from collections.abc import Callable
 
 
@@ -17,3 +18,10 @@ def bench_main(prog: str, description: str | None,
     logging.basicConfig(level=logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     return run(args)
+
+
+def report(table: str, output: object) -> int:
+    """Print a benchmark's result table and where its JSON went; returns exit status 0."""
+    print(table)
+    print(f"wrote {output}", file=sys.stderr)
+    return 0

@@ -37,6 +37,7 @@ import ray
 from etcd3.etcdrpc import kv_pb2
 
 from scission.bench.arrivals import ArrivalConfig, ArrivalKind
+from scission.bench.cli_main import bench_main, report
 from scission.bench.loadgen import LoadGenConfig
 from scission.bench.metrics import SloConfig
 from scission.bench.prompts import PromptBuilder, load_tokenizer
@@ -252,8 +253,7 @@ def run(cfg: PrefixRoutingConfig, output: Path = RESULTS) -> dict[str, object]:
     return doc
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def _add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--groups", type=int, default=10, help="distinct system prompts")
     p.add_argument("--per-group", type=int, default=4, help="requests per system prompt")
     p.add_argument("--system-tokens", type=int, default=320, help="shared prefix length")
@@ -263,16 +263,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--policies", default=",".join(p.value for p in RoutingPolicy),
                    help="comma-separated routing policies")
     p.add_argument("--output", type=Path, default=RESULTS, help="JSON result file")
-    args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+
+
+def _run(args: argparse.Namespace) -> int:
     cfg = PrefixRoutingConfig(num_groups=args.groups, requests_per_group=args.per_group,
                               system_tokens=args.system_tokens, user_tokens=args.user_tokens,
                               rate_rps=args.rate, seed=args.seed,
                               policies=tuple(RoutingPolicy(v) for v in args.policies.split(",")))
     doc = run(cfg, args.output)
-    print(format_table(doc))
-    print(f"wrote {args.output}", file=sys.stderr)
-    return 0
+    return report(format_table(doc), args.output)
+
+
+def main(argv: list[str] | None = None) -> int:
+    return bench_main("python -m scission.bench.prefix_routing", __doc__.split("\n\n")[0],
+                      _add_arguments, _run, argv)
 
 
 if __name__ == "__main__":

@@ -36,7 +36,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 
-from scission.bench.cli_main import bench_main
+from scission.bench.cli_main import bench_main, report
 from scission.cluster.launcher import ClusterConfig, LocalCluster
 from scission.cluster.registry import EtcdClientConfig, RegistryConfig
 from scission.cluster.registry import connect as etcd_connect
@@ -213,10 +213,7 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
 def _run(args: argparse.Namespace) -> int:
     cfg = RouterOverheadConfig(num_requests=args.num_requests, prompt_words=args.prompt_words,
                                max_tokens=args.max_tokens, threads=args.threads, seed=args.seed)
-    doc = run(cfg, args.output)
-    print(format_table(doc))
-    print(f"wrote {args.output}", file=sys.stderr)
-    return 0
+    return report(format_table(run(cfg, args.output)), args.output)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -27,6 +27,7 @@ from pathlib import Path
 import msgpack
 import numpy as np
 
+from scission.bench.cli_main import bench_main, report
 from scission.cluster.kv_index_watch import ChangeKind, IndexChange
 from scission.cluster.registry import WorkerInfo, WorkerRole
 from scission.engine.block_hash import hash_prompt_blocks, hash_seed
@@ -197,22 +198,25 @@ def format_table(doc: dict) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def _add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sizes", default="10000,1000000", help="index sizes in blocks")
     p.add_argument("--workers", type=int, default=8, help="prefill workers")
     p.add_argument("--prompt-tokens", type=int, default=2048, help="tokens per prompt")
     p.add_argument("--queries", type=int, default=5000, help="decisions timed per size")
     p.add_argument("--output", type=Path, default=RESULTS, help="JSON result file")
-    args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+
+
+def _run(args: argparse.Namespace) -> int:
     cfg = RoutingLatencyConfig(index_sizes=tuple(int(s) for s in args.sizes.split(",")),
                                num_workers=args.workers, prompt_tokens=args.prompt_tokens,
                                num_queries=args.queries)
     doc = run(cfg, args.output)
-    print(format_table(doc))
-    print(f"wrote {args.output}", file=sys.stderr)
-    return 0
+    return report(format_table(doc), args.output)
+
+
+def main(argv: list[str] | None = None) -> int:
+    return bench_main("python -m scission.bench.routing_latency", __doc__.split("\n\n")[0],
+                      _add_arguments, _run, argv)
 
 
 if __name__ == "__main__":
