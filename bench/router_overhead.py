@@ -87,11 +87,14 @@ def _timed_stream(chunks) -> tuple[float, float, int]:
     return (ttft_s or 0.0) * 1e3, (time.perf_counter() - start) * 1e3, tokens
 
 
-def _chat_request(text: str, cfg: RouterOverheadConfig) -> pb.GenerateRequest:
+def _public_request(text: str, ids: list[int] | None,
+                    cfg: RouterOverheadConfig) -> pb.GenerateRequest:
+    """The public request: token ids when given, else ``text`` as one user chat message."""
     sampling = pb.SamplingParams(temperature=0.0, max_tokens=cfg.max_tokens, ignore_eos=True)
-    return pb.GenerateRequest(chat=pb.ChatMessages(messages=[pb.ChatMessage(role="user",
-                                                                              content=text)]),
-                              sampling=sampling)
+    if ids is not None:
+        return pb.GenerateRequest(token_ids=pb.TokenIds(ids=ids), sampling=sampling)
+    chat = pb.ChatMessages(messages=[pb.ChatMessage(role="user", content=text)])
+    return pb.GenerateRequest(chat=chat, sampling=sampling)
 
 
 def run_path(path: str, text: str, ids: list[int], cfg: RouterOverheadConfig,
@@ -102,13 +105,9 @@ def run_path(path: str, text: str, ids: list[int], cfg: RouterOverheadConfig,
         req = wpb.GenerateRequest(request_id=uuid.uuid4().hex, prompt_token_ids=ids,
                                   sampling=sampling)
         ttft, e2e, n = _timed_stream(worker.Generate(req, timeout=120))
-    elif path == "router_ids":
-        req = _chat_request(text, cfg)
-        req.ClearField("chat")
-        req.token_ids.ids.extend(ids)
-        ttft, e2e, n = _timed_stream(router.Generate(req, timeout=120))
     else:
-        ttft, e2e, n = _timed_stream(router.Generate(_chat_request(text, cfg), timeout=120))
+        req = _public_request(text, ids if path == "router_ids" else None, cfg)
+        ttft, e2e, n = _timed_stream(router.Generate(req, timeout=120))
     if n != cfg.max_tokens:
         raise RuntimeError(f"{path}: {n} tokens streamed, expected {cfg.max_tokens}")
     return Sample(path, ttft, e2e, n)
