@@ -43,16 +43,16 @@ from scission.bench.metrics import SloConfig
 from scission.bench.prompts import PromptBuilder, load_tokenizer
 from scission.bench.runner import BenchResult, run_against
 from scission.bench.workload import Workload, WorkloadRequest
-from scission.cluster.etcd_watch import WatchLoop
-from scission.cluster.kv_index import kv_prefix
 from scission.cluster.launcher import ClusterConfig, LocalCluster
-from scission.cluster.ports import find_free_port
-from scission.cluster.registry import EtcdClientConfig, WorkerRole, connect
-from scission.cluster.worker_directory import WorkerDirectory
 from scission.engine.config import CacheConfig, EngineConfig
 from scission.proto.scission.internal.v1 import worker_pb2 as wpb
 from scission.proto.scission.internal.v1 import worker_pb2_grpc as wpb_grpc
+from scission.registry.directory import WorkerDirectory
+from scission.registry.etcd_watch import WatchLoop
+from scission.registry.kv_index import kv_prefix
+from scission.registry.workers import EtcdClientConfig, WorkerRole, connect
 from scission.router.config import PlacementConfig, RouterConfig, RoutingPolicy
+from scission.worker.ports import find_free_port
 
 logger = logging.getLogger(__name__)
 RESULTS = Path(__file__).resolve().parent / "results" / "prefix_routing.json"
@@ -145,7 +145,7 @@ ROUTER_SAMPLES = ("scission_kv_index_blocks", "scission_router_prefix_hit_rate",
 
 def warm_up(cluster: LocalCluster, seed: int) -> None:
     """One short unrelated prompt on every worker, straight over the internal API."""
-    from scission.cluster.registry import RegistryConfig
+    from scission.registry.workers import RegistryConfig
 
     client = connect(EtcdClientConfig(endpoints=(cluster.etcd.endpoint,)))
     rng = random.Random(seed ^ 0xBEEF)

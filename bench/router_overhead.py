@@ -38,15 +38,15 @@ import numpy as np
 
 from scission.bench.cli_main import bench_main, report
 from scission.cluster.launcher import ClusterConfig, LocalCluster
-from scission.cluster.registry import EtcdClientConfig, RegistryConfig
-from scission.cluster.registry import connect as etcd_connect
-from scission.cluster.worker_directory import WorkerDirectory
 from scission.engine.config import CacheConfig, EngineConfig
 from scission.engine.tokenizer import default_model_path, load_tokenizer
 from scission.proto.scission.internal.v1 import worker_pb2 as wpb
 from scission.proto.scission.internal.v1 import worker_pb2_grpc as wpb_grpc
 from scission.proto.scission.v1 import generation_pb2 as pb
 from scission.proto.scission.v1 import generation_pb2_grpc as pb_grpc
+from scission.registry.directory import WorkerDirectory
+from scission.registry.workers import EtcdClientConfig, RegistryConfig
+from scission.registry.workers import connect as etcd_connect
 
 logger = logging.getLogger(__name__)
 

@@ -28,9 +28,9 @@ import msgpack
 import numpy as np
 
 from scission.bench.cli_main import bench_main, report
-from scission.cluster.kv_index_watch import ChangeKind, IndexChange
-from scission.cluster.registry import WorkerInfo, WorkerRole
 from scission.engine.block_hash import hash_prompt_blocks, hash_seed
+from scission.registry.kv_index_watch import ChangeKind, IndexChange
+from scission.registry.workers import WorkerInfo, WorkerRole
 from scission.router.config import PlacementConfig
 from scission.router.placement import Placer
 from scission.router.prefix_index import PrefixIndex, PromptHasher

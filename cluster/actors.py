@@ -15,9 +15,9 @@ import os
 import ray
 import torch
 
-from scission.cluster.registry import WorkerRole
-from scission.cluster.worker_runtime import WorkerConfig, WorkerRuntime
+from scission.registry.workers import WorkerRole
 from scission.router.config import RouterConfig
+from scission.worker.runtime import WorkerConfig, WorkerRuntime
 
 logger = logging.getLogger(__name__)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from importlib.metadata import entry_points
 
 from scission.cluster import commands
 from scission.router.config import RoutingPolicy
@@ -109,23 +110,16 @@ def build_parser() -> argparse.ArgumentParser:
     _cluster_args(demo)
     demo.add_argument("--max-tokens", type=int, default=64, help="new tokens per prompt")
     demo.set_defaults(func=commands.demo, port=0)
-    bench = sub.add_parser("bench", help="benchmarks")
-    bench_sub = bench.add_subparsers(dest="bench_command", required=True, metavar="BENCH")
-    serve = bench_sub.add_parser("serve", help="load generator against a running router")
-    from scission.bench import engine as bench_engine
-    from scission.bench import serve as bench_serve
-    from scission.bench import side_by_side
-
-    bench_serve.add_arguments(serve)
-    serve.set_defaults(func=bench_serve.run)
-    eng = bench_sub.add_parser("engine", help="engine alone vs HF transformers (and llama.cpp)")
-    bench_engine.add_arguments(eng)
-    eng.set_defaults(func=bench_engine.run)
-    sbs = bench_sub.add_parser("side-by-side",
-                               help="colocated vs disaggregated on the same cores, one command")
-    side_by_side.add_arguments(sbs)
-    sbs.set_defaults(func=side_by_side.run)
+    _add_plugin_commands(sub)
     return parser
+
+
+def _add_plugin_commands(sub: argparse._SubParsersAction) -> None:
+    """Subcommands other packages contribute through the ``scission.cli`` entry-point group
+    (``scission bench`` comes from ``scission.bench.cli``), so the control plane never imports
+    them."""
+    for ep in entry_points(group="scission.cli"):
+        ep.load()(sub)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
-from scission.cluster.ports import find_free_port
+from scission.worker.ports import find_free_port
 
 logger = logging.getLogger(__name__)
 

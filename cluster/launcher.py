@@ -13,11 +13,11 @@ from dataclasses import dataclass, field
 import ray
 
 from scission.cluster.etcd_server import EmbeddedEtcd
-from scission.cluster.ports import find_free_port
-from scission.cluster.registry import EtcdClientConfig, RegistryConfig, WorkerRole
-from scission.cluster.worker_runtime import WorkerConfig
 from scission.engine.config import EngineConfig
+from scission.registry.workers import EtcdClientConfig, RegistryConfig, WorkerRole
 from scission.router.config import RouterConfig
+from scission.worker.ports import find_free_port
+from scission.worker.runtime import WorkerConfig
 
 logger = logging.getLogger(__name__)
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 import time
 
-from scission.cluster.registry import EtcdClientConfig, RegistryConfig, connect
-from scission.cluster.worker_directory import WorkerDirectory
+from scission.registry.directory import WorkerDirectory
+from scission.registry.workers import EtcdClientConfig, RegistryConfig, connect
 
 
 def print_status(endpoints: list[str], prefix: str, as_json: bool) -> int:

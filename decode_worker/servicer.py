@@ -15,10 +15,6 @@ from collections import OrderedDict
 
 import grpc
 
-from scission.cluster.registry import WorkerInfo
-from scission.cluster.worker_convert import sampling_from_proto
-from scission.cluster.worker_runtime import BaseWorkerServicer, WorkerRuntime
-from scission.cluster.worker_stream import stream_request
 from scission.engine.request import InvalidRequestError
 from scission.kv_transfer.agent import KVTransferError
 from scission.kv_transfer.handle import (
@@ -28,6 +24,10 @@ from scission.kv_transfer.handle import (
     TransferHandle,
 )
 from scission.proto.scission.internal.v1 import worker_pb2 as pb
+from scission.registry.workers import WorkerInfo
+from scission.worker.convert import sampling_from_proto
+from scission.worker.runtime import BaseWorkerServicer, WorkerRuntime
+from scission.worker.stream import stream_request
 
 logger = logging.getLogger(__name__)
 RESERVE_RETRY_S = 5.0  # wait this long for free blocks before RESOURCE_EXHAUSTED

@@ -12,12 +12,12 @@ import time
 
 import grpc
 
-from scission.cluster.worker_convert import sampling_from_proto
-from scission.cluster.worker_runtime import BaseWorkerServicer, WorkerRuntime
 from scission.engine.engine_loop import wait_output
 from scission.engine.request import InvalidRequestError
 from scission.kv_transfer.handle import KVNotification, TransferHandle
 from scission.proto.scission.internal.v1 import worker_pb2 as pb
+from scission.worker.convert import sampling_from_proto
+from scission.worker.runtime import BaseWorkerServicer, WorkerRuntime
 
 logger = logging.getLogger(__name__)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
-from scission.cluster.registry import EtcdClientConfig, RegistryConfig
+from scission.registry.workers import EtcdClientConfig, RegistryConfig
 
 
 class RoutingPolicy(enum.Enum):

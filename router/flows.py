@@ -11,12 +11,12 @@ from dataclasses import dataclass, field
 
 import grpc
 
-from scission.cluster.worker_convert import sampling_to_proto
 from scission.proto.scission.internal.v1 import worker_pb2 as wpb
 from scission.proto.scission.v1 import generation_pb2 as pb
 from scission.router.convert import ValidatedRequest, finish_to_proto
 from scission.router.placement import Placement
 from scission.router.worker_pool import WorkerPool
+from scission.worker.convert import sampling_to_proto
 
 logger = logging.getLogger(__name__)
 

@@ -33,12 +33,12 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.exposition import start_http_server
 from prometheus_client.registry import Collector
 
-from scission.cluster.etcd_watch import ETCD_ERRORS, describe_etcd_error
+from scission.registry.etcd_watch import ETCD_ERRORS, describe_etcd_error
 
 if TYPE_CHECKING:
     from wsgiref.simple_server import WSGIServer
 
-    from scission.cluster.kv_index_watch import KVIndexWatcher
+    from scission.registry.kv_index_watch import KVIndexWatcher
     from scission.router.prefix_index import PrefixIndex
 
 logger = logging.getLogger(__name__)

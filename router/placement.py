@@ -24,7 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
-from scission.cluster.registry import WorkerInfo, WorkerRole
+from scission.registry.workers import WorkerInfo, WorkerRole
 from scission.router.config import PlacementConfig, RoutingPolicy
 from scission.router.worker_pool import WorkerLoad
 

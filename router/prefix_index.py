@@ -21,9 +21,9 @@ import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import NamedTuple
 
-from scission.cluster.kv_index_watch import ChangeKind, IndexChange
-from scission.cluster.registry import WorkerInfo
 from scission.engine.block_hash import hash_prompt_blocks, hash_seed
+from scission.registry.kv_index_watch import ChangeKind, IndexChange
+from scission.registry.workers import WorkerInfo
 
 logger = logging.getLogger(__name__)
 

@@ -12,13 +12,13 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from scission.cluster.kv_index_watch import KVIndexWatcher
-from scission.cluster.registry import connect
-from scission.cluster.worker_directory import WorkerDirectory
 from scission.engine.request import InvalidRequestError
 from scission.engine.tokenizer import Tokenizer, default_model_path, load_tokenizer
 from scission.proto.scission.v1 import generation_pb2 as pb
 from scission.proto.scission.v1 import generation_pb2_grpc as pb_grpc
+from scission.registry.directory import WorkerDirectory
+from scission.registry.kv_index_watch import KVIndexWatcher
+from scission.registry.workers import connect
 from scission.router import flows
 from scission.router.config import RouterConfig
 from scission.router.convert import ValidatedRequest, validate

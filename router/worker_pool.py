@@ -14,9 +14,9 @@ from dataclasses import dataclass
 
 import grpc
 
-from scission.cluster.registry import WorkerInfo, WorkerRole
-from scission.cluster.worker_directory import WorkerDirectory
 from scission.proto.scission.internal.v1 import worker_pb2_grpc as pb_grpc
+from scission.registry.directory import WorkerDirectory
+from scission.registry.workers import WorkerInfo, WorkerRole
 
 logger = logging.getLogger(__name__)
 

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 
 import pytest
 
-from scission.cluster.ports import find_free_port
+from scission.worker.ports import find_free_port
 
 # Kernels are decorated at import: the interpreter must be chosen before anything imports them.
 try:
@@ -43,7 +43,7 @@ def etcd_server() -> Iterator[EmbeddedEtcd]:
 
 @pytest.fixture
 def etcd_client(etcd_server: EmbeddedEtcd) -> Iterator[etcd3.MultiEndpointEtcd3Client]:
-    from scission.cluster.registry import EtcdClientConfig, connect
+    from scission.registry.workers import EtcdClientConfig, connect
 
     client = connect(EtcdClientConfig(endpoints=(etcd_server.endpoint,), timeout_s=5.0))
     yield client

@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 
 from scission.cluster.etcd_server import EmbeddedEtcd, EmbeddedEtcdConfig, find_etcd_binary
-from scission.cluster.ports import find_free_port
-from scission.cluster.registry import EtcdClientConfig, connect
+from scission.registry.workers import EtcdClientConfig, connect
+from scission.worker.ports import find_free_port
 
 
 def _pid_alive(pid: int) -> bool:

@@ -17,9 +17,9 @@ from serving_helpers import token_request, wait_until
 
 from scission.cluster.client import GenerationResult, connect, generate
 from scission.cluster.launcher import ClusterConfig, LocalCluster
-from scission.cluster.registry import EtcdClientConfig, RegistryConfig
 from scission.engine.block_hash import hash_prompt_blocks, hash_seed
 from scission.engine.config import CacheConfig, EngineConfig
+from scission.registry.workers import EtcdClientConfig, RegistryConfig
 from scission.router.config import PlacementConfig, RouterConfig
 from scission.router.server import RouterServer
 

@@ -13,14 +13,14 @@ from serving_helpers import run_concurrently, token_request, wait_until
 
 from scission.cluster.client import connect, generate
 from scission.cluster.launcher import ClusterConfig, LocalCluster
-from scission.cluster.registry import EtcdClientConfig, RegistryConfig, WorkerRole
-from scission.cluster.registry import connect as etcd_connect
-from scission.cluster.worker_directory import WorkerDirectory
 from scission.engine.config import CacheConfig, EngineConfig
 from scission.kv_transfer.handle import TransferHandle
 from scission.proto.scission.internal.v1 import worker_pb2 as wpb
 from scission.proto.scission.internal.v1 import worker_pb2_grpc as wpb_grpc
 from scission.proto.scission.v1 import generation_pb2 as pb
+from scission.registry.directory import WorkerDirectory
+from scission.registry.workers import EtcdClientConfig, RegistryConfig, WorkerRole
+from scission.registry.workers import connect as etcd_connect
 
 LEASE_TTL_S = 3
 NUM_BLOCKS = 384

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import urllib.request
 
-from scission.cluster.kv_index import KVEventPublisher
-from scission.cluster.kv_index_watch import ChangeKind, IndexChange, KVIndexWatcher
-from scission.cluster.registry import RegistryConfig
 from scission.engine.kv_events import KVEvent, KVEventKind
+from scission.registry.kv_index import KVEventPublisher
+from scission.registry.kv_index_watch import ChangeKind, IndexChange, KVIndexWatcher
+from scission.registry.workers import RegistryConfig
 from scission.router.metrics import RouterMetrics
 from scission.router.prefix_index import PrefixIndex
 

@@ -8,7 +8,7 @@ import random
 import msgpack
 import pytest
 
-from scission.cluster.registry import WorkerInfo, WorkerRole
+from scission.registry.workers import WorkerInfo, WorkerRole
 from scission.router.config import PlacementConfig, RoutingPolicy
 from scission.router.placement import (
     NoWorkersError,

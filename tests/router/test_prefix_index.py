@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import msgpack
 
-from scission.cluster.kv_index_watch import ChangeKind, IndexChange
-from scission.cluster.registry import WorkerInfo, WorkerRole
 from scission.engine.block_hash import hash_prompt_blocks, hash_seed
+from scission.registry.kv_index_watch import ChangeKind, IndexChange
+from scission.registry.workers import WorkerInfo, WorkerRole
 from scission.router.prefix_index import PrefixIndex, PromptBlocks, PromptHasher
 
 STORED, REMOVED = ChangeKind.STORED, ChangeKind.REMOVED

@@ -27,8 +27,8 @@ from typing import Any
 import etcd3
 import msgpack
 
-from scission.cluster.etcd_watch import ETCD_ERRORS
-from scission.cluster.etcd_watch import describe_etcd_error as _describe
+from scission.registry.etcd_watch import ETCD_ERRORS
+from scission.registry.etcd_watch import describe_etcd_error as _describe
 
 logger = logging.getLogger(__name__)
 

@@ -14,8 +14,8 @@ import msgpack
 import pytest
 
 from scission.cluster.etcd_server import EmbeddedEtcd, EmbeddedEtcdConfig
-from scission.cluster.ports import find_free_port
-from scission.cluster.registry import (
+from scission.registry.directory import WorkerDirectory
+from scission.registry.workers import (
     ETCD_ERRORS,
     EtcdClientConfig,
     RegistryConfig,
@@ -25,7 +25,7 @@ from scission.cluster.registry import (
     WorkerStatsRecord,
     connect,
 )
-from scission.cluster.worker_directory import WorkerDirectory
+from scission.worker.ports import find_free_port
 
 TTL_S = 2
 
@@ -251,7 +251,7 @@ def test_malformed_values_are_logged_and_skipped(
 ) -> None:
     """Garbage under the prefix (at list time and while watching) is logged and treated as
     absent; the watch keeps running and valid workers are unaffected."""
-    caplog.set_level(logging.WARNING, logger="scission.cluster.registry")
+    caplog.set_level(logging.WARNING, logger="scission.registry.workers")
     workers, stats = registry_config.workers_prefix, registry_config.stats_prefix
     etcd_client.put(workers + "bad-listed", b"\x00garbage")
     with WorkerRegistration(etcd_client, registry_config) as reg:
@@ -336,7 +336,7 @@ def test_workers_bound_to_all_interfaces_advertise_a_reachable_address():
     accepts connections there); an explicit bind address is advertised as is."""
     import socket
 
-    from scission.cluster.ports import advertised_host
+    from scission.worker.ports import advertised_host
 
     assert advertised_host("127.0.0.1") == "127.0.0.1"
     ip = advertised_host("0.0.0.0")

@@ -39,9 +39,9 @@ from dataclasses import dataclass
 import etcd3
 from etcd3.utils import prefix_range_end
 
-from scission.cluster.etcd_watch import ETCD_ERRORS, describe_etcd_error
-from scission.cluster.registry import RegistryConfig
 from scission.engine.kv_events import KVEvent, KVEventKind
+from scission.registry.etcd_watch import ETCD_ERRORS, describe_etcd_error
+from scission.registry.workers import RegistryConfig
 
 logger = logging.getLogger(__name__)
 

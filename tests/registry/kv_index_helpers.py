@@ -7,8 +7,8 @@ from collections.abc import Callable, Iterable
 
 import msgpack
 
-from scission.cluster.registry import WorkerInfo, WorkerRole
 from scission.engine.kv_events import KVEvent, KVEventKind
+from scission.registry.workers import WorkerInfo, WorkerRole
 
 
 def make_info(worker_id: str, role: WorkerRole = WorkerRole.PREFILL) -> WorkerInfo:

@@ -20,9 +20,9 @@ import etcd3
 from etcd3.etcdrpc import kv_pb2
 from etcd3.utils import prefix_range_end
 
-from scission.cluster.etcd_watch import WatchLoop
-from scission.cluster.kv_index import kv_prefix, parse_kv_key
-from scission.cluster.registry import RegistryConfig
+from scission.registry.etcd_watch import WatchLoop
+from scission.registry.kv_index import kv_prefix, parse_kv_key
+from scission.registry.workers import RegistryConfig
 
 logger = logging.getLogger(__name__)
 

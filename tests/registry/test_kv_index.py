@@ -7,16 +7,16 @@ from collections.abc import Iterator
 import pytest
 from kv_index_helpers import make_info, stored, wait_until
 
-from scission.cluster.etcd_watch import ETCD_ERRORS
-from scission.cluster.kv_index import (
+from scission.engine.kv_events import KVEvent, KVEventKind
+from scission.registry.etcd_watch import ETCD_ERRORS
+from scission.registry.kv_index import (
     KVEventPublisher,
     KVIndexConfig,
     kv_key,
     kv_prefix,
     parse_kv_key,
 )
-from scission.cluster.registry import RegistryConfig, WorkerRegistration
-from scission.engine.kv_events import KVEvent, KVEventKind
+from scission.registry.workers import RegistryConfig, WorkerRegistration
 
 WORKER = "prefill-0"
 

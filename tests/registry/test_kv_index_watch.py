@@ -14,18 +14,18 @@ import pytest
 from kv_index_helpers import make_info, stored, wait_until
 
 from scission.cluster.etcd_server import EmbeddedEtcd, EmbeddedEtcdConfig
-from scission.cluster.kv_index import KVEventPublisher, KVIndexConfig, kv_key
-from scission.cluster.kv_index_watch import KVIndexWatcher
-from scission.cluster.ports import find_free_port
-from scission.cluster.registry import (
+from scission.engine.kv_events import KVEvent, KVEventKind
+from scission.registry.kv_index import KVEventPublisher, KVIndexConfig, kv_key
+from scission.registry.kv_index_watch import KVIndexWatcher
+from scission.registry.workers import (
     EtcdClientConfig,
     RegistryConfig,
     WorkerRegistration,
     WorkerRole,
     connect,
 )
-from scission.engine.kv_events import KVEvent, KVEventKind
 from scission.router.prefix_index import PrefixIndex
+from scission.worker.ports import find_free_port
 
 TTL_S = 2
 FAST = KVIndexConfig(flush_interval_s=0.02)

@@ -7,10 +7,10 @@ from collections.abc import Callable, Iterator
 
 import grpc
 
-from scission.cluster.worker_convert import output_to_chunk
 from scission.engine.engine_loop import EngineLoop, wait_output
 from scission.engine.request import InvalidRequestError
 from scission.proto.scission.internal.v1 import worker_pb2 as pb
+from scission.worker.convert import output_to_chunk
 
 logger = logging.getLogger(__name__)
 

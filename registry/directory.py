@@ -13,8 +13,8 @@ from typing import Any
 import etcd3
 from etcd3.etcdrpc import kv_pb2
 
-from scission.cluster.etcd_watch import WatchLoop
-from scission.cluster.registry import (
+from scission.registry.etcd_watch import WatchLoop
+from scission.registry.workers import (
     _R,
     RegistryConfig,
     WorkerInfo,

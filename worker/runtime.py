@@ -17,9 +17,14 @@ from dataclasses import dataclass, field
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from scission.cluster.kv_index import KVEventPublisher, KVIndexConfig
-from scission.cluster.ports import advertised_host
-from scission.cluster.registry import (
+from scission.engine.config import EngineConfig
+from scission.engine.engine_loop import EngineLoop
+from scission.engine.llm_engine import LLMEngine
+from scission.proto.scission.internal.v1 import worker_pb2 as pb
+from scission.proto.scission.internal.v1 import worker_pb2_grpc as pb_grpc
+from scission.registry.directory import WorkerDirectory
+from scission.registry.kv_index import KVEventPublisher, KVIndexConfig
+from scission.registry.workers import (
     EtcdClientConfig,
     RegistryConfig,
     WorkerInfo,
@@ -28,12 +33,7 @@ from scission.cluster.registry import (
     WorkerStatsRecord,
     connect,
 )
-from scission.cluster.worker_directory import WorkerDirectory
-from scission.engine.config import EngineConfig
-from scission.engine.engine_loop import EngineLoop
-from scission.engine.llm_engine import LLMEngine
-from scission.proto.scission.internal.v1 import worker_pb2 as pb
-from scission.proto.scission.internal.v1 import worker_pb2_grpc as pb_grpc
+from scission.worker.ports import advertised_host
 
 logger = logging.getLogger(__name__)
 
@@ -49,7 +49,7 @@ class WorkerConfig:
     host: str = "127.0.0.1"  # bind address; 0.0.0.0 = all interfaces (multi-node)
     port: int = 0  # 0 = any free port
     # Address registered in etcd for the router and peers; None = ``host``, or this node's IP
-    # when ``host`` is a wildcard (``ports.advertised_host``).
+    # when ``host`` is a wildcard (``worker/ports.advertised_host``).
     advertise_host: str | None = None
     lease_ttl_s: int = 5
     hold_timeout_s: float = 30.0  # prefill: unpulled KV is released after this

@@ -1,0 +1,27 @@
+"""``scission bench ...``: added to the ``scission`` CLI through the ``scission.cli``
+entry point (``pyproject.toml``), so ``cluster/`` never imports ``bench/``."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_commands(sub: argparse._SubParsersAction) -> None:
+    """Add ``bench serve|engine|side-by-side`` under the ``scission`` subparsers ``sub``."""
+    from scission.bench import engine as bench_engine
+    from scission.bench import serve as bench_serve
+    from scission.bench import side_by_side
+
+    bench = sub.add_parser("bench", help="benchmarks (needs the bench extra: pip install "
+                                         "'scission[bench]')")
+    bench_sub = bench.add_subparsers(dest="bench_command", required=True, metavar="BENCH")
+    serve = bench_sub.add_parser("serve", help="load generator against a running router")
+    bench_serve.add_arguments(serve)
+    serve.set_defaults(func=bench_serve.run)
+    eng = bench_sub.add_parser("engine", help="engine alone vs HF transformers (and llama.cpp)")
+    bench_engine.add_arguments(eng)
+    eng.set_defaults(func=bench_engine.run)
+    sbs = bench_sub.add_parser("side-by-side",
+                               help="colocated vs disaggregated on the same cores, one command")
+    side_by_side.add_arguments(sbs)
+    sbs.set_defaults(func=side_by_side.run)
