@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import time
 from dataclasses import dataclass
 
 import torch
@@ -31,6 +32,7 @@ from scission.engine.model_runner import ModelRunner
 from scission.engine.quant import quantize_model_int4
 from scission.engine.request import FinishReason, Request, RequestStatus, SamplingParams
 from scission.engine.scheduler import Scheduler
+from scission.engine.step_metrics import StepRecorder, StepShape
 from scission.engine.tokenizer import Tokenizer, default_model_path, load_tokenizer
 
 logger = logging.getLogger(__name__)
@@ -92,6 +94,7 @@ class LLMEngine:
         self.held: dict[str, Request] = {}  # prefill role: finished, blocks pinned
         self._detok: dict[str, IncrementalDetokenizer] = {}
         self.num_prompt_tokens_computed = 0  # prompt tokens run through the model (all time)
+        self.step_metrics = StepRecorder()  # forward-pass metrics, one sample per step
 
     # -- request intake -------------------------------------------------------------
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
@@ -163,11 +166,17 @@ class LLMEngine:
         return self.scheduler.has_unfinished()
 
     def step(self) -> list[RequestOutput]:
+        start_s = time.perf_counter()
         sched = self.scheduler.schedule()
         if sched.is_empty:
             return []
+        shape = StepShape.of(sched)  # before _update advances num_computed_tokens
         sampled = self.runner.execute(sched)
-        return self._update(sched, sampled)
+        outputs = self._update(sched, sampled)
+        self.step_metrics.record(shape, (time.perf_counter() - start_s) * 1e3,
+                                 len(self.scheduler.running), len(self.scheduler.waiting),
+                                 self.kv_usage)
+        return outputs
 
     def _update(self, sched, sampled: dict[str, int]) -> list[RequestOutput]:
         outputs = []
@@ -233,6 +242,15 @@ class LLMEngine:
     def num_free_blocks(self) -> int:
         return self.block_manager.num_free_blocks
 
+    @property
+    def kv_usage(self) -> float:
+        """Fraction of KV blocks not free (0..1); cached-but-free blocks count as free."""
+        num_blocks = self.kv_cache.num_blocks
+        return 1.0 - self.block_manager.num_free_blocks / num_blocks if num_blocks else 0.0
+
     def queued_prefill_tokens(self) -> int:
-        return sum(r.num_tokens_to_compute for r in self.scheduler.waiting) + sum(
-            r.num_tokens_to_compute for r in self.scheduler.running if r.num_tokens_to_compute > 1)
+        """Prompt tokens not yet computed; safe from other threads (copies the queues first:
+        iterating a deque the loop thread appends to raises)."""
+        waiting, running = list(self.scheduler.waiting), list(self.scheduler.running)
+        return sum(r.num_tokens_to_compute for r in waiting) + sum(
+            r.num_tokens_to_compute for r in running if r.num_tokens_to_compute > 1)

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-import functools
 import logging
 import threading
 import typing
@@ -25,15 +24,14 @@ from dataclasses import dataclass
 from typing import Any
 
 import etcd3
-import msgpack
 
 from scission.registry.etcd_watch import ETCD_ERRORS
 from scission.registry.etcd_watch import describe_etcd_error as _describe
+from scission.registry.records import _R, Record
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_PREFIX = "/scission"
-FORMAT_VERSION = 1
 
 
 class WorkerRole(enum.Enum):
@@ -43,58 +41,8 @@ class WorkerRole(enum.Enum):
     ENCODE = "encode"
 
 
-class _Record:
-    """msgpack codec for a frozen dataclass: ``{"kind", "version", <fields>}``, enums by value."""
-
-    KIND: typing.ClassVar[str]
-
-    def to_bytes(self) -> bytes:
-        fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}  # type: ignore
-        fields = {k: v.value if isinstance(v, enum.Enum) else v for k, v in fields.items()}
-        return msgpack.packb({"kind": self.KIND, "version": FORMAT_VERSION, **fields})
-
-    @classmethod
-    def from_bytes(cls, data: bytes) -> typing.Self:
-        """Decode; raises ValueError on anything but a valid record of this kind and version."""
-        try:
-            obj = msgpack.unpackb(data, raw=False)
-        except (TypeError, ValueError, msgpack.UnpackException) as exc:  # incl. bad UTF-8
-            raise ValueError(f"{cls.KIND}: not valid msgpack ({exc!r})") from exc
-        if not isinstance(obj, dict) or obj.get("kind") != cls.KIND:
-            raise ValueError(f"{cls.KIND}: not a {cls.KIND} record")
-        if obj.get("version") != FORMAT_VERSION:
-            raise ValueError(f"{cls.KIND}: unsupported version {obj.get('version')!r}")
-        kwargs = {}
-        for name, typ in _field_types(cls).items():
-            if name not in obj:
-                raise ValueError(f"{cls.KIND}: missing field {name!r}")
-            value = obj[name]
-            if typ is float and type(value) is int:
-                value = float(value)
-            is_enum = isinstance(typ, type) and issubclass(typ, enum.Enum)
-            if is_enum and value in {member.value for member in typ}:  # type: ignore[union-attr]
-                value = typ(value)
-            elif is_enum or type(value) is not typ:
-                raise ValueError(f"{cls.KIND}.{name}: bad {typ.__name__} {value!r}")
-            kwargs[name] = value
-        try:
-            return cls(**kwargs)  # unknown extra fields of the same version are ignored
-        except ValueError as exc:  # __post_init__ range checks
-            raise ValueError(f"{cls.KIND}: {exc}") from exc
-
-
-_R = typing.TypeVar("_R", bound=_Record)
-
-
-@functools.cache
-def _field_types(cls: type) -> dict[str, type]:
-    """Dataclass field name -> resolved type (annotations are strings under __future__)."""
-    hints = typing.get_type_hints(cls)
-    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
-
-
 @dataclass(frozen=True)
-class WorkerInfo(_Record):
+class WorkerInfo(Record):
     """What peers need to reach a worker. Value of ``{prefix}/workers/{worker_id}``."""
 
     KIND: typing.ClassVar[str] = "worker_info"
@@ -109,6 +57,8 @@ class WorkerInfo(_Record):
     model_id: str
     started_at_s: float  # wall clock (time.time()) when the worker process started
     incarnation: int = 0  # lease id, set by WorkerRegistration.register; 0 = not registered
+    # Draining: the router places no new request here; running ones finish (or migrate).
+    draining: bool = False
 
     def __post_init__(self) -> None:
         if not self.worker_id or "/" in self.worker_id:
@@ -120,7 +70,7 @@ class WorkerInfo(_Record):
 
 
 @dataclass(frozen=True)
-class WorkerStatsRecord(_Record):
+class WorkerStatsRecord(Record):
     """Periodic load stats of one worker. Value of ``{prefix}/stats/{worker_id}``."""
 
     KIND: typing.ClassVar[str] = "worker_stats"
@@ -129,11 +79,21 @@ class WorkerStatsRecord(_Record):
     num_waiting: int
     queued_prefill_tokens: int
     updated_at_s: float  # wall clock (time.time())
+    # Forward-pass metrics (engine/step_metrics.py, worker/metrics.py: stats_record).
+    kv_usage: float = 0.0  # used / total KV blocks, 0..1
+    num_steps_total: int = 0  # engine steps, all time
+    step_ms_mean: float = 0.0  # over the steps since the last publish (0 = none)
+    # The newest 64 engine steps (also ones published before), each [end_wall_s,
+    # num_prefill_tokens, num_decode_requests, num_context_tokens, step_ms]
+    # (num_context_tokens = sum of the decode rows' context lengths).
+    steps: list[list[float]] = dataclasses.field(default_factory=list)
 
     def __post_init__(self) -> None:
         counts = (self.num_free_blocks, self.num_running, self.num_waiting)
-        if min(*counts, self.queued_prefill_tokens) < 0:
+        if min(*counts, self.queued_prefill_tokens, self.num_steps_total) < 0:
             raise ValueError(f"stats counts must be >= 0: {self}")
+        if not 0.0 <= self.kv_usage <= 1.0 or self.step_ms_mean < 0:
+            raise ValueError(f"kv_usage in [0, 1] and step_ms_mean >= 0 required: {self}")
 
 
 @dataclass(frozen=True)
@@ -305,6 +265,21 @@ class WorkerRegistration:
             self._stats = record
             key = self._config.stats_prefix + self._info.worker_id
             self._client.put(key, record.to_bytes(), lease=self._info.incarnation)
+
+    def set_draining(self, draining: bool) -> WorkerInfo:
+        """Re-put the info with ``draining`` under the same lease (same incarnation); returns it.
+
+        Raises RuntimeError before ``register``, and etcd errors (nothing changed then).
+        """
+        with self._lock:
+            if self._info is None:
+                raise RuntimeError("set_draining before register")
+            info = dataclasses.replace(self._info, draining=draining)
+            key = self._config.workers_prefix + info.worker_id
+            self._client.put(key, info.to_bytes(), lease=info.incarnation)
+            self._info = info
+        logger.info("%s draining=%s", info.worker_id, draining)
+        return info
 
     def deregister(self) -> None:
         """Stop the keepalive thread and revoke the lease (both keys vanish). Idempotent.

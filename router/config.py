@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import math
 from dataclasses import dataclass, field
 
 from scission.registry.workers import EtcdClientConfig, RegistryConfig
@@ -62,6 +63,13 @@ class RouterConfig:
     metrics_port: int | None = None  # Prometheus endpoint (0 = any free port); None = off
     metrics_host: str = "127.0.0.1"
     kv_lag_probe_interval_s: float = 1.0  # metrics: how often the index lag is measured
+    # Live SLO metrics (router/slo.py): a request attains when TTFT <= slo_ttft_ms and TPOT
+    # <= slo_tpot_ms; aggregates over the last slo_window_s, put in etcd every
+    # slo_publish_interval_s (registry/slo_publisher.py).
+    slo_ttft_ms: float = 2000.0
+    slo_tpot_ms: float = 150.0
+    slo_window_s: float = 30.0
+    slo_publish_interval_s: float = 2.0
 
     def __post_init__(self) -> None:
         if not (0 < self.default_max_tokens <= self.max_tokens_limit):
@@ -70,3 +78,7 @@ class RouterConfig:
             raise ValueError(f"metrics_port out of range: {self.metrics_port}")
         if self.kv_lag_probe_interval_s <= 0:
             raise ValueError("kv_lag_probe_interval_s must be > 0")
+        slo = (self.slo_ttft_ms, self.slo_tpot_ms, self.slo_window_s, self.slo_publish_interval_s)
+        if min(slo) <= 0 or not all(math.isfinite(v) for v in slo):
+            raise ValueError("slo_ttft_ms, slo_tpot_ms, slo_window_s and slo_publish_interval_s "
+                             f"must be finite and > 0, got {slo}")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+import uuid
 from collections.abc import Iterator
 from concurrent import futures
 from dataclasses import dataclass
@@ -18,13 +19,15 @@ from scission.proto.scission.v1 import generation_pb2 as pb
 from scission.proto.scission.v1 import generation_pb2_grpc as pb_grpc
 from scission.registry.directory import WorkerDirectory
 from scission.registry.kv_index_watch import KVIndexWatcher
-from scission.registry.workers import connect
+from scission.registry.slo_publisher import SloPublisher
+from scission.registry.workers import WorkerInfo, connect
 from scission.router import flows
 from scission.router.config import RouterConfig
 from scission.router.convert import ValidatedRequest, validate
 from scission.router.metrics import RouterMetrics
 from scission.router.placement import NoWorkersError, Placement, Placer
 from scission.router.prefix_index import PrefixIndex, PromptBlocks, PromptHasher
+from scission.router.slo import RequestRecord, SloTracker
 from scission.router.worker_pool import WorkerPool
 
 logger = logging.getLogger(__name__)
@@ -34,17 +37,47 @@ SUSPECT_S = 10.0  # a failed worker gets no traffic for this long (or until it l
 
 @dataclass
 class _Outcome:
-    """How one request ended, for the metrics (set as the request goes)."""
+    """How one request ended, for the metrics (set as the request goes; times are
+    ``time.monotonic()``)."""
 
     status: str = "cancelled"  # the client went away unless something else is recorded
-    prompt_tokens: int = 0
+    prompt_tokens: int = 0  # from the final Usage (ok requests only)
     cached_tokens: int = 0
+    valid: bool = False  # passed validation: counts in the SLO windows
+    num_prompt_tokens: int = 0
+    num_output_tokens: int = 0  # streamed to the client
+    placed_s: float | None = None  # first placement
+    first_token_s: float | None = None
+    last_token_s: float | None = None
+    prefill: WorkerInfo | None = None  # the worker that ran the prompt (last placement)
+    decode: WorkerInfo | None = None  # the worker that streamed last
+    usage: pb.Usage | None = None  # the final chunk's
+
+    def record(self, start_s: float, end_s: float) -> RequestRecord:
+        """The SLO record: TTFT / TPOT / E2E as in the client's Usage when it got one."""
+        n, first, u = self.num_output_tokens, self.first_token_s, self.usage
+        if u is not None:
+            ttft_ms, e2e_ms = u.ttft_ms, u.e2e_ms
+        else:
+            ttft_ms = None if first is None else (first - start_s) * 1e3
+            e2e_ms = (end_s - start_s) * 1e3
+        tpot_ms = itl_ms = None
+        if n > 1 and ttft_ms is not None and first is not None and self.last_token_s is not None:
+            tpot_ms = u.tpot_ms if u is not None else (e2e_ms - ttft_ms) / (n - 1)
+            itl_ms = (self.last_token_s - first) * 1e3 / (n - 1)
+        pre, dec = self.prefill, self.decode
+        return RequestRecord(
+            status=self.status, num_prompt_tokens=self.num_prompt_tokens, num_output_tokens=n,
+            e2e_ms=e2e_ms, ttft_ms=ttft_ms, tpot_ms=tpot_ms, itl_ms=itl_ms,
+            queue_ms=None if self.placed_s is None else (self.placed_s - start_s) * 1e3,
+            prefill_worker=pre.worker_id if pre else "", prefill_role=pre.role if pre else None,
+            decode_worker=dec.worker_id if dec else "", decode_role=dec.role if dec else None)
 
 
 class GenerationServicer(pb_grpc.GenerationServicer):
     def __init__(self, config: RouterConfig, tokenizer: Tokenizer, pool: WorkerPool,
                  placer: Placer, index: PrefixIndex, hasher: PromptHasher,
-                 metrics: RouterMetrics) -> None:
+                 metrics: RouterMetrics, slo: SloTracker) -> None:
         self.config = config
         self.tokenizer = tokenizer
         self.pool = pool
@@ -52,6 +85,7 @@ class GenerationServicer(pb_grpc.GenerationServicer):
         self.index = index
         self.hasher = hasher
         self.metrics = metrics
+        self.slo = slo
         self.context_len = tokenizer.context_length or 2048
 
     def Generate(self, request: pb.GenerateRequest, context):
@@ -70,33 +104,51 @@ class GenerationServicer(pb_grpc.GenerationServicer):
         finally:
             self.metrics.observe_request(outcome.status, outcome.prompt_tokens,
                                          outcome.cached_tokens)
+            if outcome.valid:
+                self._observe_slo(vr.request_id, outcome, start_s)
+
+    def _observe_slo(self, request_id: str, outcome: _Outcome, start_s: float) -> None:
+        """Windowed SLO aggregates + latency histograms (a request that was never placed
+        arrives now, in the cluster scope only)."""
+        if outcome.placed_s is None:
+            self.slo.arrive(start_s)
+        record = outcome.record(start_s, time.monotonic())
+        ttft_ok, tpot_ok = self.slo.finish(record)
+        self.metrics.observe_latencies(record)
+        logger.debug("request %s: %s, SLO met ttft=%s tpot=%s", request_id, record, ttft_ok,
+                     tpot_ok)
 
     def _serve(self, vr: ValidatedRequest, context, start_s: float,
                outcome: _Outcome) -> Iterator[pb.GenerateResponse]:
         """Place and run. A worker that fails before anything streamed is retried elsewhere;
         one that dies mid-stream has its request migrated: another decode-capable worker
         recomputes prompt + streamed tokens and continues (DESIGN: fault model)."""
+        outcome.valid, outcome.num_prompt_tokens = True, len(vr.prompt_token_ids)
         t0 = time.perf_counter()
         prompt = self.hasher(vr.prompt_token_ids) if self.placer.cfg.kv_aware else \
             PromptBlocks(0, [])
         hash_s = time.perf_counter() - t0
         streamed: list[int] = []
-        first_token_s, prefill_worker = 0.0, ""
         for attempt in range(MAX_PLACEMENT_ATTEMPTS):
-            resume = flows.Resume(tuple(streamed), first_token_s, prefill_worker) \
+            resume = flows.Resume(tuple(streamed), outcome.first_token_s or 0.0,
+                                  outcome.prefill.worker_id if outcome.prefill else "") \
                 if streamed else None
             placement = self._migrate(context, outcome) if resume else \
                 self._place(vr, prompt, context, outcome, hash_s if attempt == 0 else 0)
+            self._placed(placement, outcome, start_s, first=resume is None)
             try:
                 for resp in self._run(vr, placement, start_s, resume):
-                    if not streamed and resp.token_ids:
-                        first_token_s = time.monotonic()
-                        prefill_worker = placement.prefill_worker.worker_id
+                    if resp.token_ids:  # O(1) per chunk: the SLO record's timings
+                        outcome.last_token_s = time.monotonic()
+                        if outcome.first_token_s is None:
+                            outcome.first_token_s = outcome.last_token_s
+                        outcome.num_output_tokens += len(resp.token_ids)
                     streamed.extend(resp.token_ids)
                     if resp.HasField("usage"):
                         outcome.status = "ok"
                         outcome.prompt_tokens = resp.usage.prompt_tokens
                         outcome.cached_tokens = resp.usage.cached_tokens
+                        outcome.usage = resp.usage
                     yield resp
                 return
             except flows.FlowError as e:
@@ -106,6 +158,16 @@ class GenerationServicer(pb_grpc.GenerationServicer):
                 if streamed:
                     logger.warning("request %s: worker %s failed after %d tokens; migrating",
                                    vr.request_id, e.failed_worker, len(streamed))
+
+    def _placed(self, placement: Placement, outcome: _Outcome, start_s: float,
+                first: bool) -> None:
+        """Note where the request runs; the first placement counts its arrival per pool."""
+        if first:  # not a migration: this placement's worker runs the prompt
+            outcome.prefill = placement.prefill_worker
+        outcome.decode = placement.decode
+        if outcome.placed_s is None:
+            outcome.placed_s = time.monotonic()
+            self.slo.arrive(start_s, {placement.prefill_worker.role, placement.decode.role})
 
     def _migrate(self, context, outcome: _Outcome) -> Placement:
         try:
@@ -154,7 +216,12 @@ class RouterServer:
         self.kv_watcher = KVIndexWatcher(self.etcd, config.registry, self.index)
         self.placer = Placer(config.placement, self.pool, prefix_match=self.index.match)
         self.hasher = PromptHasher(self.directory.workers)
-        self.metrics = RouterMetrics(self.index, self.kv_watcher)
+        self.router_id = f"router-{uuid.uuid4().hex[:8]}"  # system-assigned, per process
+        self.slo = SloTracker(config.slo_ttft_ms, config.slo_tpot_ms, config.slo_window_s)
+        self.slo_publisher = SloPublisher(self.etcd, config.registry, self.router_id,
+                                          lambda: self.slo.windows(self.router_id),
+                                          config.slo_publish_interval_s)
+        self.metrics = RouterMetrics(self.index, self.kv_watcher, self.slo)
         self.metrics_port: int | None = None  # bound port once started with metrics on
         opts = [("grpc.max_receive_message_length", config.max_message_bytes),
                 ("grpc.max_send_message_length", config.max_message_bytes)]
@@ -162,7 +229,7 @@ class RouterServer:
                                   options=opts, maximum_concurrent_rpcs=config.max_concurrent_rpcs)
         pb_grpc.add_GenerationServicer_to_server(
             GenerationServicer(config, self.tokenizer, self.pool, self.placer, self.index,
-                               self.hasher, self.metrics), self.server)
+                               self.hasher, self.metrics, self.slo), self.server)
         self.health = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         names = (pb.DESCRIPTOR.services_by_name["Generation"].full_name,
@@ -179,15 +246,18 @@ class RouterServer:
         if cfg.metrics_port is not None:
             self.metrics_port = self.metrics.serve(cfg.metrics_host, cfg.metrics_port,
                                                    cfg.kv_lag_probe_interval_s)
+        self.slo_publisher.start()
         self.server.start()
         self.health.set("", health_pb2.HealthCheckResponse.SERVING)
         self.health.set("scission.v1.Generation", health_pb2.HealthCheckResponse.SERVING)
-        logger.info("router serving scission.v1.Generation on %s", self.address)
+        logger.info("router %s serving scission.v1.Generation on %s", self.router_id,
+                    self.address)
         return self
 
     def stop(self) -> None:
         self.health.enter_graceful_shutdown()
         self.server.stop(grace=2).wait()
+        self.slo_publisher.close()  # revokes its lease: the SLO keys vanish
         self.metrics.close()
         self.kv_watcher.close()
         self.directory.close()

@@ -123,7 +123,7 @@ class StatsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class WorkerStats(_message.Message):
-    __slots__ = ("worker_id", "role", "num_blocks", "num_free_blocks", "num_running", "num_waiting", "num_held", "queued_prefill_tokens", "num_prompt_tokens_computed")
+    __slots__ = ("worker_id", "role", "num_blocks", "num_free_blocks", "num_running", "num_waiting", "num_held", "queued_prefill_tokens", "num_prompt_tokens_computed", "kv_usage", "num_steps_total", "step_ms_total", "num_prefill_tokens_total", "num_decode_tokens_total", "last_step_ms", "last_num_decode_requests", "last_num_prefill_tokens")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
     NUM_BLOCKS_FIELD_NUMBER: _ClassVar[int]
@@ -133,6 +133,14 @@ class WorkerStats(_message.Message):
     NUM_HELD_FIELD_NUMBER: _ClassVar[int]
     QUEUED_PREFILL_TOKENS_FIELD_NUMBER: _ClassVar[int]
     NUM_PROMPT_TOKENS_COMPUTED_FIELD_NUMBER: _ClassVar[int]
+    KV_USAGE_FIELD_NUMBER: _ClassVar[int]
+    NUM_STEPS_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    STEP_MS_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    NUM_PREFILL_TOKENS_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    NUM_DECODE_TOKENS_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    LAST_STEP_MS_FIELD_NUMBER: _ClassVar[int]
+    LAST_NUM_DECODE_REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    LAST_NUM_PREFILL_TOKENS_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     role: str
     num_blocks: int
@@ -142,4 +150,12 @@ class WorkerStats(_message.Message):
     num_held: int
     queued_prefill_tokens: int
     num_prompt_tokens_computed: int
-    def __init__(self, worker_id: _Optional[str] = ..., role: _Optional[str] = ..., num_blocks: _Optional[int] = ..., num_free_blocks: _Optional[int] = ..., num_running: _Optional[int] = ..., num_waiting: _Optional[int] = ..., num_held: _Optional[int] = ..., queued_prefill_tokens: _Optional[int] = ..., num_prompt_tokens_computed: _Optional[int] = ...) -> None: ...
+    kv_usage: float
+    num_steps_total: int
+    step_ms_total: float
+    num_prefill_tokens_total: int
+    num_decode_tokens_total: int
+    last_step_ms: float
+    last_num_decode_requests: int
+    last_num_prefill_tokens: int
+    def __init__(self, worker_id: _Optional[str] = ..., role: _Optional[str] = ..., num_blocks: _Optional[int] = ..., num_free_blocks: _Optional[int] = ..., num_running: _Optional[int] = ..., num_waiting: _Optional[int] = ..., num_held: _Optional[int] = ..., queued_prefill_tokens: _Optional[int] = ..., num_prompt_tokens_computed: _Optional[int] = ..., kv_usage: _Optional[float] = ..., num_steps_total: _Optional[int] = ..., step_ms_total: _Optional[float] = ..., num_prefill_tokens_total: _Optional[int] = ..., num_decode_tokens_total: _Optional[int] = ..., last_step_ms: _Optional[float] = ..., last_num_decode_requests: _Optional[int] = ..., last_num_prefill_tokens: _Optional[int] = ...) -> None: ...

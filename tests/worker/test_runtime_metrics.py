@@ -1,0 +1,92 @@
+"""A real WorkerRuntime (tiny random-weight model, real etcd and NIXL agent): its published
+stats record carries the engine steps, and its /metrics endpoint is bound and closed."""
+
+from __future__ import annotations
+
+import time
+import urllib.request
+from collections.abc import Callable
+
+import torch
+
+from scission.engine.config import AttentionBackendKind, CacheConfig, EngineConfig, SchedulerConfig
+from scission.engine.request import SamplingParams
+from scission.registry.workers import EtcdClientConfig, RegistryConfig, WorkerRole
+from scission.registry.workers import WorkerStatsRecord as Stats
+from scission.worker.runtime import BaseWorkerServicer, WorkerConfig, WorkerRuntime
+
+
+def save_tiny_llama(path: str, tokenizer) -> str:
+    """A 2-layer random-weight Llama (the default tokenizer's vocabulary) + that tokenizer."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(
+        vocab_size=tokenizer.vocab_size, hidden_size=64, intermediate_size=128,
+        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        max_position_embeddings=512, tie_word_embeddings=False))
+    model.save_pretrained(path, safe_serialization=True)
+    tokenizer.hf.save_pretrained(path)
+    return path
+
+
+def wait_for(predicate: Callable[[], bool], timeout_s: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        time.sleep(0.05)
+
+
+def test_runtime_publishes_steps_and_serves_metrics(tmp_path, tokenizer, etcd_server,
+                                                    etcd_client, etcd_prefix):
+    """A 20-token prompt generating 3 tokens (budget 24: one prefill step, two decode steps)
+    shows up in the published WorkerStatsRecords as 3 step rows [end, 20, 0, 0, ms],
+    [end, 0, 1, 21, ms], [end, 0, 1, 22, ms]; GetStats and /metrics count the same 3 steps;
+    stop() closes the port."""
+    model_path = save_tiny_llama(str(tmp_path / "tiny"), tokenizer)
+    cfg = WorkerConfig(
+        worker_id="c0", role=WorkerRole.COLOCATED, metrics_port=0, stats_interval_s=1.0,
+        etcd=EtcdClientConfig(endpoints=(etcd_server.endpoint,)),
+        registry=RegistryConfig(prefix=etcd_prefix),
+        engine=EngineConfig(model_path=model_path, num_threads=1,
+                            attention_backend=AttentionBackendKind.TORCH,
+                            cache=CacheConfig(block_size=16, num_blocks=64),
+                            scheduler=SchedulerConfig(max_num_batched_tokens=24)))
+    runtime = WorkerRuntime(cfg, lambda role: BaseWorkerServicer)
+    params = SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True)
+    runtime.engine.add_request("r", list(range(100, 120)), params)  # runs once started
+    runtime.start()
+    try:
+        assert runtime.metrics_port
+        key = f"{etcd_prefix}/stats/c0"
+        seen: dict[float, Stats] = {}  # every published record, by updated_at_s
+
+        def all_steps_seen() -> bool:
+            value, _ = etcd_client.get(key)
+            if value:
+                r = Stats.from_bytes(value)
+                seen[r.updated_at_s] = r
+            return sum(len(r.steps) for r in seen.values()) >= 3
+
+        wait_for(all_steps_seen)
+        rows = [row for _, r in sorted(seen.items()) for row in r.steps]
+        assert max(r.num_steps_total for r in seen.values()) == 3
+        assert [row[1:4] for row in rows] == [[20.0, 0.0, 0.0], [0.0, 1.0, 21.0], [0.0, 1.0, 22.0]]
+        assert all(row[4] > 0 for row in rows)
+        stats = runtime.stats()
+        assert (stats.num_steps_total, stats.num_prefill_tokens_total,
+                stats.num_decode_tokens_total, stats.last_num_decode_requests) == (3, 20, 2, 1)
+        assert stats.kv_usage == 0.0  # finished: every block is free (or cached-free)
+        url = f"http://127.0.0.1:{runtime.metrics_port}/metrics"
+        with urllib.request.urlopen(url, timeout=5) as resp:
+            text = resp.read().decode()
+        assert "scission_worker_steps_total 3.0" in text
+        assert "scission_worker_step_seconds_count 3.0" in text
+        assert 'scission_worker_info{role="colocated",worker_id="c0"} 1.0' in text
+    finally:
+        runtime.stop()
+    try:
+        urllib.request.urlopen(url, timeout=2)
+        raise AssertionError("metrics endpoint still up after stop()")
+    except OSError:
+        pass
