@@ -11,13 +11,21 @@ from __future__ import annotations
 
 import logging
 import os
+from typing import TYPE_CHECKING
 
 import ray
 import torch
 
+from scission.registry.pools import PlannerMode, PoolTargets
 from scission.registry.workers import WorkerRole
 from scission.router.config import RouterConfig
 from scission.worker.runtime import WorkerConfig, WorkerRuntime
+
+if TYPE_CHECKING:
+    from scission.cluster.controller import ControllerConfig
+    from scission.cluster.planner.adapter import PlannerLoop
+    from scission.cluster.planner.core import PlannerConfig
+    from scission.cluster.spawner import WorkerTemplate
 
 logger = logging.getLogger(__name__)
 
@@ -52,7 +60,8 @@ def _servicer_factory(role: WorkerRole):
     raise ValueError(f"no servicer for role {role}")
 
 
-@ray.remote(num_cpus=0, max_restarts=0)
+# Threaded (max_concurrency): a drain or flip runs for seconds while ping/pid/stats answer.
+@ray.remote(num_cpus=0, max_restarts=0, max_concurrency=8)
 class WorkerActor:
     def __init__(self, config: WorkerConfig, cpu_ids: tuple[int, ...] = ()) -> None:
         """``cpu_ids``: pin the process to these cores (``ClusterConfig.pin_cpus``)."""
@@ -70,8 +79,23 @@ class WorkerActor:
 
     def start(self) -> str:
         """Load the model, serve, register in etcd; returns the internal endpoint."""
-        self.runtime = WorkerRuntime(self.config, _servicer_factory(self.config.role)).start()
+        self.runtime = WorkerRuntime(self.config, _servicer_factory).start()
         return self.runtime.endpoint
+
+    def ping(self) -> str:
+        """The current role's value once serving, "" while starting (liveness probe)."""
+        return self.runtime.role.value if self.runtime is not None else ""
+
+    def drain(self, deadline_s: float) -> dict[str, float | int]:
+        """Stop taking requests and wait until idle (``worker.lifecycle.drain``); the caller
+        then stops the worker."""
+        assert self.runtime is not None, "worker not started"
+        return self.runtime.drain(deadline_s).to_dict()
+
+    def flip(self, role: WorkerRole, deadline_s: float) -> dict[str, float | int]:
+        """Drain, then serve as ``role`` in this process (``worker.lifecycle.flip``)."""
+        assert self.runtime is not None, "worker not started"
+        return self.runtime.flip(role, deadline_s).to_dict()
 
     def pid(self) -> int:
         return os.getpid()
@@ -118,3 +142,59 @@ class RouterActor:
 
     def stop(self) -> None:
         self.server.stop()
+
+
+@ray.remote(num_cpus=0, max_restarts=0, max_concurrency=16)
+class ControllerActor:
+    """Runs the ``Controller`` (and, when configured, the planner loop) in its own process;
+    owns the worker actors (they live as long as it does)."""
+
+    def __init__(self, config: ControllerConfig, template: WorkerTemplate,
+                 planner: PlannerConfig | None = None,
+                 planner_mode: PlannerMode = PlannerMode.OFF) -> None:
+        """``planner``: run the planner loop too (its mode is read from etcd every tick;
+        ``planner_mode`` is written there at start unless a mode is already set)."""
+        _setup_logging()
+        from scission.cluster.controller import Controller
+        from scission.cluster.spawner import WorkerSpawner
+        from scission.registry.directory import WorkerDirectory
+        from scission.registry.pools import PoolStore
+        from scission.registry.workers import connect
+
+        self.etcd = connect(template.etcd)
+        self.directory = WorkerDirectory(self.etcd, template.registry).start()
+        self.store = PoolStore(self.etcd, template.registry)
+        self.controller = Controller(config, WorkerSpawner(template), self.store, self.directory)
+        self.planner: PlannerLoop | None = None
+        if planner is not None:
+            from scission.cluster.planner.adapter import PlannerLoop
+            from scission.cluster.planner.core import PlannerCore
+
+            self.planner = PlannerLoop(PlannerCore(planner), self.store, self.directory,
+                                       self.etcd, template.registry, planner.interval_s,
+                                       self.controller.pending)
+        self._planner_mode = planner_mode
+
+    def start(self, initial: PoolTargets, timeout_s: float) -> dict[str, str]:
+        endpoints = self.controller.start(initial, timeout_s)
+        if self.planner is not None:
+            self.planner.start(self._planner_mode)
+        return endpoints
+
+    def handles(self) -> dict[str, ray.actor.ActorHandle]:
+        return self.controller.handles()
+
+    def workers(self) -> list[dict[str, str]]:
+        return self.controller.workers()
+
+    def kill_worker(self, worker_id: str) -> None:
+        self.controller.kill_worker(worker_id)
+
+    def num_replaced(self) -> int:
+        return self.controller.num_replaced
+
+    def stop(self) -> None:
+        if self.planner is not None:
+            self.planner.close()
+        self.controller.stop()
+        self.directory.close()

@@ -7,17 +7,22 @@ import dataclasses
 import logging
 import os
 import signal
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import ray
 
+from scission.cluster.controller import ControllerConfig
 from scission.cluster.etcd_server import EmbeddedEtcd
+from scission.cluster.planner.core import PlannerConfig
+from scission.cluster.spawner import WorkerTemplate
 from scission.engine.config import EngineConfig
-from scission.registry.workers import EtcdClientConfig, RegistryConfig, WorkerRole
+from scission.registry.directory import WorkerDirectory
+from scission.registry.pools import PlannerMode, PoolStore, PoolTargets, TargetWriter
+from scission.registry.workers import EtcdClientConfig, RegistryConfig, WorkerRole, connect
 from scission.router.config import RouterConfig
 from scission.worker.ports import find_free_port
-from scission.worker.runtime import WorkerConfig
 
 logger = logging.getLogger(__name__)
 
@@ -49,6 +54,19 @@ class ClusterConfig:
     # 0.0.0.0 (advertising the node's IP) when joining one (``ray_address``, possibly
     # multi-node); or an explicit address.
     worker_host: str = "auto"
+    # Elastic pools (cluster/controller.py, cluster/planner/): the planner's mode, its SLOs
+    # (also the router's), the worker budget (None = Ray's CPUs / threads per worker), how
+    # long a drain waits before migrating what still runs, and an operator hold's default.
+    planner_mode: PlannerMode = PlannerMode.OFF
+    slo_ttft_ms: float = 2000.0
+    slo_tpot_ms: float = 150.0
+    max_workers: int | None = None
+    planner_interval_s: float = 5.0
+    drain_deadline_s: float = 60.0
+    hold_s: float = 600.0
+    # The planner's tuning (cooldown, hysteresis, lifetimes...); None = its defaults with the
+    # SLOs, budget and interval above.
+    planner: PlannerConfig | None = None
 
     def __post_init__(self) -> None:
         if min(self.num_prefill, self.num_decode, self.num_colocated) < 0:
@@ -87,16 +105,17 @@ def assign_cpus(cpus: Sequence[int], num_workers: int,
 
 
 class LocalCluster:
+    """The cluster ``scission up`` runs: Ray, an embedded etcd (unless endpoints are given),
+    the controller actor (which starts and reconciles the worker pools) and the router."""
+
     def __init__(self, config: ClusterConfig) -> None:
         self.config = config
         self.etcd: EmbeddedEtcd | None = None
-        self.workers: dict[str, ray.actor.ActorHandle] = {}
+        self.controller = None
         self.router = None
         self.router_address: str | None = None
         self._ray_started = False
         self._etcd_cfg: EtcdClientConfig | None = None
-        self._cpu_sets: list[tuple[int, ...]] = []  # pin_cpus: one per worker, in spawn order
-        self._num_spawned = 0
 
     def start(self) -> str:
         """Returns the router's address once every worker is registered."""
@@ -110,35 +129,72 @@ class LocalCluster:
             self.etcd = EmbeddedEtcd().start()
             endpoints = (self.etcd.endpoint,)
         self._etcd_cfg = EtcdClientConfig(endpoints=endpoints)
-        if cfg.pin_cpus:
-            self._cpu_sets = assign_cpus(sorted(os.sched_getaffinity(0)),
-                                         sum(cfg.pools.values()), cfg.threads_per_worker)
-        counters = {role: 0 for role in cfg.pools}
-        pending = [self._spawn(role, counters) for role, n in cfg.pools.items() for _ in range(n)]
-        ray.get(pending, timeout=cfg.start_timeout_s)
+        from scission.cluster.actors import ControllerActor, RouterActor
+
+        self.controller = ControllerActor.remote(self._controller_config(), self._template(),
+                                                 self._planner_config(), cfg.planner_mode)
+        initial = PoolTargets(prefill=cfg.pools.get(WorkerRole.PREFILL, 0),
+                              decode=cfg.pools.get(WorkerRole.DECODE, 0),
+                              colocated=cfg.pools.get(WorkerRole.COLOCATED, 0),
+                              writer=TargetWriter.INITIAL, reason="scission up",
+                              written_at_s=time.time())
+        ray.get(self.controller.start.remote(initial, cfg.start_timeout_s),
+                timeout=cfg.start_timeout_s + 30)
         router_port = cfg.router.port or find_free_port(cfg.router.host)
         router_cfg = dataclasses.replace(cfg.router, etcd=self._etcd_cfg, port=router_port,
                                          registry=RegistryConfig(prefix=cfg.registry_prefix))
-        from scission.cluster.actors import RouterActor
-
         self.router = RouterActor.options(max_restarts=cfg.max_router_restarts).remote(
             router_cfg)
         self.router_address = ray.get(self.router.start.remote(), timeout=cfg.start_timeout_s)
         return self.router_address
 
-    def add_worker(self, role: WorkerRole) -> str:
-        """Start one more worker of ``role``; returns its worker id."""
-        counters = {role: sum(1 for w in self.workers if w.startswith(role.value))}
-        ray.get(self._spawn(role, counters), timeout=self.config.start_timeout_s)
-        return list(self.workers)[-1]
+    @property
+    def max_workers(self) -> int:
+        """The worker budget: ``ClusterConfig.max_workers``, else Ray's CPUs / threads per
+        worker (at least the initial pools)."""
+        cfg = self.config
+        if cfg.max_workers is not None:
+            return cfg.max_workers
+        cpus = int(ray.cluster_resources().get("CPU", os.cpu_count() or 1))
+        return max(sum(cfg.pools.values()), cpus // self._threads_per_worker())
+
+    @property
+    def workers(self) -> dict[str, ray.actor.ActorHandle]:
+        """worker_id -> actor of every worker the controller manages now."""
+        return ray.get(self.controller.handles.remote(), timeout=30)
+
+    def add_worker(self, role: WorkerRole, timeout_s: float | None = None) -> str:
+        """Raise ``role``'s target by one (as an operator would) and return the new worker's
+        id once it is registered in etcd."""
+        store = self._pool_store()
+        before = set(self.workers)
+        targets, revision = store.read_targets()
+        assert targets is not None, "cluster not started"
+        raised = dataclasses.replace(targets.with_role(role, targets.get(role) + 1),
+                                     writer=TargetWriter.OPERATOR, reason="add_worker",
+                                     written_at_s=time.time())
+        if not store.write_targets(raised, revision):
+            raise RuntimeError("pool targets changed meanwhile; try again")
+        deadline = time.monotonic() + (timeout_s or self.config.start_timeout_s)
+        directory = self._directory()
+        try:
+            while time.monotonic() < deadline:
+                new = [w.worker_id for w in directory.workers(role) if w.worker_id not in before]
+                if new:
+                    return new[0]
+                time.sleep(0.1)
+        finally:
+            directory.close()
+        raise TimeoutError(f"no new {role.value} worker registered in time")
 
     def kill_worker(self, worker_id: str) -> None:
-        """Hard-kill a worker for good (no deregistration: its lease expires; no restart)."""
-        ray.kill(self.workers.pop(worker_id), no_restart=True)
+        """Hard-kill a worker for good (no deregistration: its lease expires; no restart, no
+        replacement: its role's target is lowered)."""
+        ray.get(self.controller.kill_worker.remote(worker_id), timeout=30)
 
     def crash_worker(self, worker_id: str) -> int:
         """SIGKILL a worker's process as a crash would; Ray restarts it while
-        ``max_worker_restarts`` allows. Returns the killed pid."""
+        ``max_worker_restarts`` allows, then the controller replaces it. Returns the pid."""
         pid = ray.get(self.workers[worker_id].pid.remote(), timeout=30)
         os.kill(pid, signal.SIGKILL)
         return pid
@@ -151,41 +207,61 @@ class LocalCluster:
         return pid
 
     def stop(self) -> None:
-        handles = list(self.workers.values()) + ([self.router] if self.router else [])
-        try:
-            ray.get([h.stop.remote() for h in handles], timeout=20)
-        except Exception as e:  # a dead actor cannot stop; it is killed below anyway
-            logger.warning("graceful stop incomplete: %s", e)
-        for h in handles:
-            ray.kill(h, no_restart=True)
-        self.workers.clear()
-        self.router = None
+        for actor in (self.router, self.controller):
+            if actor is None:
+                continue
+            try:
+                ray.get(actor.stop.remote(), timeout=40)
+            except Exception as e:  # a dead actor cannot stop; it is killed below anyway
+                logger.warning("graceful stop incomplete: %s", e)
+            ray.kill(actor, no_restart=True)
+        self.router = self.controller = None
         if self._ray_started:
             ray.shutdown()
         if self.etcd is not None:
             self.etcd.stop()
 
-    def _spawn(self, role: WorkerRole, counters: dict[WorkerRole, int]):
-        from scission.cluster.actors import WorkerActor
+    def _pool_store(self) -> PoolStore:
+        assert self._etcd_cfg is not None, "cluster not started"
+        return PoolStore(connect(self._etcd_cfg), RegistryConfig(prefix=self.config.registry_prefix))
 
+    def _directory(self) -> WorkerDirectory:
+        assert self._etcd_cfg is not None, "cluster not started"
+        return WorkerDirectory(connect(self._etcd_cfg),
+                               RegistryConfig(prefix=self.config.registry_prefix)).start()
+
+    def _threads_per_worker(self) -> int:
         cfg = self.config
-        worker_id = f"{role.value}-{counters[role]}"
-        counters[role] += 1
-        cpu_ids: tuple[int, ...] = ()
-        if self._cpu_sets:  # a worker added later reuses the sets in turn
-            cpu_ids = self._cpu_sets[self._num_spawned % len(self._cpu_sets)]
-        self._num_spawned += 1
-        threads = cfg.threads_per_worker or len(cpu_ids) or max(
-            1, (os.cpu_count() or 1) // sum(cfg.pools.values()))
-        engine = dataclasses.replace(cfg.engine, num_threads=threads)
+        if cfg.threads_per_worker:
+            return cfg.threads_per_worker
+        if cfg.pin_cpus:
+            return max(1, len(os.sched_getaffinity(0)) // sum(cfg.pools.values()))
+        return max(1, (os.cpu_count() or 1) // sum(cfg.pools.values()))
+
+    def _controller_config(self) -> ControllerConfig:
+        return ControllerConfig(drain_deadline_s=self.config.drain_deadline_s,
+                                max_workers=self.max_workers)
+
+    def _planner_config(self) -> PlannerConfig:
+        cfg = self.config
+        if cfg.planner is not None:
+            return cfg.planner
+        return PlannerConfig(slo_ttft_ms=cfg.slo_ttft_ms, slo_tpot_ms=cfg.slo_tpot_ms,
+                             max_workers=self.max_workers, interval_s=cfg.planner_interval_s)
+
+    def _template(self) -> WorkerTemplate:
+        cfg = self.config
+        cpu_sets: tuple[tuple[int, ...], ...] = ()
+        if cfg.pin_cpus:
+            cpu_sets = tuple(assign_cpus(sorted(os.sched_getaffinity(0)),
+                                         sum(cfg.pools.values()), cfg.threads_per_worker))
+        threads = cfg.threads_per_worker or (len(cpu_sets[0]) if cpu_sets else
+                                             self._threads_per_worker())
         host = cfg.worker_host
         if host == "auto":
             host = "127.0.0.1" if cfg.ray_address is None else "0.0.0.0"
-        wcfg = WorkerConfig(worker_id=worker_id, role=role, engine=engine, etcd=self._etcd_cfg,
-                            host=host,
-                            registry=RegistryConfig(prefix=cfg.registry_prefix),
-                            lease_ttl_s=cfg.lease_ttl_s, hold_timeout_s=cfg.hold_timeout_s)
-        actor = WorkerActor.options(name=f"scission-{worker_id}-{os.getpid()}",
-                                    max_restarts=cfg.max_worker_restarts).remote(wcfg, cpu_ids)
-        self.workers[worker_id] = actor
-        return actor.start.remote()
+        return WorkerTemplate(engine=cfg.engine, etcd=self._etcd_cfg, host=host,
+                              registry=RegistryConfig(prefix=cfg.registry_prefix),
+                              lease_ttl_s=cfg.lease_ttl_s, hold_timeout_s=cfg.hold_timeout_s,
+                              max_restarts=cfg.max_worker_restarts, threads=threads,
+                              cpu_sets=cpu_sets, name_suffix=str(os.getpid()))

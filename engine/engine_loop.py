@@ -22,6 +22,10 @@ logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
 FINISHED_ABORT = RequestOutput("", (), "", FinishReason.ABORT, 0, 0)
+# Put on the stream of a request evicted by ``evict_all`` (a draining worker past its
+# deadline); compared by identity: the servicer ends the call with UNAVAILABLE so the router
+# migrates the request.
+MIGRATE = RequestOutput("", (), "", FinishReason.ABORT, 0, 0)
 
 
 class EngineLoop:
@@ -48,6 +52,10 @@ class EngineLoop:
         """``hook()`` runs on the loop thread between steps (keep it cheap)."""
         self._hooks.append(hook)
 
+    def remove_hook(self, hook: Callable[[], None]) -> None:
+        """Stop running ``hook`` (a servicer swapped out by a role flip); no-op if absent."""
+        self.call(lambda: self._hooks.remove(hook) if hook in self._hooks else None)
+
     def call(self, fn: Callable[[], T], timeout_s: float | None = 30.0) -> T:
         """Run ``fn`` on the loop thread and return its result (re-raises its exception)."""
         fut: Future = Future()
@@ -73,6 +81,18 @@ class EngineLoop:
             return found
 
         return self.call(_abort)
+
+    def evict_all(self) -> int:
+        """Abort every request that has an open stream and put ``MIGRATE`` on it (a draining
+        worker past its deadline: the caller migrates the request). Returns how many."""
+        def _evict() -> int:
+            streams, self._outputs = self._outputs, {}
+            for rid, q in streams.items():
+                self.engine.abort(rid)
+                q.put(MIGRATE)
+            return len(streams)
+
+        return self.call(_evict)
 
     # -- loop thread ----------------------------------------------------------------
     def _run(self) -> None:

@@ -12,7 +12,7 @@ import time
 
 import grpc
 
-from scission.engine.engine_loop import wait_output
+from scission.engine.engine_loop import MIGRATE, wait_output
 from scission.engine.request import InvalidRequestError
 from scission.kv_transfer.handle import KVNotification, TransferHandle
 from scission.proto.scission.internal.v1 import worker_pb2 as pb
@@ -28,6 +28,11 @@ class PrefillServicer(BaseWorkerServicer):
         self._held_at: dict[str, float] = {}  # request_id -> monotonic time pinned (loop thread)
         self.loop.add_hook(self._release_pulled)
         self.loop.add_hook(self._release_expired)
+
+    def close(self) -> None:
+        """Role flip away from prefill: stop the hooks (held KV was released by the drain)."""
+        self.loop.remove_hook(self._release_pulled)
+        self.loop.remove_hook(self._release_expired)
 
     def Prefill(self, request: pb.PrefillRequest, context) -> pb.PrefillResponse:
         rid, prompt = request.request_id, list(request.prompt_token_ids)
@@ -46,6 +51,8 @@ class PrefillServicer(BaseWorkerServicer):
         if out is None:
             self.loop.abort(rid)
             context.abort(grpc.StatusCode.CANCELLED, f"prefill of {rid} cancelled or timed out")
+        if out is MIGRATE:  # evicted by a drain: the router places the prefill elsewhere
+            context.abort(grpc.StatusCode.UNAVAILABLE, f"worker draining: prefill {rid} moves")
         resp = pb.PrefillResponse(first_token_id=out.new_token_ids[0], text=out.text_delta,
                                   cached_tokens=out.num_cached_tokens)
         if out.finish_reason is not None:

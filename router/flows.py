@@ -129,6 +129,19 @@ def run_disaggregated(vr: ValidatedRequest, placement: Placement, pool: WorkerPo
     pre, dec = placement.prefill, placement.decode
     assert pre is not None, "disaggregated flow needs a prefill worker"
     track = UsageTracker(start_s, len(vr.prompt_token_ids), pre.worker_id, dec.worker_id)
+    # The request counts against its decode worker from placement on (not only once its
+    # prefill is done), so a burst spreads over the decode pool.
+    pool.begin(dec.worker_id)
+    try:
+        yield from _prefill_then_decode(vr, pre, dec, pool, track, prefill_timeout_s,
+                                        timeout_s)
+    finally:
+        pool.end(dec.worker_id)
+
+
+def _prefill_then_decode(vr: ValidatedRequest, pre, dec, pool: WorkerPool,
+                         track: UsageTracker, prefill_timeout_s: float,
+                         timeout_s: float) -> Iterator[pb.GenerateResponse]:
     first = _prefill(vr, pre, pool, prefill_timeout_s)
     track.cached_tokens = first.cached_tokens
     track.add(1)
@@ -146,14 +159,12 @@ def run_disaggregated(vr: ValidatedRequest, placement: Placement, pool: WorkerPo
                                 first_token_id=first.first_token_id,
                                 sampling=sampling_to_proto(vr.params),
                                 transfer_handle=first.transfer_handle)
-        pool.begin(dec.worker_id)
         call = pool.stub(dec).Decode(req, timeout=timeout_s)
         yield from stream_chunks(vr, call, track)
         done = True
     finally:
         if call is not None:
             call.cancel()
-            pool.end(dec.worker_id)
         if not done:  # cancelled or failed, maybe before the pull: free the prefill KV now
             _release(pool, pre, vr.request_id)
 

@@ -40,13 +40,13 @@ class WorkerPool:
         self._channels: dict[str, tuple[str, grpc.Channel, pb_grpc.WorkerStub]] = {}
         self._inflight_prefill_tokens: dict[str, int] = defaultdict(int)
         self._inflight_requests: dict[str, int] = defaultdict(int)
-        self.draining: set[str] = set()
         self._suspect_until: dict[str, float] = {}  # worker_id -> monotonic time
 
     def workers(self, role: WorkerRole) -> list[WorkerInfo]:
-        """Alive (registered), not draining, not recently failed workers of ``role``."""
+        """Alive (registered), not draining (``WorkerInfo.draining``, set in etcd by the
+        controller), not recently failed workers of ``role``."""
         now = time.monotonic()
-        return [w for w in self.directory.workers(role) if w.worker_id not in self.draining
+        return [w for w in self.directory.workers(role) if not w.draining
                 and self._suspect_until.get(w.worker_id, 0.0) <= now]
 
     def mark_suspect(self, worker_id: str, duration_s: float) -> None:

@@ -30,12 +30,15 @@ from scission.registry.workers import (
     WorkerInfo,
     WorkerRegistration,
     WorkerRole,
-    WorkerStatsRecord,
     connect,
 )
+from scission.worker import lifecycle
+from scission.worker.lifecycle import DrainResult, RoleServicer
+from scission.worker.metrics import MAX_PUBLISHED_STEPS, WorkerMetrics, stats_record
 from scission.worker.ports import advertised_host
 
 logger = logging.getLogger(__name__)
+ServicerFor = Callable[[WorkerRole], Callable[["WorkerRuntime"], "BaseWorkerServicer"]]
 
 
 @dataclass(frozen=True)
@@ -58,20 +61,26 @@ class WorkerConfig:
     stats_interval_s: float = 0.5
     request_timeout_s: float = 600.0
     grpc_max_workers: int = 128
+    metrics_port: int | None = None  # Prometheus /metrics on ``host`` (0 = any free); None = off
 
     def __post_init__(self) -> None:
         if self.lease_ttl_s < 1 or self.hold_timeout_s <= 0 or self.stats_interval_s <= 0:
             raise ValueError("lease_ttl_s >= 1, hold_timeout_s > 0, stats_interval_s > 0 required")
+        if self.metrics_port is not None and not 0 <= self.metrics_port < 65536:
+            raise ValueError(f"metrics_port out of range: {self.metrics_port}")
 
 
 class WorkerRuntime:
     """Builds and owns one worker's parts; ``start()`` returns once registered in etcd."""
 
-    def __init__(self, config: WorkerConfig,
-                 servicer_factory: Callable[[WorkerRuntime], BaseWorkerServicer]) -> None:
+    def __init__(self, config: WorkerConfig, servicer_for: ServicerFor) -> None:
+        """``servicer_for(role)`` builds the role's servicer from this runtime (called again on
+        a role flip)."""
         from scission.kv_transfer.agent import KVTransferAgent
 
         self.config = config
+        self.role = config.role  # changes on a role flip (worker_id stays)
+        self._servicer_for = servicer_for
         self.engine = LLMEngine(config.engine)
         self.loop = EngineLoop(self.engine)
         self.agent = KVTransferAgent(f"{config.worker_id}:{uuid.uuid4().hex[:8]}",
@@ -84,35 +93,59 @@ class WorkerRuntime:
                                              config.kv_index)
         self.loop.add_hook(self._drain_kv_events)
         self.server = grpc.server(futures.ThreadPoolExecutor(config.grpc_max_workers))
-        self.servicer = servicer_factory(self)
-        pb_grpc.add_WorkerServicer_to_server(self.servicer, self.server)
+        self.role_servicer = RoleServicer(servicer_for(self.role)(self))
+        pb_grpc.add_WorkerServicer_to_server(self.role_servicer, self.server)
         self.health = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         self.port = self.server.add_insecure_port(f"{config.host}:{config.port}")
         self.endpoint = f"{config.advertise_host or advertised_host(config.host)}:{self.port}"
         self.info: WorkerInfo | None = None
         self._stop = threading.Event()
+        self.metrics = WorkerMetrics(config.worker_id, self.engine.step_metrics, self.stats)
+        self.metrics_port: int | None = None  # bound port once started with metrics on
 
     def start(self) -> WorkerRuntime:
         self.loop.start()
         self.server.start()
         self.directory.start()
-        eng = self.engine
-        info = WorkerInfo(
-            worker_id=self.config.worker_id, role=self.config.role, endpoint=self.endpoint,
-            agent_name=self.agent.name, agent_metadata=self.agent.metadata(),
-            kv_layout=self.agent.layout().to_bytes(), num_blocks=eng.kv_cache.num_blocks,
-            block_size=eng.kv_cache.block_size, model_id=eng.model_config.model_id,
-            started_at_s=time.time(),
-        )
-        self.info = self.registration.register(info, self.config.lease_ttl_s)
-        self.kv_publisher.set_lease(self.info.incarnation)
+        if self.config.metrics_port is not None:
+            self.metrics_port = self.metrics.serve(self.config.host, self.config.metrics_port)
+        self._started_at_s = time.time()
+        self.register()
         self.kv_publisher.start()
         self.health.set("", health_pb2.HealthCheckResponse.SERVING)
         threading.Thread(target=self._publish_stats, name="stats", daemon=True).start()
         logger.info("worker %s (%s) serving on %s, incarnation %d", self.config.worker_id,
-                    self.config.role.value, self.endpoint, self.info.incarnation)
+                    self.role.value, self.endpoint, self.info.incarnation)
         return self
+
+    @property
+    def servicer(self) -> BaseWorkerServicer:
+        """The current role's servicer."""
+        return self.role_servicer.current
+
+    def register(self) -> WorkerInfo:
+        """Register as ``self.role`` under a new lease (start, and after a role flip); the KV
+        index is published under it. Raises etcd errors."""
+        eng = self.engine
+        info = WorkerInfo(
+            worker_id=self.config.worker_id, role=self.role, endpoint=self.endpoint,
+            agent_name=self.agent.name, agent_metadata=self.agent.metadata(),
+            kv_layout=self.agent.layout().to_bytes(), num_blocks=eng.kv_cache.num_blocks,
+            block_size=eng.kv_cache.block_size, model_id=eng.model_config.model_id,
+            started_at_s=self._started_at_s,
+        )
+        self.info = self.registration.register(info, self.config.lease_ttl_s)
+        self.kv_publisher.set_lease(self.info.incarnation)
+        return self.info
+
+    def drain(self, deadline_s: float) -> DrainResult:
+        """See ``worker.lifecycle.drain``."""
+        return lifecycle.drain(self, deadline_s)
+
+    def flip(self, role: WorkerRole, deadline_s: float) -> DrainResult:
+        """See ``worker.lifecycle.flip``."""
+        return lifecycle.flip(self, role, deadline_s, self._servicer_for)
 
     def stop(self) -> None:
         self._stop.set()
@@ -125,15 +158,23 @@ class WorkerRuntime:
         self.loop.stop()
         self.directory.close()
         self.agent.close()
+        self.metrics.close()
 
     def stats(self) -> pb.WorkerStats:
         eng, sched = self.engine, self.engine.scheduler
+        steps, last = eng.step_metrics.totals, eng.step_metrics.last
         return pb.WorkerStats(
-            worker_id=self.config.worker_id, role=self.config.role.value,
+            worker_id=self.config.worker_id, role=self.role.value,
             num_blocks=eng.kv_cache.num_blocks, num_free_blocks=eng.num_free_blocks,
             num_running=len(sched.running), num_waiting=len(sched.waiting),
             num_held=len(eng.held), queued_prefill_tokens=eng.queued_prefill_tokens(),
             num_prompt_tokens_computed=eng.num_prompt_tokens_computed,
+            kv_usage=eng.kv_usage, num_steps_total=steps.num_steps, step_ms_total=steps.step_ms,
+            num_prefill_tokens_total=steps.num_prefill_tokens,
+            num_decode_tokens_total=steps.num_decode_tokens,
+            last_step_ms=last.step_ms if last else 0.0,
+            last_num_decode_requests=last.num_decode_requests if last else 0,
+            last_num_prefill_tokens=last.num_prefill_tokens if last else 0,
         )
 
     def _drain_kv_events(self) -> None:
@@ -147,14 +188,15 @@ class WorkerRuntime:
         self.kv_publisher.set_lease(info.incarnation)
 
     def _publish_stats(self) -> None:
+        cursor = 0  # engine steps already published (advanced only once a put succeeds)
         while not self._stop.wait(self.config.stats_interval_s):
             s = self.stats()
+            steps, next_cursor = self.engine.step_metrics.since(cursor)
+            recent, _ = self.engine.step_metrics.since(max(0, next_cursor - MAX_PUBLISHED_STEPS))
             try:
-                self.registration.update_stats(WorkerStatsRecord(
-                    num_free_blocks=s.num_free_blocks, num_running=s.num_running,
-                    num_waiting=s.num_waiting, queued_prefill_tokens=s.queued_prefill_tokens,
-                    updated_at_s=time.time()))
-            except Exception as e:  # etcd blip: the next tick retries
+                self.registration.update_stats(stats_record(s, steps, recent=recent))
+                cursor = next_cursor
+            except Exception as e:  # etcd blip: the next tick retries (with these steps)
                 logger.warning("stats publish failed: %s", e)
 
 

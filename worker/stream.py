@@ -7,7 +7,7 @@ from collections.abc import Callable, Iterator
 
 import grpc
 
-from scission.engine.engine_loop import EngineLoop, wait_output
+from scission.engine.engine_loop import MIGRATE, EngineLoop, wait_output
 from scission.engine.request import InvalidRequestError
 from scission.proto.scission.internal.v1 import worker_pb2 as pb
 from scission.worker.convert import output_to_chunk
@@ -19,7 +19,8 @@ def stream_request(loop: EngineLoop, request_id: str, add: Callable[[], object],
                    timeout_s: float) -> Iterator[pb.TokenChunk]:
     """Add a request with ``add()`` on the loop thread and yield its chunks until it finishes.
 
-    A caller that goes away (cancel, deadline) aborts the request, freeing its blocks.
+    A caller that goes away (cancel, deadline) aborts the request, freeing its blocks. A
+    request evicted by a drain ends the call with UNAVAILABLE (the router migrates it).
     """
     q = loop.open_stream(request_id)
     try:
@@ -33,6 +34,10 @@ def stream_request(loop: EngineLoop, request_id: str, add: Callable[[], object],
             out = wait_output(q, timeout_s, context.is_active)
             if out is None:
                 break
+            if out is MIGRATE:  # this worker drains: the router migrates the request
+                finished = True
+                context.abort(grpc.StatusCode.UNAVAILABLE,
+                              f"worker draining: request {request_id} migrates")
             finished = out.finish_reason is not None
             yield output_to_chunk(out, first)
             first = False

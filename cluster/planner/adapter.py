@@ -1,0 +1,188 @@
+"""The planner's adapter: etcd in, ``PlannerCore.on_tick`` out, decisions applied (AUTO).
+
+Every ``interval_s``: read the planner control (mode, paused), the pool targets and commands,
+the workers and their stats (forward-pass steps -> ``ForwardSample``), and the routers'
+cluster-scope ``SloWindow``\\ s; build a ``TickInput`` on the wall clock; ask the core. A
+decision other than NONE is recorded (``PoolStore.append_decision``) in ADVISORY and AUTO
+modes; in AUTO it is applied: scale = new targets (compare-and-swap, writer PLANNER), flip =
+a FLIP command with the new targets in one transaction. An operator's hold
+(``PoolTargets.hold_until_s``) reaches the core, which then keeps the targets.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import threading
+import time
+from collections.abc import Callable
+
+from scission.cluster.planner.core import PlannerCore
+from scission.cluster.planner.types import (
+    Action,
+    ForwardSample,
+    PoolDecision,
+    SloObservation,
+    TickInput,
+    WorkerObservation,
+)
+from scission.registry.directory import WorkerDirectory
+from scission.registry.etcd_watch import ETCD_ERRORS, describe_etcd_error
+from scission.registry.metrics import SCOPE_CLUSTER, SloWindow, slo_prefix
+from scission.registry.pools import (
+    CommandKind,
+    PlannerControl,
+    PlannerDecision,
+    PlannerMode,
+    PoolStore,
+    PoolTargets,
+    TargetWriter,
+)
+from scission.registry.workers import RegistryConfig, WorkerRole
+
+logger = logging.getLogger(__name__)
+
+
+class PlannerLoop:
+    """Runs the core every ``interval_s`` on a thread; ``tick_once`` is one iteration."""
+
+    def __init__(self, core: PlannerCore, store: PoolStore, directory: WorkerDirectory,
+                 etcd, registry: RegistryConfig, interval_s: float,
+                 pending: Callable[[PoolTargets], bool]) -> None:
+        """``pending(targets)``: the controller has not reached ``targets`` yet."""
+        self.core = core
+        self.store = store
+        self.directory = directory
+        self._etcd = etcd
+        self._slo_prefix = slo_prefix(registry.prefix)
+        self.interval_s = interval_s
+        self._pending = pending
+        self._seen_steps: dict[str, float] = {}  # worker_id -> end time of the last step seen
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="planner", daemon=True)
+        self.last_decision: PoolDecision | None = None
+
+    def start(self, mode: PlannerMode) -> PlannerLoop:
+        """Write the initial control record unless one exists; start ticking."""
+        if self.store.read_control() is None:
+            self.store.write_control(PlannerControl(mode=mode, updated_at_s=time.time()))
+        self._thread.start()
+        return self
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=10)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            try:
+                self.tick_once()
+            except ETCD_ERRORS as exc:
+                logger.warning("planner: etcd unavailable (%s)", describe_etcd_error(exc))
+            except Exception:  # a bug must not stop the loop for good
+                logger.exception("planner tick failed")
+
+    def tick_once(self) -> PoolDecision | None:
+        """One tick; returns the decision (None when the planner is off or paused)."""
+        control = self.store.read_control() or PlannerControl()
+        if control.mode is PlannerMode.OFF or control.paused:
+            return None
+        targets, revision, _ = self.store.snapshot()
+        if targets is None:
+            return None
+        inp = self.observe(targets)
+        decision = self.core.on_tick(inp)
+        self.last_decision = decision
+        if decision.action is Action.NONE:
+            logger.debug("planner: no change (%s)", decision.reason)
+            return decision
+        applied = control.mode is PlannerMode.AUTO and self._apply(decision, targets, revision)
+        logger.info("planner %s (%s, %s): %s", decision.action.value, decision.loop.value,
+                    "applied" if applied else control.mode.value, decision.reason)
+        self.store.append_decision(PlannerDecision(
+            at_s=time.time(), action=decision.action.value, loop=decision.loop.value,
+            reason=decision.reason, mode=control.mode, applied=applied,
+            prefill=decision.targets.get(WorkerRole.PREFILL, 0),
+            decode=decision.targets.get(WorkerRole.DECODE, 0),
+            flip_worker_id=decision.flip_worker_id or "",
+            flip_to_role=decision.flip_to_role.value if decision.flip_to_role else ""))
+        return decision
+
+    def observe(self, targets: PoolTargets) -> TickInput:
+        """The core's input from etcd, on the wall clock."""
+        now = time.time()
+        workers, samples = [], []
+        for info in self.directory.workers():
+            stats = self.directory.stats(info.worker_id)
+            workers.append(WorkerObservation(
+                worker_id=info.worker_id, role=info.role, started_at_s=info.started_at_s,
+                draining=info.draining,
+                num_running=stats.num_running if stats else 0,
+                num_waiting=stats.num_waiting if stats else 0,
+                queued_prefill_tokens=stats.queued_prefill_tokens if stats else 0,
+                kv_usage=getattr(stats, "kv_usage", 0.0) if stats else 0.0))
+            if stats is not None:
+                samples += self._new_samples(info.worker_id, info.role, stats)
+        return TickInput(now_s=now, targets=targets.as_dict(), workers=workers,
+                         slo=self._slo(), samples=samples, hold_until_s=targets.hold_until_s,
+                         pending_change=self._pending(targets))
+
+    def _new_samples(self, worker_id: str, role: WorkerRole, stats) -> list[ForwardSample]:
+        """Steps published since the last tick (``WorkerStatsRecord.steps``)."""
+        last = self._seen_steps.get(worker_id, 0.0)
+        out = []
+        for step in getattr(stats, "steps", ()):
+            end_s, prefill_tokens, decode_requests, context_tokens, step_ms = step[:5]
+            if end_s <= last:
+                continue
+            out.append(ForwardSample(worker_id, role, end_s, int(prefill_tokens),
+                                     int(decode_requests), int(context_tokens), step_ms))
+            self._seen_steps[worker_id] = max(self._seen_steps.get(worker_id, 0.0), end_s)
+        return out
+
+    def _slo(self) -> SloObservation | None:
+        """The routers' cluster-scope windows, combined (rates add up, ratios and p90s are
+        weighted by finished requests); None when no router has finished a request."""
+        windows = []
+        for value, meta in self._etcd.get_prefix(self._slo_prefix):
+            if not meta.key.decode(errors="replace").endswith("/" + SCOPE_CLUSTER):
+                continue
+            try:
+                windows.append(SloWindow.from_bytes(value))
+            except ValueError as exc:
+                logger.warning("planner: skipping a malformed SLO window: %s", exc)
+        return combine_windows(windows)
+
+    def _apply(self, decision: PoolDecision, targets: PoolTargets, revision: int) -> bool:
+        new = dataclasses.replace(
+            targets, writer=TargetWriter.PLANNER, reason=decision.reason[:200],
+            written_at_s=time.time(), hold_until_s=0.0,
+            **{role.value: decision.targets.get(role, 0) for role in WorkerRole})
+        if decision.action is Action.FLIP:
+            assert decision.flip_worker_id and decision.flip_to_role, "flip without a worker"
+            command = self.store.submit_command(
+                CommandKind.FLIP, decision.flip_worker_id, decision.flip_to_role,
+                writer=TargetWriter.PLANNER, reason=decision.reason[:200], targets=new,
+                expected_revision=revision)
+            return command is not None
+        return self.store.write_targets(new, revision)
+
+
+def combine_windows(windows: list[SloWindow]) -> SloObservation | None:
+    """One observation from several routers' windows (see ``PlannerLoop._slo``)."""
+    finished = sum(w.num_finished for w in windows)
+    if not windows or finished == 0:
+        return None
+
+    def weighted(field: str) -> float:
+        return sum(getattr(w, field) * w.num_finished for w in windows) / finished
+
+    return SloObservation(
+        window_s=max(w.window_s for w in windows), num_finished=finished,
+        arrival_rps=sum(w.arrival_rps for w in windows),
+        mean_prompt_tokens=weighted("mean_prompt_tokens"),
+        mean_output_tokens=weighted("mean_output_tokens"),
+        ttft_p90_ms=weighted("ttft_p90_ms"), tpot_p90_ms=weighted("tpot_p90_ms"),
+        ttft_attainment=weighted("ttft_attainment"), tpot_attainment=weighted("tpot_attainment"),
+        attainment=weighted("attainment"), goodput_rps=sum(w.goodput_rps for w in windows))
