@@ -7,7 +7,8 @@ import logging
 import sys
 from importlib.metadata import entry_points
 
-from scission.cluster import commands
+from scission.cluster import commands, planner_cli, pools_cli
+from scission.registry.pools import PlannerMode
 from scission.router.config import RoutingPolicy
 
 DESCRIPTION = """scission: a disaggregated LLM serving cluster.
@@ -18,6 +19,8 @@ them over NIXL; etcd holds worker registrations; the router serves gRPC.
   scission up                      start a local cluster (embedded etcd, local Ray)
   scission generate "Hello"        send a prompt to the running cluster
   scission status                  pools, workers and KV usage
+  scission pools                   targets, load and SLOs per pool; scale, drain, flip
+  scission planner status          the pool planner: mode, pause, its last decisions
   scission down                    stop the cluster started by `scission up`
   scission demo                    up + a few real prompts + down, in one command
   scission bench serve --help      load generator: TTFT/TPOT/goodput on real traces
@@ -69,6 +72,42 @@ def _cluster_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--routing-policy", default="kv-aware",
                    choices=[p.value for p in RoutingPolicy],
                    help="how the router picks the prefill worker (default kv-aware)")
+    _elastic_args(p)
+
+
+def _positive_int(value: str) -> int:
+    n = int(value)
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {n}")
+    return n
+
+
+def _positive_float(value: str) -> float:
+    x = float(value)
+    if not x > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {value}")
+    return x
+
+
+def _elastic_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("elastic pools (planner and controller)")
+    g.add_argument("--planner", default="off", choices=[m.value for m in PlannerMode],
+                   help="off: no decisions; advisory: decide and record (see `scission planner "
+                        "status`), change nothing; auto: decide and resize / flip pools "
+                        "(default off; `scission planner mode` changes it later)")
+    g.add_argument("--slo-ttft-ms", type=_positive_float, default=2000.0,
+                   help="time-to-first-token SLO the planner keeps and the router measures "
+                        "attainment against (default 2000)")
+    g.add_argument("--slo-tpot-ms", type=_positive_float, default=150.0,
+                   help="time-per-output-token SLO (default 150)")
+    g.add_argument("--max-workers", type=_positive_int, default=None,
+                   help="worker budget of the planner and of `scission pools scale` (default: "
+                        "Ray's CPUs / threads per worker)")
+    g.add_argument("--drain-deadline-s", type=_positive_float, default=60.0,
+                   help="a draining worker's running requests get this long to finish before "
+                        "they migrate (default 60)")
+    g.add_argument("--planner-interval-s", type=_positive_float, default=5.0,
+                   help="seconds between planner decisions (default 5)")
 
 
 def _sampling_args(p: argparse.ArgumentParser) -> None:
@@ -103,15 +142,131 @@ def build_parser() -> argparse.ArgumentParser:
     _sampling_args(gen)
     gen.set_defaults(func=commands.generate)
     st = sub.add_parser("status", help="pools, workers and KV usage (from etcd)")
-    st.add_argument("--etcd-endpoints", default="", help="default: from `up`")
+    _etcd_args(st)
     st.add_argument("--json", action="store_true", help="machine-readable output")
     st.set_defaults(func=commands.status)
+    _add_pools_commands(sub)
+    _add_planner_commands(sub)
     demo = sub.add_parser("demo", help="start a cluster, serve real prompts, print TTFT/TPOT, stop")
     _cluster_args(demo)
     demo.add_argument("--max-tokens", type=int, default=64, help="new tokens per prompt")
     demo.set_defaults(func=commands.demo, port=0)
     _add_plugin_commands(sub)
     return parser
+
+
+POOLS_EPILOG = """examples:
+  scission pools                         targets, load and SLOs per pool; planner; commands
+  scission pools --watch 2               the same, refreshed every 2 s (Ctrl-C to quit)
+  scission pools scale prefill 3         set the prefill target (held 600 s from the planner)
+  scission pools scale decode 2 --dry-run   current vs new targets, predicted TTFT/TPOT
+  scission pools drain decode-1 --wait   stop placing on decode-1, let it finish, retire it
+  scission pools flip decode-1 --to prefill --wait   the same worker serves prefill next
+
+Every change is written to etcd; the controller carries it out. A scale, drain or flip also
+holds the targets (--hold, default 600 s): the planner changes none before the hold ends.
+A drain lowers its role's target by one and a flip moves one from role to role, so the
+controller starts no replacement. Exit codes: 0 ok, 1 command failed / etcd error, 2 refused.
+"""
+
+PLANNER_EPILOG = """modes: off = no decisions; advisory = decide and record decisions with their
+reasons, change nothing; auto = decide and write targets / flips (never during an operator's
+hold). pause / resume stop and restart decisions without changing the mode.
+"""
+
+
+def _etcd_args(p: argparse.ArgumentParser, inherited: bool = False) -> None:
+    """--etcd-endpoints / --prefix. ``inherited``: on a subcommand of a parser that has them
+    too; its defaults are suppressed so ``pools --prefix P scale ...`` keeps P."""
+    default = argparse.SUPPRESS if inherited else None
+    g = p.add_argument_group("etcd")
+    g.add_argument("--etcd-endpoints", default=default if inherited else "",
+                   help="comma-separated host:port (default: from `scission up`)")
+    g.add_argument("--prefix", default=default,
+                   help="registry key prefix (default: from `scission up`, else /scission)")
+
+
+def _json_arg(p: argparse.ArgumentParser, inherited: bool = False) -> None:
+    p.add_argument("--json", action="store_true",
+                   default=argparse.SUPPRESS if inherited else False,
+                   help="print one JSON object instead of text")
+
+
+def _change_args(p: argparse.ArgumentParser) -> None:
+    _etcd_args(p, inherited=True)
+    _json_arg(p, inherited=True)
+    p.add_argument("--dry-run", action="store_true",
+                   help="check and show what would change; write nothing")
+    p.add_argument("--hold", type=float, default=600.0, metavar="DURATION_S",
+                   help="the planner changes no targets for this long after this change "
+                        "(default 600; 0 = no hold)")
+
+
+def _command_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("worker", metavar="WORKER", help="worker id (see `scission status`)")
+    _change_args(p)
+    p.add_argument("--wait", action="store_true",
+                   help="follow the command until the controller reports it done (exit 0) or "
+                        "failed (exit 1); progress on stderr")
+    p.add_argument("--timeout-s", type=float, default=900.0,
+                   help="with --wait: give up waiting after this long, exit 1 (the command "
+                        "continues; default 900, 0 = no limit)")
+
+
+def _add_pools_commands(sub: argparse._SubParsersAction) -> None:
+    pools = sub.add_parser(
+        "pools", help="pool targets, load and SLOs; scale, drain and flip workers",
+        description="Show the pools (no subcommand) or change them.", epilog=POOLS_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    _etcd_args(pools)
+    _json_arg(pools)
+    pools.add_argument("--watch", type=_positive_float, nargs="?", const=2.0, default=None,
+                       metavar="SECONDS", help="refresh every SECONDS (default 2) until Ctrl-C")
+    pools.set_defaults(func=pools_cli.show)
+    psub = pools.add_subparsers(dest="pools_command", metavar="SUBCOMMAND")
+    sc = psub.add_parser("scale", help="set the target number of workers of one role",
+                         description="Set ROLE's target to N (compare-and-swap, as the "
+                                     "operator, with a hold); the controller starts or drains "
+                                     "workers to reach it.")
+    sc.add_argument("role", metavar="ROLE", help="prefill, decode, colocated or encode")
+    sc.add_argument("count", metavar="N", type=int, help="target number of workers (>= 0)")
+    sc.add_argument("--max-workers", type=_positive_int, default=None,
+                    help="refuse a total above this (default: `scission up --max-workers`)")
+    _change_args(sc)
+    sc.set_defaults(func=pools_cli.scale)
+    dr = psub.add_parser("drain", help="retire one worker: no new requests, finish, exit",
+                         description="Submit a drain command for WORKER and lower its role's "
+                                     "target by one (with a hold), so no replacement starts.")
+    _command_args(dr)
+    dr.set_defaults(func=pools_cli.drain)
+    fl = psub.add_parser("flip", help="move one worker to another role (drain, then re-role)",
+                         description="Submit a flip command (the worker drains, then serves "
+                                     "--to ROLE in the same process) and move one target from "
+                                     "its role to ROLE (with a hold).")
+    _command_args(fl)
+    fl.add_argument("--to", required=True, metavar="ROLE",
+                    help="the new role: prefill, decode or colocated")
+    fl.set_defaults(func=pools_cli.flip)
+
+
+def _add_planner_commands(sub: argparse._SubParsersAction) -> None:
+    planner = sub.add_parser("planner", help="the pool planner: status, pause, resume, mode",
+                             epilog=PLANNER_EPILOG,
+                             formatter_class=argparse.RawDescriptionHelpFormatter)
+    psub = planner.add_subparsers(dest="planner_command", metavar="SUBCOMMAND", required=True)
+    st = psub.add_parser("status", help="mode, paused, SLOs and the last decisions with reasons")
+    st.add_argument("--last", type=int, default=10, help="decisions shown (default 10)")
+    st.set_defaults(func=planner_cli.planner_status)
+    for name, text in (("pause", "stop deciding (the mode stays)"),
+                       ("resume", "decide again")):
+        psub.add_parser(name, help=text).set_defaults(func=planner_cli.planner_set)
+    mode = psub.add_parser("mode", help="off | advisory | auto", epilog=PLANNER_EPILOG,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+    mode.add_argument("mode", choices=[m.value for m in PlannerMode])
+    mode.set_defaults(func=planner_cli.planner_set)
+    for p in psub.choices.values():
+        _etcd_args(p)
+        _json_arg(p)
 
 
 def _add_plugin_commands(sub: argparse._SubParsersAction) -> None:

@@ -16,6 +16,7 @@ from scission.cluster.client import generate as run_one
 from scission.cluster.launcher import ClusterConfig, LocalCluster
 from scission.cluster.state import DEFAULT_STATE_FILE, ClusterState
 from scission.engine.config import CacheConfig, EngineConfig, SchedulerConfig
+from scission.registry.pools import PlannerMode
 from scission.router.config import PlacementConfig, RouterConfig, RoutingPolicy
 
 DEMO_PROMPTS = (
@@ -40,13 +41,22 @@ def cluster_config(args: argparse.Namespace) -> ClusterConfig:
     endpoints = tuple(e for e in args.etcd_endpoints.split(",") if e)
     return ClusterConfig(
         num_prefill=args.prefill, num_decode=args.decode, num_colocated=args.colocated,
-        engine=engine,
-        router=RouterConfig(host=args.host, port=args.port, model_path=args.model,
-                            metrics_port=args.metrics_port, metrics_host=args.host,
-                            placement=PlacementConfig(policy=RoutingPolicy(args.routing_policy))),
+        engine=engine, router=_router_config(args),
         etcd_endpoints=endpoints, ray_address=args.ray_address, lease_ttl_s=args.lease_ttl_s,
         threads_per_worker=args.threads_per_worker, max_worker_restarts=args.max_worker_restarts,
-        max_router_restarts=args.max_router_restarts, worker_host=args.worker_host)
+        max_router_restarts=args.max_router_restarts, worker_host=args.worker_host,
+        planner_mode=PlannerMode(args.planner), slo_ttft_ms=args.slo_ttft_ms,
+        slo_tpot_ms=args.slo_tpot_ms, max_workers=args.max_workers,
+        drain_deadline_s=args.drain_deadline_s, planner_interval_s=args.planner_interval_s)
+
+
+def _router_config(args: argparse.Namespace) -> RouterConfig:
+    """The router measures SLO attainment (its published SloWindow) against the planner's
+    SLOs, so both judge the same requests the same way."""
+    return RouterConfig(host=args.host, port=args.port, model_path=args.model,
+                        metrics_port=args.metrics_port, metrics_host=args.host,
+                        placement=PlacementConfig(policy=RoutingPolicy(args.routing_policy)),
+                        slo_ttft_ms=args.slo_ttft_ms, slo_tpot_ms=args.slo_tpot_ms)
 
 
 def _start(cfg: ClusterConfig) -> LocalCluster:
@@ -77,7 +87,8 @@ def up(args: argparse.Namespace) -> int:
         signal.signal(sig, lambda *_: stop.set())
     cluster = _start(cfg)
     endpoints = list(cfg.etcd_endpoints) or [cluster.etcd.endpoint]
-    ClusterState(os.getpid(), cluster.router_address, endpoints, cfg.registry_prefix).write()
+    ClusterState(os.getpid(), cluster.router_address, endpoints, cfg.registry_prefix,
+                 max_workers=cluster.max_workers).write()
     print(f"scission router listening on {cluster.router_address}\n"
           f"  try:  scission generate --chat \"What is the capital of France?\"\n"
           f"  stop: Ctrl-C here, or `scission down`", flush=True)
@@ -157,7 +168,8 @@ def status(args: argparse.Namespace) -> int:
         state.etcd_endpoints if state else [])
     if not endpoints:
         return _fail("no etcd endpoint: pass --etcd-endpoints or start one with `scission up`")
-    return print_status(endpoints, state.registry_prefix if state else "/scission", args.json)
+    prefix = args.prefix or (state.registry_prefix if state else "/scission")
+    return print_status(endpoints, prefix, args.json)
 
 
 def demo(args: argparse.Namespace) -> int:

@@ -17,6 +17,7 @@ class ClusterState:
     router_address: str
     etcd_endpoints: list[str]
     registry_prefix: str
+    max_workers: int | None = None  # the worker budget (`up --max-workers` or its default)
 
     def write(self, path: Path = DEFAULT_STATE_FILE) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
