@@ -226,7 +226,12 @@ class Controller:
                 continue
             ref, w.ping_ref = w.ping_ref, None
             try:
-                ray.get(ref)
+                role = ray.get(ref)
+                if role and role != w.role.value:  # Ray restarted it in its original role
+                    logger.warning("worker %s came back as %s (was %s)", w.worker_id, role,
+                                   w.role.value)
+                    with self._lock:
+                        w.role = WorkerRole(role)
             except ActorDiedError:  # restarts used up (a restarting one is "unavailable")
                 logger.error("worker %s died for good; starting a replacement", w.worker_id)
                 self._forget(w)
