@@ -151,7 +151,8 @@ class ControllerActor:
 
     def __init__(self, config: ControllerConfig, template: WorkerTemplate,
                  planner: PlannerConfig | None = None,
-                 planner_mode: PlannerMode = PlannerMode.OFF) -> None:
+                 planner_mode: PlannerMode = PlannerMode.OFF,
+                 metrics_port: int | None = None, metrics_host: str = "127.0.0.1") -> None:
         """``planner``: run the planner loop too (its mode is read from etcd every tick;
         ``planner_mode`` is written there at start unless a mode is already set)."""
         _setup_logging()
@@ -174,12 +175,22 @@ class ControllerActor:
                                        self.etcd, template.registry, planner.interval_s,
                                        self.controller.pending)
         self._planner_mode = planner_mode
+        self._metrics = (metrics_host, metrics_port)
+        self.metrics_port: int | None = None  # bound, once started with metrics on
 
     def start(self, initial: PoolTargets, timeout_s: float) -> dict[str, str]:
         endpoints = self.controller.start(initial, timeout_s)
         if self.planner is not None:
             self.planner.start(self._planner_mode)
+        host, port = self._metrics
+        if port is not None:
+            from scission.cluster.control_metrics import serve_control_metrics
+
+            self.metrics_port = serve_control_metrics(self.controller, self.planner, host, port)
         return endpoints
+
+    def bound_metrics_port(self) -> int | None:
+        return self.metrics_port
 
     def handles(self) -> dict[str, ray.actor.ActorHandle]:
         return self.controller.handles()

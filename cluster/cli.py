@@ -69,6 +69,9 @@ def _cluster_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--no-prefix-caching", action="store_true", help="disable the prefix cache")
     g.add_argument("--metrics-port", type=int, default=None,
                    help="router Prometheus /metrics port (default: off)")
+    g.add_argument("--control-metrics-port", type=int, default=None,
+                   help="controller + planner Prometheus /metrics port: targets, workers by "
+                        "state, decisions with reasons (default: off; 0 = any free port)")
     g.add_argument("--routing-policy", default="kv-aware",
                    choices=[p.value for p in RoutingPolicy],
                    help="how the router picks the prefill worker (default kv-aware)")

@@ -47,7 +47,8 @@ def cluster_config(args: argparse.Namespace) -> ClusterConfig:
         max_router_restarts=args.max_router_restarts, worker_host=args.worker_host,
         planner_mode=PlannerMode(args.planner), slo_ttft_ms=args.slo_ttft_ms,
         slo_tpot_ms=args.slo_tpot_ms, max_workers=args.max_workers,
-        drain_deadline_s=args.drain_deadline_s, planner_interval_s=args.planner_interval_s)
+        drain_deadline_s=args.drain_deadline_s, planner_interval_s=args.planner_interval_s,
+        control_metrics_port=args.control_metrics_port)
 
 
 def _router_config(args: argparse.Namespace) -> RouterConfig:

@@ -76,6 +76,8 @@ class ManagedWorker:
     spawned_at_s: float = field(default_factory=time.monotonic)
     to_role: WorkerRole | None = None  # FLIPPING
     ping_ref: ray.ObjectRef | None = None
+    generation: int = 0  # +1 whenever the role may change (a ping from before is stale)
+    ping_generation: int = 0
 
     @property
     def counts_as(self) -> WorkerRole | None:
@@ -101,6 +103,7 @@ class Controller:
         self._thread = threading.Thread(target=self._run, name="controller", daemon=True)
         self._last_ping_s = 0.0
         self.num_replaced = 0  # workers started because one died for good
+        self.last_targets: PoolTargets | None = None  # as last read from etcd
 
     # -- lifecycle --------------------------------------------------------------------
     def start(self, initial: PoolTargets, timeout_s: float) -> dict[str, str]:
@@ -185,6 +188,7 @@ class Controller:
 
     def reconcile_once(self) -> None:
         targets, _, commands = self.store.snapshot()
+        self.last_targets = targets
         self._advance_started()
         self._check_liveness()
         for command in commands:
@@ -219,7 +223,7 @@ class Controller:
             serving = [w for w in self._workers.values() if w.state is WorkerState.SERVING]
         for w in serving:
             if w.ping_ref is None:
-                w.ping_ref = w.actor.ping.remote()
+                w.ping_ref, w.ping_generation = w.actor.ping.remote(), w.generation
                 continue
             ready, _ = ray.wait([w.ping_ref], timeout=0)
             if not ready:
@@ -227,7 +231,8 @@ class Controller:
             ref, w.ping_ref = w.ping_ref, None
             try:
                 role = ray.get(ref)
-                if role and role != w.role.value:  # Ray restarted it in its original role
+                if role and role != w.role.value and w.ping_generation == w.generation:
+                    # Ray restarted it in its original role (a role flip's is stale)
                     logger.warning("worker %s came back as %s (was %s)", w.worker_id, role,
                                    w.role.value)
                     with self._lock:
@@ -240,12 +245,12 @@ class Controller:
                 logger.info("worker %s unavailable (%s)", w.worker_id, type(exc).__name__)
 
     def _scale(self, targets: PoolTargets) -> None:
-        with self._lock:
-            workers = list(self._workers.values())
         counts = {role: 0 for role in WorkerRole}
-        for w in workers:
-            if w.counts_as is not None:
-                counts[w.counts_as] += 1
+        with self._lock:  # flips change role/state under the lock
+            workers = list(self._workers.values())
+            for w in workers:
+                if w.counts_as is not None:
+                    counts[w.counts_as] += 1
         live = len(workers)
         for role in WorkerRole:
             missing = targets.get(role) - counts[role]
@@ -300,6 +305,7 @@ class Controller:
         with self._lock:
             worker.state = WorkerState.FLIPPING if flip else WorkerState.DRAINING
             worker.to_role = command.to_role if flip and command else None
+            worker.generation += 1
         if command is not None:
             self.store.put_command(_with(command, CommandState.RUNNING, "draining", 0.0))
         target = self._flip if flip else self._drain_and_stop
@@ -309,11 +315,15 @@ class Controller:
     def _drain_and_stop(self, worker: ManagedWorker, command: WorkerCommand | None) -> None:
         t0 = time.monotonic()
         try:
+            message = "stopped before it served"
             if worker.ready_ref is None:  # a starting worker has nothing to drain
                 result = ray.get(worker.actor.drain.remote(self.config.drain_deadline_s))
                 logger.info("drained %s: %s", worker.worker_id, result)
+                message = (f"drained in {result['duration_s']:.2f}s ({result['num_evicted']} "
+                           f"requests migrated, {result['num_released']} KV holds released) "
+                           "and stopped")
             ray.get(worker.actor.stop.remote(), timeout=30)
-            message, state = "drained and stopped", CommandState.DONE
+            state = CommandState.DONE
         except Exception as exc:  # the worker died meanwhile: it is gone either way
             message, state = f"drain failed: {exc}", CommandState.FAILED
             logger.warning("drain of %s: %s", worker.worker_id, exc)
@@ -331,6 +341,7 @@ class Controller:
             with self._lock:
                 worker.role, worker.to_role = worker.to_role, None
                 worker.state = WorkerState.SERVING
+                worker.generation += 1
             message = (f"flipped to {worker.role.value} in {result['duration_s']:.2f}s "
                        f"({result['num_evicted']} requests migrated)")
             self._finish_command(command, CommandState.DONE, message, time.monotonic() - t0)

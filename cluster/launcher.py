@@ -67,6 +67,8 @@ class ClusterConfig:
     # The planner's tuning (cooldown, hysteresis, lifetimes...); None = its defaults with the
     # SLOs, budget and interval above.
     planner: PlannerConfig | None = None
+    # Prometheus /metrics of the controller and planner (0 = any free port; None = off).
+    control_metrics_port: int | None = None
 
     def __post_init__(self) -> None:
         if min(self.num_prefill, self.num_decode, self.num_colocated) < 0:
@@ -132,7 +134,8 @@ class LocalCluster:
         from scission.cluster.actors import ControllerActor, RouterActor
 
         self.controller = ControllerActor.remote(self._controller_config(), self._template(),
-                                                 self._planner_config(), cfg.planner_mode)
+                                                 self._planner_config(), cfg.planner_mode,
+                                                 cfg.control_metrics_port, cfg.router.host)
         initial = PoolTargets(prefill=cfg.pools.get(WorkerRole.PREFILL, 0),
                               decode=cfg.pools.get(WorkerRole.DECODE, 0),
                               colocated=cfg.pools.get(WorkerRole.COLOCATED, 0),

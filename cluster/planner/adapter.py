@@ -15,6 +15,7 @@ import dataclasses
 import logging
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable
 
 from scission.cluster.planner.core import PlannerCore
@@ -61,6 +62,8 @@ class PlannerLoop:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="planner", daemon=True)
         self.last_decision: PoolDecision | None = None
+        # (action, loop, "true"/"false" applied) -> decisions other than NONE since start
+        self.decision_counts: Counter[tuple[str, str, str]] = Counter()
 
     def start(self, mode: PlannerMode) -> PlannerLoop:
         """Write the initial control record unless one exists; start ticking."""
@@ -98,6 +101,8 @@ class PlannerLoop:
             logger.debug("planner: no change (%s)", decision.reason)
             return decision
         applied = control.mode is PlannerMode.AUTO and self._apply(decision, targets, revision)
+        self.decision_counts[(decision.action.value, decision.loop.value,
+                              str(applied).lower())] += 1
         logger.info("planner %s (%s, %s): %s", decision.action.value, decision.loop.value,
                     "applied" if applied else control.mode.value, decision.reason)
         self.store.append_decision(PlannerDecision(

@@ -6,6 +6,7 @@ come back. The tests run in order on one cluster (2 prefill + 1 decode at start)
 from __future__ import annotations
 
 import time
+import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
@@ -31,6 +32,7 @@ DRAIN_DEADLINE_S = 3.0  # short: a drain under load migrates what still runs
 def cluster():
     cfg = ClusterConfig(num_prefill=2, num_decode=1, lease_ttl_s=3, threads_per_worker=1,
                         max_worker_restarts=0, max_workers=6, drain_deadline_s=DRAIN_DEADLINE_S,
+                        control_metrics_port=0,
                         engine=EngineConfig(cache=CacheConfig(num_blocks=384)))
     c = LocalCluster(cfg)
     try:
@@ -131,6 +133,11 @@ def test_scale_decode_up_under_load(cluster, directory, store, chat_prompt_ids,
     after = Load(cluster.router_address, chat_prompt_ids[6:10], engine_reference[6:10])
     assert "decode-1" in {r.decode_worker for r in after.results_exact()}
     wait_until(lambda: blocks_all_free(directory), 30)
+    port = ray.get(cluster.controller.bound_metrics_port.remote())
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    assert 'scission_pool_target_workers{role="decode"} 2.0' in text
+    assert 'scission_pool_workers{role="decode",state="serving"} 2.0' in text
+    assert 'scission_pool_workers{role="prefill",state="serving"} 2.0' in text
 
 
 def test_drain_decode_worker_under_load(cluster, directory, store, chat_prompt_ids,
