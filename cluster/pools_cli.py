@@ -226,30 +226,46 @@ def _scale_dry_run(conn: Conn, change: Change, max_workers: int | None, as_json:
     current, _ = conn.store.read_targets()
     new = change(current)
     check_targets(current, new, max_workers)
-    slo = pools_view.read_slo(conn.client, conn.registry.prefix).get(SCOPE_CLUSTER)
-    base = current if current is not None else replace(new, writer=TargetWriter.INITIAL)
-    before = after = None
-    if slo is not None and not new.colocated:
-        before, after = (predict(DEFAULT_MODEL, t.prefill, t.decode, slo.arrival_rps,
-                                 slo.mean_prompt_tokens, slo.mean_output_tokens,
-                                 slo.slo_ttft_ms, slo.slo_tpot_ms) for t in (base, new))
+    before, after = _predictions(conn, current, new)
     if as_json:
         print_json({"dry_run": True, "before": pools_view.targets_dict(current, time.time()),
                      "targets": pools_view.targets_dict(new, time.time()),
-                     "predicted_before": _finite(asdict(before)) if before else None,
-                     "predicted": _finite(asdict(after)) if after else None})
+                     **_predictions_dict(before, after)})
         return 0
     print(f"dry run: nothing written\n  current targets: {targets_text(current)}\n"
           f"  new targets:     {targets_text(new)}")
+    _print_predictions(before, after, new)
+    return 0
+
+
+def _predictions(conn: Conn, current: PoolTargets | None, new: PoolTargets):
+    """Predicted TTFT/TPOT for the current and the new targets under the cluster window's
+    load (performance model ``DEFAULT_MODEL``); (None, None) without a window or for
+    colocated pools."""
+    slo = pools_view.read_slo(conn.client, conn.registry.prefix).get(SCOPE_CLUSTER)
+    if slo is None or new.colocated:
+        return None, None
+    base = current if current is not None else replace(new, writer=TargetWriter.INITIAL)
+    before, after = (predict(DEFAULT_MODEL, t.prefill, t.decode, slo.arrival_rps,
+                             slo.mean_prompt_tokens, slo.mean_output_tokens,
+                             slo.slo_ttft_ms, slo.slo_tpot_ms) for t in (base, new))
+    return before, after
+
+
+def _predictions_dict(before, after) -> dict:
+    return {"predicted_before": _finite(asdict(before)) if before else None,
+            "predicted": _finite(asdict(after)) if after else None}
+
+
+def _print_predictions(before, after, new: PoolTargets) -> None:
     if before is None or after is None:
         print("  no prediction: " + ("colocated pools" if new.colocated else
                                      "no SLO window published by a router yet"))
-        return 0
+        return
     print(f"  load (cluster window): {after.arrival_rps:.2f} req/s, "
           f"{after.mean_prompt_tokens:.0f} prompt / {after.mean_output_tokens:.0f} output tokens")
     for name, p in (("now", before), ("after", after)):
         print(f"  {name:>5}: {prediction_text(p)}")
-    return 0
 
 
 # -- pools drain / flip -------------------------------------------------------------------------
@@ -321,7 +337,11 @@ def _submit(conn: Conn, args: argparse.Namespace, directory: WorkerDirectory, in
         current, _ = conn.store.read_targets()
         planned = change(current)
         check_targets(current, planned, conn.max_workers)
-        return _print_submitted(args, verb, None, current, planned, dry_run=True)
+        predicted = _predictions(conn, current, planned)
+        _print_submitted(args, verb, None, current, planned, dry_run=True, predicted=predicted)
+        if not args.json:
+            _print_predictions(*predicted, planned)
+        return 0
     before, after = update_targets(conn.store, change, conn.max_workers, write)
     (command,) = submitted
     if not args.wait:
@@ -338,13 +358,15 @@ def _submit(conn: Conn, args: argparse.Namespace, directory: WorkerDirectory, in
 
 
 def _print_submitted(args: argparse.Namespace, verb: str, command: WorkerCommand | None,
-                     before: PoolTargets | None, after: PoolTargets, dry_run: bool) -> int:
+                     before: PoolTargets | None, after: PoolTargets, dry_run: bool,
+                     predicted: tuple | None = None) -> int:
     if args.json:
         now_s = time.time()
         print_json({"dry_run": dry_run,
                      "command": pools_view.record_dict(command) if command else None,
                      "before": pools_view.targets_dict(before, now_s),
-                     "targets": pools_view.targets_dict(after, now_s)})
+                     "targets": pools_view.targets_dict(after, now_s),
+                     **(_predictions_dict(*predicted) if predicted else {})})
     elif dry_run:
         print(f"dry run: nothing written\n  would submit: {verb}\n"
               f"  targets: {targets_text(before)} -> {targets_text(after)}")

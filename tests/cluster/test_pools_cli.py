@@ -157,6 +157,24 @@ def test_scale_dry_run_predicts_and_writes_nothing(cli, store, register, etcd_cl
     assert "new targets:     prefill=1 decode=1" in out and "TTFT p90" in out
 
 
+def test_flip_dry_run_predicts_and_writes_nothing(cli, store, register, etcd_client,
+                                                  etcd_prefix):
+    """flip --dry-run submits no command, moves no target, and predicts TTFT/TPOT for the
+    targets the flip would leave (prefill=1 decode=2) at the measured load."""
+    two_by_one(store, register)
+    etcd_client.put(slo_key(etcd_prefix, "router-a", "cluster"), make_window("cluster").to_bytes())
+    before = store.read_targets()
+    rc, out, _ = cli("pools", "flip", "prefill-1", "--to", "decode", "--dry-run", "--json")
+    assert rc == 0 and store.read_targets() == before and store.commands() == []
+    shown = json.loads(out)
+    assert (shown["targets"]["prefill"], shown["targets"]["decode"]) == (1, 2)
+    expected = predict(DEFAULT_MODEL, 1, 2, 2.0, 400.0, 100.0, 2000.0, 150.0)
+    assert shown["predicted"]["ttft_p90_ms"] == pytest.approx(expected.ttft_p90_ms)
+    assert shown["predicted"]["tpot_ms"] == pytest.approx(expected.tpot_ms)
+    rc, out, _ = cli("pools", "flip", "prefill-1", "--to", "decode", "--dry-run")
+    assert rc == 0 and "would submit: flip prefill-1 to decode" in out and "TTFT p90" in out
+
+
 def test_prediction_meets_the_slo_exactly_at_the_models_capacity():
     """At the rate the model says one prefill worker sustains, the predicted TTFT p90 is the
     SLO; a decode pool past its Little's-law capacity is reported overloaded (None)."""
