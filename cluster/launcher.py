@@ -55,15 +55,15 @@ class ClusterConfig:
     # multi-node); or an explicit address.
     worker_host: str = "auto"
     # Elastic pools (cluster/controller.py, cluster/planner/): the planner's mode, its SLOs
-    # (also the router's), the worker budget (None = Ray's CPUs / threads per worker), how
-    # long a drain waits before migrating what still runs, and an operator hold's default.
+    # (also the router's), the worker budget (None = Ray's CPUs / threads per worker), and how
+    # long a drain waits before migrating what still runs. (An operator hold's length is the
+    # CLI's --hold.)
     planner_mode: PlannerMode = PlannerMode.OFF
     slo_ttft_ms: float = 2000.0
     slo_tpot_ms: float = 150.0
     max_workers: int | None = None
     planner_interval_s: float = 5.0
     drain_deadline_s: float = 60.0
-    hold_s: float = 600.0
     # The planner's tuning (cooldown, hysteresis, lifetimes...); None = its defaults with the
     # SLOs, budget and interval above.
     planner: PlannerConfig | None = None
