@@ -79,6 +79,13 @@ class ClusterConfig:
             raise ValueError(f"threads_per_worker must be >= 1, got {self.threads_per_worker}")
         if self.num_colocated == 0 and (self.num_prefill < 1 or self.num_decode < 1):
             raise ValueError("need at least one prefill and one decode worker, or --colocated K")
+        if not (self.slo_ttft_ms > 0 and self.slo_tpot_ms > 0 and self.planner_interval_s > 0):
+            raise ValueError("--slo-ttft-ms, --slo-tpot-ms and --planner-interval-s must be > 0")
+        if self.drain_deadline_s < 0:
+            raise ValueError(f"--drain-deadline-s must be >= 0, got {self.drain_deadline_s}")
+        if self.max_workers is not None and self.max_workers < sum(self.pools.values()):
+            raise ValueError(f"--max-workers {self.max_workers} is below the initial pools "
+                             f"({sum(self.pools.values())} workers)")
 
     @property
     def pools(self) -> dict[WorkerRole, int]:
