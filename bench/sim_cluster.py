@@ -22,12 +22,12 @@ from scission.bench.sim_controller import SimController
 from scission.bench.sim_serving import ServingWorker
 from scission.bench.sim_workers import PrefillWorker, SimWorker, StepCosts, WorkerState
 from scission.bench.sim_workload import SimRequest
+from scission.cluster.planner.adapter import combine_windows
 from scission.cluster.planner.core import PlannerCore
 from scission.cluster.planner.perf_model import PerformanceModel
 from scission.cluster.planner.types import (
     Action,
     ForwardSample,
-    SloObservation,
     TickInput,
     WorkerObservation,
 )
@@ -53,19 +53,26 @@ class SimConfig:
     flip_delay_s: float = 1.0  # drained -> serving as the new role
     interval_s: float = 10.0  # planner tick (and timeline sample) period
     slo_window_s: float = 60.0  # the router's SLO window
+    shape_window_s: float = 20.0  # the router's load-shape window (arrivals; SloTracker)
+    # The router learns each request's max_tokens at arrival: True = clients ask for exactly
+    # the tokens they get (as ``bench/loadgen.py`` sends them: max_tokens = output,
+    # ignore_eos); False = not given, the planner sees output lengths only when requests finish.
+    max_tokens_known: bool = True
     prefill_timeout_s: float = 120.0  # RouterConfig: an unstarted prompt then fails
     request_timeout_s: float = 600.0  # RouterConfig: a request not yet running then fails
     tail_s: float = 600.0  # after the last arrival, run at most this long
     max_samples_per_tick: int = 512  # engine steps handed to the planner per tick (latest)
     # When a request starts to count on its decode worker in the router's view (the decode
-    # worker is chosen at arrival, by most free blocks): "pulled" = after its prefill (today's
-    # WorkerPool), "placed" = at placement, with its blocks (sim_workers.ServingWorker).
+    # worker is chosen at arrival, by most free blocks): "placed" = at placement, with its
+    # blocks (today's router counts it from placement: ``router/flows.py``); "pulled" = only
+    # after its prefill (the router before that fix). ``sim_serving.ServingWorker._make_load``.
     decode_load: str = "placed"
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if min(self.ttft_slo_ms, self.tpot_slo_ms, self.interval_s, self.slo_window_s) <= 0:
-            raise ValueError("SLOs, interval and window must be > 0")
+        if min(self.ttft_slo_ms, self.tpot_slo_ms, self.interval_s, self.slo_window_s,
+               self.shape_window_s) <= 0:
+            raise ValueError("SLOs, interval and windows must be > 0")
         if min(self.num_blocks, self.block_size, self.prefill_budget_tokens,
                self.max_num_seqs) < 1:
             raise ValueError("worker sizes must be >= 1")
@@ -81,6 +88,7 @@ class Decision:
     targets: dict[str, int]
     reason: str
     flip_worker_id: str | None = None
+    flip_worker_ids: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -130,7 +138,8 @@ class ClusterSim:
         self.pool = SimPool(self.controller)
         self.placer = Placer(placement or PlacementConfig(), self.pool, seed=cfg.seed)
         self.tracker = SloTracker(cfg.ttft_slo_ms, cfg.tpot_slo_ms, cfg.slo_window_s,
-                                  clock=lambda: self.now, wall_clock=lambda: self.now)
+                                  clock=lambda: self.now, wall_clock=lambda: self.now,
+                                  shape_window_s=min(cfg.shape_window_s, cfg.slo_window_s))
         cap = max(cfg.max_samples_per_tick // 2, 1)
         self._samples = {True: deque(maxlen=cap), False: deque(maxlen=cap)}  # prefill?
         self.num_open = 0
@@ -188,7 +197,8 @@ class ClusterSim:
 
     # -- request path ------------------------------------------------------------------------
     def _arrive(self, req: SimRequest) -> None:
-        self.tracker.arrive(self.now)
+        self.tracker.arrive(self.now, num_prompt_tokens=req.prompt_tokens,
+                            max_tokens=req.output_tokens if self.cfg.max_tokens_known else 0)
         self.num_open += 1
         try:
             placement = self.placer.place(req.prompt_tokens, [], self.cfg.block_size)
@@ -293,13 +303,7 @@ class ClusterSim:
             "goodput_rps": window.goodput_rps})
         if self.planner is None:
             return
-        slo = None if window.num_finished == 0 else SloObservation(
-            window_s=window.window_s, num_finished=window.num_finished,
-            arrival_rps=window.arrival_rps, mean_prompt_tokens=window.mean_prompt_tokens,
-            mean_output_tokens=window.mean_output_tokens, ttft_p90_ms=window.ttft_p90_ms,
-            tpot_p90_ms=window.tpot_p90_ms, ttft_attainment=window.ttft_attainment,
-            tpot_attainment=window.tpot_attainment, attainment=window.attainment,
-            goodput_rps=window.goodput_rps)
+        slo = combine_windows([window])  # as the adapter reads the routers' windows
         samples = [ForwardSample(*s) for q in self._samples.values() for s in q]
         for q in self._samples.values():
             q.clear()
@@ -310,8 +314,8 @@ class ClusterSim:
             return
         self.run_out.decisions.append(Decision(
             self.now, d.action.value, d.loop.value, {r.value: n for r, n in d.targets.items()},
-            d.reason, d.flip_worker_id))
-        ctl.apply(d.targets, d.flip_worker_id, d.flip_to_role)
+            d.reason, d.flip_worker_id, list(d.flip_worker_ids)))
+        ctl.apply(d.targets, d.flip_worker_ids, d.flip_to_role)
 
     def _observe(self) -> list[WorkerObservation]:
         """Registered workers (serving, or draining before they leave or flip)."""
@@ -320,12 +324,17 @@ class ClusterSim:
             if w.state is WorkerState.STARTING:
                 continue
             load = w.load()
-            waiting = len(w.queue) if isinstance(w, PrefillWorker) else \
-                len(w.kv_waiting) + len(w.prompts)
+            # what the worker itself reports (the engine's queues), not the router's view
+            if isinstance(w, PrefillWorker):
+                waiting, running = len(w.queue), w.num_held
+            else:
+                waiting, running = len(w.kv_waiting) + len(w.prompts), \
+                    len(w.rows) + len(w.prefilling)
             out.append(WorkerObservation(
                 worker_id=w.worker_id, role=w.role, started_at_s=w.spawned_at_s,
                 draining=w.state is not WorkerState.SERVING,
-                num_running=max(load.num_running - waiting, 0), num_waiting=waiting,
+                num_running=running, num_waiting=waiting,
                 queued_prefill_tokens=load.queued_prefill_tokens,
-                kv_usage=load.blocks_in_use / max(load.num_blocks, 1)))
+                kv_usage=load.blocks_in_use / max(load.num_blocks, 1),
+                kv_capacity_tokens=w.num_blocks * w.block_size))
         return out

@@ -74,12 +74,12 @@ class SimController:
         self.max_live = len(self.workers)
         self.sim.refresh_pool()
 
-    def apply(self, targets: dict[WorkerRole, int], flip_worker_id: str | None = None,
+    def apply(self, targets: dict[WorkerRole, int], flip_worker_ids: tuple[str, ...] = (),
               flip_to_role: WorkerRole | None = None) -> None:
-        """New targets (and a flip command), then reconcile."""
+        """New targets (and flip commands, one per worker), then reconcile."""
         self.targets = dict(targets)
-        if flip_worker_id is not None:
-            w = self.workers.get(flip_worker_id)
+        for worker_id in flip_worker_ids:
+            w = self.workers.get(worker_id)
             assert flip_to_role is not None, "a flip needs a role"
             if w is not None and w.state is WorkerState.SERVING and w.role is not flip_to_role:
                 w.state, w.to_role = WorkerState.FLIPPING, flip_to_role

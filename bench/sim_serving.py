@@ -56,9 +56,9 @@ class ServingWorker(SimWorker):
 
     # -- what the router and the controller see ----------------------------------------------
     def _make_load(self) -> WorkerLoad:
-        """``SimConfig.decode_load``: "pulled" = the router's ``WorkerPool`` today (a request
-        counts on its decode worker once its prefill is done); "placed" = from placement on,
-        with the blocks it will need."""
+        """``SimConfig.decode_load``: "placed" = from placement on, with the blocks it will
+        need (the router counts it from placement: ``router/flows.py``); "pulled" = once its
+        prefill is done (the router before that fix)."""
         running = (len(self.rows) + len(self.prefilling) + len(self.prompts)
                    + len(self.kv_waiting) + self.in_transit)
         used = self.blocks_used + self.blocks_waiting

@@ -76,7 +76,8 @@ def sim_config(args: argparse.Namespace) -> SimConfig:
     return SimConfig(ttft_slo_ms=args.ttft_slo_ms, tpot_slo_ms=args.tpot_slo_ms,
                      kv_transfer_s=args.kv_transfer_ms / 1e3, start_delay_s=args.start_delay_s,
                      flip_delay_s=args.flip_delay_s, interval_s=args.interval_s,
-                     slo_window_s=args.slo_window_s, decode_load=args.decode_load,
+                     slo_window_s=args.slo_window_s, shape_window_s=args.shape_window_s,
+                     max_tokens_known=args.max_tokens_known, decode_load=args.decode_load,
                      seed=args.seed)
 
 

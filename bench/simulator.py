@@ -69,6 +69,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--planner-start", type=int, default=None)
     parser.add_argument("--interval-s", type=float, default=d.interval_s)
     parser.add_argument("--slo-window-s", type=float, default=d.slo_window_s)
+    parser.add_argument("--shape-window-s", type=float, default=d.shape_window_s,
+                        help="the router's load-shape window (arrivals)")
+    parser.add_argument("--max-tokens-known", action=argparse.BooleanOptionalAction,
+                        default=d.max_tokens_known,
+                        help="requests carry max_tokens = their output length (loadgen)")
     parser.add_argument("--start-delay-s", type=float, default=d.start_delay_s)
     parser.add_argument("--flip-delay-s", type=float, default=d.flip_delay_s)
     parser.add_argument("--kv-transfer-ms", type=float, default=d.kv_transfer_s * 1e3)

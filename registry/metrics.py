@@ -57,6 +57,16 @@ class SloWindow(Record):
     tpot_attainment: float
     attainment: float  # both
     goodput_rps: float
+    # The load's shape from arrivals (and the latest finishes) over the last ``shape_window_s``
+    # (shorter than ``window_s``: what the planner sizes for). 0 = not recorded.
+    shape_window_s: float = 0.0
+    num_recent_arrivals: int = 0
+    recent_arrival_rps: float = 0.0
+    arrival_mean_prompt_tokens: float = 0.0  # of the recent arrivals whose length is known
+    arrival_rms_prompt_tokens: float = 0.0  # sqrt(mean(prompt_tokens²)) of the same
+    arrival_mean_max_tokens: float = 0.0  # of those that requested max_tokens
+    num_recent_finished: int = 0  # ok, finished in the shape window (decode here)
+    recent_mean_output_tokens: float = 0.0
 
     def __post_init__(self) -> None:
         if self.window_s <= 0 or min(self.num_arrivals, self.num_finished, self.num_failed) < 0:

@@ -27,6 +27,12 @@ Attainments are fractions of the requests finished in the window (1.0 when none)
 percentiles are nearest-rank (``sorted(v)[ceil(q * n) - 1]``, 0.0 when empty); rates are per
 second of the window, or of the tracker's age while that is shorter (but at least
 ``min(1 s, window_s)``), and ``SloWindow.window_s`` is that span.
+
+Load shape (for the planner: the window above describes requests when they *finish*, i.e. the
+load of up to a minute ago). Over the last ``shape_window_s`` (default ``min(20 s, window_s)``;
+its span floors like the window's): the arrivals (rate, and the mean and root-mean-square prompt
+length and mean requested ``max_tokens`` of those that carried them), and the mean output length
+of the ``ok`` requests that finished (decode here), which is known only at the end.
 """
 
 from __future__ import annotations
@@ -42,6 +48,7 @@ from scission.registry.metrics import SCOPE_CLUSTER, SloWindow
 from scission.registry.workers import WorkerRole
 
 MIN_SPAN_S = 1.0  # rates of a just-started tracker are over at least this long
+SHAPE_WINDOW_S = 20.0  # default load-shape window (capped at window_s)
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,6 +111,33 @@ def _fraction(flags: list[bool]) -> float:
     return sum(flags) / len(flags) if flags else 1.0
 
 
+@dataclass(frozen=True, slots=True)
+class _Arrival:
+    at_s: float
+    num_prompt_tokens: int  # 0 = not known
+    max_tokens: int  # 0 = not requested
+
+
+@dataclass(frozen=True, slots=True)
+class _Shape:
+    """A scope's load shape over the shape window (``SloWindow``'s shape fields)."""
+
+    num_arrivals: int
+    mean_prompt_tokens: float
+    rms_prompt_tokens: float
+    mean_max_tokens: float
+    num_finished: int
+    mean_output_tokens: float
+
+    @classmethod
+    def of(cls, arrivals: list[_Arrival], finished: list[_Entry]) -> _Shape:
+        prompts = [a.num_prompt_tokens for a in arrivals if a.num_prompt_tokens > 0]
+        outputs = [e.record.num_output_tokens for e in finished if e.decode_here and e.record.ok]
+        return cls(len(arrivals), _mean(prompts), math.sqrt(_mean([p * p for p in prompts])),
+                   _mean([a.max_tokens for a in arrivals if a.max_tokens > 0]), len(outputs),
+                   _mean(outputs))
+
+
 class SloTracker:
     """Records arrivals and finished requests; ``windows()`` aggregates the last ``window_s``.
 
@@ -113,24 +147,33 @@ class SloTracker:
 
     def __init__(self, slo_ttft_ms: float, slo_tpot_ms: float, window_s: float,
                  clock: Callable[[], float] = time.monotonic,
-                 wall_clock: Callable[[], float] = time.time) -> None:
+                 wall_clock: Callable[[], float] = time.time,
+                 shape_window_s: float | None = None) -> None:
         if min(slo_ttft_ms, slo_tpot_ms, window_s) <= 0:
             raise ValueError("SLOs and window_s must be > 0")
+        shape_window_s = min(SHAPE_WINDOW_S, window_s) if shape_window_s is None \
+            else shape_window_s
+        if not 0 < shape_window_s <= window_s:
+            raise ValueError(f"shape_window_s {shape_window_s} not in (0, window_s]")
         self.slo_ttft_ms = slo_ttft_ms
         self.slo_tpot_ms = slo_tpot_ms
         self.window_s = window_s
+        self.shape_window_s = shape_window_s
         self._clock = clock
         self._wall_clock = wall_clock
         self._started_s = clock()
         self._lock = threading.Lock()
-        self._arrivals: dict[str, deque[float]] = {SCOPE_CLUSTER: deque()}
+        self._arrivals: dict[str, deque[_Arrival]] = {SCOPE_CLUSTER: deque()}
         self._finished: dict[str, deque[_Entry]] = {SCOPE_CLUSTER: deque()}
 
-    def arrive(self, at_s: float, roles: Iterable[WorkerRole] = ()) -> None:
-        """A request received at ``at_s`` (this tracker's clock) and placed on ``roles``."""
+    def arrive(self, at_s: float, roles: Iterable[WorkerRole] = (), num_prompt_tokens: int = 0,
+               max_tokens: int = 0) -> None:
+        """A request received at ``at_s`` (this tracker's clock) and placed on ``roles``, with
+        its prompt length and requested ``max_tokens`` when known (0 = not known)."""
+        arrival = _Arrival(at_s, num_prompt_tokens, max_tokens)
         with self._lock:
             for scope in (SCOPE_CLUSTER, *sorted({r.value for r in roles})):
-                self._arrivals.setdefault(scope, deque()).append(at_s)
+                self._arrivals.setdefault(scope, deque()).append(arrival)
                 self._finished.setdefault(scope, deque())
 
     def finish(self, record: RequestRecord) -> tuple[bool, bool]:
@@ -151,27 +194,36 @@ class SloTracker:
     def windows(self, router_id: str) -> list[SloWindow]:
         """One ``SloWindow`` per scope seen so far (cluster, then by name), as of now."""
         now, wall = self._clock(), self._wall_clock()
-        span_s = min(max(now - self._started_s, min(MIN_SPAN_S, self.window_s)), self.window_s)
+        span_s, shape_span_s = (min(max(now - self._started_s, min(MIN_SPAN_S, w)), w)
+                                for w in (self.window_s, self.shape_window_s))
+        recent_s = now - self.shape_window_s
         with self._lock:
             self._expire(now)
-            snapshot = {scope: (len(self._arrivals[scope]), list(entries))
+            snapshot = {scope: (len(self._arrivals[scope]), list(entries),
+                                [a for a in self._arrivals[scope] if a.at_s > recent_s])
                         for scope, entries in self._finished.items()}
         order = sorted(snapshot, key=lambda scope: (scope != SCOPE_CLUSTER, scope))
-        return [self._aggregate(router_id, scope, *snapshot[scope], span_s, wall)
-                for scope in order]
+        out = []
+        for scope in order:
+            num_arrivals, entries, recent = snapshot[scope]
+            shape = _Shape.of(recent, [e for e in entries if e.at_s > recent_s])
+            out.append(self._aggregate(router_id, scope, num_arrivals, entries, span_s, wall,
+                                       shape, shape_span_s))
+        return out
 
     def _expire(self, now: float) -> None:
         """Drop what is ``window_s`` or older. Lock held."""
         horizon = now - self.window_s
         for arrivals in self._arrivals.values():
-            while arrivals and arrivals[0] <= horizon:
+            while arrivals and arrivals[0].at_s <= horizon:
                 arrivals.popleft()
         for entries in self._finished.values():
             while entries and entries[0].at_s <= horizon:
                 entries.popleft()
 
     def _aggregate(self, router_id: str, scope: str, num_arrivals: int, entries: list[_Entry],
-                   span_s: float, wall_s: float) -> SloWindow:
+                   span_s: float, wall_s: float, shape: _Shape,
+                   shape_span_s: float) -> SloWindow:
         pre = [e for e in entries if e.prefill_here]
         dec = [e for e in entries if e.decode_here]
 
@@ -198,4 +250,11 @@ class SloTracker:
             tpot_attainment=_fraction([e.tpot_ok for e in dec]),
             attainment=_fraction([e.ttft_ok and e.tpot_ok for e in entries]),
             goodput_rps=num_attained / span_s,
+            shape_window_s=shape_span_s, num_recent_arrivals=shape.num_arrivals,
+            recent_arrival_rps=shape.num_arrivals / shape_span_s,
+            arrival_mean_prompt_tokens=shape.mean_prompt_tokens,
+            arrival_rms_prompt_tokens=shape.rms_prompt_tokens,
+            arrival_mean_max_tokens=shape.mean_max_tokens,
+            num_recent_finished=shape.num_finished,
+            recent_mean_output_tokens=shape.mean_output_tokens,
         )

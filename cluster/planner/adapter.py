@@ -4,8 +4,9 @@ Every ``interval_s``: read the planner control (mode, paused), the pool targets 
 the workers and their stats (forward-pass steps -> ``ForwardSample``), and the routers'
 cluster-scope ``SloWindow``\\ s; build a ``TickInput`` on the wall clock; ask the core. A
 decision other than NONE is recorded (``PoolStore.append_decision``) in ADVISORY and AUTO
-modes; in AUTO it is applied: scale = new targets (compare-and-swap, writer PLANNER), flip =
-a FLIP command with the new targets in one transaction. An operator's hold
+modes; in AUTO it is applied: scale = new targets (compare-and-swap, writer PLANNER), flip of
+k workers = k FLIP commands, each in one transaction with the targets that count it (see
+``_apply_flips``). An operator's hold
 (``PoolTargets.hold_until_s``) reaches the core, which then keeps the targets.
 """
 
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import threading
 import time
 from collections import Counter
@@ -97,21 +99,24 @@ class PlannerLoop:
         inp = self.observe(targets)
         decision = self.core.on_tick(inp)
         self.last_decision = decision
-        if decision.action is Action.NONE:
-            logger.debug("planner: no change (%s)", decision.reason)
-            return decision
-        applied = control.mode is PlannerMode.AUTO and self._apply(decision, targets, revision)
-        self.decision_counts[(decision.action.value, decision.loop.value,
-                              str(applied).lower())] += 1
-        logger.info("planner %s (%s, %s): %s", decision.action.value, decision.loop.value,
-                    "applied" if applied else control.mode.value, decision.reason)
-        self.store.append_decision(PlannerDecision(
+        applied = False
+        if decision.action is not Action.NONE:
+            applied = control.mode is PlannerMode.AUTO and \
+                self._apply(decision, targets, revision)
+            self.decision_counts[(decision.action.value, decision.loop.value,
+                                  str(applied).lower())] += 1
+            logger.info("planner %s (%s, %s): %s", decision.action.value, decision.loop.value,
+                        "applied" if applied else control.mode.value, decision.reason)
+        record = PlannerDecision(
             at_s=time.time(), action=decision.action.value, loop=decision.loop.value,
             reason=decision.reason, mode=control.mode, applied=applied,
             prefill=decision.targets.get(WorkerRole.PREFILL, 0),
             decode=decision.targets.get(WorkerRole.DECODE, 0),
-            flip_worker_id=decision.flip_worker_id or "",
-            flip_to_role=decision.flip_to_role.value if decision.flip_to_role else ""))
+            flip_worker_id=",".join(_flip_workers(decision)),
+            flip_to_role=decision.flip_to_role.value if decision.flip_to_role else "")
+        self.store.write_last_tick(record)  # "none" included: `planner status` shows why
+        if decision.action is not Action.NONE:
+            self.store.append_decision(record)
         return decision
 
     def observe(self, targets: PoolTargets) -> TickInput:
@@ -126,7 +131,8 @@ class PlannerLoop:
                 num_running=stats.num_running if stats else 0,
                 num_waiting=stats.num_waiting if stats else 0,
                 queued_prefill_tokens=stats.queued_prefill_tokens if stats else 0,
-                kv_usage=getattr(stats, "kv_usage", 0.0) if stats else 0.0))
+                kv_usage=getattr(stats, "kv_usage", 0.0) if stats else 0.0,
+                kv_capacity_tokens=info.num_blocks * info.block_size))
             if stats is not None:
                 samples += self._new_samples(info.worker_id, info.role, stats)
         return TickInput(now_s=now, targets=targets.as_dict(), workers=workers,
@@ -160,18 +166,58 @@ class PlannerLoop:
         return combine_windows(windows)
 
     def _apply(self, decision: PoolDecision, targets: PoolTargets, revision: int) -> bool:
+        if decision.action is Action.FLIP:
+            return self._apply_flips(decision, targets, revision)
         new = dataclasses.replace(
             targets, writer=TargetWriter.PLANNER, reason=decision.reason[:200],
             written_at_s=time.time(), hold_until_s=0.0,
             **{role.value: decision.targets.get(role, 0) for role in WorkerRole})
-        if decision.action is Action.FLIP:
-            assert decision.flip_worker_id and decision.flip_to_role, "flip without a worker"
-            command = self.store.submit_command(
-                CommandKind.FLIP, decision.flip_worker_id, decision.flip_to_role,
-                writer=TargetWriter.PLANNER, reason=decision.reason[:200], targets=new,
-                expected_revision=revision)
-            return command is not None
         return self.store.write_targets(new, revision)
+
+    def _apply_flips(self, decision: PoolDecision, targets: PoolTargets, revision: int) -> bool:
+        """One FLIP command per worker, the i-th written in one transaction with the targets
+        after i flips (donor −i, receiver +i; the last with the decision's targets, which may
+        also grant new workers). The controller may reconcile between two writes: at every
+        revision the targets match the commands it can see, so it never starts or drains a
+        worker for a flip in flight. Each write is a compare-and-swap on the revision the
+        previous one left; a concurrent writer stops the rest (the flips written stand,
+        consistent). True when at least the first was written."""
+        ids, to_role = _flip_workers(decision), decision.flip_to_role
+        assert ids and to_role is not None, "flip without a worker"
+        donors = [r for r in WorkerRole if decision.targets.get(r, 0) < targets.get(r)]
+        assert len(donors) == 1 and \
+            targets.get(donors[0]) - decision.targets.get(donors[0], 0) == len(ids), \
+            f"a flip of {len(ids)} workers has one donor role losing them: {donors}"
+        for i, worker_id in enumerate(ids, start=1):
+            counts = {role: targets.get(role) for role in WorkerRole}
+            counts[donors[0]] -= i
+            counts[to_role] += i
+            if i == len(ids):
+                counts = {role: decision.targets.get(role, 0) for role in WorkerRole}
+            new = dataclasses.replace(
+                targets, writer=TargetWriter.PLANNER, reason=decision.reason[:200],
+                written_at_s=time.time(), hold_until_s=0.0,
+                **{role.value: n for role, n in counts.items()})
+            command = self.store.submit_command(
+                CommandKind.FLIP, worker_id, to_role, writer=TargetWriter.PLANNER,
+                reason=decision.reason[:200], targets=new, expected_revision=revision)
+            if command is None:
+                logger.warning("planner: targets changed meanwhile; %d of %d flips written",
+                               i - 1, len(ids))
+                return i > 1
+            written, revision = self.store.read_targets()
+            if written != new and i < len(ids):
+                logger.warning("planner: targets changed meanwhile; %d of %d flips written",
+                               i, len(ids))
+                return True
+        return True
+
+
+def _flip_workers(decision: PoolDecision) -> tuple[str, ...]:
+    """The workers a FLIP moves: ``flip_worker_ids``, or the one ``flip_worker_id``."""
+    if decision.flip_worker_ids:
+        return decision.flip_worker_ids
+    return (decision.flip_worker_id,) if decision.flip_worker_id else ()
 
 
 def combine_windows(windows: list[SloWindow]) -> SloObservation | None:
@@ -190,4 +236,29 @@ def combine_windows(windows: list[SloWindow]) -> SloObservation | None:
         mean_output_tokens=weighted("mean_output_tokens"),
         ttft_p90_ms=weighted("ttft_p90_ms"), tpot_p90_ms=weighted("tpot_p90_ms"),
         ttft_attainment=weighted("ttft_attainment"), tpot_attainment=weighted("tpot_attainment"),
-        attainment=weighted("attainment"), goodput_rps=sum(w.goodput_rps for w in windows))
+        attainment=weighted("attainment"), goodput_rps=sum(w.goodput_rps for w in windows),
+        **_combine_shapes(windows))
+
+
+def _combine_shapes(windows: list[SloWindow]) -> dict[str, float]:
+    """The shape fields of several windows: rates add up, means are weighted by the recent
+    arrivals (prompt, max_tokens) or finishes (output) behind them."""
+    arrivals = sum(w.num_recent_arrivals for w in windows)
+    finished = sum(w.num_recent_finished for w in windows)
+
+    def weighted(field: str, by: str, total: int) -> float:
+        return sum(getattr(w, field) * getattr(w, by) for w in windows) / total if total else 0.0
+
+    rms = math.sqrt(sum(w.arrival_rms_prompt_tokens ** 2 * w.num_recent_arrivals
+                        for w in windows) / arrivals) if arrivals else 0.0
+    return dict(
+        shape_window_s=max(w.shape_window_s for w in windows), num_recent_arrivals=arrivals,
+        recent_arrival_rps=sum(w.recent_arrival_rps for w in windows),
+        arrival_mean_prompt_tokens=weighted("arrival_mean_prompt_tokens", "num_recent_arrivals",
+                                            arrivals),
+        arrival_rms_prompt_tokens=rms,
+        arrival_mean_max_tokens=weighted("arrival_mean_max_tokens", "num_recent_arrivals",
+                                         arrivals),
+        num_recent_finished=finished,
+        recent_mean_output_tokens=weighted("recent_mean_output_tokens", "num_recent_finished",
+                                           finished))

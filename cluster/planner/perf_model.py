@@ -173,6 +173,20 @@ class PerformanceModel:
                    num_samples=(num_prefill if prefill is not None else 0)
                    + (num_decode if decode is not None else 0))
 
+    def blend(self, other: PerformanceModel, weight: float) -> PerformanceModel:
+        """``(1 − weight)·self + weight·other``, coefficient by coefficient: every step time of
+        the result lies between the two models' (the planner damps its online fit with it)."""
+        def mix(a: float, b: float) -> float:
+            return (1.0 - weight) * a + weight * b
+
+        p, q, d, e = self.prefill, other.prefill, self.decode, other.decode
+        return PerformanceModel(
+            PrefillModel(mix(p.a_ms, q.a_ms), mix(p.b_ms_per_token, q.b_ms_per_token),
+                         mix(p.c_ms_per_token2, q.c_ms_per_token2)),
+            DecodeModel(mix(d.a_ms, e.a_ms), mix(d.b_ms_per_request, e.b_ms_per_request),
+                        mix(d.c_ms_per_context_token, e.c_ms_per_context_token)),
+            other.num_samples)
+
     # -- prefill capacity --------------------------------------------------------------------
 
     def prefill_ttft_ms(self, prompt_tokens: float, queue_tokens: float = 0.0) -> float:
@@ -245,6 +259,52 @@ class PerformanceModel:
         if step_s <= 0.0:
             return math.inf
         return batch / (out * step_s)
+
+
+    # -- pooled sizing (the planner core's; ``sizing.py``) --------------------------------------
+
+    def prefill_service_ms(self, mean_prompt_tokens: float, rms_prompt_tokens: float,
+                           budget_tokens: int) -> float:
+        """ms of a busy prefill worker's time per prompt: its steps are full (``budget_tokens``
+        each, several prompts or a chunk of one), so a prompt of ``p`` tokens pays ``p / B`` of
+        a step's fixed cost, ``b·p``, and ``c·p²`` (a chunk ``[s, e)`` costs ``c·(e² − s²)``)::
+
+            S = a·E[p] / B + b·E[p] + c·E[p²]        E[p²] = rms_prompt_tokens²
+        """
+        p, rms = max(float(mean_prompt_tokens), 1.0), max(float(rms_prompt_tokens), 1.0)
+        return (self.prefill.a_ms * p / budget_tokens + self.prefill.b_ms_per_token * p
+                + self.prefill.c_ms_per_token2 * rms * rms)
+
+    def prefill_alone_ms(self, prompt_tokens: float, budget_tokens: int) -> float:
+        """ms to prefill one ``prompt_tokens`` prompt on an idle worker: ``ceil(p / B)`` steps,
+        ``a·ceil(p / B) + b·p + c·p²`` (the shortest TTFT it can get)."""
+        p = max(float(prompt_tokens), 1.0)
+        return (self.prefill.a_ms * math.ceil(p / budget_tokens - 1e-9)
+                + self.prefill.b_ms_per_token * p + self.prefill.c_ms_per_token2 * p * p)
+
+
+def servers_for_wait(offered_load: float, service_s: float, wait_s: float, miss: float,
+                     service_cv2: float, min_servers: int, max_servers: int = 100_000) -> int:
+    """Fewest servers ``c ≥ min_servers`` of one queue (the router sends each prompt to the
+    worker with the least queued work, close to one queue for the pool: M/G/c) with
+    ``P(wait > wait_s) ≤ miss``. Erlang C's tail ``P(W > t) = C(c, a)·exp(−(cμ − λ)·t)``, its
+    decay scaled by ``2 / (1 + cv²)`` (the Allen–Cunneen correction: an M/D/c queue waits half
+    as long as M/M/c). ``offered_load = a = λ·service_s``; 0 when there is no load. Erlang C
+    from the Erlang B recursion: ``B_c = a·B_{c−1} / (c + a·B_{c−1})``, ``C = B / (1 − ρ(1 − B))``.
+    """
+    if offered_load <= 0.0:
+        return 0
+    b, c = 1.0, 0
+    while c < max_servers:
+        c += 1
+        b = offered_load * b / (c + offered_load * b)
+        if c < min_servers or offered_load >= c:
+            continue
+        waits = b / (1.0 - offered_load / c * (1.0 - b))
+        decay_per_s = 2.0 * (c - offered_load) / service_s / (1.0 + service_cv2)
+        if waits * math.exp(-decay_per_s * wait_s) <= miss:
+            return c
+    return max_servers
 
 
 # SmolLM2-135M, float32, 1 CPU core (placeholder; to be replaced by a fit on the bench machine).

@@ -16,7 +16,7 @@ class Action(enum.Enum):
     NONE = "none"  # no change (the reason says why)
     SCALE_UP = "scale_up"
     SCALE_DOWN = "scale_down"
-    FLIP = "flip"  # move one worker between roles (at the budget: same weights, no load)
+    FLIP = "flip"  # move workers between roles (at the budget: same weights, no model load)
 
 
 class Loop(enum.Enum):
@@ -34,6 +34,7 @@ class WorkerObservation:
     num_waiting: int = 0
     queued_prefill_tokens: int = 0
     kv_usage: float = 0.0  # used / total KV blocks, 0..1
+    kv_capacity_tokens: int = 0  # num_blocks x block_size (0 = unknown: no KV cap on batches)
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,6 +65,16 @@ class SloObservation:
     tpot_attainment: float
     attainment: float
     goodput_rps: float
+    # The load's shape from *arrivals* over the router's shorter shape window (the fields above
+    # describe requests when they finish: the load of a minute ago). 0 = not recorded.
+    shape_window_s: float = 0.0
+    num_recent_arrivals: int = 0
+    recent_arrival_rps: float = 0.0
+    arrival_mean_prompt_tokens: float = 0.0
+    arrival_rms_prompt_tokens: float = 0.0  # sqrt(mean(prompt²)): prefill cost is ∝ prompt²
+    arrival_mean_max_tokens: float = 0.0  # requested max_tokens (0 = not given)
+    num_recent_finished: int = 0
+    recent_mean_output_tokens: float = 0.0  # ok requests finished in the shape window
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,5 +94,7 @@ class PoolDecision:
     loop: Loop
     targets: dict[WorkerRole, int]  # targets after the decision (== input when NONE)
     reason: str  # human-readable, with the inputs: "ttft_p90 2400 > 2000 ms x3 ticks ..."
-    flip_worker_id: str | None = None  # FLIP: which worker
-    flip_to_role: WorkerRole | None = None  # FLIP: its new role
+    flip_worker_id: str | None = None  # FLIP: which worker (the first of flip_worker_ids)
+    flip_to_role: WorkerRole | None = None  # FLIP: their new role
+    # FLIP: every worker that moves, least loaded first (empty: just ``flip_worker_id``)
+    flip_worker_ids: tuple[str, ...] = ()

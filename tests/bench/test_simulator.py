@@ -11,6 +11,7 @@ from scission.bench.sim_report import reversals, score_run
 from scission.bench.sim_workload import Phase, SimRequest, shifting_workload
 from scission.cluster.planner.core import PlannerConfig, PlannerCore
 from scission.cluster.planner.perf_model import DecodeModel, PerformanceModel, PrefillModel
+from scission.cluster.planner.types import Action, Loop, PoolDecision, TickInput
 from scission.registry.workers import WorkerRole
 
 P, D, C = WorkerRole.PREFILL, WorkerRole.DECODE, WorkerRole.COLOCATED
@@ -92,9 +93,10 @@ def test_colocated_mixed_step():
 
 def test_placer_picks_the_less_loaded_workers():
     """The real Placer: the second prompt goes to the idle prefill worker; its decode worker
-    is the one with more free blocks once the first request counts at placement ("placed"),
-    and the same one under the router's current accounting ("pulled": it counts only after
-    its prefill, so both requests of a burst land on one decode worker)."""
+    is the one with more free blocks once the first request counts at placement ("placed", as
+    the router counts it since ``router/flows.py`` does at placement), and the same one under
+    the older accounting ("pulled": it counts only after its prefill, so both requests of a
+    burst land on one decode worker)."""
     cases = (("placed", ["decode-2", "decode-3"], (0.115, 0.135)),
              ("pulled", ["decode-2", "decode-2"], (0.115, 0.14)))  # joins after r0's run
     for decode_load, decode_ids, second in cases:
@@ -130,7 +132,8 @@ def test_static_run_never_changes():
 
 def test_planner_run_respects_the_budget():
     """The real PlannerCore every 10 s on a shifting load too big for 6 workers: it changes
-    the pools (flips at the budget), and never more than 6 workers live or targeted."""
+    the pools (flips at the budget, several workers in one decision), and never more than 6
+    workers live or targeted."""
     reqs, _ = shifting_workload(rate_rps=2.0, duration_s=600.0, phase_s=200.0, seed=2)
     model = PerformanceModel(PrefillModel(50.0, 2.5, 0.0008), DecodeModel(70.0, 3.0, 0.003))
     planner = PlannerCore(PlannerConfig(slo_ttft_ms=8000.0, slo_tpot_ms=250.0, max_workers=6,
@@ -140,8 +143,38 @@ def test_planner_run_respects_the_budget():
                         tail_s=60.0)
     assert len(run.decisions) >= 2
     assert all(sum(d.targets.values()) <= 6 for d in run.decisions)
+    assert any(d.action == "flip" and len(d.flip_worker_ids) >= 2 for d in run.decisions)
     assert sim.controller.max_live <= 6
     assert all(row["live"] <= 6 for row in run.timeline)
+
+
+class RecordingPlanner:
+    """Stands in for ``PlannerCore``: keeps each ``TickInput``, never changes anything."""
+
+    def __init__(self) -> None:
+        self.inputs: list[TickInput] = []
+
+    def on_tick(self, inp: TickInput) -> PoolDecision:
+        self.inputs.append(inp)
+        return PoolDecision(Action.NONE, Loop.PREDICTIVE, dict(inp.targets), "recording")
+
+
+@pytest.mark.parametrize("max_tokens_known", [True, False])
+def test_planner_sees_the_arrivals_shape_and_the_workers(max_tokens_known):
+    """Prompts of 100, 200, 300 tokens and outputs of 5 arrive at 0-2 s (one more at 11 s keeps
+    the run going): the tick at 10 s has 3 recent arrivals of mean prompt 200 and, when clients
+    send max_tokens, mean max_tokens 5; each worker reports its KV capacity (728 blocks of 16
+    tokens)."""
+    reqs = [make_request(i, float(i), 100 * (i + 1), 5) for i in range(3)]
+    reqs.append(make_request(3, 11.0, 100, 5))
+    recorder = RecordingPlanner()
+    simulate(CONSTANT, reqs, {P: 1, D: 1}, planner=recorder, duration_s=12.0,
+             max_tokens_known=max_tokens_known)
+    slo = recorder.inputs[0].slo
+    assert recorder.inputs[0].now_s == 10.0 and slo is not None
+    assert (slo.num_recent_arrivals, slo.arrival_mean_prompt_tokens) == (3, 200.0)
+    assert slo.arrival_mean_max_tokens == (5.0 if max_tokens_known else 0.0)
+    assert {w.kv_capacity_tokens for w in recorder.inputs[0].workers} == {728 * 16}
 
 
 def test_scores_and_oscillations():

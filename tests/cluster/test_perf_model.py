@@ -1,4 +1,5 @@
-"""The step-latency model: exact recovery by the fit, and capacity helpers against hand values."""
+"""The step-latency model: exact recovery by the fit, and capacity helpers against hand values;
+the planner's pool sizing (``sizing.py``) on the same models."""
 
 from __future__ import annotations
 
@@ -12,6 +13,16 @@ from scission.cluster.planner.perf_model import (
     DecodeModel,
     PerformanceModel,
     PrefillModel,
+    servers_for_wait,
+)
+from scission.cluster.planner.sizing import (
+    LoadShape,
+    PoolState,
+    SloTargets,
+    balanced_share,
+    keep_workers,
+    size_role,
+    split_share,
 )
 from scission.cluster.planner.types import ForwardSample
 from scission.registry.workers import WorkerRole
@@ -116,3 +127,66 @@ def test_decode_capacity_hand_values():
     assert model.max_decode_rps_per_worker(80, 40, 9.0) == 0.0
     flat = make_model(decode=(10.0, 0.0, 0.0))
     assert flat.max_decode_batch(100, 50.0, max_batch=64) == 64
+
+
+def test_prefill_service_and_alone_hand_values():
+    """a=100, b=2, c=0.001 ms, budget 1024 tokens: a busy worker spends 100·512/1024 + 2·512 +
+    0.001·600² = 1,434 ms per 512-token prompt (rms 600); a 1,500-token prompt alone takes two
+    steps: 2·100 + 2·1500 + 0.001·1500² = 5,450 ms."""
+    model = make_model(prefill=(100.0, 2.0, 0.001))
+    assert model.prefill_service_ms(512, 600, 1024) == pytest.approx(1434.0)
+    assert model.prefill_alone_ms(1500, 1024) == pytest.approx(5450.0)
+    assert model.prefill_alone_ms(1024, 1024) == pytest.approx(100 + 2048 + 0.001 * 1024 ** 2)
+
+
+def test_servers_for_wait_hand_values():
+    """Service 100 ms, wait budget 200 ms, miss 0.1. 1.5 busy workers: at 2, Erlang C = 0.643
+    and P(W > 0.2 s) = 0.643·exp(−2·0.5/0.1·0.2) = 0.087 (M/D/c); with cv² = 1 (M/M/c) it is
+    0.643·exp(−0.5/0.1·0.2) = 0.236, so 3 (0.012). 1.8 busy: 2 gives 0.383, so 3. No load: 0.
+    At least ``min_servers``."""
+    assert servers_for_wait(1.5, 0.1, 0.2, 0.1, 0.0, 2) == 2
+    assert servers_for_wait(1.5, 0.1, 0.2, 0.1, 1.0, 2) == 3
+    assert servers_for_wait(1.8, 0.1, 0.2, 0.1, 0.0, 2) == 3
+    assert servers_for_wait(0.0, 0.1, 0.2, 0.1, 0.0, 1) == 0
+    assert servers_for_wait(1.5, 0.1, 0.2, 0.1, 0.0, 5) == 5
+
+
+def test_blend_is_coefficientwise():
+    """blend(other, w) = (1 − w)·self + w·other for every coefficient; w = 1 gives ``other``."""
+    a, b = make_model(), make_model(prefill=(4.0, 3.0, 0.002), decode=(30.0, 3.0, 0.03))
+    half = a.blend(b, 0.5)
+    assert (half.prefill.a_ms, half.prefill.b_ms_per_token) == (2.0, 2.0)
+    assert half.prefill.c_ms_per_token2 == pytest.approx(0.001)
+    assert (half.decode.a_ms, half.decode.b_ms_per_request) == (20.0, 2.0)
+    assert half.decode.c_ms_per_context_token == pytest.approx(0.02)
+    assert a.blend(b, 1.0) == b
+
+
+def test_size_role_hand_values():
+    """Prefill 1 ms/token, decode 10 + 1·n + 0.01·k ms; prompt 100, output 40; SLOs 300 / 50 ms,
+    utilization ≤ 0.9. Prefill: 9 rps per worker, 2 workers for 15 rps. Decode: 18 rows
+    (step 49.6 ms), 0.9·18/(40·0.0496) = 8.17 rps per worker; with 1,400 KV tokens a worker
+    holds 1400/140 = 10 rows: step 32 ms, 0.9·10/(40·0.032) = 7.03 rps, 3 workers for 15 rps.
+    A prompt alone slower than the TTFT SLO: unreachable (None)."""
+    model = make_model()
+    targets = SloTargets(300.0, 50.0, 0.9)
+    shape = LoadShape(100.0, 100.0, 40.0, "test")
+    prefill = size_role(model, WorkerRole.PREFILL, 15.0, shape, targets)
+    assert (prefill.capacity_rps, prefill.replicas) == (pytest.approx(9.0), 2)
+    decode = size_role(model, WorkerRole.DECODE, 15.0, shape, targets)
+    assert (decode.capacity_rps, decode.replicas) == (pytest.approx(16.2 / 1.984), 2)
+    kv = size_role(model, WorkerRole.DECODE, 15.0, shape, targets, PoolState(1400))
+    assert (kv.capacity_rps, kv.replicas) == (pytest.approx(9.0 / 1.28), 3)
+    long = LoadShape(400.0, 400.0, 40.0, "test")
+    assert size_role(model, WorkerRole.PREFILL, 1.0, long, targets).replicas is None
+
+
+def test_split_and_balanced_shares():
+    """balanced: n·1 = (10 − n)·4 → 8. split: steady needs 3 + 4 of 10 first, the 3 left in
+    proportion to the backlogs (6 : 1) → 3 + 2.57 → 6; steady needs above the total (4 + 4 of
+    6) → in proportion, 3. keep: max(min 1, desired 2, ceil(10 / (4·0.7)) = 4)."""
+    assert balanced_share(10, 1.0, 4.0) == 8
+    assert split_share(10, (3, 9), (4, 5)) == 6
+    assert split_share(6, (4, 4), (4, 9)) == 3
+    assert keep_workers(10.0, 4.0, 2, 1, 0.7) == 4
+    assert keep_workers(10.0, 0.0, 2, 1, 0.7) > 10 ** 6  # unreachable: never has spare

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import msgpack
 import pytest
 
 from scission.registry.metrics import SloWindow
@@ -193,3 +194,54 @@ def test_prometheus_exposition_of_latencies_and_windows():
                         '{metric="ttft",quantile="0.9",scope="cluster"}') == 0.4
     assert sample(text, 'scission_router_window_latency_seconds'
                         '{metric="tpot",quantile="0.5",scope="decode"}') == 0.005
+
+
+def test_shape_window_of_arrivals_and_recent_finishes():
+    """Window 10 s, shape window 4 s, at t = 20: arrivals at 17, 18, 19 are recent (3 / 4 s =
+    0.75 rps); their known prompts 300 and 500 give mean 400 and rms sqrt((300² + 500²) / 2) =
+    412.3; the one that asked max_tokens (30) gives 30. Recent finishes: the ok ones that
+    decoded (10 and 30 tokens at 18 and 19.5; not the failure at 19, not the one at 15): 20.
+    At t = 22 only the arrival at 19 is recent. The fields survive the etcd encoding."""
+    clock = FakeClock(0.0)
+    tracker = SloTracker(100.0, 10.0, window_s=10.0, clock=clock, wall_clock=lambda: 1.0,
+                         shape_window_s=4.0)
+    clock.t = 15.0
+    tracker.arrive(11.0, num_prompt_tokens=100, max_tokens=10)
+    tracker.finish(rec(output=50))
+    for at_s, prompt, max_tokens in ((17.0, 300, 0), (18.0, 0, 0), (19.0, 500, 30)):
+        tracker.arrive(at_s, num_prompt_tokens=prompt, max_tokens=max_tokens)
+    for t, r in ((18.0, rec(output=10)), (19.0, rec(status="unavailable", output=0)),
+                 (19.5, rec(output=30))):
+        clock.t = t
+        tracker.finish(r)
+    clock.t = 20.0
+    w = by_scope(tracker)["cluster"]
+    assert (w.num_arrivals, w.window_s, w.shape_window_s) == (4, 10.0, 4.0)
+    assert (w.num_recent_arrivals, w.recent_arrival_rps) == (3, 0.75)
+    assert w.arrival_mean_prompt_tokens == 400.0
+    assert w.arrival_rms_prompt_tokens == pytest.approx(412.3105626)
+    assert w.arrival_mean_max_tokens == 30.0
+    assert (w.num_recent_finished, w.recent_mean_output_tokens) == (2, 20.0)
+    assert SloWindow.from_bytes(w.to_bytes()) == w
+    clock.t = 22.0
+    w = by_scope(tracker)["cluster"]
+    assert (w.num_recent_arrivals, w.arrival_mean_prompt_tokens) == (1, 500.0)
+    assert (w.arrival_rms_prompt_tokens, w.num_recent_finished) == (500.0, 1)
+
+
+def test_shape_window_defaults_and_old_records():
+    """The shape window defaults to min(20 s, window_s) and may not exceed the window; a record
+    written before the shape fields existed decodes with them at 0."""
+    assert make_tracker(FakeClock(0.0)).shape_window_s == 10.0
+    assert make_tracker(FakeClock(0.0), window_s=60.0).shape_window_s == 20.0
+    with pytest.raises(ValueError):
+        SloTracker(100.0, 10.0, window_s=10.0, shape_window_s=11.0)
+    w = by_scope(make_tracker(FakeClock(5.0)))["cluster"]
+    old = msgpack.unpackb(w.to_bytes())
+    for name in ("shape_window_s", "num_recent_arrivals", "recent_arrival_rps",
+                 "arrival_mean_prompt_tokens", "arrival_rms_prompt_tokens",
+                 "arrival_mean_max_tokens", "num_recent_finished", "recent_mean_output_tokens"):
+        del old[name]
+    decoded = SloWindow.from_bytes(msgpack.packb(old))
+    assert (decoded.shape_window_s, decoded.num_recent_arrivals) == (0.0, 0)
+    assert decoded.arrival_mean_prompt_tokens == 0.0
