@@ -21,15 +21,21 @@ def planner_status(args: argparse.Namespace) -> int:
     with open_conn(args) as conn:
         control = conn.store.read_control()
         decisions = conn.store.decisions(args.last)
+        last_tick = conn.store.read_last_tick()
         slo = pools_view.read_slo(conn.client, conn.registry.prefix).get(SCOPE_CLUSTER)
     if args.json:
         print_json({**pools_view.control_dict(control, decisions),
+                    "last_tick": pools_view.record_dict(last_tick) if last_tick else None,
                     "slo_ttft_ms": slo.slo_ttft_ms if slo else None,
                     "slo_tpot_ms": slo.slo_tpot_ms if slo else None})
         return 0
     print(pools_view.planner_line(control, slo))
     if control is None:
         print("  (never set: `scission up --planner` or `scission planner mode`)")
+    if last_tick is not None:
+        age_s = max(0.0, time.time() - last_tick.at_s)
+        print(f"last tick ({age_s:.0f} s ago): {last_tick.action} ({last_tick.loop}): "
+              f"{last_tick.reason}")
     print("last decisions:\n" + pools_view.decisions_table(decisions))
     return 0
 

@@ -5,6 +5,7 @@ Keys (``RegistryConfig.prefix`` first; values are typed, versioned msgpack ``Rec
     {prefix}/pools/commands/{command_id}    -> WorkerCommand   drain / flip one worker
     {prefix}/planner/control                -> PlannerControl  mode and pause (operator)
     {prefix}/planner/decisions/{seq:012d}   -> PlannerDecision the last decisions, with reasons
+    {prefix}/planner/last_tick              -> PlannerDecision the last tick's, "none" included
 
 Writers: the planner and the operator CLI write targets (compare-and-swap on the key's
 revision, so neither overwrites a change it has not seen); an operator's write carries a
@@ -164,6 +165,7 @@ class PoolStore:
         self.commands_prefix = f"{prefix}/pools/commands/"
         self.control_key = f"{prefix}/planner/control"
         self.decisions_prefix = f"{prefix}/planner/decisions/"
+        self.last_tick_key = f"{prefix}/planner/last_tick"
 
     # -- targets ---------------------------------------------------------------------
     def read_targets(self) -> tuple[PoolTargets | None, int]:
@@ -280,6 +282,20 @@ class PoolStore:
                                                                         keys_only=True))
         for key in keys[:-MAX_DECISIONS_KEPT]:
             self._client.delete(key)
+
+    def write_last_tick(self, decision: PlannerDecision) -> None:
+        """The last tick's decision (one key, overwritten every tick; "none" included)."""
+        self._client.put(self.last_tick_key, decision.to_bytes())
+
+    def read_last_tick(self) -> PlannerDecision | None:
+        value, _ = self._client.get(self.last_tick_key)
+        if value is None:
+            return None
+        try:
+            return PlannerDecision.from_bytes(value)
+        except ValueError as exc:
+            logger.warning("ignoring a malformed planner tick: %s", exc)
+            return None
 
     def decisions(self, limit: int = 10) -> list[PlannerDecision]:
         """The newest ``limit`` decisions, oldest first."""

@@ -45,6 +45,7 @@ class _Outcome:
     cached_tokens: int = 0
     valid: bool = False  # passed validation: counts in the SLO windows
     num_prompt_tokens: int = 0
+    max_tokens: int = 0  # requested (the planner's load shape reads it at arrival)
     num_output_tokens: int = 0  # streamed to the client
     placed_s: float | None = None  # first placement
     first_token_s: float | None = None
@@ -111,7 +112,7 @@ class GenerationServicer(pb_grpc.GenerationServicer):
         """Windowed SLO aggregates + latency histograms (a request that was never placed
         arrives now, in the cluster scope only)."""
         if outcome.placed_s is None:
-            self.slo.arrive(start_s)
+            self.slo.arrive(start_s, (), outcome.num_prompt_tokens, outcome.max_tokens)
         record = outcome.record(start_s, time.monotonic())
         ttft_ok, tpot_ok = self.slo.finish(record)
         self.metrics.observe_latencies(record)
@@ -124,6 +125,7 @@ class GenerationServicer(pb_grpc.GenerationServicer):
         one that dies mid-stream has its request migrated: another decode-capable worker
         recomputes prompt + streamed tokens and continues (DESIGN: fault model)."""
         outcome.valid, outcome.num_prompt_tokens = True, len(vr.prompt_token_ids)
+        outcome.max_tokens = vr.params.max_tokens
         t0 = time.perf_counter()
         prompt = self.hasher(vr.prompt_token_ids) if self.placer.cfg.kv_aware else \
             PromptBlocks(0, [])
@@ -167,7 +169,8 @@ class GenerationServicer(pb_grpc.GenerationServicer):
         outcome.decode = placement.decode
         if outcome.placed_s is None:
             outcome.placed_s = time.monotonic()
-            self.slo.arrive(start_s, {placement.prefill_worker.role, placement.decode.role})
+            self.slo.arrive(start_s, {placement.prefill_worker.role, placement.decode.role},
+                            outcome.num_prompt_tokens, outcome.max_tokens)
 
     def _migrate(self, context, outcome: _Outcome) -> Placement:
         try:

@@ -378,7 +378,7 @@ def test_planner_mode_and_pause_write_the_control_record(cli, store):
     rc, out, _ = cli("planner", "status", "--json")
     assert rc == 0 and json.loads(out) == {
         "mode": "auto", "paused": True, "updated_at_s": control.updated_at_s, "decisions": [],
-        "slo_ttft_ms": None, "slo_tpot_ms": None}
+        "last_tick": None, "slo_ttft_ms": None, "slo_tpot_ms": None}
     rc, out, _ = cli("planner", "resume")
     assert rc == 0 and out == "planner: mode=auto paused=no\n"
     assert store.read_control().paused is False

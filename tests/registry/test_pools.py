@@ -56,7 +56,8 @@ def test_command_with_targets_is_one_transaction(store):
 
 
 def test_control_and_decisions_are_kept_bounded(store):
-    """The control record round-trips; only the newest MAX_DECISIONS_KEPT decisions stay."""
+    """The control record and the last tick round-trip; only the newest MAX_DECISIONS_KEPT
+    decisions stay."""
     assert store.read_control() is None
     store.write_control(PlannerControl(mode=PlannerMode.AUTO, paused=True, updated_at_s=1.0))
     assert store.read_control() == PlannerControl(PlannerMode.AUTO, True, 1.0)
@@ -64,6 +65,11 @@ def test_control_and_decisions_are_kept_bounded(store):
         store.append_decision(PlannerDecision(at_s=float(i), action="scale_up", loop="reactive",
                                               reason=f"r{i}", mode=PlannerMode.AUTO,
                                               applied=True, prefill=1, decode=i))
+    assert store.read_last_tick() is None
+    store.write_last_tick(PlannerDecision(at_s=7.0, action="none", loop="predictive",
+                                          reason="no change", mode=PlannerMode.AUTO,
+                                          applied=False, prefill=1, decode=1))
+    assert store.read_last_tick().reason == "no change"
     newest = store.decisions(limit=100)
     assert len(newest) == MAX_DECISIONS_KEPT
     assert [d.reason for d in newest[-2:]] == [f"r{MAX_DECISIONS_KEPT + 1}",

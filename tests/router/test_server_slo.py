@@ -85,7 +85,8 @@ def test_router_publishes_slo_windows_per_pool(etcd_server, etcd_client, etcd_pr
                                                fake_workers):
     """Two disaggregated requests and one invalid one: the router's windows in etcd count
     the two (cluster, prefill and decode scopes; TTFT in prefill, TPOT in decode) under
-    ``router-<8 hex>``, the latency histograms have two observations, and the keys vanish
+    ``router-<8 hex>`` with the load shape seen at arrival (prompt length, max_tokens), the
+    latency histograms have two observations, and the keys vanish
     when the router stops."""
     cfg = RouterConfig(etcd=EtcdClientConfig(endpoints=(etcd_server.endpoint,)),
                        registry=RegistryConfig(prefix=etcd_prefix), slo_publish_interval_s=0.1)
@@ -111,6 +112,9 @@ def test_router_publishes_slo_windows_per_pool(etcd_server, etcd_client, etcd_pr
         cluster, pre, dec = got["cluster"], got["prefill"], got["decode"]
         assert (cluster.num_arrivals, cluster.num_finished, cluster.num_failed) == (2, 2, 0)
         assert (cluster.attainment, cluster.mean_prompt_tokens) == (1.0, 3.0)
+        # the load shape at arrival: 3-token prompts asking for 8 tokens
+        assert (cluster.num_recent_arrivals, cluster.arrival_mean_prompt_tokens,
+                cluster.arrival_mean_max_tokens) == (2, 3.0, 8.0)
         assert cluster.mean_output_tokens == 1.0 + NUM_DECODE_TOKENS
         assert (pre.num_arrivals, pre.num_finished, pre.mean_prompt_tokens) == (2, 2, 3.0)
         assert pre.ttft_p90_ms > 0 and pre.tpot_p90_ms == 0.0 and pre.mean_output_tokens == 0
