@@ -7,10 +7,10 @@ import argparse
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
-    """Add ``bench serve|engine|side-by-side`` under the ``scission`` subparsers ``sub``."""
+    """Add ``bench serve|engine|side-by-side|elastic`` under the ``scission`` subparsers ``sub``."""
+    from scission.bench import elastic, side_by_side
     from scission.bench import engine as bench_engine
     from scission.bench import serve as bench_serve
-    from scission.bench import side_by_side
 
     bench = sub.add_parser("bench", help="benchmarks (needs the bench extra: pip install "
                                          "'scission[bench]')")
@@ -25,3 +25,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                                help="colocated vs disaggregated on the same cores, one command")
     side_by_side.add_arguments(sbs)
     sbs.set_defaults(func=side_by_side.run)
+    ela = bench_sub.add_parser("elastic",
+                               help="the pool planner vs static splits on a shifting workload")
+    elastic.add_arguments(ela)
+    ela.set_defaults(func=elastic.run)
