@@ -152,7 +152,8 @@ class LocalCluster:
                 timeout=cfg.start_timeout_s + 30)
         router_port = cfg.router.port or find_free_port(cfg.router.host)
         router_cfg = dataclasses.replace(cfg.router, etcd=self._etcd_cfg, port=router_port,
-                                         registry=RegistryConfig(prefix=cfg.registry_prefix))
+                                         registry=RegistryConfig(prefix=cfg.registry_prefix),
+                                         slo_ttft_ms=cfg.slo_ttft_ms, slo_tpot_ms=cfg.slo_tpot_ms)
         self.router = RouterActor.options(max_restarts=cfg.max_router_restarts).remote(
             router_cfg)
         self.router_address = ray.get(self.router.start.remote(), timeout=cfg.start_timeout_s)

@@ -95,7 +95,9 @@ def stream_chunks(vr: ValidatedRequest, chunks: Iterator[wpb.TokenChunk],
             if c.finish_reason:
                 return
     except grpc.RpcError as e:
-        lost = e.code() == grpc.StatusCode.UNAVAILABLE  # the worker died or went away
+        # The worker died or went away, or changed role meanwhile (a flip: UNIMPLEMENTED):
+        # the request migrates.
+        lost = e.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.UNIMPLEMENTED)
         raise FlowError(_status(e), f"worker {track.decode_worker}: {e.details()}",
                         track.decode_worker if lost else None) from None
     raise FlowError(grpc.StatusCode.UNAVAILABLE, f"worker {track.decode_worker} ended the stream",
