@@ -219,6 +219,10 @@ def analyze(doc: dict, bin_s: float = 10.0, oscillation_window_s: float = 60.0) 
         entry["scores"] = score_contender(records, entry["decisions"], initial, phases, slo,
                                           oscillation_window_s)
         entry["bins"] = latency_bins(records, phases[-1].end_s, bin_s, slo)
+        load = [(row["t_s"], row["loadavg_1m"]) for row in entry["timeline"] if "loadavg_1m" in row]
+        for p in [*phases, Phase(ALL, 0.0, phases[-1].end_s)]:  # machine load, shared cores
+            values = [v for t, v in load if p.start_s <= t < p.end_s]
+            entry["scores"][p.name]["loadavg_mean"] = float(np.mean(values)) if values else None
     statics = [k for k, e in doc["contenders"].items() if not e["spec"]["planner"]]
     doc["comparison"] = compare({k: e["scores"] for k, e in doc["contenders"].items()},
                                 statics, [p.name for p in phases])
@@ -233,21 +237,17 @@ def compare(scores: Mapping[str, Mapping[str, dict]], statics: Sequence[str],
         return {}
     windows = [*phase_names, ALL]
     best = max(statics, key=lambda c: scores[c][ALL]["goodput_rps"])
-    ratios = {c: {w: _ratio(s[w]["goodput_rps"], scores[best][w]["goodput_rps"])
-                  for w in windows} for c, s in scores.items()}
+    base = {w: scores[best][w]["goodput_rps"] for w in windows}
+    ratios = {c: {w: s[w]["goodput_rps"] / base[w] if base[w] > 0 else None for w in windows}
+              for c, s in scores.items()}
     return {"best_static": best, "best_static_goodput_rps": scores[best][ALL]["goodput_rps"],
             "vs_best_static": ratios, "hindsight": hindsight(scores, statics, windows)}
-
-
-def _ratio(value: float, base: float) -> float | None:
-    return value / base if base > 0 else None
 
 
 def merge_documents(old: dict, new: dict) -> dict:
     """``new`` plus the contenders of ``old`` it does not have; raises ValueError unless both
     ran the same workload (phases, shapes, SLOs, seed)."""
-    keys = ("phases", "shapes", "slo", "seed", "max_workers")
-    for key in keys:
+    for key in ("phases", "shapes", "slo", "seed", "max_workers"):
         if old["config"].get(key) != new["config"].get(key):
             raise ValueError(f"cannot merge: {key} differs ({old['config'].get(key)} vs "
                              f"{new['config'].get(key)})")
@@ -283,8 +283,8 @@ def format_table(doc: dict) -> str:
     comp = doc.get("comparison", {})
     ratios = comp.get("vs_best_static", {})
     lines = ["| window | contender | requests | failed | attainment | goodput req/s | "
-             "vs best static | TTFT p90 ms | TPOT p90 ms | changes |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "vs best static | TTFT p90 ms | TPOT p90 ms | changes | load |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     windows = [p["name"] for p in doc["phases"]] + [ALL]
     for w in windows:
         for label, entry in doc["contenders"].items():
@@ -293,7 +293,8 @@ def format_table(doc: dict) -> str:
                 f"| {w} | {label} | {s['num_requests']} | {s['num_failed']} | "
                 f"{_f(s['attainment'], 2)} | {s['goodput_rps']:.3f} | "
                 f"{_f(ratios.get(label, {}).get(w), 2)} | {_f(s['ttft_p90_ms'])} | "
-                f"{_f(s['tpot_p90_ms'])} | {s['num_changes']} |")
+                f"{_f(s['tpot_p90_ms'])} | {s['num_changes']} | "
+                f"{_f(s.get('loadavg_mean'), 1)} |")
     slo = doc["config"]["slo"]
     lines.append(f"\nSLO: TTFT <= {slo['ttft_slo_ms']:g} ms and TPOT <= {slo['tpot_slo_ms']:g} ms")
     if comp:
@@ -302,11 +303,8 @@ def format_table(doc: dict) -> str:
         for label in doc["contenders"]:
             lines.append(f"{label} / {comp['best_static']} goodput over the run: "
                          f"{_f(ratios[label][ALL], 2)}x")
+    lines.append("load: mean 1-min load average of the machine (2 cores, shared) in the window")
     for label, entry in doc["contenders"].items():
-        load = [row["loadavg_1m"] for row in entry["timeline"] if "loadavg_1m" in row]
-        if load:
-            lines.append(f"{label}: load average (1 min, 2 cores) during the phases: mean "
-                         f"{np.mean(load):.1f}, max {max(load):.1f}")
         if entry["num_not_sent"]:
             lines.append(f"{label}: {entry['num_not_sent']} requests not sent")
     return "\n".join(lines)
@@ -396,5 +394,5 @@ def _plot_pools(ax, entry: Mapping) -> None:
             other.axvline(d.at_s, color="purple", linestyle=":", linewidth=1.2)
     load = ax.twinx()
     load.plot(t, [row.get("loadavg_1m", np.nan) for row in tl], color="0.6", linewidth=0.8)
-    load.set_ylabel("load average, 1 min (grey)", color="0.4")
+    load.set_ylabel("load average of this run, 1 min (grey)", color="0.4")
     load.set_ylim(0, max(6.0, max((row.get("loadavg_1m", 0) for row in tl), default=0) + 1))
