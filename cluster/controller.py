@@ -23,7 +23,7 @@ import enum
 import logging
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import ray
 from ray.exceptions import ActorDiedError
@@ -381,6 +381,4 @@ class Controller:
 
 def _with(command: WorkerCommand, state: CommandState, message: str,
           duration_s: float) -> WorkerCommand:
-    from dataclasses import replace
-
     return replace(command, state=state, message=message, duration_s=duration_s)
