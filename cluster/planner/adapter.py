@@ -154,7 +154,7 @@ class PlannerLoop:
 
     def _slo(self) -> SloObservation | None:
         """The routers' cluster-scope windows, combined (rates add up, ratios and p90s are
-        weighted by finished requests); None when no router has finished a request."""
+        weighted by finished requests); None when no router saw a request in its window."""
         windows = []
         for value, meta in self._etcd.get_prefix(self._slo_prefix):
             if not meta.key.decode(errors="replace").endswith("/" + SCOPE_CLUSTER):
@@ -221,12 +221,21 @@ def _flip_workers(decision: PoolDecision) -> tuple[str, ...]:
 
 
 def combine_windows(windows: list[SloWindow]) -> SloObservation | None:
-    """One observation from several routers' windows (see ``PlannerLoop._slo``)."""
+    """One observation from several routers' windows (see ``PlannerLoop._slo``); None when
+    no router saw a request in its window.
+
+    Requests that arrived but none finished (an overload where every request outlasts the
+    window) still give an observation: the arrival rate and the load's shape, with
+    ``num_finished`` 0 and the per-finish fields 0. The core then treats the measured
+    attainment as unknown (``sizing.is_cold``) but sizes the pools from the forecast, instead
+    of seeing nothing until the first request finishes."""
     finished = sum(w.num_finished for w in windows)
-    if not windows or finished == 0:
+    if not any(w.num_finished or w.num_arrivals or w.num_recent_arrivals for w in windows):
         return None
 
     def weighted(field: str) -> float:
+        if finished == 0:
+            return 0.0
         return sum(getattr(w, field) * w.num_finished for w in windows) / finished
 
     return SloObservation(

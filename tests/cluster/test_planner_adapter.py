@@ -160,3 +160,45 @@ def test_combine_windows_shape_fields():
     assert (obs.num_recent_finished, obs.recent_mean_output_tokens) == (4, 40.0)
     old = combine_windows([make_window("c")])  # a router without the shape fields
     assert old is not None and (old.num_recent_arrivals, old.arrival_mean_prompt_tokens) == (0, 0)
+
+
+def overloaded_window(arrival_rps: float) -> SloWindow:
+    """A router under overload: requests arrive (100-token prompts, max_tokens 40) and none
+    finished within the window."""
+    return make_window(
+        "r", num_arrivals=int(arrival_rps * 60), num_finished=0, arrival_rps=arrival_rps,
+        mean_prompt_tokens=0.0, mean_output_tokens=0.0, ttft_attainment=0.0,
+        tpot_attainment=0.0, attainment=0.0, goodput_rps=0.0, shape_window_s=20.0,
+        num_recent_arrivals=int(arrival_rps * 20), recent_arrival_rps=arrival_rps,
+        arrival_mean_prompt_tokens=100.0, arrival_rms_prompt_tokens=100.0,
+        arrival_mean_max_tokens=40.0)
+
+
+def test_combine_windows_with_nothing_finished():
+    """Arrivals but no finish: an observation (rate and shape; the per-finish fields 0), not
+    None; a window with no request at all still gives None."""
+    obs = combine_windows([overloaded_window(15.0), overloaded_window(5.0)])
+    assert obs is not None
+    assert (obs.num_finished, obs.arrival_rps, obs.attainment, obs.ttft_p90_ms) == (0, 20.0, 0, 0)
+    assert (obs.num_recent_arrivals, obs.arrival_mean_prompt_tokens) == (400, 100.0)
+    idle = make_window("idle", num_arrivals=0, num_finished=0, arrival_rps=0.0)
+    assert combine_windows([idle]) is None
+    assert combine_windows([]) is None
+
+
+def test_planner_sizes_pools_when_nothing_finishes():
+    """Overload in which no request finishes within the window: the planner is no longer blind.
+    Same load and sizing as ``test_step_up_predictive_within_scale_up_ticks`` (15 rps →
+    prefill 2, decode ceil(15 / 8.17) = 2) from the arrivals alone, scale_up_ticks (2) ticks
+    after the load appears; the reactive loop stays off (attainment unknown: cold)."""
+    from planner_helpers import MODEL, SimCluster, changes, make_config, run
+
+    from scission.cluster.planner.core import PlannerCore
+
+    core = PlannerCore(make_config(), MODEL)
+    decisions = run(core, SimCluster({P: 1, D: 1}), [15.0] * 5,
+                    slo=lambda i, load: combine_windows([overloaded_window(load)]))
+    assert changes(decisions) == [(1, Action.SCALE_UP, {P: 2, D: 2})]
+    assert decisions[1].loop is Loop.PREDICTIVE
+    assert "forecast 15.00 rps (prompt 100 (arrivals), output 40 (max_tokens))" in \
+        decisions[1].reason
