@@ -30,7 +30,6 @@ from scission.worker.runtime import BaseWorkerServicer, WorkerRuntime
 from scission.worker.stream import stream_request
 
 logger = logging.getLogger(__name__)
-RESERVE_RETRY_S = 5.0  # wait this long for free blocks before RESOURCE_EXHAUSTED
 
 
 class DecodeServicer(BaseWorkerServicer):
@@ -81,7 +80,11 @@ class DecodeServicer(BaseWorkerServicer):
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
 
     def _reserve(self, rid: str, num_tokens: int, context) -> list[int]:
-        deadline = time.monotonic() + RESERVE_RETRY_S
+        """Blocks for the pulled prompt, waiting while the cache is full: running requests
+        finish and free theirs (an overload queues here rather than failing), up to
+        ``WorkerConfig.kv_reserve_timeout_s``, then RESOURCE_EXHAUSTED. If the prefill
+        worker's hold ran out meanwhile, the pull fails and the prompt is recomputed here."""
+        deadline = time.monotonic() + self.runtime.config.kv_reserve_timeout_s
         while True:
             blocks = self.loop.call(lambda: self.engine.reserve_blocks(rid, num_tokens))
             if blocks is not None:

@@ -58,14 +58,19 @@ class WorkerConfig:
     hold_timeout_s: float = 30.0  # prefill: unpulled KV is released after this
     kv_pull_timeout_s: float = 10.0
     kv_pull_failure_recompute: bool = True  # decode: recompute locally if a pull fails
+    # decode: wait this long for free KV blocks for a pulled prompt before RESOURCE_EXHAUSTED
+    # (a full cache frees blocks as running requests finish; 5 s turned overload into failures)
+    kv_reserve_timeout_s: float = 60.0
     stats_interval_s: float = 0.5
     request_timeout_s: float = 600.0
     grpc_max_workers: int = 128
     metrics_port: int | None = None  # Prometheus /metrics on ``host`` (0 = any free); None = off
 
     def __post_init__(self) -> None:
-        if self.lease_ttl_s < 1 or self.hold_timeout_s <= 0 or self.stats_interval_s <= 0:
-            raise ValueError("lease_ttl_s >= 1, hold_timeout_s > 0, stats_interval_s > 0 required")
+        if self.lease_ttl_s < 1 or self.hold_timeout_s <= 0 or self.stats_interval_s <= 0 \
+                or self.kv_reserve_timeout_s < 0:
+            raise ValueError("lease_ttl_s >= 1, hold_timeout_s > 0, stats_interval_s > 0, "
+                             "kv_reserve_timeout_s >= 0 required")
         if self.metrics_port is not None and not 0 <= self.metrics_port < 65536:
             raise ValueError(f"metrics_port out of range: {self.metrics_port}")
 
