@@ -331,7 +331,7 @@ class ClusterSim:
                 waiting, running = len(w.kv_waiting) + len(w.prompts), \
                     len(w.rows) + len(w.prefilling)
             out.append(WorkerObservation(
-                worker_id=w.worker_id, role=w.role, started_at_s=w.spawned_at_s,
+                worker_id=w.worker_id, role=w.role, started_at_s=w.role_since_s,
                 draining=w.state is not WorkerState.SERVING,
                 num_running=running, num_waiting=waiting,
                 queued_prefill_tokens=load.queued_prefill_tokens,

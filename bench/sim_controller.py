@@ -7,8 +7,9 @@ workers (serving ``start_delay_s`` later: model load), never more live workers t
 (a start waits for a drained worker to leave). A role above target drains its starting workers
 first, then the least loaded serving ones (youngest first on ties). A drained worker takes no
 new request and leaves once idle (no eviction deadline: its requests finish). A flip drains the
-worker, then after ``flip_delay_s`` it serves as the new role (same id, same start time; no
-model load). ``pending`` is the real controller's: a worker not serving, or counts != targets.
+worker, then after ``flip_delay_s`` it serves as the new role (same id and start time, the
+role aged from the flip; no model load). ``pending`` is the real controller's: a worker not
+serving, or counts != targets.
 """
 
 from __future__ import annotations
@@ -166,6 +167,7 @@ class SimController:
         assert w.to_role is not None and w.state is WorkerState.FLIPPING, "not flipping"
         info = make_info(w.worker_id, w.to_role, w.num_blocks, w.block_size, w.spawned_at_s)
         new = self._make(info, w.spawned_at_s)
+        new.role_since_s = self.sim.now  # the planner ages the role from the flip
         new.state = WorkerState.SERVING
         w.state = WorkerState.GONE
         self.workers[w.worker_id] = new

@@ -61,6 +61,7 @@ class SimWorker:
         self.sim = sim
         self.info = info
         self.spawned_at_s = spawned_at_s
+        self.role_since_s = spawned_at_s  # its start, or its last flip (WorkerInfo.role_since_s)
         self.state = WorkerState.STARTING
         self.to_role: WorkerRole | None = None
         self.flip_scheduled = False

@@ -59,6 +59,9 @@ class WorkerInfo(Record):
     incarnation: int = 0  # lease id, set by WorkerRegistration.register; 0 = not registered
     # Draining: the router places no new request here; running ones finish (or migrate).
     draining: bool = False
+    # Wall clock when it began serving ``role``: its start, or its last role flip. 0 = not
+    # recorded (a record from before this field): read it as ``started_at_s``.
+    role_since_s: float = 0.0
 
     def __post_init__(self) -> None:
         if not self.worker_id or "/" in self.worker_id:

@@ -147,6 +147,7 @@ def flip(runtime: WorkerRuntime, role: WorkerRole, deadline_s: float,
         close()
     runtime.role = role
     runtime.role_servicer.current = servicer_for(role)(runtime)
+    runtime.role_since_s = time.time()  # the planner's lifetime and cold-start age of the role
     runtime.register()
     logger.info("flipped %s to %s in %.2fs", runtime.config.worker_id, role.value,
                 time.monotonic() - t0)

@@ -108,6 +108,7 @@ class WorkerRuntime:
         self._stop = threading.Event()
         self.metrics = WorkerMetrics(config.worker_id, self.engine.step_metrics, self.stats)
         self.metrics_port: int | None = None  # bound port once started with metrics on
+        self.role_since_s = 0.0  # wall clock: start, then each role flip (WorkerInfo)
 
     def start(self) -> WorkerRuntime:
         self.loop.start()
@@ -115,7 +116,7 @@ class WorkerRuntime:
         self.directory.start()
         if self.config.metrics_port is not None:
             self.metrics_port = self.metrics.serve(self.config.host, self.config.metrics_port)
-        self._started_at_s = time.time()
+        self._started_at_s = self.role_since_s = time.time()
         self.register()
         self.kv_publisher.start()
         self.health.set("", health_pb2.HealthCheckResponse.SERVING)
@@ -138,7 +139,7 @@ class WorkerRuntime:
             agent_name=self.agent.name, agent_metadata=self.agent.metadata(),
             kv_layout=self.agent.layout().to_bytes(), num_blocks=eng.kv_cache.num_blocks,
             block_size=eng.kv_cache.block_size, model_id=eng.model_config.model_id,
-            started_at_s=self._started_at_s,
+            started_at_s=self._started_at_s, role_since_s=self.role_since_s,
         )
         self.info = self.registration.register(info, self.config.lease_ttl_s)
         self.kv_publisher.set_lease(self.info.incarnation)

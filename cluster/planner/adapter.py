@@ -126,7 +126,8 @@ class PlannerLoop:
         for info in self.directory.workers():
             stats = self.directory.stats(info.worker_id)
             workers.append(WorkerObservation(
-                worker_id=info.worker_id, role=info.role, started_at_s=info.started_at_s,
+                worker_id=info.worker_id, role=info.role,
+                started_at_s=info.role_since_s or info.started_at_s,
                 draining=info.draining,
                 num_running=stats.num_running if stats else 0,
                 num_waiting=stats.num_waiting if stats else 0,

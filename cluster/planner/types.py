@@ -28,7 +28,7 @@ class Loop(enum.Enum):
 class WorkerObservation:
     worker_id: str
     role: WorkerRole
-    started_at_s: float  # on the caller's clock
+    started_at_s: float  # when it began serving this role (start or last flip), caller's clock
     draining: bool = False
     num_running: int = 0
     num_waiting: int = 0

@@ -168,6 +168,7 @@ def test_flip_prefill_to_decode_under_load(cluster, directory, store, chat_promp
     load = Load(cluster.router_address, chat_prompt_ids[:6], engine_reference[:6])
     load.wait_streaming()
     pid = ray.get(cluster.workers["prefill-1"].pid.remote())
+    before_s = time.time()
     targets, revision = store.read_targets()
     flipped = targets.with_role(WorkerRole.PREFILL, 1).with_role(WorkerRole.DECODE, 2)
     command = store.submit_command(CommandKind.FLIP, "prefill-1", WorkerRole.DECODE,
@@ -177,6 +178,8 @@ def test_flip_prefill_to_decode_under_load(cluster, directory, store, chat_promp
     load.results_exact()
     wait_until(lambda: roles(directory).get("prefill-1") is WorkerRole.DECODE, 30)
     assert ray.get(cluster.workers["prefill-1"].pid.remote()) == pid  # same process
+    info = directory.get("prefill-1")  # the planner ages the role from the flip, not the start
+    assert info.started_at_s < before_s <= info.role_since_s
     print(f"\nflip of prefill-1 took {done.duration_s:.2f}s: {done.message}")
     time.sleep(1.0)  # the router's own watch sees the new role
     after = Load(cluster.router_address, chat_prompt_ids[6:12], engine_reference[6:12])
