@@ -37,7 +37,7 @@ from scission.router.placement import NoWorkersError, Placer
 from scission.router.slo import RequestRecord, SloTracker
 from scission.router.worker_pool import WorkerLoad
 
-_STEP_END, _KV_READY, _READY, _FLIP_DONE, _TICK = range(5)
+_STEP_END, _KV_READY, _READY, _FLIP_DONE, _TICK, _DRAIN_DEADLINE = range(6)
 
 
 @dataclass(frozen=True)
@@ -51,6 +51,10 @@ class SimConfig:
     kv_transfer_s: float = 0.02  # prefill done -> KV on the decode worker
     start_delay_s: float = 15.0  # a new worker loads the model
     flip_delay_s: float = 1.0  # drained -> serving as the new role
+    # A draining or flipping worker's requests migrate this long after its drain began
+    # (ClusterConfig.drain_deadline_s): decode rows recompute prompt + streamed tokens on
+    # another decode worker, queued prompts are placed again. None = they all finish there.
+    drain_deadline_s: float | None = 60.0
     interval_s: float = 10.0  # planner tick (and timeline sample) period
     slo_window_s: float = 60.0  # the router's SLO window
     shape_window_s: float = 20.0  # the router's load-shape window (arrivals; SloTracker)
@@ -99,6 +103,7 @@ class SimRun:
     timeline: list[dict] = field(default_factory=list)  # one row per tick
     decisions: list[Decision] = field(default_factory=list)  # changes only
     max_live_workers: int = 0
+    num_migrated: int = 0  # requests moved off a worker at its drain deadline
     end_s: float = 0.0
     num_events: int = 0
 
@@ -156,6 +161,9 @@ class ClusterSim:
     def schedule_flip(self, at_s: float, worker: SimWorker) -> None:
         heapq.heappush(self._heap, (at_s, next(self._seq), _FLIP_DONE, worker, 0))
 
+    def schedule_drain_deadline(self, at_s: float, worker: SimWorker) -> None:
+        heapq.heappush(self._heap, (at_s, next(self._seq), _DRAIN_DEADLINE, worker, 0))
+
     def refresh_pool(self) -> None:
         self.pool.refresh()
 
@@ -184,6 +192,8 @@ class ClusterSim:
                                           None, 0))
                 elif kind == _READY:
                     self.controller.on_ready(obj)
+                elif kind == _DRAIN_DEADLINE:
+                    self._drain_deadline(obj)
                 else:
                     self.controller.on_flip_done(obj)
             else:
@@ -200,12 +210,15 @@ class ClusterSim:
         self.tracker.arrive(self.now, num_prompt_tokens=req.prompt_tokens,
                             max_tokens=req.output_tokens if self.cfg.max_tokens_known else 0)
         self.num_open += 1
+        self._dispatch(req)
+
+    def _dispatch(self, req: SimRequest) -> None:
+        """Place a request that has streamed nothing yet (on arrival, or again after its
+        prefill worker's drain deadline) and hand it to its worker(s)."""
         try:
             placement = self.placer.place(req.prompt_tokens, [], self.cfg.block_size)
         except NoWorkersError:
-            req.failed = True
-            self.num_open -= 1
-            self.tracker.finish(RequestRecord("unavailable", req.prompt_tokens, 0, 0.0))
+            self._unavailable(req)
             return
         workers = self.controller.workers
         dec = workers[placement.decode.worker_id]
@@ -218,17 +231,45 @@ class ClusterSim:
         assert isinstance(pre, PrefillWorker), "prefill placement on a serving worker"
         req.prefill_worker = pre
         dec.inbound += 1
-        dec.pending_blocks += dec.blocks(req.prompt_tokens + req.output_tokens)
+        dec.pending_blocks += dec.blocks(req.work_prompt_tokens + req.work_output_tokens)
         dec._load = None
         pre.submit(req)
 
+    def _unavailable(self, req: SimRequest) -> None:
+        req.failed = True
+        self.num_open -= 1
+        self.tracker.finish(RequestRecord("unavailable", req.prompt_tokens, 0, 0.0))
+
+    def _unplace(self, req: SimRequest) -> None:
+        """Its decode worker stops counting it (placed there, prompt not yet pulled)."""
+        dec = req.decode_worker
+        dec.inbound -= 1
+        dec.pending_blocks -= dec.blocks(req.work_prompt_tokens + req.work_output_tokens)
+        dec._load = None
+        self._maybe_idle(dec)
+
     def on_prefilled(self, req: SimRequest, pre: PrefillWorker) -> None:
-        """The prompt ran on a prefill worker: the first token streams now."""
+        """The prompt ran on a prefill worker: the first token streams now. A decode worker
+        that stopped serving meanwhile (drained, flipped) is replaced by another, as the
+        router re-checks its choice when the prefill returns (``router/flows.py``)."""
         req.first_token_s = self.now
+        if req.decode_worker.state is not WorkerState.SERVING:
+            self._unplace(req)
+            try:
+                placement = self.placer.place_decode()
+            except NoWorkersError:
+                pre.release(req)
+                self._unavailable(req)
+                self._maybe_idle(pre)
+                return
+            new = self.controller.workers[placement.decode.worker_id]
+            new.inbound += 1
+            new.pending_blocks += new.blocks(req.work_prompt_tokens + req.work_output_tokens)
+            req.decode_worker = new
         dec = req.decode_worker
         dec.inbound -= 1
         if req.output_tokens < 2:
-            dec.pending_blocks -= dec.blocks(req.prompt_tokens + req.output_tokens)
+            dec.pending_blocks -= dec.blocks(req.work_prompt_tokens + req.work_output_tokens)
             dec._load = None
             pre.release(req)
             self.on_finished(req)
@@ -243,8 +284,41 @@ class ClusterSim:
         pre, dec = req.prefill_worker, req.decode_worker
         pre.release(req)
         dec.in_transit -= 1
-        dec.receive_kv(req)
+        if dec.evicted:  # past its drain deadline: the request migrates
+            dec._load = None
+            req.carry(1)
+            self._migrate(req)
+            self._maybe_idle(dec)
+        else:
+            dec.receive_kv(req)
         self._maybe_idle(pre)
+
+    def _migrate(self, req: SimRequest) -> None:
+        """Continue an evicted request on the decode-capable worker with the most free blocks
+        (``Placer.place_decode``), recomputing prompt + streamed tokens there."""
+        try:
+            placement = self.placer.place_decode()
+        except NoWorkersError:
+            self._unavailable(req)
+            return
+        dec = self.controller.workers[placement.decode.worker_id]
+        req.decode_worker, req.prefill_worker = dec, None
+        dec.submit_prompt(req)
+
+    def _drain_deadline(self, w: SimWorker) -> None:
+        """``SimConfig.drain_deadline_s`` after ``w`` began to drain or flip."""
+        if self.controller.workers.get(w.worker_id) is not w or \
+                w.state not in (WorkerState.DRAINING, WorkerState.FLIPPING):
+            return  # it left or flipped already
+        evicted = w.evict()
+        for req in evicted:
+            if isinstance(w, PrefillWorker):
+                self._unplace(req)
+                self._dispatch(req)
+            else:
+                self._migrate(req)
+        self.run_out.num_migrated += len(evicted)
+        self._maybe_idle(w)
 
     def on_timeout(self, req: SimRequest, placed_here: bool) -> None:
         """The router's deadline passed before the request ran (``placed_here``: it was still
@@ -254,7 +328,7 @@ class ClusterSim:
         dec = req.decode_worker
         if placed_here:
             dec.inbound -= 1
-            dec.pending_blocks -= dec.blocks(req.prompt_tokens + req.output_tokens)
+            dec.pending_blocks -= dec.blocks(req.work_prompt_tokens + req.work_output_tokens)
             dec._load = None
             self._maybe_idle(dec)
         self.tracker.finish(RequestRecord("deadline_exceeded", req.prompt_tokens, 0,

@@ -6,10 +6,11 @@ toward its new role while flipping, and not at all while draining. A role below 
 workers (serving ``start_delay_s`` later: model load), never more live workers than the budget
 (a start waits for a drained worker to leave). A role above target drains its starting workers
 first, then the least loaded serving ones (youngest first on ties). A drained worker takes no
-new request and leaves once idle (no eviction deadline: its requests finish). A flip drains the
-worker, then after ``flip_delay_s`` it serves as the new role (same id and start time, the
-role aged from the flip; no model load). ``pending`` is the real controller's: a worker not
-serving, or counts != targets.
+new request and leaves once idle; ``SimConfig.drain_deadline_s`` after the drain began, what
+still runs there migrates (``ClusterSim._drain_deadline``). A flip drains the worker, then
+after ``flip_delay_s`` it serves as the new role (same id and start time, the role aged from
+the flip; no model load). ``pending`` is the real controller's: a worker not serving, or
+counts != targets.
 """
 
 from __future__ import annotations
@@ -140,6 +141,9 @@ class SimController:
 
     def _after_leave_started(self, w: SimWorker) -> None:
         self.sim.refresh_pool()
+        deadline_s = self.sim.cfg.drain_deadline_s
+        if deadline_s is not None:
+            self.sim.schedule_drain_deadline(self.sim.now + deadline_s, w)
         if w.is_idle():
             self.on_idle(w)
 

@@ -46,6 +46,7 @@ class ServingWorker(SimWorker):
         self.inbound = 0  # placed here, prompt still on a prefill worker
         self.pending_blocks = 0  # blocks (prompt + output) of requests placed, KV not here
         self.in_transit = 0  # prompt done, KV on its way
+        self.evicted = False  # past its drain deadline: KV landing here migrates
         # the run in progress: start, first step ms, steps planned, rows; or a mixed step
         self._t0 = 0.0
         self._a_ms = 0.0
@@ -69,14 +70,49 @@ class ServingWorker(SimWorker):
                           running)
 
     def is_idle(self) -> bool:
+        """Nothing runs or waits here. Requests placed here whose prompt is still on a
+        prefill worker (``inbound``) do not count: as on the real worker, whose drain waits
+        only for its own requests, they pick another decode worker when their prefill is done
+        (``ClusterSim.on_prefilled``)."""
         return (not self.busy and not self.rows and not self.kv_waiting and not self.prompts
-                and not self.prefilling and self.inbound == 0 and self.in_transit == 0)
+                and not self.prefilling and self.in_transit == 0)
+
+    def evict(self) -> list[SimRequest]:
+        """The drain deadline passed (``SimConfig.drain_deadline_s``): every request here stops
+        and is returned to migrate, its streamed tokens carried (``SimRequest.carry``). A run
+        of steps in progress keeps the steps complete by now; a prefill step in progress is
+        lost. The worker is then empty (KV in transit to it still lands, and migrates)."""
+        if self.busy:
+            if self._mixed is None:
+                k = min(self._steps_done((self.sim.now - self._t0) * 1e3), self._k)
+                if k:
+                    self._advance(k)
+            self.version += 1  # the scheduled step end is void
+            self.busy, self._mixed = False, None
+        out = []
+        for _, _, req in self.rows:
+            req.carry(req.work_output_tokens - (req.finish_step - self.step_index))
+            out.append(req)
+        for req in self.kv_waiting:
+            req.carry(1)  # the prefill worker streamed the first token
+            out.append(req)
+        for req in (*self.prefilling, *self.prompts):
+            req.carry(0)
+            out.append(req)
+        self.rows, self.context = [], 0
+        self.kv_waiting.clear()
+        self.prefilling.clear()
+        self.prompts.clear()
+        self.queued_tokens = self.blocks_used = self.blocks_waiting = 0
+        self.evicted = True
+        self._load = None
+        return out
 
     # -- intake ------------------------------------------------------------------------------
     def receive_kv(self, req: SimRequest) -> None:
-        """A prompt's KV arrived from a prefill worker."""
-        self.pending_blocks -= self.blocks(req.prompt_tokens + req.output_tokens)
-        self.blocks_waiting += self.blocks(req.prompt_tokens)
+        """A prompt's KV arrived from a prefill worker (this worker still takes it)."""
+        self.pending_blocks -= self.blocks(req.work_prompt_tokens + req.work_output_tokens)
+        self.blocks_waiting += self.blocks(req.work_prompt_tokens)
         self.kv_waiting.append(req)
         self._load = None
         if not self.busy:
@@ -87,7 +123,7 @@ class ServingWorker(SimWorker):
     def submit_prompt(self, req: SimRequest) -> None:
         """A prompt to prefill here (colocated / local prefill)."""
         self.prompts.append(req)
-        self.queued_tokens += req.prompt_tokens
+        self.queued_tokens += req.work_prompt_tokens
         self._load = None
         if not self.busy:
             self._kick()
@@ -104,27 +140,27 @@ class ServingWorker(SimWorker):
         deadline_s = self.sim.now - self.sim.cfg.request_timeout_s
         while self.kv_waiting and self.kv_waiting[0].arrival_s < deadline_s:
             req = self.kv_waiting.popleft()  # the router gave up on it
-            self.blocks_waiting -= self.blocks(req.prompt_tokens)
+            self.blocks_waiting -= self.blocks(req.work_prompt_tokens)
             self.sim.on_timeout(req, placed_here=False)
         while self.prompts and self.prompts[0].arrival_s < deadline_s:
             req = self.prompts.popleft()
-            self.queued_tokens -= req.prompt_tokens
+            self.queued_tokens -= req.work_prompt_tokens
             self.sim.on_timeout(req, placed_here=False)
         while self.kv_waiting and len(self.rows) + len(self.prefilling) < max_seqs:
             req = self.kv_waiting[0]
-            need = self.blocks(req.prompt_tokens + req.output_tokens)
+            need = self.blocks(req.work_prompt_tokens + req.work_output_tokens)
             if self.blocks_used + need > self.num_blocks and (self.rows or self.prefilling):
                 break
             self.kv_waiting.popleft()
-            self.blocks_waiting -= self.blocks(req.prompt_tokens)
+            self.blocks_waiting -= self.blocks(req.work_prompt_tokens)
             self.blocks_used += need
             self._add_row(req)
 
     def _add_row(self, req: SimRequest) -> None:
         """``req`` holds prompt + first token; it finishes after ``output - 1`` more steps."""
-        req.finish_step = self.step_index + req.output_tokens - 1
+        req.finish_step = self.step_index + req.work_output_tokens - 1
         heapq.heappush(self.rows, (req.finish_step, req.index, req))
-        self.context += req.prompt_tokens + 1
+        self.context += req.work_prompt_tokens + 1
 
     # -- stepping ----------------------------------------------------------------------------
     def _kick(self) -> None:
@@ -188,7 +224,7 @@ class ServingWorker(SimWorker):
             tokens, sq, budget = self._chunk(req, budget, tokens, sq, chunks)
         while budget > 0 and self.prompts and rows + len(self.prefilling) < cfg.max_num_seqs:
             req = self.prompts[0]
-            need = self.blocks(req.prompt_tokens + req.output_tokens)
+            need = self.blocks(req.work_prompt_tokens + req.work_output_tokens)
             if self.blocks_used + need > self.num_blocks and (rows or self.prefilling):
                 break
             self.prompts.popleft()
@@ -208,7 +244,7 @@ class ServingWorker(SimWorker):
     def _chunk(req: SimRequest, budget: int, tokens: int, sq: int,
                chunks: list[tuple[SimRequest, int]]) -> tuple[int, int, int]:
         s = req.prefilled_tokens
-        n = min(req.prompt_tokens - s, budget)
+        n = min(req.work_prompt_tokens - s, budget)
         e = s + n
         chunks.append((req, n))
         return tokens + n, sq + e * e - s * s, budget - n
@@ -237,21 +273,21 @@ class ServingWorker(SimWorker):
         rows, sim = self.rows, self.sim
         while rows and rows[0][0] <= self.step_index:
             req = heapq.heappop(rows)[2]
-            self.context -= req.prompt_tokens + req.output_tokens
-            self.blocks_used -= self.blocks(req.prompt_tokens + req.output_tokens)
+            self.context -= req.work_prompt_tokens + req.work_output_tokens
+            self.blocks_used -= self.blocks(req.work_prompt_tokens + req.work_output_tokens)
             sim.on_finished(req)
 
     def _finish_chunks(self, chunks: list[tuple[SimRequest, int]]) -> None:
         for req, n in chunks:
             req.prefilled_tokens += n
             self.queued_tokens -= n
-            if req.prefilled_tokens < req.prompt_tokens:
+            if req.prefilled_tokens < req.work_prompt_tokens:
                 continue
             assert self.prefilling[0] is req, "prompts finish in FIFO order"
             self.prefilling.popleft()
             self.sim.on_first_token(req)
-            if req.output_tokens < 2:
-                self.blocks_used -= self.blocks(req.prompt_tokens + req.output_tokens)
+            if req.work_output_tokens < 2:
+                self.blocks_used -= self.blocks(req.work_prompt_tokens + req.work_output_tokens)
                 self.sim.on_finished(req)
             else:
                 self._add_row(req)

@@ -126,6 +126,24 @@ class PrefillWorker(SimWorker):
         self.num_held -= 1
         self._load = None
 
+    def evict(self) -> list[SimRequest]:
+        """The drain deadline passed: queued prompts (the head maybe partly computed; a step in
+        progress is lost) are returned to be placed again, nothing streamed yet. Computed KV
+        stays held until its decode worker pulls it."""
+        in_step = {id(req) for req, _ in self._chunks} if self.busy else set()
+        if self.busy:
+            self.version += 1  # the scheduled step end is void
+            self.busy = False
+        out = list(self.queue)
+        for req in out:
+            if req.prefilled_tokens > 0 or id(req) in in_step:  # its blocks were taken
+                self.held_blocks -= self.blocks(req.prompt_tokens)
+            req.prefilled_tokens = 0
+        self.queue.clear()
+        self.queued_tokens = 0
+        self._load = None
+        return out
+
     def _expire(self) -> None:
         """The router gave up (``prefill_timeout_s`` after arrival) on unstarted prompts."""
         deadline_s = self.sim.now - self.sim.cfg.prefill_timeout_s

@@ -38,6 +38,27 @@ class SimRequest:
     decode_worker: object = None  # the ``ServingWorker`` chosen to stream its tokens
     prefill_worker: object = None  # the ``PrefillWorker`` (None: prefilled where it decodes)
     finish_step: int = 0  # decode: the serving worker's step index at which it finishes
+    # Migration (a drain deadline evicted it): the tokens it had streamed are recomputed with
+    # the prompt where it continues. ``work_*`` = what its current worker computes/generates:
+    # prompt + carried, output − carried.
+    carried_tokens: int = 0
+    num_migrations: int = 0
+    work_prompt_tokens: int = -1
+    work_output_tokens: int = -1
+
+    def __post_init__(self) -> None:
+        self.work_prompt_tokens = self.prompt_tokens
+        self.work_output_tokens = self.output_tokens
+
+    def carry(self, num_streamed: int) -> None:
+        """Evicted after streaming ``num_streamed`` more tokens: it restarts from its prompt
+        plus every token streamed so far (``router.flows.Resume``)."""
+        self.carried_tokens += num_streamed
+        self.num_migrations += 1
+        self.prefilled_tokens = 0
+        self.work_prompt_tokens = self.prompt_tokens + self.carried_tokens
+        self.work_output_tokens = self.output_tokens - self.carried_tokens
+        assert self.work_output_tokens >= 1, "a migrated request has tokens left to generate"
 
     @property
     def ttft_ms(self) -> float:

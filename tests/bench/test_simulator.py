@@ -196,3 +196,77 @@ def test_scores_and_oscillations():
     assert reversals(flip, {"prefill": 3, "decode": 1}, 20.0) == [1]
     assert (scores["a"]["num_changes"], scores["b"]["num_changes"]) == (0, 3)
     assert scores["all"]["num_oscillations"] == 1
+
+
+class FlipOnce:
+    """Stands in for ``PlannerCore``: at the first tick (10 s) flips the decode worker
+    ``pick()`` names to prefill; nothing after."""
+
+    def __init__(self, pick) -> None:
+        self.pick, self.done = pick, False
+
+    def on_tick(self, inp: TickInput) -> PoolDecision:
+        if self.done:
+            return PoolDecision(Action.NONE, Loop.REACTIVE, dict(inp.targets), "done")
+        self.done, worker_id = True, self.pick()
+        targets = {P: inp.targets[P] + 1, D: inp.targets[D] - 1}
+        return PoolDecision(Action.FLIP, Loop.REACTIVE, targets, "test", worker_id, P,
+                            (worker_id,))
+
+
+def test_drain_deadline_migrates_a_running_request():
+    """A 3001-token output decoding in 8 ms steps from 0.1 s on the worker flipped at 10 s:
+    at the 5 s drain deadline (15 s) it has streamed 1 + floor(14.9 s / 8 ms) = 1863 tokens.
+    It migrates to the other decode worker, which recomputes prompt + streamed = 1963 tokens
+    (two 1024-token chunks of 100 ms) and then decodes the 3001 − 1863 − 1 = 1137 tokens
+    left: finish at 15 + 0.2 + 1137 × 0.008 = 24.296 s. The flipped worker serves as prefill
+    from 16 s (flip_delay 1 s after it emptied)."""
+    model = PerformanceModel(PrefillModel(100.0, 0.0, 0.0), DecodeModel(8.0, 0.0, 0.0))
+    reqs = [make_request(0, 0.0, 100, 3001)]
+    flip = FlipOnce(lambda: reqs[0].decode_worker.worker_id)
+    sim, run = simulate(model, reqs, {P: 1, D: 2}, planner=flip, duration_s=30.0,
+                        drain_deadline_s=5.0)
+    r = reqs[0]
+    assert (r.carried_tokens, r.num_migrations, run.num_migrated) == (1863, 1, 1)
+    assert times(r) == (0.1, 24.296)
+    assert r.decode_worker.role is D and not r.failed
+    flipped = sim.controller.workers[run.decisions[0].flip_worker_ids[0]]
+    assert flipped.role is P
+    assert [row["prefill_serving"] for row in run.timeline if row["t_s"] in (10.0, 20.0)] == \
+        [1, 2]
+
+
+def test_without_a_drain_deadline_a_flip_waits_for_its_requests():
+    """``drain_deadline_s=None``: the same request finishes where it runs (0.1 + 3000 × 8 ms
+    = 24.1 s), nothing migrates."""
+    model = PerformanceModel(PrefillModel(100.0, 0.0, 0.0), DecodeModel(8.0, 0.0, 0.0))
+    reqs = [make_request(0, 0.0, 100, 3001)]
+    flip = FlipOnce(lambda: reqs[0].decode_worker.worker_id)
+    _, run = simulate(model, reqs, {P: 1, D: 2}, planner=flip, duration_s=30.0,
+                      drain_deadline_s=None)
+    assert (reqs[0].num_migrations, run.num_migrated) == (0, 0)
+    assert times(reqs[0]) == (0.1, 24.1)
+
+
+def test_request_placed_on_a_flipped_decode_worker_repicks_after_its_prefill():
+    """A prompt prefilling 5-25 s (200 ms per token) was placed on decode worker X; X flips at
+    10 s with nothing running on it (it does not wait for the prompt still on the prefill
+    worker). When the prefill is done the request picks the other decode worker (the router
+    re-checks its choice) and pulls its KV there: no migration, no recompute; 2 decode steps
+    of 8 ms after the first token at 25 s."""
+    model = PerformanceModel(PrefillModel(0.0, 200.0, 0.0), DecodeModel(8.0, 0.0, 0.0))
+    reqs = [make_request(0, 5.0, 100, 3)]
+    chosen = []
+
+    def pick() -> str:
+        chosen.append(reqs[0].decode_worker.worker_id)
+        return chosen[0]
+
+    sim, run = simulate(model, reqs, {P: 1, D: 2}, planner=FlipOnce(pick), duration_s=30.0,
+                        drain_deadline_s=5.0)
+    r = reqs[0]
+    assert times(r) == (25.0, 25.016)
+    assert r.decode_worker.worker_id != chosen[0] and r.decode_worker.role is D
+    assert (r.num_migrations, run.num_migrated) == (0, 0)
+    assert sim.controller.workers[chosen[0]].role is P
+    assert [row["prefill_serving"] for row in run.timeline if row["t_s"] == 20.0] == [2]
