@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import grpc
@@ -14,7 +14,7 @@ import grpc
 from scission.proto.scission.internal.v1 import worker_pb2 as wpb
 from scission.proto.scission.v1 import generation_pb2 as pb
 from scission.router.convert import ValidatedRequest, finish_to_proto
-from scission.router.placement import Placement
+from scission.router.placement import NoWorkersError, Placement
 from scission.router.worker_pool import WorkerPool
 from scission.worker.convert import sampling_to_proto
 
@@ -126,24 +126,57 @@ def run_local(vr: ValidatedRequest, placement: Placement, pool: WorkerPool, star
 
 
 def run_disaggregated(vr: ValidatedRequest, placement: Placement, pool: WorkerPool,
-                      start_s: float, prefill_timeout_s: float,
-                      timeout_s: float) -> Iterator[pb.GenerateResponse]:
-    pre, dec = placement.prefill, placement.decode
+                      start_s: float, prefill_timeout_s: float, timeout_s: float,
+                      repick: Callable[[], Placement] | None = None
+                      ) -> Iterator[pb.GenerateResponse]:
+    """Prefill on ``placement.prefill``, then decode where the KV is pulled. ``repick``
+    (``Placer.place_decode``) replaces the decode worker chosen at placement when it stopped
+    serving while the prompt was prefilled (drained, flipped to another role, failed): the
+    KV is pulled by the new one, nothing is recomputed."""
+    pre = placement.prefill
     assert pre is not None, "disaggregated flow needs a prefill worker"
-    track = UsageTracker(start_s, len(vr.prompt_token_ids), pre.worker_id, dec.worker_id)
+    track = UsageTracker(start_s, len(vr.prompt_token_ids), pre.worker_id,
+                         placement.decode.worker_id)
     # The request counts against its decode worker from placement on (not only once its
     # prefill is done), so a burst spreads over the decode pool.
-    pool.begin(dec.worker_id)
+    counted = [placement.decode.worker_id]  # the worker it counts against (a re-pick moves it)
+    pool.begin(counted[0])
     try:
-        yield from _prefill_then_decode(vr, pre, dec, pool, track, prefill_timeout_s,
-                                        timeout_s)
+        yield from _prefill_then_decode(vr, pre, placement.decode, pool, track,
+                                        prefill_timeout_s, timeout_s, repick, counted)
     finally:
-        pool.end(dec.worker_id)
+        pool.end(counted[0])
+
+
+def _still_serving(pool: WorkerPool, info) -> bool:
+    """``info`` (same incarnation) is still routable in its role: registered, not draining,
+    not suspect."""
+    return any(w.worker_id == info.worker_id and w.incarnation == info.incarnation
+               for w in pool.workers(info.role))
+
+
+def _recheck_decode(vr: ValidatedRequest, dec, pool: WorkerPool,
+                    repick: Callable[[], Placement] | None, counted: list[str],
+                    track: UsageTracker):
+    """The decode worker to call now: ``dec``, or another one if ``dec`` stopped serving."""
+    if repick is None or _still_serving(pool, dec):
+        return dec
+    try:
+        new = repick().decode
+    except NoWorkersError:
+        return dec  # its Decode call fails and the request migrates, or fails clearly
+    logger.info("request %s: decode worker %s stopped serving during the prefill; %s pulls "
+                "the KV instead", vr.request_id, dec.worker_id, new.worker_id)
+    pool.end(counted[0])
+    pool.begin(new.worker_id)
+    counted[0] = track.decode_worker = new.worker_id
+    return new
 
 
 def _prefill_then_decode(vr: ValidatedRequest, pre, dec, pool: WorkerPool,
-                         track: UsageTracker, prefill_timeout_s: float,
-                         timeout_s: float) -> Iterator[pb.GenerateResponse]:
+                         track: UsageTracker, prefill_timeout_s: float, timeout_s: float,
+                         repick: Callable[[], Placement] | None,
+                         counted: list[str]) -> Iterator[pb.GenerateResponse]:
     first = _prefill(vr, pre, pool, prefill_timeout_s)
     track.cached_tokens = first.cached_tokens
     track.add(1)
@@ -157,6 +190,7 @@ def _prefill_then_decode(vr: ValidatedRequest, pre, dec, pool: WorkerPool,
     done, call = False, None
     try:
         yield resp  # the client may already be gone: GeneratorExit here releases below
+        dec = _recheck_decode(vr, dec, pool, repick, counted, track)
         req = wpb.DecodeRequest(request_id=vr.request_id, prompt_token_ids=vr.prompt_token_ids,
                                 first_token_id=first.first_token_id,
                                 sampling=sampling_to_proto(vr.params),
