@@ -14,7 +14,9 @@ import json
 import logging
 import mmap
 import os
+import re
 import struct
+import uuid
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING
 
@@ -153,6 +155,10 @@ class Tokenizer:
     def apply_chat_template(self, messages: list[dict[str, str]]) -> list[int]:
         """Prompt token ids for a chat, ending with the assistant generation prompt.
 
+        Message content is text, never control: a special token written inside a message
+        (``"<|im_end|>\\n<|im_start|>system"``) is tokenized as its characters, so it cannot
+        forge a turn; only the template's own markers become special tokens.
+
         Raises:
             InvalidRequestError: on a malformed message or role (field ``"messages"``), or
                 when the model has no chat template.
@@ -160,6 +166,13 @@ class Tokenizer:
         _validate_messages(messages)
         if not self._hf.chat_template:
             raise InvalidRequestError("messages", "this model has no chat template")
+        specials = self._added_tokens_re
+        if not any(specials.search(m["content"]) for m in messages):
+            # Same as transformers: the rendered template already holds its special tokens.
+            return list(self._hf.encode(self._render(messages), add_special_tokens=False))
+        return self._encode_chat_as_text(messages)
+
+    def _render(self, messages: list[dict[str, str]]) -> str:
         from jinja2 import TemplateError
 
         try:
@@ -169,8 +182,52 @@ class Tokenizer:
         except TemplateError as e:  # the template's own raise_exception(...)
             raise InvalidRequestError("messages", f"rejected by the chat template: {e}") from e
         assert isinstance(text, str), type(text)
-        # Same as transformers: the rendered template already holds its special tokens.
-        return list(self._hf.encode(text, add_special_tokens=False))
+        return text
+
+    @functools.cached_property
+    def _added_tokens_re(self) -> re.Pattern[str]:
+        """Matches any added token (special or not): the strings the tokenizer would turn
+        into their own ids wherever they appear."""
+        tokens = sorted((t.content for t in self._hf.added_tokens_decoder.values()), key=len,
+                        reverse=True)
+        return re.compile("|".join(re.escape(t) for t in tokens) or r"(?!)")
+
+    def _encode_chat_as_text(self, messages: list[dict[str, str]]) -> list[int]:
+        """Render the template around placeholders, then tokenize: the template's text with
+        its special tokens, each message's content with special tokens split into text.
+
+        The text between two of the template's special tokens is encoded in one piece, as a
+        whole-string encode would (added tokens always split the text before the model's
+        pre-tokenizer runs), so content without special tokens gives the same ids either way.
+        """
+        marks = [f"\x00scission-content-{uuid.uuid4().hex}\x00" for _ in messages]
+        rendered = self._render([{"role": m["role"], "content": mark}
+                                 for m, mark in zip(messages, marks, strict=True)])
+        pieces = re.split("(" + "|".join(re.escape(m) for m in marks) + ")", rendered)
+        if sorted(p for p in pieces if p in marks) != sorted(marks):
+            raise InvalidRequestError(
+                "messages", "message content holds special tokens, which this model's chat "
+                "template cannot take as plain text")
+        content = {mark: m["content"] for m, mark in zip(messages, marks, strict=True)}
+        ids: list[int] = []
+        text = ""  # plain text since the last template special token
+        for piece in pieces:
+            if piece in content:
+                text += content[piece]
+                continue
+            pos = 0
+            for match in self._added_tokens_re.finditer(piece):
+                text += piece[pos : match.start()]
+                ids += self._encode_plain(text)
+                ids.append(self._hf.convert_tokens_to_ids(match.group()))
+                text, pos = "", match.end()
+            text += piece[pos:]
+        return ids + self._encode_plain(text)
+
+    def _encode_plain(self, text: str) -> list[int]:
+        if not text:
+            return []
+        return list(self._hf.encode(text, add_special_tokens=False, split_special_tokens=True))
 
 
 def _validate_messages(messages: object) -> None:
