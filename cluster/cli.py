@@ -69,6 +69,15 @@ def _cluster_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--no-prefix-caching", action="store_true", help="disable the prefix cache")
     g.add_argument("--metrics-port", type=int, default=None,
                    help="router Prometheus /metrics port (default: off)")
+    g.add_argument("--http-port", type=int, default=None,
+                   help="router OpenAI-compatible HTTP port (/v1/chat/completions, "
+                        "/v1/completions, /v1/models, /health; default: off; 0 = any free port)")
+    g.add_argument("--max-concurrent-requests", type=_positive_int, default=256,
+                   help="router admission bound on requests in flight (both doors); beyond it "
+                        "RESOURCE_EXHAUSTED / HTTP 429 at once (default 256)")
+    g.add_argument("--max-queued-prompt-tokens", type=_positive_int, default=131072,
+                   help="router admission bound on prompt tokens not yet prefilled "
+                        "(default 131072)")
     g.add_argument("--control-metrics-port", type=int, default=None,
                    help="controller + planner Prometheus /metrics port: targets, workers by "
                         "state, decisions with reasons (default: off; 0 = any free port)")

@@ -56,6 +56,9 @@ def _router_config(args: argparse.Namespace) -> RouterConfig:
     SLOs, so both judge the same requests the same way."""
     return RouterConfig(host=args.host, port=args.port, model_path=args.model,
                         metrics_port=args.metrics_port, metrics_host=args.host,
+                        http_port=args.http_port,
+                        max_concurrent_requests=args.max_concurrent_requests,
+                        max_queued_prompt_tokens=args.max_queued_prompt_tokens,
                         placement=PlacementConfig(policy=RoutingPolicy(args.routing_policy)),
                         slo_ttft_ms=args.slo_ttft_ms, slo_tpot_ms=args.slo_tpot_ms)
 
@@ -90,7 +93,9 @@ def up(args: argparse.Namespace) -> int:
     endpoints = list(cfg.etcd_endpoints) or [cluster.etcd.endpoint]
     ClusterState(os.getpid(), cluster.router_address, endpoints, cfg.registry_prefix,
                  max_workers=cluster.max_workers).write()
-    print(f"scission router listening on {cluster.router_address}\n"
+    http = (f"\nscission OpenAI-compatible HTTP on http://{cluster.router_http_address}/v1"
+            if cluster.router_http_address else "")
+    print(f"scission router listening on {cluster.router_address}{http}\n"
           f"  try:  scission generate --chat \"What is the capital of France?\"\n"
           f"  stop: Ctrl-C here, or `scission down`", flush=True)
     try:

@@ -123,6 +123,7 @@ class LocalCluster:
         self.controller = None
         self.router = None
         self.router_address: str | None = None
+        self.router_http_address: str | None = None  # host:port of the OpenAI HTTP door
         self._ray_started = False
         self._etcd_cfg: EtcdClientConfig | None = None
 
@@ -151,12 +152,18 @@ class LocalCluster:
         ray.get(self.controller.start.remote(initial, cfg.start_timeout_s),
                 timeout=cfg.start_timeout_s + 30)
         router_port = cfg.router.port or find_free_port(cfg.router.host)
+        http_port = cfg.router.http_port  # fixed here too, so a restarted router keeps it
+        if http_port == 0:
+            http_port = find_free_port(cfg.router.host)
         router_cfg = dataclasses.replace(cfg.router, etcd=self._etcd_cfg, port=router_port,
+                                         http_port=http_port,
                                          registry=RegistryConfig(prefix=cfg.registry_prefix),
                                          slo_ttft_ms=cfg.slo_ttft_ms, slo_tpot_ms=cfg.slo_tpot_ms)
         self.router = RouterActor.options(max_restarts=cfg.max_router_restarts).remote(
             router_cfg)
         self.router_address = ray.get(self.router.start.remote(), timeout=cfg.start_timeout_s)
+        if http_port is not None:
+            self.router_http_address = f"{cfg.router.host}:{http_port}"
         return self.router_address
 
     @property

@@ -58,8 +58,16 @@ class RouterConfig:
     max_prompt_tokens: int | None = None  # None = the model's context length
     prefill_timeout_s: float = 120.0
     request_timeout_s: float = 600.0
-    max_message_bytes: int = 4 * 1024**2
-    max_concurrent_rpcs: int = 1024
+    max_message_bytes: int = 4 * 1024**2  # gRPC send/receive (router and its worker channels)
+    max_concurrent_rpcs: int = 1024  # gRPC server threads; also the HTTP door's
+    # Admission control (router/admission.py): requests in flight and prompt tokens not yet
+    # prefilled, across both doors; beyond either -> RESOURCE_EXHAUSTED / HTTP 429 at once.
+    max_concurrent_requests: int = 256
+    max_queued_prompt_tokens: int = 131072
+    retry_after_s: int = 1  # the Retry-After a refused client gets
+    # OpenAI-compatible HTTP door (router/http_api.py) on ``host``; 0 = any free port.
+    http_port: int | None = None  # None = off
+    served_model_name: str | None = None  # the HTTP API's model id; None = the model file's
     metrics_port: int | None = None  # Prometheus endpoint (0 = any free port); None = off
     metrics_host: str = "127.0.0.1"
     kv_lag_probe_interval_s: float = 1.0  # metrics: how often the index lag is measured
@@ -76,6 +84,15 @@ class RouterConfig:
             raise ValueError("need 0 < default_max_tokens <= max_tokens_limit")
         if self.metrics_port is not None and not 0 <= self.metrics_port < 65536:
             raise ValueError(f"metrics_port out of range: {self.metrics_port}")
+        if self.http_port is not None and not 0 <= self.http_port < 65536:
+            raise ValueError(f"http_port out of range: {self.http_port}")
+        if min(self.max_concurrent_requests, self.max_queued_prompt_tokens) < 1:
+            raise ValueError("max_concurrent_requests and max_queued_prompt_tokens must be >= 1")
+        if self.max_concurrent_requests > self.max_concurrent_rpcs:
+            raise ValueError(f"max_concurrent_requests ({self.max_concurrent_requests}) must "
+                             f"be <= max_concurrent_rpcs ({self.max_concurrent_rpcs})")
+        if self.retry_after_s < 1 or self.max_message_bytes < 1024:
+            raise ValueError("retry_after_s must be >= 1 and max_message_bytes >= 1024")
         if self.kv_lag_probe_interval_s <= 0:
             raise ValueError("kv_lag_probe_interval_s must be > 0")
         slo = (self.slo_ttft_ms, self.slo_tpot_ms, self.slo_window_s, self.slo_publish_interval_s)

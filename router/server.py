@@ -8,6 +8,7 @@ import uuid
 from collections.abc import Iterator
 from concurrent import futures
 from dataclasses import dataclass
+from typing import NoReturn
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -22,8 +23,11 @@ from scission.registry.kv_index_watch import KVIndexWatcher
 from scission.registry.slo_publisher import SloPublisher
 from scission.registry.workers import WorkerInfo, connect
 from scission.router import flows
+from scission.router.admission import Admission, OverCapacityError
 from scission.router.config import RouterConfig
 from scission.router.convert import ValidatedRequest, validate
+from scission.router.errors import RequestRejected
+from scission.router.http_api import HttpServer, served_model_name
 from scission.router.metrics import RouterMetrics
 from scission.router.placement import NoWorkersError, Placement, Placer
 from scission.router.prefix_index import PrefixIndex, PromptBlocks, PromptHasher
@@ -78,8 +82,9 @@ class _Outcome:
 class GenerationServicer(pb_grpc.GenerationServicer):
     def __init__(self, config: RouterConfig, tokenizer: Tokenizer, pool: WorkerPool,
                  placer: Placer, index: PrefixIndex, hasher: PromptHasher,
-                 metrics: RouterMetrics, slo: SloTracker) -> None:
+                 metrics: RouterMetrics, slo: SloTracker, admission: Admission) -> None:
         self.config = config
+        self.admission = admission
         self.tokenizer = tokenizer
         self.pool = pool
         self.placer = placer
@@ -90,8 +95,24 @@ class GenerationServicer(pb_grpc.GenerationServicer):
         self.context_len = tokenizer.context_length or 2048
 
     def Generate(self, request: pb.GenerateRequest, context):
+        """The gRPC door: ``generate`` with a refusal mapped to a status (over capacity also
+        gets ``retry-after`` trailing metadata, in seconds)."""
+        try:
+            yield from self.generate(request)
+        except RequestRejected as e:
+            if e.retry_after_s is not None:
+                context.set_trailing_metadata((("retry-after", str(e.retry_after_s)),))
+            context.abort(e.code, e.message)
+
+    def generate(self, request: pb.GenerateRequest) -> Iterator[pb.GenerateResponse]:
+        """Validate, admit, place and stream one request; the path both doors share.
+
+        Raises ``RequestRejected`` (bad input, over capacity, no workers, a worker failure).
+        Closing the generator cancels the request (its worker calls are cancelled and held
+        KV released)."""
         start_s = time.monotonic()
         outcome = _Outcome()
+        ticket = None
         try:
             cfg = self.config
             try:
@@ -100,9 +121,19 @@ class GenerationServicer(pb_grpc.GenerationServicer):
             except InvalidRequestError as e:
                 code = grpc.StatusCode.OUT_OF_RANGE if e.out_of_range else \
                     grpc.StatusCode.INVALID_ARGUMENT
-                _abort(context, outcome, code, str(e))
-            yield from self._serve(vr, context, start_s, outcome)
+                _reject(outcome, code, str(e), e.field)
+            try:
+                ticket = self.admission.admit(len(vr.prompt_token_ids))
+            except OverCapacityError as e:
+                _reject(outcome, grpc.StatusCode.RESOURCE_EXHAUSTED, str(e),
+                        retry_after_s=cfg.retry_after_s)
+            for resp in self._serve(vr, start_s, outcome):
+                if resp.token_ids:
+                    ticket.first_token()
+                yield resp
         finally:
+            if ticket is not None:
+                ticket.release()
             self.metrics.observe_request(outcome.status, outcome.prompt_tokens,
                                          outcome.cached_tokens)
             if outcome.valid:
@@ -119,7 +150,7 @@ class GenerationServicer(pb_grpc.GenerationServicer):
         logger.debug("request %s: %s, SLO met ttft=%s tpot=%s", request_id, record, ttft_ok,
                      tpot_ok)
 
-    def _serve(self, vr: ValidatedRequest, context, start_s: float,
+    def _serve(self, vr: ValidatedRequest, start_s: float,
                outcome: _Outcome) -> Iterator[pb.GenerateResponse]:
         """Place and run. A worker that fails before anything streamed is retried elsewhere;
         one that dies mid-stream has its request migrated: another decode-capable worker
@@ -135,8 +166,8 @@ class GenerationServicer(pb_grpc.GenerationServicer):
             resume = flows.Resume(tuple(streamed), outcome.first_token_s or 0.0,
                                   outcome.prefill.worker_id if outcome.prefill else "") \
                 if streamed else None
-            placement = self._migrate(context, outcome) if resume else \
-                self._place(vr, prompt, context, outcome, hash_s if attempt == 0 else 0)
+            placement = self._migrate(outcome) if resume else \
+                self._place(vr, prompt, outcome, hash_s if attempt == 0 else 0)
             self._placed(placement, outcome, start_s, first=resume is None)
             try:
                 for resp in self._run(vr, placement, start_s, resume):
@@ -155,7 +186,7 @@ class GenerationServicer(pb_grpc.GenerationServicer):
                 return
             except flows.FlowError as e:
                 if e.failed_worker is None or attempt + 1 == MAX_PLACEMENT_ATTEMPTS:
-                    _abort(context, outcome, e.code, str(e))
+                    _reject(outcome, e.code, str(e))
                 self.pool.mark_suspect(e.failed_worker, SUSPECT_S)
                 if streamed:
                     logger.warning("request %s: worker %s failed after %d tokens; migrating",
@@ -172,13 +203,13 @@ class GenerationServicer(pb_grpc.GenerationServicer):
             self.slo.arrive(start_s, {placement.prefill_worker.role, placement.decode.role},
                             outcome.num_prompt_tokens, outcome.max_tokens)
 
-    def _migrate(self, context, outcome: _Outcome) -> Placement:
+    def _migrate(self, outcome: _Outcome) -> Placement:
         try:
             return self.placer.place_decode()
         except NoWorkersError as e:
-            _abort(context, outcome, grpc.StatusCode.UNAVAILABLE, str(e))
+            _reject(outcome, grpc.StatusCode.UNAVAILABLE, str(e))
 
-    def _place(self, vr: ValidatedRequest, prompt: PromptBlocks, context, outcome: _Outcome,
+    def _place(self, vr: ValidatedRequest, prompt: PromptBlocks, outcome: _Outcome,
                hash_s: float) -> Placement:
         """Placement plus a speculative index entry for the worker that will prefill; records
         the decision time (``hash_s`` spent hashing the prompt + this)."""
@@ -187,7 +218,7 @@ class GenerationServicer(pb_grpc.GenerationServicer):
             placement = self.placer.place(len(vr.prompt_token_ids), prompt.block_hashes,
                                           prompt.block_size)
         except NoWorkersError as e:
-            _abort(context, outcome, grpc.StatusCode.UNAVAILABLE, str(e))
+            _reject(outcome, grpc.StatusCode.UNAVAILABLE, str(e))
         self.index.insert_speculative(placement.prefill_worker.worker_id, prompt.block_hashes)
         self.metrics.decision_s.observe(time.perf_counter() - t0)
         return placement
@@ -200,10 +231,11 @@ class GenerationServicer(pb_grpc.GenerationServicer):
         return flows.run_local(vr, placement, self.pool, start_s, cfg.request_timeout_s, resume)
 
 
-def _abort(context, outcome: _Outcome, code: grpc.StatusCode, message: str) -> None:
-    """Record the status and end the RPC (``context.abort`` raises)."""
+def _reject(outcome: _Outcome, code: grpc.StatusCode, message: str, param: str | None = None,
+            retry_after_s: int | None = None) -> NoReturn:
+    """Record the status and end the request."""
     outcome.status = code.name.lower()
-    context.abort(code, message)
+    raise RequestRejected(code, message, param, retry_after_s)
 
 
 class RouterServer:
@@ -214,7 +246,7 @@ class RouterServer:
         self.tokenizer = load_tokenizer(config.model_path or default_model_path())
         self.etcd = connect(config.etcd)
         self.directory = WorkerDirectory(self.etcd, config.registry)
-        self.pool = WorkerPool(self.directory)
+        self.pool = WorkerPool(self.directory, config.max_message_bytes)
         self.index = PrefixIndex(config.placement.speculative_ttl_s)
         self.kv_watcher = KVIndexWatcher(self.etcd, config.registry, self.index)
         self.placer = Placer(config.placement, self.pool, prefix_match=self.index.match)
@@ -230,9 +262,12 @@ class RouterServer:
                 ("grpc.max_send_message_length", config.max_message_bytes)]
         self.server = grpc.server(futures.ThreadPoolExecutor(config.max_concurrent_rpcs),
                                   options=opts, maximum_concurrent_rpcs=config.max_concurrent_rpcs)
-        pb_grpc.add_GenerationServicer_to_server(
-            GenerationServicer(config, self.tokenizer, self.pool, self.placer, self.index,
-                               self.hasher, self.metrics, self.slo), self.server)
+        self.admission = Admission(config.max_concurrent_requests,
+                                   config.max_queued_prompt_tokens)
+        self.servicer = GenerationServicer(config, self.tokenizer, self.pool, self.placer,
+                                           self.index, self.hasher, self.metrics, self.slo,
+                                           self.admission)
+        pb_grpc.add_GenerationServicer_to_server(self.servicer, self.server)
         self.health = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         names = (pb.DESCRIPTOR.services_by_name["Generation"].full_name,
@@ -241,6 +276,13 @@ class RouterServer:
         reflection.enable_server_reflection(names, self.server)
         self.port = self.server.add_insecure_port(f"{config.host}:{config.port}")
         self.address = f"{config.host}:{self.port}"
+        self.http: HttpServer | None = None
+        if config.http_port is not None:  # binds now, serves from start()
+            model = config.served_model_name or served_model_name(config.model_path or
+                                                                  default_model_path())
+            self.http = HttpServer(self.servicer, model, config.host, config.http_port,
+                                   config.max_message_bytes, config.max_concurrent_rpcs)
+        self.http_address = self.http.address if self.http is not None else None
 
     def start(self) -> RouterServer:
         cfg = self.config
@@ -255,10 +297,16 @@ class RouterServer:
         self.health.set("scission.v1.Generation", health_pb2.HealthCheckResponse.SERVING)
         logger.info("router %s serving scission.v1.Generation on %s", self.router_id,
                     self.address)
+        if self.http is not None:
+            self.http.start()
+            logger.info("router %s serving the OpenAI-compatible HTTP API on %s",
+                        self.router_id, self.http_address)
         return self
 
     def stop(self) -> None:
         self.health.enter_graceful_shutdown()
+        if self.http is not None:
+            self.http.stop()
         self.server.stop(grace=2).wait()
         self.slo_publisher.close()  # revokes its lease: the SLO keys vanish
         self.metrics.close()

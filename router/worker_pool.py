@@ -34,8 +34,10 @@ class WorkerLoad:
 
 
 class WorkerPool:
-    def __init__(self, directory: WorkerDirectory) -> None:
+    def __init__(self, directory: WorkerDirectory, max_message_bytes: int = 4 * 1024**2) -> None:
         self.directory = directory
+        self._channel_options = [("grpc.max_receive_message_length", max_message_bytes),
+                                 ("grpc.max_send_message_length", max_message_bytes)]
         self._lock = threading.Lock()
         self._channels: dict[str, tuple[str, grpc.Channel, pb_grpc.WorkerStub]] = {}
         self._inflight_prefill_tokens: dict[str, int] = defaultdict(int)
@@ -63,7 +65,7 @@ class WorkerPool:
                 return cached[2]
             if cached is not None:
                 cached[1].close()
-            channel = grpc.insecure_channel(info.endpoint)
+            channel = grpc.insecure_channel(info.endpoint, options=self._channel_options)
             stub = pb_grpc.WorkerStub(channel)
             self._channels[info.worker_id] = (info.endpoint, channel, stub)
             return stub
