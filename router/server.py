@@ -227,7 +227,8 @@ class GenerationServicer(pb_grpc.GenerationServicer):
         cfg = self.config
         if placement.disaggregated and resume is None:
             return flows.run_disaggregated(vr, placement, self.pool, start_s,
-                                           cfg.prefill_timeout_s, cfg.request_timeout_s)
+                                           cfg.prefill_timeout_s, cfg.request_timeout_s,
+                                           self.placer.place_decode)
         return flows.run_local(vr, placement, self.pool, start_s, cfg.request_timeout_s, resume)
 
 
