@@ -106,7 +106,7 @@ def run(args: argparse.Namespace) -> int:
         "workload": sweep.workload.info, "phases": [asdict(p) for p in sweep.phases],
         **summary, "scores": sweep.scores, "scores_isolated": sweep.isolated,
         "runs": {c: {"wall_s": sweep.wall_s[c], "num_events": r.num_events, "end_s": r.end_s,
-                     "max_live_workers": r.max_live_workers,
+                     "max_live_workers": r.max_live_workers, "num_migrated": r.num_migrated,
                      "initial": {k.value: v for k, v in sweep.initial[c].items()},
                      "decisions": [asdict(d) for d in r.decisions],
                      "timeline": r.timeline if c in shown else None}  # plotted ones only
