@@ -196,13 +196,15 @@ class WorkerRuntime:
     def _publish_stats(self) -> None:
         cursor = 0  # engine steps already published (advanced only once a put succeeds)
         while not self._stop.wait(self.config.stats_interval_s):
-            s = self.stats()
-            steps, next_cursor = self.engine.step_metrics.since(cursor)
-            recent, _ = self.engine.step_metrics.since(max(0, next_cursor - MAX_PUBLISHED_STEPS))
-            try:
+            try:  # any error (etcd blip, a racing read) is retried next tick, never fatal:
+                # a dead publisher would freeze this worker's load for every router
+                s = self.stats()
+                steps, next_cursor = self.engine.step_metrics.since(cursor)
+                recent, _ = self.engine.step_metrics.since(
+                    max(0, next_cursor - MAX_PUBLISHED_STEPS))
                 self.registration.update_stats(stats_record(s, steps, recent=recent))
                 cursor = next_cursor
-            except Exception as e:  # etcd blip: the next tick retries (with these steps)
+            except Exception as e:
                 logger.warning("stats publish failed: %s", e)
 
 
