@@ -90,3 +90,41 @@ def test_runtime_publishes_steps_and_serves_metrics(tmp_path, tokenizer, etcd_se
         raise AssertionError("metrics endpoint still up after stop()")
     except OSError:
         pass
+
+
+def test_stats_publisher_survives_a_failing_read(tmp_path, tokenizer, etcd_server, etcd_client,
+                                                 etcd_prefix):
+    """The first two stats() calls of the publisher raise (as a racing read of engine state
+    could): the thread logs them and keeps publishing; a record with the finished request's
+    3 steps still reaches etcd."""
+    model_path = save_tiny_llama(str(tmp_path / "tiny"), tokenizer)
+    cfg = WorkerConfig(
+        worker_id="c1", role=WorkerRole.COLOCATED, stats_interval_s=0.2,
+        etcd=EtcdClientConfig(endpoints=(etcd_server.endpoint,)),
+        registry=RegistryConfig(prefix=etcd_prefix),
+        engine=EngineConfig(model_path=model_path, num_threads=1,
+                            attention_backend=AttentionBackendKind.TORCH,
+                            cache=CacheConfig(block_size=16, num_blocks=64),
+                            scheduler=SchedulerConfig(max_num_batched_tokens=24)))
+    runtime = WorkerRuntime(cfg, lambda role: BaseWorkerServicer)
+    real_stats, failures = runtime.stats, []
+
+    def flaky_stats():
+        if len(failures) < 2:
+            failures.append(1)
+            raise RuntimeError("deque mutated during iteration")
+        return real_stats()
+
+    runtime.stats = flaky_stats
+    runtime.engine.add_request("r", list(range(100, 120)),
+                               SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True))
+    runtime.start()
+    try:
+        def published() -> bool:
+            value, _ = etcd_client.get(f"{etcd_prefix}/stats/c1")
+            return bool(value) and Stats.from_bytes(value).num_steps_total == 3
+
+        wait_for(published)
+        assert len(failures) == 2
+    finally:
+        runtime.stop()
