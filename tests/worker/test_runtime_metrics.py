@@ -30,6 +30,21 @@ def save_tiny_llama(path: str, tokenizer) -> str:
     return path
 
 
+def tiny_worker_config(tmp_path, tokenizer, etcd_server, etcd_prefix, worker_id: str,
+                       **overrides) -> WorkerConfig:
+    """A colocated worker on the tiny model: 64 blocks of 16, 24 tokens per step."""
+    model_path = save_tiny_llama(str(tmp_path / "tiny"), tokenizer)
+    return WorkerConfig(
+        worker_id=worker_id, role=WorkerRole.COLOCATED,
+        etcd=EtcdClientConfig(endpoints=(etcd_server.endpoint,)),
+        registry=RegistryConfig(prefix=etcd_prefix),
+        engine=EngineConfig(model_path=model_path, num_threads=1,
+                            attention_backend=AttentionBackendKind.TORCH,
+                            cache=CacheConfig(block_size=16, num_blocks=64),
+                            scheduler=SchedulerConfig(max_num_batched_tokens=24)),
+        **overrides)
+
+
 def wait_for(predicate: Callable[[], bool], timeout_s: float = 30.0) -> None:
     deadline = time.monotonic() + timeout_s
     while not predicate():
@@ -43,15 +58,8 @@ def test_runtime_publishes_steps_and_serves_metrics(tmp_path, tokenizer, etcd_se
     shows up in the published WorkerStatsRecords as 3 step rows [end, 20, 0, 0, ms],
     [end, 0, 1, 21, ms], [end, 0, 1, 22, ms]; GetStats and /metrics count the same 3 steps;
     stop() closes the port."""
-    model_path = save_tiny_llama(str(tmp_path / "tiny"), tokenizer)
-    cfg = WorkerConfig(
-        worker_id="c0", role=WorkerRole.COLOCATED, metrics_port=0, stats_interval_s=1.0,
-        etcd=EtcdClientConfig(endpoints=(etcd_server.endpoint,)),
-        registry=RegistryConfig(prefix=etcd_prefix),
-        engine=EngineConfig(model_path=model_path, num_threads=1,
-                            attention_backend=AttentionBackendKind.TORCH,
-                            cache=CacheConfig(block_size=16, num_blocks=64),
-                            scheduler=SchedulerConfig(max_num_batched_tokens=24)))
+    cfg = tiny_worker_config(tmp_path, tokenizer, etcd_server, etcd_prefix, "c0",
+                             metrics_port=0, stats_interval_s=1.0)
     runtime = WorkerRuntime(cfg, lambda role: BaseWorkerServicer)
     params = SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True)
     runtime.engine.add_request("r", list(range(100, 120)), params)  # runs once started
@@ -97,15 +105,8 @@ def test_stats_publisher_survives_a_failing_read(tmp_path, tokenizer, etcd_serve
     """The first two stats() calls of the publisher raise (as a racing read of engine state
     could): the thread logs them and keeps publishing; a record with the finished request's
     3 steps still reaches etcd."""
-    model_path = save_tiny_llama(str(tmp_path / "tiny"), tokenizer)
-    cfg = WorkerConfig(
-        worker_id="c1", role=WorkerRole.COLOCATED, stats_interval_s=0.2,
-        etcd=EtcdClientConfig(endpoints=(etcd_server.endpoint,)),
-        registry=RegistryConfig(prefix=etcd_prefix),
-        engine=EngineConfig(model_path=model_path, num_threads=1,
-                            attention_backend=AttentionBackendKind.TORCH,
-                            cache=CacheConfig(block_size=16, num_blocks=64),
-                            scheduler=SchedulerConfig(max_num_batched_tokens=24)))
+    cfg = tiny_worker_config(tmp_path, tokenizer, etcd_server, etcd_prefix, "c1",
+                             stats_interval_s=0.2)
     runtime = WorkerRuntime(cfg, lambda role: BaseWorkerServicer)
     real_stats, failures = runtime.stats, []
 
