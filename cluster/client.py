@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import asdict, dataclass, field
+from typing import NamedTuple
 
 import grpc
 
@@ -81,5 +82,51 @@ def _finish(res: GenerationResult, chunk: pb.GenerateResponse) -> None:
     res.prefill_worker, res.decode_worker = u.prefill_worker, u.decode_worker
 
 
-def connect(address: str) -> pb_grpc.GenerationStub:
-    return pb_grpc.GenerationStub(grpc.insecure_channel(address))
+def connect(address: str, ca_file: str | None = None, api_key: str | None = None,
+            cert_file: str | None = None, key_file: str | None = None
+            ) -> pb_grpc.GenerationStub:
+    """A stub for the router at ``address``: TLS when ``ca_file`` (PEM, the CA that signed the
+    router's certificate; ``cert_file`` + ``key_file`` = this client's certificate for mTLS),
+    every call with ``authorization: Bearer <api_key>`` when ``api_key``."""
+    if ca_file is None:
+        channel = grpc.insecure_channel(address)
+    else:
+        cert_chain = _read(cert_file) if cert_file else None
+        private_key = _read(key_file) if key_file else None
+        channel = grpc.secure_channel(address, grpc.ssl_channel_credentials(
+            _read(ca_file), private_key, cert_chain))
+    if api_key is not None:
+        channel = grpc.intercept_channel(channel, _BearerKey(api_key))
+    return pb_grpc.GenerationStub(channel)
+
+
+def _read(path: str) -> bytes:
+    with open(path, "rb") as f:
+        return f.read()
+
+
+class _CallDetails(NamedTuple):
+    method: str
+    timeout: float | None
+    metadata: tuple | None
+    credentials: grpc.CallCredentials | None
+    wait_for_ready: bool | None
+    compression: grpc.Compression | None
+
+
+class _BearerKey(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor):
+    """Adds ``authorization: Bearer <key>`` to every call (also over plaintext, where gRPC
+    call credentials are not sent)."""
+
+    def __init__(self, api_key: str) -> None:
+        self._header = ("authorization", f"Bearer {api_key}")
+
+    def _details(self, d) -> _CallDetails:
+        return _CallDetails(d.method, d.timeout, (*(d.metadata or ()), self._header),
+                            d.credentials, d.wait_for_ready, d.compression)
+
+    def intercept_unary_unary(self, continuation, client_call_details, request):
+        return continuation(self._details(client_call_details), request)
+
+    def intercept_unary_stream(self, continuation, client_call_details, request):
+        return continuation(self._details(client_call_details), request)

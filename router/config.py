@@ -78,6 +78,18 @@ class RouterConfig:
     slo_tpot_ms: float = 150.0
     slo_window_s: float = 30.0
     slo_publish_interval_s: float = 2.0
+    # TLS and API keys on the public doors (router/auth.py); all off by default (plaintext,
+    # no key). tls_cert_file + tls_key_file (PEM): gRPC and HTTP serve TLS; a client CA makes
+    # it mutual (clients must present a certificate it signed). API keys come from a file
+    # (one per line, '#' comments) and/or the environment variable named here, never from
+    # the command line; with any key set, every route needs 'Authorization: Bearer <key>'.
+    tls_cert_file: str | None = None
+    tls_key_file: str | None = None
+    tls_client_ca_file: str | None = None
+    api_keys_file: str | None = None
+    api_keys_env: str | None = None  # the variable's name, read in the router process
+    auth_exempt_health: bool = True  # gRPC health service and HTTP /health open without a key
+    auth_exempt_metrics: bool = True  # the Prometheus port open without a key
 
     def __post_init__(self) -> None:
         if not (0 < self.default_max_tokens <= self.max_tokens_limit):
@@ -95,7 +107,15 @@ class RouterConfig:
             raise ValueError("retry_after_s must be >= 1 and max_message_bytes >= 1024")
         if self.kv_lag_probe_interval_s <= 0:
             raise ValueError("kv_lag_probe_interval_s must be > 0")
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise ValueError("tls_cert_file and tls_key_file go together")
+        if self.tls_client_ca_file is not None and self.tls_cert_file is None:
+            raise ValueError("tls_client_ca_file (mTLS) needs tls_cert_file and tls_key_file")
         slo = (self.slo_ttft_ms, self.slo_tpot_ms, self.slo_window_s, self.slo_publish_interval_s)
         if min(slo) <= 0 or not all(math.isfinite(v) for v in slo):
             raise ValueError("slo_ttft_ms, slo_tpot_ms, slo_window_s and slo_publish_interval_s "
                              f"must be finite and > 0, got {slo}")
+
+    @property
+    def tls(self) -> bool:
+        return self.tls_cert_file is not None

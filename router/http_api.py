@@ -21,22 +21,25 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import ssl
 import threading
 import time
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 import grpc
 import uvicorn
 from pydantic import BaseModel, ValidationError
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from scission.registry.workers import WorkerRole
+from scission.router.auth import ApiKeys, HttpAuthMiddleware
 from scission.router.errors import RequestRejected
 from scission.router.http_stream import (
     SSE_DONE,
@@ -110,6 +113,19 @@ def _rejected_event(e: RequestRejected, chat: bool) -> bytes:
                           "param": _openai_param(e.param, chat), "code": e.code.name.lower()}})
 
 
+class HttpSecurity(NamedTuple):
+    """TLS files (PEM; a client CA = mTLS) and API keys for the HTTP door; None = off."""
+
+    cert_file: str | None = None
+    key_file: str | None = None
+    client_ca_file: str | None = None
+    api_keys: ApiKeys | None = None
+    exempt_paths: frozenset[str] = frozenset()  # served without a key
+
+
+NO_SECURITY = HttpSecurity()  # plaintext, no API keys
+
+
 class _BodyTooLarge(Exception):
     pass
 
@@ -118,7 +134,7 @@ class OpenAIApp:
     """The routes; requests run on ``executor`` threads through ``servicer.generate``."""
 
     def __init__(self, servicer: GenerationServicer, model: str, max_body_bytes: int,
-                 executor: ThreadPoolExecutor) -> None:
+                 executor: ThreadPoolExecutor, security: HttpSecurity = NO_SECURITY) -> None:
         self.servicer = servicer
         self.model = model
         self.max_body_bytes = max_body_bytes
@@ -131,7 +147,10 @@ class OpenAIApp:
             Route("/v1/models/{model_id:path}", self.model_info, methods=["GET"]),
             Route("/health", self.health, methods=["GET"]),
         ]
-        self.app = Starlette(routes=routes,
+        keys = security.api_keys  # checked before routing: a refused call reads no body
+        middleware = [] if keys is None else [
+            Middleware(HttpAuthMiddleware, keys=keys, exempt_paths=security.exempt_paths)]
+        self.app = Starlette(routes=routes, middleware=middleware,
                              exception_handlers={HTTPException: self._http_error})
 
     async def _http_error(self, request: Request, exc: Exception) -> Response:
@@ -245,17 +264,23 @@ class HttpServer:
     known before ``start``); generation runs on a pool of ``max_threads`` threads."""
 
     def __init__(self, servicer: GenerationServicer, model: str, host: str, port: int,
-                 max_body_bytes: int, max_threads: int) -> None:
+                 max_body_bytes: int, max_threads: int,
+                 security: HttpSecurity = NO_SECURITY) -> None:
         self.executor = ThreadPoolExecutor(max_threads, thread_name_prefix="http-generate")
-        self.app = OpenAIApp(servicer, model, max_body_bytes, self.executor)
+        self.app = OpenAIApp(servicer, model, max_body_bytes, self.executor, security)
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         self._sock = socket.socket(family, socket.SOCK_STREAM)
         self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self._sock.bind((host, port))
         self.port = self._sock.getsockname()[1]
         self.address = f"{host}:{self.port}"
+        tls = {} if security.cert_file is None else {
+            "ssl_certfile": security.cert_file, "ssl_keyfile": security.key_file,
+            "ssl_ca_certs": security.client_ca_file,
+            "ssl_cert_reqs": ssl.CERT_REQUIRED if security.client_ca_file else ssl.CERT_NONE}
+        self.scheme = "http" if security.cert_file is None else "https"
         config = uvicorn.Config(self.app.app, log_level="warning", access_log=False,
-                                lifespan="off", ws="none", timeout_graceful_shutdown=2)
+                                lifespan="off", ws="none", timeout_graceful_shutdown=2, **tls)
         self._server = uvicorn.Server(config)
         self._thread: threading.Thread | None = None
 

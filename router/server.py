@@ -22,12 +22,12 @@ from scission.registry.directory import WorkerDirectory
 from scission.registry.kv_index_watch import KVIndexWatcher
 from scission.registry.slo_publisher import SloPublisher
 from scission.registry.workers import WorkerInfo, connect
-from scission.router import flows
+from scission.router import auth, flows
 from scission.router.admission import Admission, OverCapacityError
 from scission.router.config import RouterConfig
 from scission.router.convert import ValidatedRequest, validate
 from scission.router.errors import RequestRejected
-from scission.router.http_api import HttpServer, served_model_name
+from scission.router.http_api import HttpSecurity, HttpServer, served_model_name
 from scission.router.metrics import RouterMetrics
 from scission.router.placement import NoWorkersError, Placement, Placer
 from scission.router.prefix_index import PrefixIndex, PromptBlocks, PromptHasher
@@ -239,6 +239,12 @@ def _reject(outcome: _Outcome, code: grpc.StatusCode, message: str, param: str |
     raise RequestRejected(code, message, param, retry_after_s)
 
 
+def http_security(config: RouterConfig, api_keys: auth.ApiKeys | None) -> HttpSecurity:
+    return HttpSecurity(config.tls_cert_file, config.tls_key_file, config.tls_client_ca_file,
+                        api_keys, auth.HTTP_HEALTH_PATHS if config.auth_exempt_health
+                        else frozenset())
+
+
 class RouterServer:
     """Owns the router's parts; ``start()`` returns once the port is bound."""
 
@@ -261,8 +267,13 @@ class RouterServer:
         self.metrics_port: int | None = None  # bound port once started with metrics on
         opts = [("grpc.max_receive_message_length", config.max_message_bytes),
                 ("grpc.max_send_message_length", config.max_message_bytes)]
+        keys = auth.load_api_keys(config.api_keys_file, config.api_keys_env)
+        self.api_keys = auth.ApiKeys(keys) if keys else None
+        interceptors = [] if self.api_keys is None else [auth.GrpcAuthInterceptor(
+            self.api_keys, auth.GRPC_HEALTH_METHODS if config.auth_exempt_health else frozenset())]
         self.server = grpc.server(futures.ThreadPoolExecutor(config.max_concurrent_rpcs),
-                                  options=opts, maximum_concurrent_rpcs=config.max_concurrent_rpcs)
+                                  interceptors=interceptors, options=opts,
+                                  maximum_concurrent_rpcs=config.max_concurrent_rpcs)
         self.admission = Admission(config.max_concurrent_requests,
                                    config.max_queued_prompt_tokens)
         self.servicer = GenerationServicer(config, self.tokenizer, self.pool, self.placer,
@@ -275,14 +286,18 @@ class RouterServer:
                  health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
                  reflection.SERVICE_NAME)
         reflection.enable_server_reflection(names, self.server)
-        self.port = self.server.add_insecure_port(f"{config.host}:{config.port}")
+        creds = auth.grpc_server_credentials(config)
+        bind = f"{config.host}:{config.port}"
+        self.port = self.server.add_insecure_port(bind) if creds is None else \
+            self.server.add_secure_port(bind, creds)
         self.address = f"{config.host}:{self.port}"
         self.http: HttpServer | None = None
         if config.http_port is not None:  # binds now, serves from start()
             model = config.served_model_name or served_model_name(config.model_path or
                                                                   default_model_path())
             self.http = HttpServer(self.servicer, model, config.host, config.http_port,
-                                   config.max_message_bytes, config.max_concurrent_rpcs)
+                                   config.max_message_bytes, config.max_concurrent_rpcs,
+                                   http_security(config, self.api_keys))
         self.http_address = self.http.address if self.http is not None else None
 
     def start(self) -> RouterServer:
@@ -296,8 +311,9 @@ class RouterServer:
         self.server.start()
         self.health.set("", health_pb2.HealthCheckResponse.SERVING)
         self.health.set("scission.v1.Generation", health_pb2.HealthCheckResponse.SERVING)
-        logger.info("router %s serving scission.v1.Generation on %s", self.router_id,
-                    self.address)
+        logger.info("router %s serving scission.v1.Generation on %s (%s, %s)", self.router_id,
+                    self.address, "TLS" if cfg.tls else "plaintext",
+                    "API keys" if self.api_keys else "no API keys")
         if self.http is not None:
             self.http.start()
             logger.info("router %s serving the OpenAI-compatible HTTP API on %s",
