@@ -19,13 +19,20 @@ from __future__ import annotations
 import hmac
 import logging
 import os
+import socket
+import ssl
+import threading
+from socketserver import ThreadingMixIn
 from typing import TYPE_CHECKING
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 import grpc
 from starlette.datastructures import Headers
 from starlette.responses import JSONResponse
 
 if TYPE_CHECKING:
+    from wsgiref.types import StartResponse, WSGIApplication, WSGIEnvironment
+
     from starlette.types import ASGIApp, Receive, Scope, Send
 
     from scission.router.config import RouterConfig
@@ -156,3 +163,46 @@ def grpc_server_credentials(config: RouterConfig) -> grpc.ServerCredentials | No
     return grpc.ssl_server_credentials(
         [pair], root_certificates=_read_file(client_ca).encode() if client_ca else None,
         require_client_auth=client_ca is not None)
+
+
+def server_ssl_context(config: RouterConfig) -> ssl.SSLContext | None:
+    """The same TLS as the doors, for a Python server (the metrics port), or None."""
+    if config.tls_cert_file is None:
+        return None
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(config.tls_cert_file, config.tls_key_file)
+    if config.tls_client_ca_file is not None:
+        ctx.verify_mode = ssl.CERT_REQUIRED
+        ctx.load_verify_locations(config.tls_client_ca_file)
+    return ctx
+
+
+class _ThreadingWSGIServer(ThreadingMixIn, WSGIServer):
+    daemon_threads = True
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format: str, *args) -> None:  # noqa: A002 (the base's name)
+        pass
+
+
+def serve_wsgi_guarded(app: WSGIApplication, host: str, port: int, keys: ApiKeys | None,
+                       ssl_context: ssl.SSLContext | None) -> WSGIServer:
+    """``app`` (the Prometheus exposition) on ``host:port`` behind the key check and TLS, on a
+    daemon thread; stop it with ``shutdown()`` + ``server_close()``."""
+
+    def guarded(environ: WSGIEnvironment, start_response: StartResponse):
+        refusal = None if keys is None else keys.refusal(environ.get("HTTP_AUTHORIZATION"))
+        if refusal is None:
+            return app(environ, start_response)
+        start_response("401 Unauthorized", [("Content-Type", "text/plain; charset=utf-8"),
+                                            ("WWW-Authenticate", "Bearer")])
+        return [f"{refusal}\n".encode()]
+
+    server_cls = type("_Server", (_ThreadingWSGIServer,), {
+        "address_family": socket.AF_INET6 if ":" in host else socket.AF_INET})
+    httpd = make_server(host, port, guarded, server_cls, handler_class=_QuietHandler)
+    if ssl_context is not None:
+        httpd.socket = ssl_context.wrap_socket(httpd.socket, server_side=True)
+    threading.Thread(target=httpd.serve_forever, name="metrics-guarded", daemon=True).start()
+    return httpd

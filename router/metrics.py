@@ -52,15 +52,18 @@ from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
-from prometheus_client.exposition import start_http_server
+from prometheus_client.exposition import make_wsgi_app, start_http_server
 from prometheus_client.registry import Collector
 
 from scission.registry.etcd_watch import ETCD_ERRORS, describe_etcd_error
+from scission.router.auth import serve_wsgi_guarded
 
 if TYPE_CHECKING:
+    import ssl
     from wsgiref.simple_server import WSGIServer
 
     from scission.registry.kv_index_watch import KVIndexWatcher
+    from scission.router.auth import ApiKeys
     from scission.router.prefix_index import PrefixIndex
     from scission.router.slo import RequestRecord, SloTracker
 
@@ -229,11 +232,17 @@ class RouterMetrics:
         """The text exposition (what ``/metrics`` serves)."""
         return generate_latest(self.registry)
 
-    def serve(self, host: str, port: int, lag_probe_interval_s: float = 1.0) -> int:
+    def serve(self, host: str, port: int, lag_probe_interval_s: float = 1.0,
+              keys: ApiKeys | None = None, ssl_context: ssl.SSLContext | None = None) -> int:
         """Start ``/metrics`` on ``host:port`` (0 = any free port) and the lag probe; returns
-        the bound port. Raises OSError if the port is taken."""
+        the bound port. With ``keys`` a scrape needs ``Authorization: Bearer <key>``; with
+        ``ssl_context`` it is served over TLS. Raises OSError if the port is taken."""
         assert self._server is None, "RouterMetrics.serve called twice"
-        self._server, _ = start_http_server(port, addr=host, registry=self.registry)
+        if keys is None and ssl_context is None:
+            self._server, _ = start_http_server(port, addr=host, registry=self.registry)
+        else:
+            self._server = serve_wsgi_guarded(make_wsgi_app(self.registry), host, port, keys,
+                                              ssl_context)
         if self._watcher is not None:
             self._probe = threading.Thread(target=self._probe_lag, args=(lag_probe_interval_s,),
                                            name="kv-index-lag", daemon=True)

@@ -305,8 +305,11 @@ class RouterServer:
         self.directory.start()
         self.kv_watcher.start()
         if cfg.metrics_port is not None:
-            self.metrics_port = self.metrics.serve(cfg.metrics_host, cfg.metrics_port,
-                                                   cfg.kv_lag_probe_interval_s)
+            guarded = not cfg.auth_exempt_metrics  # then the same key and TLS as the doors
+            self.metrics_port = self.metrics.serve(
+                cfg.metrics_host, cfg.metrics_port, cfg.kv_lag_probe_interval_s,
+                self.api_keys if guarded else None,
+                auth.server_ssl_context(cfg) if guarded else None)
         self.slo_publisher.start()
         self.server.start()
         self.health.set("", health_pb2.HealthCheckResponse.SERVING)

@@ -233,3 +233,20 @@ def test_tls_config_validation():
         RouterConfig(tls_cert_file="c.pem")
     with pytest.raises(ValueError, match="needs tls_cert_file"):
         RouterConfig(tls_client_ca_file="ca.pem")
+
+
+def test_metrics_port_exempt_by_default_or_guarded(make_router, worker, certs):
+    """By default the Prometheus port is as without keys (plaintext, open); with
+    auth_exempt_metrics=False it is served over the doors' TLS and needs the key."""
+    router = make_router(metrics_port=0)
+    resp = httpx.get(f"http://127.0.0.1:{router.metrics_port}/metrics", timeout=10)
+    assert resp.status_code == 200 and "scission_router_" in resp.text
+    router = make_router(metrics_port=0, auth_exempt_metrics=False)
+    metrics_url = f"https://127.0.0.1:{router.metrics_port}/metrics"
+    with httpx.Client(verify=tls(certs.ca), timeout=10) as client:
+        refused = client.get(metrics_url, headers=bearer("sk-wrong"))
+        assert refused.status_code == 401 and refused.headers["www-authenticate"] == "Bearer"
+        assert refused.text == f"{WRONG_KEY}\n"
+        assert client.get(metrics_url).text == f"{MISSING_KEY}\n"
+        resp = client.get(metrics_url, headers=bearer(KEY))
+        assert resp.status_code == 200 and "scission_router_" in resp.text
