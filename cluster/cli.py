@@ -8,6 +8,7 @@ import sys
 from importlib.metadata import entry_points
 
 from scission.cluster import commands, planner_cli, pools_cli
+from scission.cluster.client import API_KEY_ENV
 from scission.registry.pools import PlannerMode
 from scission.router.config import RoutingPolicy
 
@@ -81,6 +82,17 @@ def _cluster_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--control-metrics-port", type=int, default=None,
                    help="controller + planner Prometheus /metrics port: targets, workers by "
                         "state, decisions with reasons (default: off; 0 = any free port)")
+    g.add_argument("--tls-cert", default=None,
+                   help="PEM certificate: the router's gRPC and HTTP ports serve TLS (with "
+                        "--tls-key; default: plaintext)")
+    g.add_argument("--tls-key", default=None, help="PEM private key of --tls-cert")
+    g.add_argument("--tls-client-ca", default=None,
+                   help="PEM CA: mutual TLS, clients must present a certificate it signed")
+    g.add_argument("--api-keys-file", default=None,
+                   help="file of API keys (one per line, '#' comments): every call needs "
+                        "'Authorization: Bearer <key>' (health stays open)")
+    g.add_argument("--api-keys-env", default=None, metavar="NAME",
+                   help="environment variable holding API keys (comma or space separated)")
     g.add_argument("--routing-policy", default="kv-aware",
                    choices=[p.value for p in RoutingPolicy],
                    help="how the router picks the prefill worker (default kv-aware)")
@@ -151,6 +163,13 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--router", default=None, help="router host:port (default: from `up`)")
     gen.add_argument("--json", action="store_true", help="print one JSON object per request")
     gen.add_argument("--timeout-s", type=float, default=600, help="per-request deadline")
+    gen.add_argument("--tls-ca", default=None,
+                     help="PEM CA that signed the router's certificate: connect with TLS")
+    gen.add_argument("--tls-cert", default=None, help="client certificate (PEM) for mutual TLS")
+    gen.add_argument("--tls-key", default=None, help="private key (PEM) of --tls-cert")
+    gen.add_argument("--api-key-env", default=API_KEY_ENV, metavar="NAME",
+                     help=f"environment variable holding the API key sent as a bearer token "
+                          f"(default {API_KEY_ENV}; unset = no key)")
     _sampling_args(gen)
     gen.set_defaults(func=commands.generate)
     st = sub.add_parser("status", help="pools, workers and KV usage (from etcd)")

@@ -11,6 +11,7 @@ import grpc
 from scission.proto.scission.v1 import generation_pb2 as pb
 from scission.proto.scission.v1 import generation_pb2_grpc as pb_grpc
 
+API_KEY_ENV = "SCISSION_API_KEY"  # `scission generate` sends it as a bearer token when set
 FINISH_NAMES = {v: k.removeprefix("FINISH_REASON_").lower()
                 for k, v in pb.FinishReason.items()}
 

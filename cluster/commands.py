@@ -17,6 +17,7 @@ from scission.cluster.launcher import ClusterConfig, LocalCluster
 from scission.cluster.state import DEFAULT_STATE_FILE, ClusterState
 from scission.engine.config import CacheConfig, EngineConfig, SchedulerConfig
 from scission.registry.pools import PlannerMode
+from scission.router.auth import load_api_keys
 from scission.router.config import PlacementConfig, RouterConfig, RoutingPolicy
 
 DEMO_PROMPTS = (
@@ -51,10 +52,21 @@ def cluster_config(args: argparse.Namespace) -> ClusterConfig:
         control_metrics_port=args.control_metrics_port)
 
 
+def _abspath(path: str | None) -> str | None:
+    # The router runs in a Ray worker process, whose working directory is not ours.
+    return None if path is None else os.path.abspath(path)
+
+
 def _router_config(args: argparse.Namespace) -> RouterConfig:
     """The router measures SLO attainment (its published SloWindow) against the planner's
-    SLOs, so both judge the same requests the same way."""
+    SLOs, so both judge the same requests the same way. API keys are loaded here once only to
+    fail early (a missing file or unset variable); the router loads them itself."""
+    load_api_keys(_abspath(args.api_keys_file), args.api_keys_env)
     return RouterConfig(host=args.host, port=args.port, model_path=args.model,
+                        tls_cert_file=_abspath(args.tls_cert), tls_key_file=_abspath(args.tls_key),
+                        tls_client_ca_file=_abspath(args.tls_client_ca),
+                        api_keys_file=_abspath(args.api_keys_file),
+                        api_keys_env=args.api_keys_env,
                         metrics_port=args.metrics_port, metrics_host=args.host,
                         http_port=args.http_port,
                         max_concurrent_requests=args.max_concurrent_requests,
@@ -93,7 +105,8 @@ def up(args: argparse.Namespace) -> int:
     endpoints = list(cfg.etcd_endpoints) or [cluster.etcd.endpoint]
     ClusterState(os.getpid(), cluster.router_address, endpoints, cfg.registry_prefix,
                  max_workers=cluster.max_workers).write()
-    http = (f"\nscission OpenAI-compatible HTTP on http://{cluster.router_http_address}/v1"
+    scheme = "https" if cfg.router.tls else "http"
+    http = (f"\nscission OpenAI-compatible HTTP on {scheme}://{cluster.router_http_address}/v1"
             if cluster.router_http_address else "")
     print(f"scission router listening on {cluster.router_address}{http}\n"
           f"  try:  scission generate --chat \"What is the capital of France?\"\n"
@@ -149,7 +162,8 @@ def generate(args: argparse.Namespace) -> int:
     temperature = 0.0 if args.greedy else args.temperature
     reqs = [make_request(p, args.chat, args.max_tokens, temperature, args.top_p, args.top_k,
                          args.seed, tuple(args.stop), args.system) for p in prompts]
-    stub = connect(address)
+    stub = connect(address, args.tls_ca, os.environ.get(args.api_key_env) or None,
+                   args.tls_cert, args.tls_key)
     stream = len(reqs) == 1 and not args.json
     if stream:
         res = run_one(stub, reqs[0], args.timeout_s, lambda t: print(t, end="", flush=True))
@@ -179,6 +193,9 @@ def status(args: argparse.Namespace) -> int:
 
 
 def demo(args: argparse.Namespace) -> int:
+    if args.tls_cert or args.api_keys_file or args.api_keys_env:
+        return _fail("demo runs its own client in plaintext without a key: drop the TLS and "
+                     "API key flags (use `scission up` + `scission generate` for those)")
     try:
         cfg = cluster_config(args)
     except ValueError as e:

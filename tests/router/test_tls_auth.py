@@ -250,3 +250,34 @@ def test_metrics_port_exempt_by_default_or_guarded(make_router, worker, certs):
         assert client.get(metrics_url).text == f"{MISSING_KEY}\n"
         resp = client.get(metrics_url, headers=bearer(KEY))
         assert resp.status_code == 200 and "scission_router_" in resp.text
+
+
+def test_cli_up_flags_and_generate_against_a_secured_router(make_router, worker, certs,
+                                                            keys_file, monkeypatch, capsys):
+    """``scission up``'s TLS / key flags land in the RouterConfig as absolute paths (a missing
+    key source fails before anything starts); ``scission generate --tls-ca`` with the key in
+    SCISSION_API_KEY streams the answer; without the key it fails with UNAUTHENTICATED."""
+    from scission.cluster.cli import build_parser
+    from scission.cluster.commands import cluster_config
+
+    monkeypatch.chdir(certs.ca.parent)
+    up = build_parser().parse_args(["up", "--tls-cert", "server.pem", "--tls-key", "server.key",
+                                    "--tls-client-ca", "ca.pem", "--api-keys-file", keys_file])
+    cfg = cluster_config(up).router
+    assert (cfg.tls_cert_file, cfg.tls_key_file, cfg.tls_client_ca_file, cfg.api_keys_file) == (
+        str(certs.server_cert), str(certs.server_key), str(certs.ca), keys_file)
+    monkeypatch.delenv("SCISSION_TEST_NO_SUCH_VARIABLE", raising=False)
+    with pytest.raises(ValueError, match="SCISSION_TEST_NO_SUCH_VARIABLE"):
+        cluster_config(build_parser().parse_args(
+            ["up", "--api-keys-env", "SCISSION_TEST_NO_SUCH_VARIABLE"]))
+    router = make_router()
+    argv = ["generate", "--router", router.address, "--tls-ca", str(certs.ca), "--chat",
+            "--greedy", "hi"]
+    monkeypatch.delenv("SCISSION_API_KEY", raising=False)
+    args = build_parser().parse_args(argv)
+    assert args.func(args) == 1
+    assert f"UNAUTHENTICATED: {MISSING_KEY}" in capsys.readouterr().err
+    assert untouched(worker)
+    monkeypatch.setenv("SCISSION_API_KEY", KEY)
+    assert args.func(args) == 0
+    assert capsys.readouterr().out == "a" + "b" * NUM_DECODE_TOKENS
