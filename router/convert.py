@@ -21,9 +21,13 @@ MAX_REQUEST_ID_CHARS = 256
 
 @dataclass(frozen=True)
 class ValidatedRequest:
-    request_id: str
+    request_id: str  # internal identity, assigned here (unguessable); workers key on it
     prompt_token_ids: list[int]
     params: SamplingParams
+    # The client's ``request_id`` (or one made up when it sent none): a label echoed back in
+    # every response and written in logs, never an identity inside the cluster, so two
+    # clients sending the same id cannot touch each other's requests.
+    client_request_id: str = ""
 
 
 def sampling_from_proto(m: pb.SamplingParams, default_max_tokens: int) -> SamplingParams:
@@ -81,7 +85,8 @@ def validate(req: pb.GenerateRequest, tokenizer: Tokenizer, context_len: int,
         raise InvalidRequestError(
             "sampling.max_tokens", f"prompt ({len(ids)} tokens) + max_tokens "
             f"({params.max_tokens}) exceeds the context length ({context_len})", True)
-    return ValidatedRequest(req.request_id or f"req-{uuid.uuid4().hex}", ids, params)
+    return ValidatedRequest(f"r-{uuid.uuid4().hex}", ids, params,
+                            req.request_id or f"req-{uuid.uuid4().hex}")
 
 
 def finish_to_proto(reason: str | FinishReason | None) -> int:

@@ -84,8 +84,8 @@ def stream_chunks(vr: ValidatedRequest, chunks: Iterator[wpb.TokenChunk],
             if c.cached_tokens:
                 track.cached_tokens = c.cached_tokens
             track.add(len(c.token_ids))
-            resp = pb.GenerateResponse(request_id=vr.request_id, token_ids=list(c.token_ids),
-                                       text=c.text)
+            resp = pb.GenerateResponse(request_id=vr.client_request_id,
+                                       token_ids=list(c.token_ids), text=c.text)
             if c.finish_reason:
                 resp.finish_reason = finish_to_proto(c.finish_reason)
                 resp.usage.CopyFrom(track.usage())
@@ -180,8 +180,8 @@ def _prefill_then_decode(vr: ValidatedRequest, pre, dec, pool: WorkerPool,
     first = _prefill(vr, pre, pool, prefill_timeout_s)
     track.cached_tokens = first.cached_tokens
     track.add(1)
-    resp = pb.GenerateResponse(request_id=vr.request_id, token_ids=[first.first_token_id],
-                               text=first.text)
+    resp = pb.GenerateResponse(request_id=vr.client_request_id,
+                               token_ids=[first.first_token_id], text=first.text)
     if first.finished:  # nothing held on the prefill worker
         resp.finish_reason = finish_to_proto(first.finish_reason)
         resp.usage.CopyFrom(track.usage())

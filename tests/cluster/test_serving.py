@@ -74,6 +74,22 @@ def test_cluster_tokens_equal_engine_alone(cluster, chat_prompt_ids, engine_refe
         assert res.ttft_ms > 0 and res.tpot_ms > 0
 
 
+def test_same_client_request_id_twice(cluster, directory, chat_prompt_ids, engine_reference):
+    """Four concurrent requests all carrying the client request_id "same-id" (different
+    prompts): the router gives each its own internal id, so each gets exactly its own
+    engine-alone tokens with "same-id" echoed back, and every block is free afterwards."""
+    reqs = [token_request(ids, len(ref))
+            for ids, ref in zip(chat_prompt_ids[:4], engine_reference[:4], strict=True)]
+    for r in reqs:
+        r.request_id = "same-id"
+    results = run_concurrently(cluster.router_address, reqs, in_flight=4)
+    for i, (res, ref) in enumerate(zip(results, engine_reference[:4], strict=True)):
+        assert res.error == "", res.error
+        assert res.token_ids == ref, f"prompt {i} differs"
+        assert res.request_id == "same-id"
+    wait_until(lambda: all_blocks_free(directory), 30)
+
+
 def test_kv_crosses_over_nixl(cluster, directory, chat_prompt_ids):
     """Decode's blocks hold exactly prefill's KV bytes for the prompt, and decode never runs
     the prompt through the model (its prompt-token counter does not move)."""

@@ -36,12 +36,14 @@ class GatedWorker(wpb_grpc.WorkerServicer):
         self.lock = threading.Lock()
         self.prompts: list[list[int]] = []  # prompt_token_ids of every Prefill
         self.released: list[str] = []  # request ids of Release calls
+        self.prefill_ids: list[str] = []  # request ids of Prefill calls, in order
         self.decodes_started = 0
         self.decodes_cancelled = 0  # Decode calls that saw their caller go away
 
     def Prefill(self, request, context) -> wpb.PrefillResponse:
         with self.lock:
             self.prompts.append(list(request.prompt_token_ids))
+            self.prefill_ids.append(request.request_id)  # the router's internal ids
         while not self.prefill_gate.wait(0.05):
             if not context.is_active():
                 return wpb.PrefillResponse()

@@ -278,6 +278,8 @@ def test_disconnect_mid_stream_cancels(make_router, worker):
         first = next(events)
         assert first.startswith(b"data: ")
         request_id = json.loads(first.split(b"\n\n")[0].removeprefix(b"data: "))["id"]
+    internal_id = worker.prefill_ids[-1]  # the router's own id: workers never see the client's
+    assert internal_id != request_id
     worker.decode_gate.set()  # the next token lets the router's thread see the cancel
-    wait_for(lambda: request_id in worker.released)
+    wait_for(lambda: internal_id in worker.released)
     wait_for(lambda: router.admission.stats().num_requests == 0)
