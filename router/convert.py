@@ -6,6 +6,8 @@ from __future__ import annotations
 import uuid
 from dataclasses import dataclass
 
+from google.protobuf.message import DecodeError
+
 from scission.engine.request import FinishReason, InvalidRequestError, SamplingParams
 from scission.engine.tokenizer import Tokenizer
 from scission.proto.scission.v1 import generation_pb2 as pb
@@ -17,6 +19,23 @@ FINISH_TO_PROTO = {
     "error": pb.FINISH_REASON_ERROR,
 }
 MAX_REQUEST_ID_CHARS = 256
+
+
+@dataclass(frozen=True)
+class UndecodableRequest:
+    """What ``parse_generate_request`` gives for bytes that are not a ``GenerateRequest``
+    (e.g. a string field with invalid UTF-8): ``validate`` answers it INVALID_ARGUMENT,
+    where gRPC's own deserializer failure would end the call INTERNAL, uncounted."""
+
+    error: str
+
+
+def parse_generate_request(data: bytes) -> pb.GenerateRequest | UndecodableRequest:
+    """The Generation service's request deserializer (``router/server.py``); never raises."""
+    try:
+        return pb.GenerateRequest.FromString(data)
+    except DecodeError as e:
+        return UndecodableRequest(str(e))
 
 
 @dataclass(frozen=True)
@@ -71,6 +90,9 @@ def validate(req: pb.GenerateRequest, tokenizer: Tokenizer, context_len: int,
              default_max_tokens: int, max_tokens_limit: int,
              max_prompt_tokens: int | None) -> ValidatedRequest:
     """Raises InvalidRequestError (field named; ``out_of_range`` for length limits)."""
+    if isinstance(req, UndecodableRequest):
+        raise InvalidRequestError("request", f"not a valid scission.v1.GenerateRequest "
+                                  f"({req.error.rsplit(': ', 1)[-1]})")
     if len(req.request_id) > MAX_REQUEST_ID_CHARS:
         raise InvalidRequestError("request_id", f"longer than {MAX_REQUEST_ID_CHARS} chars")
     params = sampling_from_proto(req.sampling, default_max_tokens)

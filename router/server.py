@@ -25,7 +25,7 @@ from scission.registry.workers import WorkerInfo, connect
 from scission.router import auth, flows
 from scission.router.admission import Admission, OverCapacityError
 from scission.router.config import RouterConfig
-from scission.router.convert import ValidatedRequest, validate
+from scission.router.convert import ValidatedRequest, parse_generate_request, validate
 from scission.router.errors import RequestRejected
 from scission.router.http_api import HttpSecurity, HttpServer, served_model_name
 from scission.router.metrics import RouterMetrics
@@ -279,7 +279,7 @@ class RouterServer:
         self.servicer = GenerationServicer(config, self.tokenizer, self.pool, self.placer,
                                            self.index, self.hasher, self.metrics, self.slo,
                                            self.admission)
-        pb_grpc.add_GenerationServicer_to_server(self.servicer, self.server)
+        add_generation_service(self.servicer, self.server)
         self.health = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         names = (pb.DESCRIPTOR.services_by_name["Generation"].full_name,
@@ -333,3 +333,15 @@ class RouterServer:
         self.kv_watcher.close()
         self.directory.close()
         self.pool.close()
+
+
+def add_generation_service(servicer: GenerationServicer, server: grpc.Server) -> None:
+    """``pb_grpc.add_GenerationServicer_to_server`` with a deserializer that never raises
+    (``convert.parse_generate_request``): undecodable bytes reach ``validate`` and get
+    INVALID_ARGUMENT, counted like any other bad request."""
+    handlers = {"Generate": grpc.unary_stream_rpc_method_handler(
+        servicer.Generate, request_deserializer=parse_generate_request,
+        response_serializer=pb.GenerateResponse.SerializeToString)}
+    name = pb.DESCRIPTOR.services_by_name["Generation"].full_name
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(name, handlers),))
+    server.add_registered_method_handlers(name, handlers)

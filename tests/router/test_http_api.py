@@ -283,3 +283,30 @@ def test_disconnect_mid_stream_cancels(make_router, worker):
     worker.decode_gate.set()  # the next token lets the router's thread see the cancel
     wait_for(lambda: internal_id in worker.released)
     wait_for(lambda: router.admission.stats().num_requests == 0)
+
+
+def test_undecodable_grpc_request_is_invalid_argument(make_router, worker):
+    """A GenerateRequest whose prompt holds invalid UTF-8 (bytes no protobuf library would
+    encode) gets INVALID_ARGUMENT naming the problem, is counted as a request with that
+    status, and reaches no worker; the next valid request is served."""
+    router = ready(make_router())
+    channel = grpc.insecure_channel(router.address)
+    raw = channel.unary_stream("/scission.v1.Generation/Generate",
+                               request_serializer=None,
+                               response_deserializer=pb.GenerateResponse.FromString)
+    good = pb.GenerateRequest(prompt="hi", sampling=pb.SamplingParams(max_tokens=2))
+    bad = good.SerializeToString().replace(b"hi", b"h\xff")
+
+    def invalid_count() -> float:
+        return router.metrics.registry.get_sample_value(
+            "scission_router_requests_total", {"status": "invalid_argument"}) or 0.0
+
+    before = invalid_count()
+    with pytest.raises(grpc.RpcError) as err:
+        list(raw(bad, timeout=30))
+    assert err.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+    assert "bad UTF-8" in err.value.details() and "request" in err.value.details()
+    assert invalid_count() == before + 1
+    assert worker.prompts == []
+    chunks = raw(good.SerializeToString(), timeout=30)  # the fake workers' 5 tokens
+    assert [t for c in chunks for t in c.token_ids] == [7, 8, 9, 10, 11]
