@@ -141,6 +141,20 @@ class Tokenizer:
         """Number of token ids, added tokens included (the logits may be padded wider)."""
         return len(self._hf)
 
+    @functools.cached_property
+    def max_token_bytes(self) -> int | None:
+        """An upper bound on the UTF-8 bytes of input text one token covers: the longest
+        token string's UTF-8 length (byte-level BPE maps each raw byte to one 1-2-byte
+        character; SentencePiece's "▁" is 3 bytes for a 1-byte space; byte fallback
+        "<0x41>" 6 for 1). A text of B bytes then has at least ceil(B / this) tokens, which
+        lets a caller refuse an oversized prompt without tokenizing it. None when the
+        tokenizer normalizes its input (a normalizer may shrink text: no such bound)."""
+        backend = getattr(self._hf, "backend_tokenizer", None)
+        if backend is None or backend.normalizer is not None:
+            return None
+        tokens = self._hf.convert_ids_to_tokens(list(range(len(self._hf))))
+        return max((len(t.encode("utf-8")) for t in tokens if t), default=None)
+
     def encode(self, text: str) -> list[int]:
         """Token ids of ``text``; special tokens are added only if the model's rule says so.
 

@@ -64,18 +64,39 @@ def sampling_from_proto(m: pb.SamplingParams, default_max_tokens: int) -> Sampli
         raise InvalidRequestError(f"sampling.{e.field}", str(e).split(": ", 1)[-1]) from None
 
 
-def prompt_ids(req: pb.GenerateRequest, tokenizer: Tokenizer) -> list[int]:
+def _refuse_oversized_text(field: str, texts: list[str], tokenizer: Tokenizer,
+                           limit: int) -> None:
+    """OUT_OF_RANGE before tokenizing when the text alone must exceed ``limit`` tokens
+    (``Tokenizer.max_token_bytes``): a multi-megabyte prompt costs no tokenizer time."""
+    per_token = tokenizer.max_token_bytes
+    if per_token is None:
+        return
+    num_bytes = sum(len(t.encode("utf-8")) for t in texts)
+    at_least = -(-num_bytes // per_token)
+    if at_least > limit:
+        raise InvalidRequestError(field, f"prompt has at least {at_least} tokens ({num_bytes} "
+                                  f"bytes), limit {limit}", True)
+
+
+def prompt_ids(req: pb.GenerateRequest, tokenizer: Tokenizer,
+               limit: int | None = None) -> list[int]:
+    """The prompt's token ids. ``limit`` (tokens): text that cannot fit is refused
+    before it is tokenized."""
     kind = req.WhichOneof("input")
     if kind is None:
         raise InvalidRequestError("input", "one of prompt, chat or token_ids is required")
     if kind == "prompt":
         if not req.prompt.strip():
             raise InvalidRequestError("prompt", "must not be empty")
+        if limit is not None:
+            _refuse_oversized_text("input", [req.prompt], tokenizer, limit)
         return tokenizer.encode(req.prompt)
     if kind == "chat":
         msgs = [{"role": m.role, "content": m.content} for m in req.chat.messages]
         if not msgs:
             raise InvalidRequestError("chat.messages", "must not be empty")
+        if limit is not None:
+            _refuse_oversized_text("input", [m["content"] for m in msgs], tokenizer, limit)
         return tokenizer.apply_chat_template(msgs)
     ids = list(req.token_ids.ids)
     if not ids:
@@ -99,8 +120,8 @@ def validate(req: pb.GenerateRequest, tokenizer: Tokenizer, context_len: int,
     if params.max_tokens > max_tokens_limit:
         raise InvalidRequestError("sampling.max_tokens",
                                   f"{params.max_tokens} > limit {max_tokens_limit}", True)
-    ids = prompt_ids(req, tokenizer)
     limit = min(max_prompt_tokens or context_len, context_len)
+    ids = prompt_ids(req, tokenizer, limit)
     if len(ids) > limit:
         raise InvalidRequestError("input", f"prompt has {len(ids)} tokens, limit {limit}", True)
     if len(ids) + params.max_tokens > context_len:
