@@ -137,15 +137,15 @@ def run_disaggregated(vr: ValidatedRequest, placement: Placement, pool: WorkerPo
     assert pre is not None, "disaggregated flow needs a prefill worker"
     track = UsageTracker(start_s, len(vr.prompt_token_ids), pre.worker_id,
                          placement.decode.worker_id)
-    # The request counts against its decode worker from placement on (not only once its
-    # prefill is done), so a burst spreads over the decode pool.
-    counted = [placement.decode.worker_id]  # the worker it counts against (a re-pick moves it)
-    pool.begin(counted[0])
+    # The request counts against its decode worker (``track.decode_worker``; a re-pick moves
+    # it) from placement on, not only once its prefill is done, so a burst spreads over the
+    # decode pool.
+    pool.begin(track.decode_worker)
     try:
         yield from _prefill_then_decode(vr, pre, placement.decode, pool, track,
-                                        prefill_timeout_s, timeout_s, repick, counted)
+                                        prefill_timeout_s, timeout_s, repick)
     finally:
-        pool.end(counted[0])
+        pool.end(track.decode_worker)
 
 
 def _still_serving(pool: WorkerPool, info) -> bool:
@@ -156,8 +156,7 @@ def _still_serving(pool: WorkerPool, info) -> bool:
 
 
 def _recheck_decode(vr: ValidatedRequest, dec, pool: WorkerPool,
-                    repick: Callable[[], Placement] | None, counted: list[str],
-                    track: UsageTracker):
+                    repick: Callable[[], Placement] | None, track: UsageTracker):
     """The decode worker to call now: ``dec``, or another one if ``dec`` stopped serving."""
     if repick is None or _still_serving(pool, dec):
         return dec
@@ -167,16 +166,16 @@ def _recheck_decode(vr: ValidatedRequest, dec, pool: WorkerPool,
         return dec  # its Decode call fails and the request migrates, or fails clearly
     logger.info("request %s: decode worker %s stopped serving during the prefill; %s pulls "
                 "the KV instead", vr.request_id, dec.worker_id, new.worker_id)
-    pool.end(counted[0])
+    pool.end(track.decode_worker)
     pool.begin(new.worker_id)
-    counted[0] = track.decode_worker = new.worker_id
+    track.decode_worker = new.worker_id
     return new
 
 
 def _prefill_then_decode(vr: ValidatedRequest, pre, dec, pool: WorkerPool,
                          track: UsageTracker, prefill_timeout_s: float, timeout_s: float,
-                         repick: Callable[[], Placement] | None,
-                         counted: list[str]) -> Iterator[pb.GenerateResponse]:
+                         repick: Callable[[], Placement] | None
+                         ) -> Iterator[pb.GenerateResponse]:
     first = _prefill(vr, pre, pool, prefill_timeout_s)
     track.cached_tokens = first.cached_tokens
     track.add(1)
@@ -190,7 +189,7 @@ def _prefill_then_decode(vr: ValidatedRequest, pre, dec, pool: WorkerPool,
     done, call = False, None
     try:
         yield resp  # the client may already be gone: GeneratorExit here releases below
-        dec = _recheck_decode(vr, dec, pool, repick, counted, track)
+        dec = _recheck_decode(vr, dec, pool, repick, track)
         req = wpb.DecodeRequest(request_id=vr.request_id, prompt_token_ids=vr.prompt_token_ids,
                                 first_token_id=first.first_token_id,
                                 sampling=sampling_to_proto(vr.params),
