@@ -230,9 +230,7 @@ class ClusterSim:
         pre = workers[placement.prefill.worker_id]
         assert isinstance(pre, PrefillWorker), "prefill placement on a serving worker"
         req.prefill_worker = pre
-        dec.inbound += 1
-        dec.pending_blocks += dec.blocks(req.work_prompt_tokens + req.work_output_tokens)
-        dec._load = None
+        self._count_on(dec, req, 1)
         pre.submit(req)
 
     def _unavailable(self, req: SimRequest) -> None:
@@ -240,13 +238,18 @@ class ClusterSim:
         self.num_open -= 1
         self.tracker.finish(RequestRecord("unavailable", req.prompt_tokens, 0, 0.0))
 
+    @staticmethod
+    def _count_on(dec: ServingWorker, req: SimRequest, sign: int) -> None:
+        """``dec`` starts (+1) or stops (-1) counting ``req``: placed there, prompt not yet
+        pulled (``inbound`` and the blocks it will need)."""
+        dec.inbound += sign
+        dec.pending_blocks += sign * dec.blocks(req.work_prompt_tokens + req.work_output_tokens)
+        dec._load = None
+
     def _unplace(self, req: SimRequest) -> None:
         """Its decode worker stops counting it (placed there, prompt not yet pulled)."""
-        dec = req.decode_worker
-        dec.inbound -= 1
-        dec.pending_blocks -= dec.blocks(req.work_prompt_tokens + req.work_output_tokens)
-        dec._load = None
-        self._maybe_idle(dec)
+        self._count_on(req.decode_worker, req, -1)
+        self._maybe_idle(req.decode_worker)
 
     def on_prefilled(self, req: SimRequest, pre: PrefillWorker) -> None:
         """The prompt ran on a prefill worker: the first token streams now. A decode worker
@@ -262,10 +265,8 @@ class ClusterSim:
                 self._unavailable(req)
                 self._maybe_idle(pre)
                 return
-            new = self.controller.workers[placement.decode.worker_id]
-            new.inbound += 1
-            new.pending_blocks += new.blocks(req.work_prompt_tokens + req.work_output_tokens)
-            req.decode_worker = new
+            req.decode_worker = self.controller.workers[placement.decode.worker_id]
+            self._count_on(req.decode_worker, req, 1)
         dec = req.decode_worker
         dec.inbound -= 1
         if req.output_tokens < 2:
@@ -325,12 +326,8 @@ class ClusterSim:
         queued on its prefill worker, counted on its decode worker)."""
         req.failed = True
         self.num_open -= 1
-        dec = req.decode_worker
         if placed_here:
-            dec.inbound -= 1
-            dec.pending_blocks -= dec.blocks(req.work_prompt_tokens + req.work_output_tokens)
-            dec._load = None
-            self._maybe_idle(dec)
+            self._unplace(req)
         self.tracker.finish(RequestRecord("deadline_exceeded", req.prompt_tokens, 0,
                                           (self.now - req.arrival_s) * 1e3))
 

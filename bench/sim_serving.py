@@ -127,7 +127,7 @@ class ServingWorker(SimWorker):
         self._load = None
         if not self.busy:
             self._kick()
-        elif len(self.rows) + len(self.prefilling) < self.sim.cfg.max_num_seqs:
+        elif self._can_admit():
             self._cut_run()
 
     def _can_admit(self) -> bool:
