@@ -69,8 +69,8 @@ def _refuse_oversized_text(field: str, texts: list[str], tokenizer: Tokenizer,
     """OUT_OF_RANGE before tokenizing when the text alone must exceed ``limit`` tokens
     (``Tokenizer.max_token_bytes``): a multi-megabyte prompt costs no tokenizer time."""
     per_token = tokenizer.max_token_bytes
-    if per_token is None:
-        return
+    if per_token is None or 4 * sum(map(len, texts)) <= limit * per_token:
+        return  # no bound, or too short to matter (UTF-8: at most 4 bytes a character)
     num_bytes = sum(len(t.encode("utf-8")) for t in texts)
     at_least = -(-num_bytes // per_token)
     if at_least > limit:
