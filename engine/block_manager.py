@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import itertools
 from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from scission.engine.block_hash import hash_prompt_blocks
 from scission.engine.kv_events import KVEvent, KVEventKind
+from scission.engine.multimodal import MMInput, block_extra_keys
 
 
 @dataclass(slots=True)
@@ -55,17 +57,18 @@ class BlockManager:
     def num_cached_blocks(self) -> int:
         return len(self._cached)
 
-    def cached_prefix(self, token_ids: list[int]) -> list[int]:
+    def cached_prefix(self, token_ids: list[int], mm_inputs: Sequence[MMInput] = ()) -> list[int]:
         """Block ids holding the longest cached prefix of ``token_ids``.
 
         At most ``(len(token_ids) - 1) // block_size`` blocks: the last prompt token is always
-        computed so the model produces logits for it.
+        computed so the model produces logits for it. ``mm_inputs``: the request's images,
+        whose hashes key the blocks they overlap.
         """
         if not self.enable_prefix_caching:
             return []
         max_blocks = (len(token_ids) - 1) // self.block_size
         hashes = hash_prompt_blocks(self.hash_seed, token_ids[: max_blocks * self.block_size],
-                                    self.block_size)
+                                    self.block_size, (), self._extra_keys(mm_inputs, max_blocks))
         hit: list[int] = []
         for h in hashes:
             block_id = self._cached.get(h)
@@ -111,7 +114,7 @@ class BlockManager:
         self._req_hashes.pop(request_id, None)
 
     def cache_full_blocks(self, request_id: str, block_table: list[int], token_ids: list[int],
-                          num_computed_tokens: int) -> None:
+                          num_computed_tokens: int, mm_inputs: Sequence[MMInput] = ()) -> None:
         """Register hashes of the request's blocks that are full and computed."""
         if not self.enable_prefix_caching:
             return
@@ -120,7 +123,8 @@ class BlockManager:
         if num_full <= len(hashes):
             return
         hashes[:] = hash_prompt_blocks(self.hash_seed, token_ids[: num_full * self.block_size],
-                                       self.block_size, hashes)
+                                       self.block_size, hashes,
+                                       self._extra_keys(mm_inputs, num_full))
         stored = []
         for b, h in zip(block_table, hashes, strict=False):
             block = self.blocks[b]
@@ -149,6 +153,9 @@ class BlockManager:
         return events
 
     # -- internals ----------------------------------------------------------------
+    def _extra_keys(self, mm_inputs: Sequence[MMInput], num_blocks: int) -> list[bytes]:
+        return block_extra_keys(mm_inputs, num_blocks, self.block_size) if mm_inputs else []
+
     def _touch(self, block_id: int) -> None:
         block = self.blocks[block_id]
         if block.ref_cnt == 0:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -29,6 +30,7 @@ from scission.engine.kv_events import KVEvent
 from scission.engine.loader import load_checkpoint
 from scission.engine.model import LlamaForCausalLM
 from scission.engine.model_runner import ModelRunner
+from scission.engine.multimodal import MMInput
 from scission.engine.quant import quantize_model_int4
 from scission.engine.request import FinishReason, Request, RequestStatus, SamplingParams
 from scission.engine.scheduler import Scheduler
@@ -98,9 +100,15 @@ class LLMEngine:
 
     # -- request intake -------------------------------------------------------------
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
-                    hold_kv: bool = False) -> Request:
-        """Queue a prompt. Raises ValueError on a duplicate id (callers validate lengths)."""
-        req = Request(request_id, list(prompt_token_ids), params, hold_kv_after_prefill=hold_kv)
+                    hold_kv: bool = False, mm_inputs: Sequence[MMInput] = ()) -> Request:
+        """Queue a prompt; ``mm_inputs`` (with embeddings) for its images.
+
+        Raises:
+            ValueError: a duplicate id, or an image segment outside the prompt / without
+                embeddings (callers validate lengths).
+        """
+        req = Request(request_id, list(prompt_token_ids), params, hold_kv_after_prefill=hold_kv,
+                      mm_inputs=_checked_mm_inputs(mm_inputs, len(prompt_token_ids), True))
         self._register(req)
         self.scheduler.add_request(req)
         return req
@@ -117,25 +125,30 @@ class LLMEngine:
 
     def add_prefilled_request(self, request_id: str, prompt_token_ids: list[int],
                               first_token_id: int, params: SamplingParams,
-                              block_ids: list[int], num_cached_tokens: int = 0) -> Request:
-        """Decode role: the prompt's KV is already in ``block_ids``; decode from the first token."""
+                              block_ids: list[int], num_cached_tokens: int = 0,
+                              mm_inputs: Sequence[MMInput] = ()) -> Request:
+        """Decode role: the prompt's KV is already in ``block_ids``; decode from the first token.
+        ``mm_inputs`` only key the prompt's blocks (their embeddings may be ``None``)."""
         req = Request(request_id, list(prompt_token_ids), params, block_table=list(block_ids),
-                      num_computed_tokens=len(prompt_token_ids), num_cached_tokens=num_cached_tokens)
+                      num_computed_tokens=len(prompt_token_ids), num_cached_tokens=num_cached_tokens,
+                      mm_inputs=_checked_mm_inputs(mm_inputs, len(prompt_token_ids), False))
         self._register(req)
         self.block_manager.cache_full_blocks(request_id, req.block_table, req.prompt_token_ids,
-                                             req.num_computed_tokens)
+                                             req.num_computed_tokens, req.mm_inputs)
         self._detok[request_id].push([first_token_id])
         req.output_token_ids.append(first_token_id)
         self.scheduler.add_request(req)
         return req
 
     def add_recompute_request(self, request_id: str, prompt_token_ids: list[int],
-                              output_token_ids: list[int], params: SamplingParams) -> Request:
+                              output_token_ids: list[int], params: SamplingParams,
+                              mm_inputs: Sequence[MMInput] = ()) -> Request:
         """Continue a request whose KV is elsewhere or lost (failed pull, migration off a dead
         worker): recompute prompt + ``output_token_ids`` here, then keep decoding. Seeded
         sampling continues at output position ``len(output_token_ids)``, so the tokens are the
         ones the request would have produced anyway."""
-        req = Request(request_id, list(prompt_token_ids), params)
+        req = Request(request_id, list(prompt_token_ids), params,
+                      mm_inputs=_checked_mm_inputs(mm_inputs, len(prompt_token_ids), True))
         self._register(req)
         self._detok[request_id].push(list(output_token_ids))
         req.output_token_ids.extend(output_token_ids)
@@ -185,7 +198,8 @@ class LLMEngine:
             self.num_prompt_tokens_computed += min(n, prompt_left)
             req.num_computed_tokens += n
             self.block_manager.cache_full_blocks(req.request_id, req.block_table,
-                                                 req.all_token_ids, req.num_computed_tokens)
+                                                 req.all_token_ids, req.num_computed_tokens,
+                                                 req.mm_inputs)
             token = sampled.get(req.request_id)
             if token is None:
                 continue
@@ -254,3 +268,19 @@ class LLMEngine:
         waiting, running = list(self.scheduler.waiting), list(self.scheduler.running)
         return sum(r.num_tokens_to_compute for r in waiting) + sum(
             r.num_tokens_to_compute for r in running if r.num_tokens_to_compute > 1)
+
+
+def _checked_mm_inputs(mm_inputs: Sequence[MMInput], num_prompt_tokens: int,
+                       need_embeddings: bool) -> tuple[MMInput, ...]:
+    """Sorted by offset; raises ValueError on a segment past the prompt, overlapping segments
+    or (where the prompt is computed here) missing embeddings."""
+    ordered = tuple(sorted(mm_inputs, key=lambda m: m.offset))
+    end = 0
+    for mm in ordered:
+        if mm.offset < end or mm.end > num_prompt_tokens:
+            raise ValueError(f"image segment [{mm.offset}, {mm.end}) overlaps another or "
+                             f"leaves the prompt ({num_prompt_tokens} tokens)")
+        if need_embeddings and mm.embeddings is None:
+            raise ValueError(f"image segment at {mm.offset} has no embeddings")
+        end = mm.end
+    return ordered

@@ -90,9 +90,13 @@ class LlamaForCausalLM(nn.Module):
         positions: torch.Tensor,  # [num_tokens] int64
         kv_caches: KVCaches,
         attn: AttentionBackend,
+        mm_rows: torch.Tensor | None = None,  # [num_mm_rows] int64, rows taking image embeds
+        mm_embeds: torch.Tensor | None = None,  # [num_mm_rows, hidden_size], model dtype
     ) -> torch.Tensor:  # [num_tokens, hidden_size]
         cfg = self.cfg
         h = self.embed(input_ids)
+        if mm_rows is not None:  # image positions: the vision encoder's output, not the table
+            h.index_copy_(0, mm_rows, mm_embeds.to(h.dtype))
         cos, sin = rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta, self.dtype)
         for layer, kv in zip(self.layers, kv_caches, strict=True):
             h = layer(h, cos, sin, kv, attn)

@@ -9,6 +9,7 @@ Index arithmetic for a request scheduled ``n`` tokens this step::
 
 from __future__ import annotations
 
+import bisect
 import logging
 from dataclasses import dataclass
 
@@ -31,6 +32,31 @@ class ModelInput:
     metadata: AttentionMetadata
     logits_indices: torch.Tensor  # [num_sampled] int64, rows of the flattened batch
     sampled_requests: tuple[Request, ...]  # requests that get a token this step
+    # Image embeddings replacing the token embeddings of their rows; None without images.
+    mm_rows: torch.Tensor | None = None  # [num_mm_rows] int64, rows of the flattened batch
+    mm_embeds: torch.Tensor | None = None  # [num_mm_rows, hidden_size], model dtype
+
+
+def gather_mm_embeddings(req: Request, start: int, n: int, row0: int
+                         ) -> tuple[list[int], list[torch.Tensor]]:
+    """Rows (of the flattened batch) and embeddings of the request's image positions in the
+    chunk ``[start, start + n)``, whose first token is batch row ``row0``::
+
+        prompt     |..... segment [offset, end) .....|
+        chunk           |<-- [start, start + n) -->|
+        rows            row0 + (p - start) for image positions p inside the chunk
+    """
+    rows: list[int] = []
+    embeds: list[torch.Tensor] = []
+    for mm in req.mm_inputs:
+        if mm.end <= start or mm.offset >= start + n:
+            continue
+        lo = bisect.bisect_left(mm.embed_positions, start)
+        hi = bisect.bisect_left(mm.embed_positions, start + n)
+        if lo < hi:
+            rows.extend(row0 + p - start for p in mm.embed_positions[lo:hi])
+            embeds.append(mm.embeddings[lo:hi])
+    return rows, embeds
 
 
 def build_model_input(out: SchedulerOutput, block_size: int) -> ModelInput:
@@ -39,10 +65,16 @@ def build_model_input(out: SchedulerOutput, block_size: int) -> ModelInput:
     positions: list[int] = []
     slots: list[int] = []
     query_lens, seq_lens, logits_idx, sampled = [], [], [], []
+    mm_rows: list[int] = []
+    mm_embeds: list[torch.Tensor] = []
     max_blocks = max(len(r.block_table) for r, _ in out.scheduled)
     table = torch.zeros(len(out.scheduled), max_blocks, dtype=torch.int32)
     for i, (req, n) in enumerate(out.scheduled):
         start = req.num_computed_tokens
+        if req.mm_inputs:
+            rows, embeds = gather_mm_embeddings(req, start, n, len(ids))
+            mm_rows += rows
+            mm_embeds += embeds
         ids.extend(req.all_token_ids[start : start + n])
         pos = range(start, start + n)
         positions.extend(pos)
@@ -68,7 +100,9 @@ def build_model_input(out: SchedulerOutput, block_size: int) -> ModelInput:
         seq_lens_host=tuple(seq_lens),
     )
     return ModelInput(torch.tensor(ids, dtype=torch.int64), torch.tensor(positions),
-                      md, torch.tensor(logits_idx, dtype=torch.int64), tuple(sampled))
+                      md, torch.tensor(logits_idx, dtype=torch.int64), tuple(sampled),
+                      torch.tensor(mm_rows, dtype=torch.int64) if mm_rows else None,
+                      torch.cat(mm_embeds) if mm_embeds else None)
 
 
 class ModelRunner:
@@ -83,7 +117,8 @@ class ModelRunner:
         """Run one step; returns request_id -> sampled token id for requests that sample."""
         inp = build_model_input(out, self.kv_cache.block_size)
         self.attn.plan(inp.metadata)
-        hidden = self.model(inp.input_ids, inp.positions, self.kv_cache.layers, self.attn)
+        hidden = self.model(inp.input_ids, inp.positions, self.kv_cache.layers, self.attn,
+                            inp.mm_rows, inp.mm_embeds)
         if not inp.sampled_requests:
             return {}
         logits = self.model.compute_logits(hidden[inp.logits_indices])

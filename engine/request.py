@@ -10,6 +10,8 @@ import enum
 import time
 from dataclasses import dataclass, field
 
+from scission.engine.multimodal import MMInput
+
 
 class InvalidRequestError(ValueError):
     """Bad input at the edge; ``field`` names the offending field. Maps to INVALID_ARGUMENT."""
@@ -115,6 +117,7 @@ class Request:
     hold_kv_after_prefill: bool = False  # prefill role: keep blocks pinned for a KV pull
     stop_reason: int | str | None = None
     num_preemptions: int = 0
+    mm_inputs: tuple[MMInput, ...] = ()  # images, by segment offset (engine/multimodal.py)
 
     @property
     def num_prompt_tokens(self) -> int:

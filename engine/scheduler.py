@@ -104,7 +104,7 @@ class Scheduler:
         """Allocate blocks for the request's first chunk; returns its size or None."""
         prefix: list[int] = []
         if req.num_computed_tokens == 0:
-            prefix = self.block_manager.cached_prefix(req.all_token_ids)
+            prefix = self.block_manager.cached_prefix(req.all_token_ids, req.mm_inputs)
         num_computed = req.num_computed_tokens or len(prefix) * self.block_manager.block_size
         n = min(req.num_tokens - num_computed, budget)
         if self.block_manager.allocate(req.request_id, req.block_table, num_computed + n,
