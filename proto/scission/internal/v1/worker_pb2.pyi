@@ -28,15 +28,29 @@ class SamplingParams(_message.Message):
     ignore_eos: bool
     def __init__(self, temperature: _Optional[float] = ..., top_k: _Optional[int] = ..., top_p: _Optional[float] = ..., has_seed: _Optional[bool] = ..., seed: _Optional[int] = ..., max_tokens: _Optional[int] = ..., stop: _Optional[_Iterable[str]] = ..., stop_token_ids: _Optional[_Iterable[int]] = ..., ignore_eos: _Optional[bool] = ...) -> None: ...
 
+class ImageRef(_message.Message):
+    __slots__ = ("offset", "length", "image_hash", "embedding_handle")
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    LENGTH_FIELD_NUMBER: _ClassVar[int]
+    IMAGE_HASH_FIELD_NUMBER: _ClassVar[int]
+    EMBEDDING_HANDLE_FIELD_NUMBER: _ClassVar[int]
+    offset: int
+    length: int
+    image_hash: bytes
+    embedding_handle: bytes
+    def __init__(self, offset: _Optional[int] = ..., length: _Optional[int] = ..., image_hash: _Optional[bytes] = ..., embedding_handle: _Optional[bytes] = ...) -> None: ...
+
 class PrefillRequest(_message.Message):
-    __slots__ = ("request_id", "prompt_token_ids", "sampling")
+    __slots__ = ("request_id", "prompt_token_ids", "sampling", "images")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
+    IMAGES_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     prompt_token_ids: _containers.RepeatedScalarFieldContainer[int]
     sampling: SamplingParams
-    def __init__(self, request_id: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ...) -> None: ...
+    images: _containers.RepeatedCompositeFieldContainer[ImageRef]
+    def __init__(self, request_id: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., images: _Optional[_Iterable[_Union[ImageRef, _Mapping]]] = ...) -> None: ...
 
 class PrefillResponse(_message.Message):
     __slots__ = ("first_token_id", "transfer_handle", "cached_tokens", "finished", "finish_reason", "text")
@@ -67,30 +81,56 @@ class ReleaseResponse(_message.Message):
     def __init__(self, released: _Optional[bool] = ...) -> None: ...
 
 class DecodeRequest(_message.Message):
-    __slots__ = ("request_id", "prompt_token_ids", "first_token_id", "sampling", "transfer_handle")
+    __slots__ = ("request_id", "prompt_token_ids", "first_token_id", "sampling", "transfer_handle", "images")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     FIRST_TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
     TRANSFER_HANDLE_FIELD_NUMBER: _ClassVar[int]
+    IMAGES_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     prompt_token_ids: _containers.RepeatedScalarFieldContainer[int]
     first_token_id: int
     sampling: SamplingParams
     transfer_handle: bytes
-    def __init__(self, request_id: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., first_token_id: _Optional[int] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., transfer_handle: _Optional[bytes] = ...) -> None: ...
+    images: _containers.RepeatedCompositeFieldContainer[ImageRef]
+    def __init__(self, request_id: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., first_token_id: _Optional[int] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., transfer_handle: _Optional[bytes] = ..., images: _Optional[_Iterable[_Union[ImageRef, _Mapping]]] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("request_id", "prompt_token_ids", "sampling", "output_token_ids")
+    __slots__ = ("request_id", "prompt_token_ids", "sampling", "output_token_ids", "images")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
     OUTPUT_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    IMAGES_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     prompt_token_ids: _containers.RepeatedScalarFieldContainer[int]
     sampling: SamplingParams
     output_token_ids: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, request_id: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., output_token_ids: _Optional[_Iterable[int]] = ...) -> None: ...
+    images: _containers.RepeatedCompositeFieldContainer[ImageRef]
+    def __init__(self, request_id: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., output_token_ids: _Optional[_Iterable[int]] = ..., images: _Optional[_Iterable[_Union[ImageRef, _Mapping]]] = ...) -> None: ...
+
+class EncodeRequest(_message.Message):
+    __slots__ = ("request_id", "image")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    IMAGE_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    image: bytes
+    def __init__(self, request_id: _Optional[str] = ..., image: _Optional[bytes] = ...) -> None: ...
+
+class EncodeResponse(_message.Message):
+    __slots__ = ("token_ids", "image_hash", "num_embeddings", "embedding_handle", "cache_hit")
+    TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    IMAGE_HASH_FIELD_NUMBER: _ClassVar[int]
+    NUM_EMBEDDINGS_FIELD_NUMBER: _ClassVar[int]
+    EMBEDDING_HANDLE_FIELD_NUMBER: _ClassVar[int]
+    CACHE_HIT_FIELD_NUMBER: _ClassVar[int]
+    token_ids: _containers.RepeatedScalarFieldContainer[int]
+    image_hash: bytes
+    num_embeddings: int
+    embedding_handle: bytes
+    cache_hit: bool
+    def __init__(self, token_ids: _Optional[_Iterable[int]] = ..., image_hash: _Optional[bytes] = ..., num_embeddings: _Optional[int] = ..., embedding_handle: _Optional[bytes] = ..., cache_hit: _Optional[bool] = ...) -> None: ...
 
 class TokenChunk(_message.Message):
     __slots__ = ("token_ids", "text", "finish_reason", "cached_tokens", "error")
@@ -123,7 +163,7 @@ class StatsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class WorkerStats(_message.Message):
-    __slots__ = ("worker_id", "role", "num_blocks", "num_free_blocks", "num_running", "num_waiting", "num_held", "queued_prefill_tokens", "num_prompt_tokens_computed", "kv_usage", "num_steps_total", "step_ms_total", "num_prefill_tokens_total", "num_decode_tokens_total", "last_step_ms", "last_num_decode_requests", "last_num_prefill_tokens")
+    __slots__ = ("worker_id", "role", "num_blocks", "num_free_blocks", "num_running", "num_waiting", "num_held", "queued_prefill_tokens", "num_prompt_tokens_computed", "kv_usage", "num_steps_total", "step_ms_total", "num_prefill_tokens_total", "num_decode_tokens_total", "last_step_ms", "last_num_decode_requests", "last_num_prefill_tokens", "num_encode_waiting", "num_images_encoded_total", "num_embedding_cache_hits_total", "num_embedding_pages", "num_free_embedding_pages")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
     NUM_BLOCKS_FIELD_NUMBER: _ClassVar[int]
@@ -141,6 +181,11 @@ class WorkerStats(_message.Message):
     LAST_STEP_MS_FIELD_NUMBER: _ClassVar[int]
     LAST_NUM_DECODE_REQUESTS_FIELD_NUMBER: _ClassVar[int]
     LAST_NUM_PREFILL_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    NUM_ENCODE_WAITING_FIELD_NUMBER: _ClassVar[int]
+    NUM_IMAGES_ENCODED_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    NUM_EMBEDDING_CACHE_HITS_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    NUM_EMBEDDING_PAGES_FIELD_NUMBER: _ClassVar[int]
+    NUM_FREE_EMBEDDING_PAGES_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     role: str
     num_blocks: int
@@ -158,4 +203,9 @@ class WorkerStats(_message.Message):
     last_step_ms: float
     last_num_decode_requests: int
     last_num_prefill_tokens: int
-    def __init__(self, worker_id: _Optional[str] = ..., role: _Optional[str] = ..., num_blocks: _Optional[int] = ..., num_free_blocks: _Optional[int] = ..., num_running: _Optional[int] = ..., num_waiting: _Optional[int] = ..., num_held: _Optional[int] = ..., queued_prefill_tokens: _Optional[int] = ..., num_prompt_tokens_computed: _Optional[int] = ..., kv_usage: _Optional[float] = ..., num_steps_total: _Optional[int] = ..., step_ms_total: _Optional[float] = ..., num_prefill_tokens_total: _Optional[int] = ..., num_decode_tokens_total: _Optional[int] = ..., last_step_ms: _Optional[float] = ..., last_num_decode_requests: _Optional[int] = ..., last_num_prefill_tokens: _Optional[int] = ...) -> None: ...
+    num_encode_waiting: int
+    num_images_encoded_total: int
+    num_embedding_cache_hits_total: int
+    num_embedding_pages: int
+    num_free_embedding_pages: int
+    def __init__(self, worker_id: _Optional[str] = ..., role: _Optional[str] = ..., num_blocks: _Optional[int] = ..., num_free_blocks: _Optional[int] = ..., num_running: _Optional[int] = ..., num_waiting: _Optional[int] = ..., num_held: _Optional[int] = ..., queued_prefill_tokens: _Optional[int] = ..., num_prompt_tokens_computed: _Optional[int] = ..., kv_usage: _Optional[float] = ..., num_steps_total: _Optional[int] = ..., step_ms_total: _Optional[float] = ..., num_prefill_tokens_total: _Optional[int] = ..., num_decode_tokens_total: _Optional[int] = ..., last_step_ms: _Optional[float] = ..., last_num_decode_requests: _Optional[int] = ..., last_num_prefill_tokens: _Optional[int] = ..., num_encode_waiting: _Optional[int] = ..., num_images_encoded_total: _Optional[int] = ..., num_embedding_cache_hits_total: _Optional[int] = ..., num_embedding_pages: _Optional[int] = ..., num_free_embedding_pages: _Optional[int] = ...) -> None: ...

@@ -54,6 +54,11 @@ class WorkerStub:
                 request_serializer=scission_dot_internal_dot_v1_dot_worker__pb2.GenerateRequest.SerializeToString,
                 response_deserializer=scission_dot_internal_dot_v1_dot_worker__pb2.TokenChunk.FromString,
                 _registered_method=True)
+        self.Encode = channel.unary_unary(
+                '/scission.internal.v1.Worker/Encode',
+                request_serializer=scission_dot_internal_dot_v1_dot_worker__pb2.EncodeRequest.SerializeToString,
+                response_deserializer=scission_dot_internal_dot_v1_dot_worker__pb2.EncodeResponse.FromString,
+                _registered_method=True)
         self.Abort = channel.unary_unary(
                 '/scission.internal.v1.Worker/Abort',
                 request_serializer=scission_dot_internal_dot_v1_dot_worker__pb2.AbortRequest.SerializeToString,
@@ -97,6 +102,16 @@ class WorkerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Encode(self, request, context):
+        """Encode role (or a prefill / colocated worker without an encode pool): one image
+        through the vision tower into the embedding cache; returns its prompt segment and an
+        embedding handle for a NIXL READ. The pages stay pinned until the reader's
+        notification or the hold timeout.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Abort(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -131,6 +146,11 @@ def add_WorkerServicer_to_server(servicer, server):
                     servicer.Generate,
                     request_deserializer=scission_dot_internal_dot_v1_dot_worker__pb2.GenerateRequest.FromString,
                     response_serializer=scission_dot_internal_dot_v1_dot_worker__pb2.TokenChunk.SerializeToString,
+            ),
+            'Encode': grpc.unary_unary_rpc_method_handler(
+                    servicer.Encode,
+                    request_deserializer=scission_dot_internal_dot_v1_dot_worker__pb2.EncodeRequest.FromString,
+                    response_serializer=scission_dot_internal_dot_v1_dot_worker__pb2.EncodeResponse.SerializeToString,
             ),
             'Abort': grpc.unary_unary_rpc_method_handler(
                     servicer.Abort,
@@ -251,6 +271,33 @@ class Worker:
             '/scission.internal.v1.Worker/Generate',
             scission_dot_internal_dot_v1_dot_worker__pb2.GenerateRequest.SerializeToString,
             scission_dot_internal_dot_v1_dot_worker__pb2.TokenChunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Encode(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/scission.internal.v1.Worker/Encode',
+            scission_dot_internal_dot_v1_dot_worker__pb2.EncodeRequest.SerializeToString,
+            scission_dot_internal_dot_v1_dot_worker__pb2.EncodeResponse.FromString,
             options,
             channel_credentials,
             insecure,
