@@ -2,6 +2,8 @@
 
 Both paths produce a ``ModelConfig`` and a state dict with HF Llama parameter names
 (``model.layers.{i}.self_attn.q_proj.weight`` ...), so the model has one naming scheme.
+A vision-language directory (LLaVA, Idefics3/SmolVLM) gives its text decoder's config and
+weights here; its vision encoder comes from ``engine.vision_loader.load_vision``.
 Nothing is downloaded: the path must exist on disk.
 """
 
@@ -131,27 +133,104 @@ def _load_gguf(path: str) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
     return config, state
 
 
-def _load_safetensors_dir(path: Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+# Vision-language checkpoints whose text decoder is a Llama-family model.
+VLM_ARCHITECTURES = ("LlavaForConditionalGeneration", "Idefics3ForConditionalGeneration")
+_TEXT_MODEL_TYPES = ("llama", "qwen2", "mistral")
+
+
+def vlm_architecture(hf_config: dict) -> str | None:
+    """The VLM architecture of a config.json dict (one of ``VLM_ARCHITECTURES``), or None."""
+    archs = hf_config.get("architectures") or []
+    return next((a for a in archs if a in VLM_ARCHITECTURES), None)
+
+
+def split_vlm_state(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor],
+                                                              dict[str, torch.Tensor]]:
+    """Split a LLaVA / Idefics3 checkpoint's tensors into (text, vision) state dicts.
+
+    Text names become HF Llama names; vision names become vision-relative names
+    (``engine.vision``). Both the transformers 5.x layout and the legacy one are accepted:
+
+        text    model.language_model.X | language_model.model.X | model.text_model.X
+                                                                        -> model.X
+                lm_head.weight | language_model.lm_head.weight          -> lm_head.weight
+        vision  [model.]vision_tower[.vision_model].X                  -> vision_tower.X
+                [model.]multi_modal_projector.X                         -> multi_modal_projector.X
+                model.vision_model.X                                    -> vision_model.X
+                model.connector.X                                       -> connector.X
+
+    Raises:
+        ValueError: a tensor name fits none of these.
+    """
+    text: dict[str, torch.Tensor] = {}
+    vision: dict[str, torch.Tensor] = {}
+    for name, t in state.items():
+        n = name.removeprefix("model.")
+        if n.startswith(("language_model.", "text_model.")):
+            rest = n.split(".", 1)[1]
+            text[rest if rest.startswith(("model.", "lm_head.")) else "model." + rest] = t
+        elif n.startswith("lm_head."):
+            text[n] = t
+        elif n.startswith("vision_tower."):
+            vision["vision_tower." + n.removeprefix("vision_tower.").removeprefix("vision_model.")] = t
+        elif n.startswith(("multi_modal_projector.", "vision_model.", "connector.")):
+            vision[n] = t
+        else:
+            raise ValueError(f"unexpected tensor {name!r} in a vision-language checkpoint")
+    return text, vision
+
+
+def read_safetensors_dir(path: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of ``path/*.safetensors``, float32 on CPU.
+
+    Raises:
+        FileNotFoundError: no ``*.safetensors`` file.
+    """
     from safetensors.torch import load_file
 
-    cfg_path = path / "config.json"
-    if not cfg_path.exists():
-        raise FileNotFoundError(f"{path}: no config.json")
-    hf = json.loads(cfg_path.read_text())
-    archs = hf.get("architectures") or []
-    if hf.get("model_type") not in ("llama", "qwen2", "mistral") and not any(
-        a.startswith(("Llama", "Qwen2", "Mistral")) for a in archs
-    ):
-        raise ValueError(f"{path}: unsupported model_type {hf.get('model_type')!r}")
     files = sorted(path.glob("*.safetensors"))
     if not files:
         raise FileNotFoundError(f"{path}: no *.safetensors files")
     state: dict[str, torch.Tensor] = {}
     for f in files:
         state.update({k: v.float() for k, v in load_file(str(f)).items()})
+    return state
+
+
+def _load_safetensors_dir(path: Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+    cfg_path = path / "config.json"
+    if not cfg_path.exists():
+        raise FileNotFoundError(f"{path}: no config.json")
+    hf = json.loads(cfg_path.read_text())
+    model_id = hf.get("_name_or_path") or path.name
+    if vlm_architecture(hf) is not None:
+        text_cfg = hf["text_config"]
+        if text_cfg.get("model_type", "llama") not in _TEXT_MODEL_TYPES:
+            raise ValueError(f"{path}: unsupported text model_type {text_cfg.get('model_type')!r}")
+        state, _vision = split_vlm_state(read_safetensors_dir(path))
+        tie = hf.get("tie_word_embeddings", text_cfg.get("tie_word_embeddings"))
+        return _model_config(text_cfg, state, model_id, tie), state
+    archs = hf.get("architectures") or []
+    if hf.get("model_type") not in _TEXT_MODEL_TYPES and not any(
+        a.startswith(("Llama", "Qwen2", "Mistral")) for a in archs
+    ):
+        raise ValueError(f"{path}: unsupported model_type {hf.get('model_type')!r}")
+    state = read_safetensors_dir(path)
+    return _model_config(hf, state, model_id, hf.get("tie_word_embeddings")), state
+
+
+def _model_config(hf: dict, state: dict[str, torch.Tensor], model_id: str,
+                  tie: bool | None) -> ModelConfig:
+    """ModelConfig of a Llama-family (text) config dict. ``tie`` None: tied iff the
+    checkpoint has no ``lm_head.weight``; a missing ``lm_head.weight`` always ties."""
     eos = hf.get("eos_token_id")
     heads = hf["num_attention_heads"]
-    config = ModelConfig(
+    rope = hf.get("rope_parameters") or {}  # transformers 5.x keeps rope_theta here
+    tie = "lm_head.weight" not in state or bool(tie)
+    if rope.get("rope_type", "default") != "default" or hf.get("rope_scaling"):
+        logger.warning("%s: rope scaling %s is ignored (plain RoPE)", model_id,
+                       hf.get("rope_scaling") or rope)
+    return ModelConfig(
         vocab_size=hf["vocab_size"],
         hidden_size=hf["hidden_size"],
         intermediate_size=hf["intermediate_size"],
@@ -159,13 +238,12 @@ def _load_safetensors_dir(path: Path) -> tuple[ModelConfig, dict[str, torch.Tens
         num_heads=heads,
         num_kv_heads=hf.get("num_key_value_heads", heads),
         head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
-        rope_theta=float(hf.get("rope_theta", 10000.0)),
+        rope_theta=float(hf.get("rope_theta", rope.get("rope_theta", 10000.0))),
         rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
         max_position_embeddings=hf.get("max_position_embeddings", 2048),
-        tie_word_embeddings=bool(hf.get("tie_word_embeddings", "lm_head.weight" not in state)),
+        tie_word_embeddings=tie,
         attention_bias=hf.get("model_type") == "qwen2" or bool(hf.get("attention_bias", False)),
         bos_token_id=hf.get("bos_token_id"),
         eos_token_ids=tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,)),
-        model_id=hf.get("_name_or_path") or path.name,
+        model_id=model_id,
     )
-    return config, state
