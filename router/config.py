@@ -7,6 +7,7 @@ import math
 from dataclasses import dataclass, field
 
 from scission.registry.workers import EtcdClientConfig, RegistryConfig
+from scission.router.images import SUPPORTED_IMAGE_FORMATS, ImageLimits
 
 
 class RoutingPolicy(enum.Enum):
@@ -56,6 +57,12 @@ class RouterConfig:
     default_max_tokens: int = 256
     max_tokens_limit: int = 4096
     max_prompt_tokens: int | None = None  # None = the model's context length
+    # Images in chat requests (router/images.py), checked before the model sees them. A
+    # request must also fit max_message_bytes (gRPC) / the HTTP body bound, base64 included.
+    max_image_bytes: int = 20 * 2**20  # one encoded image file
+    max_images_per_request: int = 8
+    max_image_pixels: int = 4096 * 4096  # width * height, checked before decoding
+    image_formats: tuple[str, ...] = tuple(sorted(SUPPORTED_IMAGE_FORMATS))  # Pillow names
     prefill_timeout_s: float = 120.0
     request_timeout_s: float = 600.0
     max_message_bytes: int = 4 * 1024**2  # gRPC send/receive (router and its worker channels)
@@ -105,6 +112,7 @@ class RouterConfig:
                              f"be <= max_concurrent_rpcs ({self.max_concurrent_rpcs})")
         if self.retry_after_s < 1 or self.max_message_bytes < 1024:
             raise ValueError("retry_after_s must be >= 1 and max_message_bytes >= 1024")
+        _ = self.image_limits  # ImageLimits raises ValueError on a bad bound or format
         if self.kv_lag_probe_interval_s <= 0:
             raise ValueError("kv_lag_probe_interval_s must be > 0")
         if (self.tls_cert_file is None) != (self.tls_key_file is None):
@@ -115,6 +123,11 @@ class RouterConfig:
         if min(slo) <= 0 or not all(math.isfinite(v) for v in slo):
             raise ValueError("slo_ttft_ms, slo_tpot_ms, slo_window_s and slo_publish_interval_s "
                              f"must be finite and > 0, got {slo}")
+
+    @property
+    def image_limits(self) -> ImageLimits:
+        return ImageLimits(self.max_image_bytes, self.max_images_per_request,
+                           self.max_image_pixels, frozenset(self.image_formats))
 
     @property
     def tls(self) -> bool:
