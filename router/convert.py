@@ -4,13 +4,15 @@
 from __future__ import annotations
 
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from google.protobuf.message import DecodeError
 
 from scission.engine.request import FinishReason, InvalidRequestError, SamplingParams
 from scission.engine.tokenizer import Tokenizer
 from scission.proto.scission.v1 import generation_pb2 as pb
+from scission.router.images import ImageData, ImageLimits, check_image_count, validate_image
 
 FINISH_TO_PROTO = {
     "stop": pb.FINISH_REASON_STOP,
@@ -19,6 +21,7 @@ FINISH_TO_PROTO = {
     "error": pb.FINISH_REASON_ERROR,
 }
 MAX_REQUEST_ID_CHARS = 256
+DEFAULT_IMAGE_LIMITS = ImageLimits()
 
 
 @dataclass(frozen=True)
@@ -47,6 +50,16 @@ class ValidatedRequest:
     # every response and written in logs, never an identity inside the cluster, so two
     # clients sending the same id cannot touch each other's requests.
     client_request_id: str = ""
+    # Chat input, parsed: [{"role": str, "content": str | list[part]}], a part being
+    # {"type": "text", "text": str} or {"type": "image", "index": k} (k indexes ``images``).
+    # ``content`` is a list only in messages holding an image (text parts of other messages
+    # are joined, as the chat template takes them). Empty for prompt and token_ids input.
+    chat_messages: list[dict] = field(default_factory=list)
+    # The images of a chat request, in message and part order. With images the prompt is
+    # not tokenized here (its image segments come from the encode step): prompt_token_ids
+    # is [] and chat_messages + images describe the prompt; the prompt-length checks wait
+    # for the built prompt.
+    images: tuple[ImageData, ...] = ()
 
 
 def sampling_from_proto(m: pb.SamplingParams, default_max_tokens: int) -> SamplingParams:
@@ -64,6 +77,59 @@ def sampling_from_proto(m: pb.SamplingParams, default_max_tokens: int) -> Sampli
         raise InvalidRequestError(f"sampling.{e.field}", str(e).split(": ", 1)[-1]) from None
 
 
+class ParsedChat(NamedTuple):
+    """``chat_messages`` (as on ``ValidatedRequest``) and, for each image part in order, its
+    field name (``chat.messages[i].parts[j].image``) and encoded bytes (not yet checked)."""
+
+    messages: list[dict]
+    image_fields: list[str]
+    image_bytes: list[bytes]
+
+
+def parse_chat(chat: pb.ChatMessages) -> ParsedChat:
+    """The messages in the chat template's shape; images are collected, not decoded.
+
+    Raises:
+        InvalidRequestError: a message with both ``content`` and ``parts``, or a part with
+            neither text nor image.
+    """
+    parsed = ParsedChat([], [], [])
+    for i, m in enumerate(chat.messages):
+        if not m.parts:
+            parsed.messages.append({"role": m.role, "content": m.content})
+            continue
+        if m.content:
+            raise InvalidRequestError(f"chat.messages[{i}]", "set content or parts, not both")
+        parts: list[dict] = []
+        for j, part in enumerate(m.parts):
+            kind = part.WhichOneof("part")
+            if kind is None:
+                raise InvalidRequestError(f"chat.messages[{i}].parts[{j}]",
+                                          "one of text or image is required")
+            if kind == "text":
+                parts.append({"type": "text", "text": part.text})
+                continue
+            parts.append({"type": "image", "index": len(parsed.image_bytes)})
+            parsed.image_fields.append(f"chat.messages[{i}].parts[{j}].image")
+            parsed.image_bytes.append(part.image.data)
+        has_image = any(p["type"] == "image" for p in parts)
+        content = parts if has_image else "".join(p["text"] for p in parts)
+        parsed.messages.append({"role": m.role, "content": content})
+    return parsed
+
+
+def _texts(messages: list[dict]) -> list[str]:
+    """Every text of ``chat_messages``: string contents and text parts."""
+    texts: list[str] = []
+    for m in messages:
+        content = m["content"]
+        if isinstance(content, str):
+            texts.append(content)
+        else:
+            texts.extend(p["text"] for p in content if p["type"] == "text")
+    return texts
+
+
 def _refuse_oversized_text(field: str, texts: list[str], tokenizer: Tokenizer,
                            limit: int) -> None:
     """OUT_OF_RANGE before tokenizing when the text alone must exceed ``limit`` tokens
@@ -79,9 +145,10 @@ def _refuse_oversized_text(field: str, texts: list[str], tokenizer: Tokenizer,
 
 
 def prompt_ids(req: pb.GenerateRequest, tokenizer: Tokenizer,
-               limit: int | None = None) -> list[int]:
+               limit: int | None = None, chat: ParsedChat | None = None) -> list[int]:
     """The prompt's token ids. ``limit`` (tokens): text that cannot fit is refused
-    before it is tokenized."""
+    before it is tokenized. ``chat``: ``parse_chat(req.chat)`` if already parsed (it must
+    hold no image)."""
     kind = req.WhichOneof("input")
     if kind is None:
         raise InvalidRequestError("input", "one of prompt, chat or token_ids is required")
@@ -92,7 +159,8 @@ def prompt_ids(req: pb.GenerateRequest, tokenizer: Tokenizer,
             _refuse_oversized_text("input", [req.prompt], tokenizer, limit)
         return tokenizer.encode(req.prompt)
     if kind == "chat":
-        msgs = [{"role": m.role, "content": m.content} for m in req.chat.messages]
+        msgs = (chat or parse_chat(req.chat)).messages
+        assert all(isinstance(m["content"], str) for m in msgs), "images are not tokenized"
         if not msgs:
             raise InvalidRequestError("chat.messages", "must not be empty")
         if limit is not None:
@@ -108,9 +176,17 @@ def prompt_ids(req: pb.GenerateRequest, tokenizer: Tokenizer,
 
 
 def validate(req: pb.GenerateRequest, tokenizer: Tokenizer, context_len: int,
-             default_max_tokens: int, max_tokens_limit: int,
-             max_prompt_tokens: int | None) -> ValidatedRequest:
-    """Raises InvalidRequestError (field named; ``out_of_range`` for length limits)."""
+             default_max_tokens: int, max_tokens_limit: int, max_prompt_tokens: int | None, *,
+             accepts_images: bool = False, model_name: str = "",
+             image_limits: ImageLimits = DEFAULT_IMAGE_LIMITS) -> ValidatedRequest:
+    """The request checked and, unless it has images, tokenized (see ``ValidatedRequest``).
+
+    ``accepts_images``: the model takes images (``model_name`` is named when it does not);
+    a request without images never reaches the image code.
+
+    Raises:
+        InvalidRequestError: field named; ``out_of_range`` for length limits.
+    """
     if isinstance(req, UndecodableRequest):
         raise InvalidRequestError("request", f"not a valid scission.v1.GenerateRequest "
                                   f"({req.error.rsplit(': ', 1)[-1]})")
@@ -121,7 +197,19 @@ def validate(req: pb.GenerateRequest, tokenizer: Tokenizer, context_len: int,
         raise InvalidRequestError("sampling.max_tokens",
                                   f"{params.max_tokens} > limit {max_tokens_limit}", True)
     limit = min(max_prompt_tokens or context_len, context_len)
-    ids = prompt_ids(req, tokenizer, limit)
+    chat = parse_chat(req.chat) if req.WhichOneof("input") == "chat" else None
+    if chat is not None and chat.image_bytes:  # cheapest refusal first; decoding last
+        if not accepts_images:
+            raise InvalidRequestError(chat.image_fields[0], f"model {model_name or '(unnamed)'}"
+                                      " does not accept images")
+        _refuse_oversized_text("input", _texts(chat.messages), tokenizer, limit)
+        check_image_count(chat.image_fields, image_limits)
+        images = tuple(validate_image(k, f, data, image_limits) for k, (f, data)
+                       in enumerate(zip(chat.image_fields, chat.image_bytes, strict=True)))
+        return ValidatedRequest(f"r-{uuid.uuid4().hex}", [], params,
+                                req.request_id or f"req-{uuid.uuid4().hex}",
+                                chat.messages, images)
+    ids = prompt_ids(req, tokenizer, limit, chat)
     if len(ids) > limit:
         raise InvalidRequestError("input", f"prompt has {len(ids)} tokens, limit {limit}", True)
     if len(ids) + params.max_tokens > context_len:
@@ -129,7 +217,8 @@ def validate(req: pb.GenerateRequest, tokenizer: Tokenizer, context_len: int,
             "sampling.max_tokens", f"prompt ({len(ids)} tokens) + max_tokens "
             f"({params.max_tokens}) exceeds the context length ({context_len})", True)
     return ValidatedRequest(f"r-{uuid.uuid4().hex}", ids, params,
-                            req.request_id or f"req-{uuid.uuid4().hex}")
+                            req.request_id or f"req-{uuid.uuid4().hex}",
+                            chat.messages if chat is not None else [])
 
 
 def finish_to_proto(reason: str | FinishReason | None) -> int:

@@ -51,9 +51,9 @@ from scission.router.http_stream import (
     sse,
 )
 from scission.router.openai_types import (
+    BodyError,
     ChatCompletionRequest,
     CompletionRequest,
-    UnsupportedError,
 )
 
 if TYPE_CHECKING:
@@ -93,10 +93,15 @@ def _rejected_status(e: RequestRejected) -> int:
 
 
 def _openai_param(param: str | None, chat: bool) -> str | None:
+    """The body field an error names: ``chat.messages[1].parts[2].image`` (a proto field) is
+    ``messages[1].content[2].image_url``."""
     if param is None:
         return None
     if param in ("input", "chat.messages", "messages", "token_ids", "prompt"):
         return "messages" if chat else "prompt"
+    if param.startswith("chat.messages["):
+        return param.removeprefix("chat.").replace(".parts[", ".content[").replace(
+            "].image", "].image_url")
     return param.removeprefix("sampling.")
 
 
@@ -210,8 +215,8 @@ class OpenAIApp:
             param = ".".join(str(x) for x in err["loc"]) or None
             return error_response(400, f"{param or 'body'}: {err['msg']}", param,
                                   "invalid_request")
-        except UnsupportedError as e:
-            return error_response(400, str(e), e.param, "unsupported_parameter")
+        except BodyError as e:  # unsupported or invalid values pydantic cannot see
+            return error_response(400, str(e), e.param, e.code)
         except ValueError as e:  # protobuf refused a value pydantic let through
             return error_response(400, f"invalid value: {e}", code="invalid_request")
         if body.model is not None and body.model != self.model:

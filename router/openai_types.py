@@ -7,10 +7,18 @@ with ``UnsupportedError`` (HTTP 400) instead of being silently dropped.
 
 Extensions (as in vLLM): ``top_k``, ``ignore_eos``, and ``return_token_ids`` (each choice
 also carries the generated ``token_ids``).
+
+Chat ``content`` may be a list of ``{"type": "text", "text": ...}`` and
+``{"type": "image_url", "image_url": {"url": "data:image/png;base64,..."}}`` parts; each
+becomes a ``scission.v1.ContentPart`` at the same index, and the router checks the images
+as it does on the gRPC door. Only base64 data URIs: the router fetches no remote URL (it
+would make the router an open HTTP client of its users' choosing).
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -23,12 +31,21 @@ MaxTokens = Annotated[int, Field(ge=1, le=2**31 - 1)]
 TokenId = Annotated[int, Field(ge=0, le=2**31 - 1)]  # the vocabulary is checked later
 
 
-class UnsupportedError(ValueError):
-    """A known OpenAI field with a value scission cannot serve; ``param`` names it."""
+class BodyError(ValueError):
+    """A body value pydantic lets through that scission refuses (HTTP 400, error ``code``);
+    ``param`` names it."""
+
+    code = "invalid_request"
 
     def __init__(self, param: str, message: str) -> None:
         super().__init__(message)
         self.param = param
+
+
+class UnsupportedError(BodyError):
+    """A known OpenAI field with a value scission cannot serve."""
+
+    code = "unsupported_parameter"
 
 
 class _Body(BaseModel):
@@ -44,14 +61,64 @@ class TextPart(_Body):
     text: str
 
 
+    def to_proto(self, param: str) -> pb.ContentPart:
+        return pb.ContentPart(text=self.text)
+
+
+class ImageUrl(_Body):
+    url: str  # "data:<mime type>;base64,<data>"; ``detail`` and others are ignored
+
+
+class ImageUrlPart(_Body):
+    type: Literal["image_url"]
+    image_url: ImageUrl
+
+    def to_proto(self, param: str) -> pb.ContentPart:
+        return pb.ContentPart(image=image_from_data_uri(self.image_url.url,
+                                                        f"{param}.image_url.url"))
+
+
+ContentPart = Annotated[TextPart | ImageUrlPart, Field(discriminator="type")]
+
+
+def image_from_data_uri(url: str, param: str) -> pb.Image:
+    """``data:<mime type>;base64,<data>`` as an image (bytes not checked here: the router's
+    validation does that for both doors).
+
+    Raises:
+        UnsupportedError: an http(s) URL (never fetched).
+        BodyError: another scheme, a data URI that is not base64, or bad base64.
+    """
+    scheme = url.partition(":")[0].lower() if ":" in url else ""
+    if scheme in ("http", "https"):
+        raise UnsupportedError(param, f"{param}: remote image URLs are not fetched; send the "
+                                      "image inline as data:image/png;base64,...")
+    if scheme != "data":
+        raise BodyError(param, f"{param}: must be a data URI (data:<mime type>;base64,<data>)")
+    header, comma, payload = url[len("data:"):].partition(",")
+    mime, _, encoding = header.rpartition(";")
+    if not comma or encoding.lower() != "base64":
+        raise BodyError(param, f"{param}: the data URI must be base64 "
+                               "(data:<mime type>;base64,<data>)")
+    try:
+        data = base64.b64decode(payload, validate=True)
+    except binascii.Error as e:
+        raise BodyError(param, f"{param}: invalid base64 ({e})") from None
+    return pb.Image(data=data, mime_type=mime)
+
+
 class ChatMessage(_Body):
     role: str
-    content: str | list[TextPart] | None = None
+    content: str | list[ContentPart] | None = None
 
-    def text(self) -> str:
-        if isinstance(self.content, list):
-            return "".join(p.text for p in self.content)
-        return self.content or ""
+    def to_proto(self, index: int) -> pb.ChatMessage:
+        """A string stays ``content``; a list becomes ``parts`` (same indices), which the
+        router joins back into one text when it holds no image."""
+        role = ROLE_ALIASES.get(self.role, self.role)
+        if not isinstance(self.content, list):
+            return pb.ChatMessage(role=role, content=self.content or "")
+        return pb.ChatMessage(role=role, parts=[
+            p.to_proto(f"messages[{index}].content[{j}]") for j, p in enumerate(self.content)])
 
 
 class _SamplingBody(_Body):
@@ -99,8 +166,7 @@ class ChatCompletionRequest(_SamplingBody):
         self._check_common()
         if self.logprobs:
             raise UnsupportedError("logprobs", "logprobs are not supported")
-        msgs = [pb.ChatMessage(role=ROLE_ALIASES.get(m.role, m.role), content=m.text())
-                for m in self.messages]
+        msgs = [m.to_proto(i) for i, m in enumerate(self.messages)]
         max_tokens = self.max_completion_tokens or self.max_tokens
         return pb.GenerateRequest(chat=pb.ChatMessages(messages=msgs),
                                   sampling=self.sampling(max_tokens))

@@ -82,8 +82,15 @@ class _Outcome:
 class GenerationServicer(pb_grpc.GenerationServicer):
     def __init__(self, config: RouterConfig, tokenizer: Tokenizer, pool: WorkerPool,
                  placer: Placer, index: PrefixIndex, hasher: PromptHasher,
-                 metrics: RouterMetrics, slo: SloTracker, admission: Admission) -> None:
+                 metrics: RouterMetrics, slo: SloTracker, admission: Admission,
+                 model_name: str = "", accepts_images: bool = False) -> None:
+        """``model_name``: the served model's id, named in refusals. ``accepts_images``: the
+        model takes images in chat input (False: such a request is refused INVALID_ARGUMENT
+        before any image is decoded)."""
         self.config = config
+        self.model_name = model_name
+        self.accepts_images = accepts_images
+        self.image_limits = config.image_limits
         self.admission = admission
         self.tokenizer = tokenizer
         self.pool = pool
@@ -117,11 +124,16 @@ class GenerationServicer(pb_grpc.GenerationServicer):
             cfg = self.config
             try:
                 vr = validate(request, self.tokenizer, self.context_len, cfg.default_max_tokens,
-                              cfg.max_tokens_limit, cfg.max_prompt_tokens)
+                              cfg.max_tokens_limit, cfg.max_prompt_tokens,
+                              accepts_images=self.accepts_images, model_name=self.model_name,
+                              image_limits=self.image_limits)
             except InvalidRequestError as e:
                 code = grpc.StatusCode.OUT_OF_RANGE if e.out_of_range else \
                     grpc.StatusCode.INVALID_ARGUMENT
                 _reject(outcome, code, str(e), e.field)
+            if vr.images:  # no encode step in the flows yet: never serve an empty prompt
+                _reject(outcome, grpc.StatusCode.UNIMPLEMENTED,
+                        "image inputs are accepted but not served by this router yet")
             try:
                 ticket = self.admission.admit(len(vr.prompt_token_ids))
             except OverCapacityError as e:
@@ -276,9 +288,12 @@ class RouterServer:
                                   maximum_concurrent_rpcs=config.max_concurrent_rpcs)
         self.admission = Admission(config.max_concurrent_requests,
                                    config.max_queued_prompt_tokens)
+        model = config.served_model_name or served_model_name(config.model_path or
+                                                              default_model_path())
+        # The model's vision support is not known to the router yet: every image is refused.
         self.servicer = GenerationServicer(config, self.tokenizer, self.pool, self.placer,
                                            self.index, self.hasher, self.metrics, self.slo,
-                                           self.admission)
+                                           self.admission, model, accepts_images=False)
         add_generation_service(self.servicer, self.server)
         self.health = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
@@ -293,8 +308,6 @@ class RouterServer:
         self.address = f"{config.host}:{self.port}"
         self.http: HttpServer | None = None
         if config.http_port is not None:  # binds now, serves from start()
-            model = config.served_model_name or served_model_name(config.model_path or
-                                                                  default_model_path())
             self.http = HttpServer(self.servicer, model, config.host, config.http_port,
                                    config.max_message_bytes, config.max_concurrent_rpcs,
                                    http_security(config, self.api_keys))
