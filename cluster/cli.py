@@ -11,6 +11,7 @@ from scission.cluster import commands, planner_cli, pools_cli
 from scission.cluster.client import API_KEY_ENV
 from scission.registry.pools import PlannerMode
 from scission.router.config import RoutingPolicy
+from scission.router.images import SUPPORTED_IMAGE_FORMATS
 
 DESCRIPTION = """scission: a disaggregated LLM serving cluster.
 
@@ -96,7 +97,33 @@ def _cluster_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--routing-policy", default="kv-aware",
                    choices=[p.value for p in RoutingPolicy],
                    help="how the router picks the prefill worker (default kv-aware)")
+    _image_args(p)
     _elastic_args(p)
+
+
+def _image_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("images in chat requests (refused while the model is text-only)")
+    g.add_argument("--max-image-bytes", type=_positive_int, default=20 * 2**20, metavar="BYTES",
+                   help="largest image file, in bytes of the encoded file (default 20971520 = "
+                        "20 MiB); the whole request must also fit the router's 4 MiB gRPC "
+                        "message bound (HTTP: 4 MiB of body, base64 adds a third)")
+    g.add_argument("--max-images-per-request", type=_positive_int, default=8, metavar="N",
+                   help="images in one request, all messages together (default 8)")
+    g.add_argument("--max-image-pixels", type=_positive_int, default=4096 * 4096,
+                   metavar="PIXELS",
+                   help="largest width x height, in pixels, read from the header before "
+                        "anything is decoded (default 16777216 = 4096 x 4096)")
+    g.add_argument("--image-formats", type=_image_formats, default=("JPEG", "PNG", "WEBP"),
+                   metavar="LIST", help="accepted image formats, comma separated, among png, "
+                                        "jpeg and webp (default all three)")
+
+
+def _image_formats(value: str) -> tuple[str, ...]:
+    names = tuple(sorted({v.strip().upper() for v in value.split(",") if v.strip()}))
+    unknown = set(names) - SUPPORTED_IMAGE_FORMATS
+    if not names or unknown:
+        raise argparse.ArgumentTypeError(f"choose among png, jpeg, webp; got {value!r}")
+    return names
 
 
 def _positive_int(value: str) -> int:
@@ -160,6 +187,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--file", help="one prompt per line; all sent concurrently")
     gen.add_argument("--chat", action="store_true", help="apply the chat template (user turn)")
     gen.add_argument("--system", default=None, help="system message (with --chat)")
+    gen.add_argument("--image", action="append", default=[], metavar="PATH",
+                     help="image file (PNG, JPEG or WebP) sent after the prompt in the user "
+                          "message; repeatable; implies --chat (needs a vision-language model)")
     gen.add_argument("--router", default=None, help="router host:port (default: from `up`)")
     gen.add_argument("--json", action="store_true", help="print one JSON object per request")
     gen.add_argument("--timeout-s", type=float, default=600, help="per-request deadline")

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import io
+import mimetypes
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import NamedTuple
 
 import grpc
+from PIL import Image
 
 from scission.proto.scission.v1 import generation_pb2 as pb
 from scission.proto.scission.v1 import generation_pb2_grpc as pb_grpc
@@ -39,17 +43,39 @@ class GenerationResult:
         return asdict(self)
 
 
+def load_image(path: str) -> pb.Image:
+    """The file at ``path`` as an image part. Its MIME type is Pillow's sniffed format, else
+    the file suffix's, else empty; the router checks the bytes themselves.
+
+    Raises:
+        OSError: the file cannot be read (``FileNotFoundError`` when it does not exist).
+    """
+    with open(path, "rb") as f:
+        data = f.read()
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            mime = Image.MIME.get(img.format or "", "")
+    except (OSError, SyntaxError, ValueError):  # not an image Pillow knows: the router says
+        mime = ""
+    return pb.Image(data=data, mime_type=mime or mimetypes.guess_type(path)[0] or "")
+
+
 def make_request(prompt: str, chat: bool, max_tokens: int, temperature: float,
                  top_p: float = 1.0, top_k: int = 0, seed: int | None = None,
-                 stop: tuple[str, ...] = (), system: str | None = None) -> pb.GenerateRequest:
+                 stop: tuple[str, ...] = (), system: str | None = None,
+                 images: Sequence[pb.Image] = ()) -> pb.GenerateRequest:
+    """``images`` (chat only) follow ``prompt`` as parts of the one user message."""
     sp = pb.SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k,
                            max_tokens=max_tokens, stop=list(stop))
     if seed is not None:
         sp.seed = seed
     if not chat:
+        assert not images, "images go in chat input only"
         return pb.GenerateRequest(prompt=prompt, sampling=sp)
-    msgs = ([pb.ChatMessage(role="system", content=system)] if system else []) + [
-        pb.ChatMessage(role="user", content=prompt)]
+    user = pb.ChatMessage(role="user", content=prompt) if not images else pb.ChatMessage(
+        role="user", parts=[pb.ContentPart(text=prompt)] + [pb.ContentPart(image=im)
+                                                            for im in images])
+    msgs = ([pb.ChatMessage(role="system", content=system)] if system else []) + [user]
     return pb.GenerateRequest(chat=pb.ChatMessages(messages=msgs), sampling=sp)
 
 

@@ -11,7 +11,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-from scission.cluster.client import GenerationResult, connect, make_request
+from scission.cluster.client import GenerationResult, connect, load_image, make_request
 from scission.cluster.client import generate as run_one
 from scission.cluster.launcher import ClusterConfig, LocalCluster
 from scission.cluster.state import DEFAULT_STATE_FILE, ClusterState
@@ -71,6 +71,9 @@ def _router_config(args: argparse.Namespace) -> RouterConfig:
                         http_port=args.http_port,
                         max_concurrent_requests=args.max_concurrent_requests,
                         max_queued_prompt_tokens=args.max_queued_prompt_tokens,
+                        max_image_bytes=args.max_image_bytes,
+                        max_images_per_request=args.max_images_per_request,
+                        max_image_pixels=args.max_image_pixels, image_formats=args.image_formats,
                         placement=PlacementConfig(policy=RoutingPolicy(args.routing_policy)),
                         slo_ttft_ms=args.slo_ttft_ms, slo_tpot_ms=args.slo_tpot_ms)
 
@@ -159,9 +162,16 @@ def generate(args: argparse.Namespace) -> int:
         prompts = [args.prompt]
     else:
         return _fail("give a prompt or --file")
+    try:
+        images = [load_image(path) for path in args.image]
+    except FileNotFoundError as e:
+        return _fail(f"--image {e.filename}: no such file")
+    except OSError as e:
+        return _fail(f"--image {e.filename}: cannot read it ({e.strerror})")
     temperature = 0.0 if args.greedy else args.temperature
-    reqs = [make_request(p, args.chat, args.max_tokens, temperature, args.top_p, args.top_k,
-                         args.seed, tuple(args.stop), args.system) for p in prompts]
+    reqs = [make_request(p, args.chat or bool(images), args.max_tokens, temperature, args.top_p,
+                         args.top_k, args.seed, tuple(args.stop), args.system, images)
+            for p in prompts]
     stub = connect(address, args.tls_ca, os.environ.get(args.api_key_env) or None,
                    args.tls_cert, args.tls_key)
     stream = len(reqs) == 1 and not args.json
