@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -144,6 +145,22 @@ def vlm_architecture(hf_config: dict) -> str | None:
     return next((a for a in archs if a in VLM_ARCHITECTURES), None)
 
 
+def read_vlm_config(path: Path) -> tuple[dict, str]:
+    """(config dict with every field filled with transformers' defaults, model id) of a VLM
+    checkpoint directory. The model id is config.json's ``_name_or_path``, else the
+    directory's name; it names the model in ``ModelConfig`` and in image hashes alike."""
+    from transformers import AutoConfig
+
+    raw = json.loads((path / "config.json").read_text())
+    full = AutoConfig.from_pretrained(str(path), local_files_only=True).to_dict()
+    return full, raw.get("_name_or_path") or path.resolve().name
+
+
+def is_vlm_text_tensor(name: str) -> bool:
+    """Whether a VLM checkpoint tensor belongs to the text decoder (LM head included)."""
+    return name.removeprefix("model.").startswith(("language_model.", "text_model.", "lm_head."))
+
+
 def split_vlm_state(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor],
                                                               dict[str, torch.Tensor]]:
     """Split a LLaVA / Idefics3 checkpoint's tensors into (text, vision) state dicts.
@@ -166,11 +183,11 @@ def split_vlm_state(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Ten
     vision: dict[str, torch.Tensor] = {}
     for name, t in state.items():
         n = name.removeprefix("model.")
-        if n.startswith(("language_model.", "text_model.")):
+        if n.startswith("lm_head."):
+            text[n] = t
+        elif is_vlm_text_tensor(name):
             rest = n.split(".", 1)[1]
             text[rest if rest.startswith(("model.", "lm_head.")) else "model." + rest] = t
-        elif n.startswith("lm_head."):
-            text[n] = t
         elif n.startswith("vision_tower."):
             vision["vision_tower." + n.removeprefix("vision_tower.").removeprefix("vision_model.")] = t
         elif n.startswith(("multi_modal_projector.", "vision_model.", "connector.")):
@@ -180,20 +197,25 @@ def split_vlm_state(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Ten
     return text, vision
 
 
-def read_safetensors_dir(path: Path) -> dict[str, torch.Tensor]:
-    """Every tensor of ``path/*.safetensors``, float32 on CPU.
+def read_safetensors_dir(path: Path, keep: Callable[[str], bool] | None = None
+                         ) -> dict[str, torch.Tensor]:
+    """The tensors of ``path/*.safetensors`` whose name ``keep`` accepts (all if None),
+    float32 on CPU; the others are never read.
 
     Raises:
         FileNotFoundError: no ``*.safetensors`` file.
     """
-    from safetensors.torch import load_file
+    from safetensors import safe_open
 
     files = sorted(path.glob("*.safetensors"))
     if not files:
         raise FileNotFoundError(f"{path}: no *.safetensors files")
     state: dict[str, torch.Tensor] = {}
     for f in files:
-        state.update({k: v.float() for k, v in load_file(str(f)).items()})
+        with safe_open(str(f), framework="pt") as st:
+            for name in st.keys():
+                if keep is None or keep(name):
+                    state[name] = st.get_tensor(name).float()
     return state
 
 
@@ -202,8 +224,8 @@ def _load_safetensors_dir(path: Path) -> tuple[ModelConfig, dict[str, torch.Tens
     if not cfg_path.exists():
         raise FileNotFoundError(f"{path}: no config.json")
     hf = json.loads(cfg_path.read_text())
-    model_id = hf.get("_name_or_path") or path.name
     if vlm_architecture(hf) is not None:
+        hf, model_id = read_vlm_config(path)
         text_cfg = hf["text_config"]
         if text_cfg.get("model_type", "llama") not in _TEXT_MODEL_TYPES:
             raise ValueError(f"{path}: unsupported text model_type {text_cfg.get('model_type')!r}")
@@ -216,6 +238,7 @@ def _load_safetensors_dir(path: Path) -> tuple[ModelConfig, dict[str, torch.Tens
     ):
         raise ValueError(f"{path}: unsupported model_type {hf.get('model_type')!r}")
     state = read_safetensors_dir(path)
+    model_id = hf.get("_name_or_path") or path.name
     return _model_config(hf, state, model_id, hf.get("tie_word_embeddings")), state
 
 

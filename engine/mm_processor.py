@@ -105,7 +105,7 @@ class MultimodalProcessor:
         if model_id is None:
             cfg_path = os.path.join(path, "config.json")
             cfg = json.loads(open(cfg_path).read()) if os.path.isfile(cfg_path) else {}
-            model_id = cfg.get("_name_or_path") or os.path.basename(os.path.normpath(path))
+            model_id = cfg.get("_name_or_path") or os.path.basename(os.path.realpath(path))
         hf = AutoProcessor.from_pretrained(path, local_files_only=True)
         return cls(hf, model_id)
 

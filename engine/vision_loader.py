@@ -13,7 +13,13 @@ from pathlib import Path
 
 import torch
 
-from scission.engine.loader import read_safetensors_dir, split_vlm_state, vlm_architecture
+from scission.engine.loader import (
+    is_vlm_text_tensor,
+    read_safetensors_dir,
+    read_vlm_config,
+    split_vlm_state,
+    vlm_architecture,
+)
 from scission.engine.mm_processor import MultimodalProcessor
 from scission.engine.vision import VisionEncoder
 from scission.engine.vision_idefics3 import Idefics3VisionConfig, Idefics3VisionEncoder
@@ -56,14 +62,14 @@ def load_vision(path: str, dtype: torch.dtype = torch.float32
     cfg_path = Path(path) / "config.json"
     if not os.path.isdir(path) or not cfg_path.exists():
         return None
-    hf = json.loads(cfg_path.read_text())
-    if vlm_architecture(hf) is None:
+    if vlm_architecture(json.loads(cfg_path.read_text())) is None:
         return None
+    hf, model_id = read_vlm_config(Path(path))
     encoder = build_vision_encoder(hf, dtype)
-    _text, vision_state = split_vlm_state(read_safetensors_dir(Path(path)))
+    vision_only = read_safetensors_dir(Path(path), keep=lambda n: not is_vlm_text_tensor(n))
+    _text, vision_state = split_vlm_state(vision_only)
     encoder.load_hf_state_dict(vision_state)
     encoder.eval()
-    model_id = hf.get("_name_or_path") or Path(path).resolve().name
     processor = MultimodalProcessor.from_pretrained(path, model_id=model_id)
     model_image_token_id = hf.get("image_token_id", hf.get("image_token_index"))
     if model_image_token_id is not None and model_image_token_id != processor.image_token_id:
