@@ -286,3 +286,35 @@ def test_split_vlm_state_accepts_both_layouts():
 def test_load_vision_none_for_text_only(default_model_path):
     """The default (text-only, GGUF) model has no vision part."""
     assert load_vision(default_model_path) is None
+
+
+@pytest.mark.parametrize("layers,strategy", [([-1, 0], "full"), (-1, "default"), (1, "full")])
+def test_llava_feature_layers_and_strategy_match_hf(tiny_llava_dir, layers, strategy):
+    """Other ``vision_feature_layer`` (a list concatenates layers; 0 is the embeddings) and
+    ``vision_feature_select_strategy`` settings give HF's features (atol=rtol=1e-5); the
+    weights come from an in-memory model's state dict (transformers 5.x names)."""
+    from transformers import AutoConfig, LlavaForConditionalGeneration
+
+    from scission.engine.vision_loader import build_vision_encoder
+
+    config = AutoConfig.from_pretrained(tiny_llava_dir)
+    config.vision_feature_layer, config.vision_feature_select_strategy = layers, strategy
+    torch.manual_seed(1)
+    hf = LlavaForConditionalGeneration(config).eval()
+    encoder = build_vision_encoder(config.to_dict())
+    encoder.load_hf_state_dict(split_vlm_state(hf.state_dict())[1])
+    pixel_values = torch.randn(1, 3, 30, 30)
+    with torch.no_grad():
+        ref = hf.get_image_features(pixel_values=pixel_values).pooler_output[0]
+    ours = encoder.encode(pixel_values)
+    assert ours.shape == (25 + (strategy == "full"), 64)
+    torch.testing.assert_close(ours, ref, atol=ATOL, rtol=RTOL)
+
+
+def test_bfloat16_encoder_close_to_float32(vlm):
+    """A bfloat16 encoder returns bfloat16 rows within bf16 rounding of the float32 ones."""
+    enc16, _ = load_vision(vlm.path, torch.bfloat16)
+    pixel_values = vlm.processor.process_image(ALL_BYTES[0]).pixel_values
+    ref, ours = vlm.encoder.encode(pixel_values), enc16.encode(pixel_values)
+    assert ours.dtype == torch.bfloat16
+    torch.testing.assert_close(ours.float(), ref, atol=2e-2 * ref.abs().max().item(), rtol=0)
