@@ -57,6 +57,10 @@ def _servicer_factory(role: WorkerRole):
         from scission.decode_worker.servicer import DecodeServicer
 
         return DecodeServicer
+    if role == WorkerRole.ENCODE:
+        from scission.encode_worker.servicer import EncodeServicer
+
+        return EncodeServicer
     raise ValueError(f"no servicer for role {role}")
 
 

@@ -24,8 +24,10 @@ from scission.kv_transfer.handle import (
     TransferHandle,
 )
 from scission.proto.scission.internal.v1 import worker_pb2 as pb
-from scission.registry.workers import WorkerInfo
+from scission.registry.workers import WorkerInfo, WorkerRole
 from scission.worker.convert import sampling_from_proto
+from scission.worker.embedding_pull import image_inputs
+from scission.worker.encode_service import encode_rpc
 from scission.worker.runtime import BaseWorkerServicer, WorkerRuntime
 from scission.worker.stream import stream_request
 
@@ -42,10 +44,11 @@ class DecodeServicer(BaseWorkerServicer):
         rid, prompt = request.request_id, list(request.prompt_token_ids)
         params = self._params(request.sampling, context)
         outputs = list(request.output_token_ids)
+        mm = image_inputs(self.runtime, request.images, prompt, True, context)
         if outputs:  # migrated here: recompute prompt + what was already streamed
-            add = lambda: self.engine.add_recompute_request(rid, prompt, outputs, params)  # noqa: E731
+            add = lambda: self.engine.add_recompute_request(rid, prompt, outputs, params, mm)  # noqa: E731
         else:
-            add = lambda: self.engine.add_request(rid, prompt, params)  # noqa: E731
+            add = lambda: self.engine.add_request(rid, prompt, params, mm_inputs=mm)  # noqa: E731
         yield from stream_request(self.loop, rid, add, context,
                                   self.runtime.config.request_timeout_s)
 
@@ -59,18 +62,27 @@ class DecodeServicer(BaseWorkerServicer):
         if handle.num_tokens != len(prompt) or handle.block_size != self.engine.kv_cache.block_size:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                           "transfer_handle: num_tokens/block_size do not match this request")
+        mm = image_inputs(self.runtime, request.images, prompt, False, context)
         blocks = self._reserve(rid, len(prompt), context)
         pulled = self._pull(handle, blocks)
         first = request.first_token_id
         if pulled:
-            add = lambda: self.engine.add_prefilled_request(rid, prompt, first, params, blocks)  # noqa: E731
+            add = lambda: self.engine.add_prefilled_request(rid, prompt, first, params, blocks,  # noqa: E731
+                                                            mm_inputs=mm)
         else:
             self.loop.call(lambda: self.engine.free_reserved(rid, blocks))
-            if not self.runtime.config.kv_pull_failure_recompute:
+            # An image request's embeddings were released after the prefill pulled them:
+            # recomputing here would need them again, so the router re-runs it instead.
+            if mm or not self.runtime.config.kv_pull_failure_recompute:
                 context.abort(grpc.StatusCode.UNAVAILABLE, f"KV pull for {rid} failed")
             add = lambda: self.engine.add_recompute_request(rid, prompt, [first], params)  # noqa: E731
         yield from stream_request(self.loop, rid, add, context,
                                   self.runtime.config.request_timeout_s)
+
+    def Encode(self, request: pb.EncodeRequest, context) -> pb.EncodeResponse:
+        if self.runtime.role is WorkerRole.DECODE:
+            context.abort(grpc.StatusCode.UNIMPLEMENTED, "decode worker: no Encode")
+        return encode_rpc(self.runtime, request, context)
 
     # -- helpers -----------------------------------------------------------------------
     def _params(self, m: pb.SamplingParams, context):

@@ -36,6 +36,7 @@ from scission.engine.request import FinishReason, Request, RequestStatus, Sampli
 from scission.engine.scheduler import Scheduler
 from scission.engine.step_metrics import StepRecorder, StepShape
 from scission.engine.tokenizer import Tokenizer, default_model_path, load_tokenizer
+from scission.engine.vision_loader import load_vision
 
 logger = logging.getLogger(__name__)
 
@@ -80,6 +81,9 @@ class LLMEngine:
             self.model_config = model_cfg
             logger.info("int4 weight-only quantization: decode reads %.0f MB of linear weights",
                         read_bytes / 1e6)
+        # Vision-language checkpoints: the vision tower + connector and the HF processor.
+        vision = load_vision(self.model_path, config.torch_dtype)
+        self.vision_encoder, self.mm_processor = vision if vision is not None else (None, None)
         self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(self.model_path)
         self.eos_token_ids = frozenset(self.tokenizer.eos_token_ids) | set(model_cfg.eos_token_ids)
         self.max_model_len = model_cfg.max_position_embeddings

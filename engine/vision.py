@@ -142,6 +142,10 @@ class VisionEncoder(nn.Module):
         """``[num_embeddings, text_hidden_size]``, ``self.dtype``, on the module's device."""
         raise NotImplementedError
 
+    def encode_batch(self, pixel_values: list[torch.Tensor]) -> list[torch.Tensor]:
+        """``encode`` of several images; families override it to run one forward pass."""
+        return [self.encode(p) for p in pixel_values]
+
     def load_hf_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         """Copy vision-relative HF-named weights in (``engine.loader.split_vlm_state``).
 

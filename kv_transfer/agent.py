@@ -36,6 +36,11 @@ from scission.kv_transfer.descriptors import (
     run_descriptors,
     validate_block_ids,
 )
+from scission.kv_transfer.embeddings import (
+    EmbeddingLayout,
+    describe_embedding_pages,
+    plan_page_read,
+)
 from scission.kv_transfer.handle import KVLayoutDescriptor
 from scission.kv_transfer.nixl_progress import DEFAULT_PROGRESS_TIMEOUT_MS, new_nixl_agent
 from scission.kv_transfer.ucx import configure_ucx_env
@@ -59,6 +64,7 @@ _POLL_MAX_SLEEP_S = 1e-3
 class _Peer(NamedTuple):
     metadata: bytes  # NIXL agent metadata as loaded
     layout: KVLayoutDescriptor
+    embedding_layout: EmbeddingLayout | None = None  # its image embedding pages, if any
 
 
 class KVTransferError(RuntimeError):
@@ -87,18 +93,27 @@ class KVTransferAgent:
             until ``close()``.
         progress_timeout_ms: longest NIXL's UCX progress thread sleeps between events
             (see ``nixl_progress``); 0 = NIXL's default busy polling, which costs a core.
+        embedding_pages: optional image embedding pages ``[num_pages, page_tokens, hidden]``
+            (CPU, contiguous), registered too (``kv_transfer.embeddings``).
     """
 
     def __init__(self, name: str, kv_caches: Sequence[tuple[torch.Tensor, torch.Tensor]],
-                 progress_timeout_ms: int = DEFAULT_PROGRESS_TIMEOUT_MS):
+                 progress_timeout_ms: int = DEFAULT_PROGRESS_TIMEOUT_MS,
+                 embedding_pages: torch.Tensor | None = None):
         configure_ucx_env()
         self._name = name
         self._layout = describe_kv_caches(name, kv_caches)
         self._kv_caches = list(kv_caches)  # keeps the registered memory alive
+        self._embedding_pages = embedding_pages
+        self._embedding_layout = (None if embedding_pages is None
+                                  else describe_embedding_pages(name, embedding_pages))
         self._lock = threading.Lock()
         self._peers: dict[str, _Peer] = {}  # agent name -> loaded incarnation
         self._closed = False
         regions = registration_regions(kv_caches)
+        if embedding_pages is not None:
+            regions.append((embedding_pages.data_ptr(),
+                            embedding_pages.numel() * embedding_pages.element_size()))
         try:
             self._agent = new_nixl_agent(name, _BACKEND, progress_timeout_ms)
         except _NIXL_ERRORS as e:
@@ -110,12 +125,9 @@ class KVTransferAgent:
             self._reg_descs = self._agent.register_memory(rows, _MEM_TYPE, backends=[_BACKEND])
         except _NIXL_ERRORS as e:
             raise KVTransferError(f"registering KV memory of {name!r} failed: {e!r}") from e
-        total_bytes = sum(size for _, size in regions)
-        logger.info(
-            "NIXL agent %s registered %d region(s), %d bytes: %d layers x %d blocks of %d bytes",
-            name, len(regions), total_bytes, self._layout.num_layers,
-            self._layout.num_blocks, self._layout.bytes_per_block,
-        )  # fmt: skip
+        logger.info("NIXL agent %s registered %d region(s), %d bytes: %d layers x %d blocks "
+                    "of %d bytes", name, len(regions), sum(size for _, size in regions),
+                    self._layout.num_layers, self._layout.num_blocks, self._layout.bytes_per_block)
 
     # -- identity ------------------------------------------------------------------
 
@@ -133,9 +145,14 @@ class KVTransferAgent:
         """Layout of the registered cache, published next to ``metadata()``."""
         return self._layout
 
+    def embedding_layout(self) -> EmbeddingLayout | None:
+        """Layout of the registered embedding pages (None without them)."""
+        return self._embedding_layout
+
     # -- peers ---------------------------------------------------------------------
 
-    def add_peer(self, agent_name: str, metadata: bytes, layout: KVLayoutDescriptor) -> None:
+    def add_peer(self, agent_name: str, metadata: bytes, layout: KVLayoutDescriptor,
+                 embedding_layout: EmbeddingLayout | None = None) -> None:
         """Load a peer's NIXL metadata (replacing any previous incarnation's).
 
         Raises:
@@ -146,7 +163,7 @@ class KVTransferAgent:
         if layout.agent_name != agent_name:
             raise ValueError(f"layout is for {layout.agent_name!r}, not {agent_name!r}")
         self._layout.check_compatible(layout)
-        peer = _Peer(metadata=bytes(metadata), layout=layout)
+        peer = _Peer(bytes(metadata), layout, embedding_layout)
         with self._lock:
             self._check_open()
             stale = self._peers.pop(agent_name, None)
@@ -205,6 +222,27 @@ class KVTransferAgent:
         if timeout_s <= 0:
             raise ValueError(f"timeout_s must be > 0, got {timeout_s}")
         local_descs, remote_descs = self._plan_read(peer_name, remote_block_ids, local_block_ids)
+        self._read(peer_name, local_descs, remote_descs, notify_msg, timeout_s)
+
+    def read_pages(self, peer_name: str, remote_page_ids: Sequence[int],
+                   local_page_ids: Sequence[int], notify_msg: bytes,
+                   timeout_s: float = 10.0) -> None:
+        """READ a peer's embedding pages: ``remote_page_ids[i]`` lands in our
+        ``local_page_ids[i]``. As ``read_blocks`` (ValueError for bad page ids or
+        incompatible layouts; KVTransferError also when a side has no embedding pages)."""
+        if timeout_s <= 0:
+            raise ValueError(f"timeout_s must be > 0, got {timeout_s}")
+        with self._lock:
+            peer = self._peers.get(peer_name)
+        if peer is None or peer.embedding_layout is None or self._embedding_layout is None:
+            raise KVTransferError(f"no embedding pages to read from {peer_name!r} into "
+                                  f"{self._name!r} (unknown peer, or pages not registered)")
+        local_descs, remote_descs = plan_page_read(self._embedding_layout, peer.embedding_layout,
+                                                   remote_page_ids, local_page_ids)
+        self._read(peer_name, local_descs, remote_descs, notify_msg, timeout_s)
+
+    def _read(self, peer_name: str, local_descs: np.ndarray, remote_descs: np.ndarray,
+              notify_msg: bytes, timeout_s: float) -> None:
         if len(local_descs) == 0:
             if notify_msg:
                 self.send_notification(peer_name, notify_msg)
@@ -217,11 +255,9 @@ class KVTransferAgent:
             self._release(handle)
         duration_s = time.monotonic() - start_s
         num_bytes = int(local_descs[:, 1].sum())
-        logger.debug(
-            "READ %d blocks (%d descriptors, %d bytes) from %s in %.3f ms (%.2f GB/s)",
-            len(local_block_ids), len(local_descs), num_bytes, peer_name, duration_s * 1e3,
-            num_bytes / max(duration_s, 1e-9) / 1e9,
-        )  # fmt: skip
+        logger.debug("READ %d descriptors, %d bytes from %s in %.3f ms (%.2f GB/s)",
+                     len(local_descs), num_bytes, peer_name, duration_s * 1e3,
+                     num_bytes / max(duration_s, 1e-9) / 1e9)
 
     def send_notification(self, peer_name: str, msg: bytes) -> None:
         """Send a standalone NIXL notification (e.g. a ``PULL_ABORTED``) to a peer."""
@@ -260,6 +296,7 @@ class KVTransferAgent:
                 logger.warning("NIXL agent %s: deregistering memory failed: %r", self._name, e)
             del self._agent  # the bound C++ agent (and its UCX worker) goes with it
             self._kv_caches.clear()
+            self._embedding_pages = None
         logger.info("NIXL agent %s closed", self._name)
 
     def __enter__(self) -> KVTransferAgent:

@@ -17,6 +17,7 @@ from scission.engine.request import InvalidRequestError
 from scission.kv_transfer.handle import KVNotification, TransferHandle
 from scission.proto.scission.internal.v1 import worker_pb2 as pb
 from scission.worker.convert import sampling_from_proto
+from scission.worker.embedding_pull import image_inputs
 from scission.worker.runtime import BaseWorkerServicer, WorkerRuntime
 
 logger = logging.getLogger(__name__)
@@ -40,9 +41,11 @@ class PrefillServicer(BaseWorkerServicer):
             params = sampling_from_proto(request.sampling)
         except InvalidRequestError as e:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        mm = image_inputs(self.runtime, request.images, prompt, True, context)
         q = self.loop.open_stream(rid)
         try:
-            self.loop.call(lambda: self.engine.add_request(rid, prompt, params, hold_kv=True))
+            self.loop.call(lambda: self.engine.add_request(rid, prompt, params, hold_kv=True,
+                                                           mm_inputs=mm))
         except ValueError as e:
             self.loop.close_stream(rid)
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
@@ -66,7 +69,8 @@ class PrefillServicer(BaseWorkerServicer):
 
     def Release(self, request: pb.ReleaseRequest, context) -> pb.ReleaseResponse:
         rid = request.request_id
-        return pb.ReleaseResponse(released=self.loop.call(lambda: self._release(rid)))
+        unpinned = self.runtime.release_pins(request.embedding_pin_ids)
+        return pb.ReleaseResponse(released=self.loop.call(lambda: self._release(rid)) or unpinned)
 
     # -- loop-thread helpers ---------------------------------------------------------
     def _pin(self, rid: str) -> list[int] | None:
@@ -88,7 +92,7 @@ class PrefillServicer(BaseWorkerServicer):
         )
 
     def _release_pulled(self) -> None:
-        for _peer, msg in self.runtime.agent.poll_notifications():
+        for _peer, msg in self.runtime.poll_notifications():
             try:
                 note = KVNotification.from_bytes(msg)
             except ValueError as e:

@@ -46,22 +46,25 @@ from scission.registry.workers import RegistryConfig
 logger = logging.getLogger(__name__)
 
 KV_DIR = "kv"
+# The global embedding index: the same schema under ``{prefix}/emb/``, one key per image an
+# encoder's embedding cache holds (``worker.embedding_cache.index_key``: 64 bits of the hash).
+EMBEDDING_DIR = "emb"
 HASH_HEX_DIGITS = 16
 
 
-def kv_prefix(prefix: str) -> str:
+def kv_prefix(prefix: str, index_dir: str = KV_DIR) -> str:
     """``{prefix}/kv/``: every worker's index keys."""
-    return f"{prefix}/{KV_DIR}/"
+    return f"{prefix}/{index_dir}/"
 
 
-def worker_kv_prefix(prefix: str, worker_id: str) -> str:
+def worker_kv_prefix(prefix: str, worker_id: str, index_dir: str = KV_DIR) -> str:
     """``{prefix}/kv/{worker_id}/``: one worker's index keys."""
-    return f"{kv_prefix(prefix)}{worker_id}/"
+    return f"{kv_prefix(prefix, index_dir)}{worker_id}/"
 
 
-def kv_key(prefix: str, worker_id: str, block_hash: int) -> str:
+def kv_key(prefix: str, worker_id: str, block_hash: int, index_dir: str = KV_DIR) -> str:
     """``{prefix}/kv/{worker_id}/{block_hash:016x}``."""
-    return f"{worker_kv_prefix(prefix, worker_id)}{block_hash:0{HASH_HEX_DIGITS}x}"
+    return f"{worker_kv_prefix(prefix, worker_id, index_dir)}{block_hash:0{HASH_HEX_DIGITS}x}"
 
 
 def parse_kv_key(all_kv_prefix: str, key: str) -> tuple[str, int] | None:
@@ -126,9 +129,12 @@ class KVEventPublisher:
     """
 
     def __init__(self, client: etcd3.MultiEndpointEtcd3Client, registry: RegistryConfig,
-                 worker_id: str, config: KVIndexConfig | None = None) -> None:
+                 worker_id: str, config: KVIndexConfig | None = None,
+                 index_dir: str = KV_DIR) -> None:
+        """``index_dir``: ``KV_DIR`` (KV blocks) or ``EMBEDDING_DIR`` (cached images)."""
         self._client = client
         self._prefix = registry.prefix
+        self._dir = index_dir
         self.worker_id = worker_id
         self.config = config if config is not None else KVIndexConfig()
         self._lock = threading.Lock()  # guards the state below
@@ -254,8 +260,9 @@ class KVEventPublisher:
         return batch
 
     def _write_batch(self, lease: int, generation: int, batch: list[tuple[int, bool]]) -> int:
-        ops = [etcd3.transactions.Put(kv_key(self._prefix, self.worker_id, h), b"", lease=lease)
-               if put else etcd3.transactions.Delete(kv_key(self._prefix, self.worker_id, h))
+        key = lambda h: kv_key(self._prefix, self.worker_id, h, self._dir)  # noqa: E731
+        ops = [etcd3.transactions.Put(key(h), b"", lease=lease)
+               if put else etcd3.transactions.Delete(key(h))
                for h, put in batch]
         try:
             self._client.transaction(compare=[], success=ops, failure=[])
@@ -275,7 +282,7 @@ class KVEventPublisher:
         return len(ops)
 
     def _write_range_delete(self, lease: int, generation: int) -> int:
-        prefix = worker_kv_prefix(self._prefix, self.worker_id).encode()
+        prefix = worker_kv_prefix(self._prefix, self.worker_id, self._dir).encode()
         op = etcd3.transactions.Delete(prefix, range_end=prefix_range_end(prefix))
         try:
             self._client.transaction(compare=[], success=[op], failure=[])

@@ -21,7 +21,7 @@ from etcd3.etcdrpc import kv_pb2
 from etcd3.utils import prefix_range_end
 
 from scission.registry.etcd_watch import WatchLoop
-from scission.registry.kv_index import kv_prefix, parse_kv_key
+from scission.registry.kv_index import KV_DIR, kv_prefix, parse_kv_key
 from scission.registry.workers import RegistryConfig
 
 logger = logging.getLogger(__name__)
@@ -52,15 +52,16 @@ class KVIndexWatcher:
     """Feeds ``sink`` from etcd (module docstring). Counters are totals since ``start``."""
 
     def __init__(self, client: etcd3.MultiEndpointEtcd3Client, registry: RegistryConfig,
-                 sink: KVIndexSink, page_size: int = 10_000) -> None:
+                 sink: KVIndexSink, page_size: int = 10_000, index_dir: str = KV_DIR) -> None:
+        """``index_dir``: ``KV_DIR`` (KV blocks) or ``EMBEDDING_DIR`` (cached images)."""
         assert page_size >= 1, "page_size must be >= 1"
         self._client = client
         self._workers_prefix = registry.workers_prefix
-        self._kv_prefix = kv_prefix(registry.prefix)
+        self._kv_prefix = kv_prefix(registry.prefix, index_dir)
         self._sink = sink
         self._page_size = page_size
         self._loop = WatchLoop(client, (self._workers_prefix, self._kv_prefix), self._resync,
-                               self._apply, registry.retry_interval_s, "kv-index")
+                               self._apply, registry.retry_interval_s, f"{index_dir}-index")
         self._lock = threading.Lock()  # guards the lag probe's state
         self._probe_head = 0  # etcd head revision at the previous probe
         self.lag_revisions = 0  # head at the previous probe - revision applied now (>= 0)

@@ -62,6 +62,10 @@ class WorkerInfo(Record):
     # Wall clock when it began serving ``role``: its start, or its last role flip. 0 = not
     # recorded (a record from before this field): read it as ``started_at_s``.
     role_since_s: float = 0.0
+    # Image embedding pages (msgpack ``kv_transfer.embeddings.EmbeddingLayout``) on workers
+    # of a vision-language model; b"" for text-only models.
+    embedding_layout: bytes = b""
+    accepts_images: bool = False  # the worker's model has a vision encoder
 
     def __post_init__(self) -> None:
         if not self.worker_id or "/" in self.worker_id:
@@ -90,6 +94,7 @@ class WorkerStatsRecord(Record):
     # num_prefill_tokens, num_decode_requests, num_context_tokens, step_ms]
     # (num_context_tokens = sum of the decode rows' context lengths).
     steps: list[list[float]] = dataclasses.field(default_factory=list)
+    num_encode_waiting: int = 0  # images queued or being encoded (encode load)
 
     def __post_init__(self) -> None:
         counts = (self.num_free_blocks, self.num_running, self.num_waiting)

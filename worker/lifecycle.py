@@ -86,6 +86,9 @@ class RoleServicer(pb_grpc.WorkerServicer):
     def Generate(self, request, context):
         return self._stream("Generate", request, context)
 
+    def Encode(self, request, context):
+        return self._unary("Encode", request, context)
+
     def Abort(self, request, context):
         return self.current.Abort(request, context)
 

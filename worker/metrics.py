@@ -68,7 +68,8 @@ def stats_record(stats: pb.WorkerStats, steps: list[StepSample],
         updated_at_s=time.time() if now_s is None else now_s, kv_usage=stats.kv_usage,
         num_steps_total=stats.num_steps_total,
         step_ms_mean=sum(s.step_ms for s in steps) / len(steps) if steps else 0.0,
-        steps=[s.as_row() for s in (steps if recent is None else recent)[-MAX_PUBLISHED_STEPS:]])
+        steps=[s.as_row() for s in (steps if recent is None else recent)[-MAX_PUBLISHED_STEPS:]],
+        num_encode_waiting=stats.num_encode_waiting)
 
 
 class _WorkerCollector(Collector):

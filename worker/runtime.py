@@ -23,7 +23,7 @@ from scission.engine.llm_engine import LLMEngine
 from scission.proto.scission.internal.v1 import worker_pb2 as pb
 from scission.proto.scission.internal.v1 import worker_pb2_grpc as pb_grpc
 from scission.registry.directory import WorkerDirectory
-from scission.registry.kv_index import KVEventPublisher, KVIndexConfig
+from scission.registry.kv_index import EMBEDDING_DIR, KVEventPublisher, KVIndexConfig
 from scission.registry.workers import (
     EtcdClientConfig,
     RegistryConfig,
@@ -33,6 +33,11 @@ from scission.registry.workers import (
     connect,
 )
 from scission.worker import lifecycle
+from scission.worker.encode_service import (
+    encode_rpc,
+    make_encode_service,
+    parse_embedding_notification,
+)
 from scission.worker.lifecycle import DrainResult, RoleServicer
 from scission.worker.metrics import MAX_PUBLISHED_STEPS, WorkerMetrics, stats_record
 from scission.worker.ports import advertised_host
@@ -65,6 +70,10 @@ class WorkerConfig:
     request_timeout_s: float = 600.0
     grpc_max_workers: int = 128
     metrics_port: int | None = None  # Prometheus /metrics on ``host`` (0 = any free); None = off
+    # Vision-language models: the image embedding cache (pages registered with NIXL).
+    embedding_cache_bytes: int = 128 * 1024**2
+    embedding_page_tokens: int = 64  # embedding rows per page
+    max_encode_batch_images: int = 8  # images per vision-tower forward pass
 
     def __post_init__(self) -> None:
         if self.lease_ttl_s < 1 or self.hold_timeout_s <= 0 or self.stats_interval_s <= 0 \
@@ -88,8 +97,10 @@ class WorkerRuntime:
         self._servicer_for = servicer_for
         self.engine = LLMEngine(config.engine)
         self.loop = EngineLoop(self.engine)
+        self.encode_service = make_encode_service(self.engine, config)
+        pages = None if self.encode_service is None else self.encode_service.cache.pages
         self.agent = KVTransferAgent(f"{config.worker_id}:{uuid.uuid4().hex[:8]}",
-                                     self.engine.kv_cache.layers)
+                                     self.engine.kv_cache.layers, embedding_pages=pages)
         self.etcd = connect(config.etcd)
         self.directory = WorkerDirectory(self.etcd, config.registry)
         self.registration = WorkerRegistration(self.etcd, config.registry,
@@ -97,6 +108,8 @@ class WorkerRuntime:
         self.kv_publisher = KVEventPublisher(self.etcd, config.registry, config.worker_id,
                                              config.kv_index)
         self.loop.add_hook(self._drain_kv_events)
+        self.embedding_publisher = None if self.encode_service is None else KVEventPublisher(
+            self.etcd, config.registry, config.worker_id, config.kv_index, EMBEDDING_DIR)
         self.server = grpc.server(futures.ThreadPoolExecutor(config.grpc_max_workers))
         self.role_servicer = RoleServicer(servicer_for(self.role)(self))
         pb_grpc.add_WorkerServicer_to_server(self.role_servicer, self.server)
@@ -119,6 +132,8 @@ class WorkerRuntime:
         self._started_at_s = self.role_since_s = time.time()
         self.register()
         self.kv_publisher.start()
+        if self.embedding_publisher is not None:
+            self.embedding_publisher.start()
         self.health.set("", health_pb2.HealthCheckResponse.SERVING)
         threading.Thread(target=self._publish_stats, name="stats", daemon=True).start()
         logger.info("worker %s (%s) serving on %s, incarnation %d", self.config.worker_id,
@@ -134,15 +149,18 @@ class WorkerRuntime:
         """Register as ``self.role`` under a new lease (start, and after a role flip); the KV
         index is published under it. Raises etcd errors."""
         eng = self.engine
+        emb_layout = self.agent.embedding_layout()
         info = WorkerInfo(
             worker_id=self.config.worker_id, role=self.role, endpoint=self.endpoint,
             agent_name=self.agent.name, agent_metadata=self.agent.metadata(),
             kv_layout=self.agent.layout().to_bytes(), num_blocks=eng.kv_cache.num_blocks,
             block_size=eng.kv_cache.block_size, model_id=eng.model_config.model_id,
             started_at_s=self._started_at_s, role_since_s=self.role_since_s,
+            embedding_layout=b"" if emb_layout is None else emb_layout.to_bytes(),
+            accepts_images=self.encode_service is not None,
         )
         self.info = self.registration.register(info, self.config.lease_ttl_s)
-        self.kv_publisher.set_lease(self.info.incarnation)
+        self._set_index_lease(self.info.incarnation)
         return self.info
 
     def drain(self, deadline_s: float) -> DrainResult:
@@ -157,6 +175,9 @@ class WorkerRuntime:
         self._stop.set()
         self.health.enter_graceful_shutdown()
         self.kv_publisher.close()  # revoking the lease below removes the index keys
+        if self.embedding_publisher is not None:
+            self.embedding_publisher.close()
+            self.encode_service.close()
         logger.info("KV index publisher of %s: %s", self.config.worker_id,
                     self.kv_publisher.counters)
         self.registration.deregister()
@@ -169,6 +190,8 @@ class WorkerRuntime:
     def stats(self) -> pb.WorkerStats:
         eng, sched = self.engine, self.engine.scheduler
         steps, last = eng.step_metrics.totals, eng.step_metrics.last
+        enc = self.encode_service
+        num_pages, num_free_pages = (0, 0) if enc is None else enc.page_counts()
         return pb.WorkerStats(
             worker_id=self.config.worker_id, role=self.role.value,
             num_blocks=eng.kv_cache.num_blocks, num_free_blocks=eng.num_free_blocks,
@@ -181,17 +204,49 @@ class WorkerRuntime:
             last_step_ms=last.step_ms if last else 0.0,
             last_num_decode_requests=last.num_decode_requests if last else 0,
             last_num_prefill_tokens=last.num_prefill_tokens if last else 0,
+            num_encode_waiting=0 if enc is None else enc.num_waiting,
+            num_images_encoded_total=0 if enc is None else enc.num_encoded,
+            num_embedding_cache_hits_total=0 if enc is None else enc.cache.num_hits,
+            num_embedding_pages=num_pages, num_free_embedding_pages=num_free_pages,
         )
 
     def _drain_kv_events(self) -> None:
-        """Engine-loop hook: hand this step's KV events to the publisher (no I/O here)."""
+        """Engine-loop hook: hand this step's KV (and embedding-cache) events to the
+        publishers (no I/O here); unpin embeddings whose hold timed out."""
         self.kv_publisher.submit(self.engine.take_kv_events())
+        if self.encode_service is not None:
+            self.embedding_publisher.submit(self.encode_service.take_events())
+            self.encode_service.expire(self.config.hold_timeout_s)
+
+    def poll_notifications(self) -> list[tuple[str, bytes]]:
+        """NIXL notifications; embedding ones (a reader done with pinned pages) are handled
+        here, the rest (KV) returned for the role servicer. Call from the engine loop."""
+        rest = []
+        for peer, msg in self.agent.poll_notifications():
+            note = parse_embedding_notification(msg)
+            if note is None or self.encode_service is None:
+                rest.append((peer, msg))
+            else:
+                self.encode_service.on_notification(note, self.info.incarnation if self.info
+                                                    else -1)
+        return rest
+
+    def release_pins(self, pin_ids) -> bool:
+        """End embedding pins (cancellation); True if any was held."""
+        if self.encode_service is None:
+            return False
+        return any([self.encode_service.unpin(p) for p in pin_ids])
+
+    def _set_index_lease(self, lease_id: int) -> None:
+        self.kv_publisher.set_lease(lease_id)
+        if self.embedding_publisher is not None:
+            self.embedding_publisher.set_lease(lease_id)
 
     def _on_new_incarnation(self, info: WorkerInfo) -> None:
         """The lease was lost and re-granted: new transfer handles carry the new incarnation
         and the KV index is re-published under the new lease (the old keys died with it)."""
         self.info = info
-        self.kv_publisher.set_lease(info.incarnation)
+        self._set_index_lease(info.incarnation)
 
     def _publish_stats(self) -> None:
         cursor = 0  # engine steps already published (advanced only once a put succeeds)
@@ -221,3 +276,7 @@ class BaseWorkerServicer(pb_grpc.WorkerServicer):
 
     def GetStats(self, request: pb.StatsRequest, context) -> pb.WorkerStats:
         return self.runtime.stats()
+
+    def Encode(self, request: pb.EncodeRequest, context) -> pb.EncodeResponse:
+        """Encode, prefill and colocated roles (decode overrides it: UNIMPLEMENTED)."""
+        return encode_rpc(self.runtime, request, context)
