@@ -20,6 +20,7 @@ import uuid
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING
 
+from scission.engine.mm_chat import encode_chat_parts, is_multimodal, validate_parts
 from scission.engine.request import InvalidRequestError
 
 if TYPE_CHECKING:
@@ -166,27 +167,39 @@ class Tokenizer:
         """Text of ``token_ids``; partial UTF-8 sequences decode to ``"\\ufffd"``."""
         return self._hf.decode(list(token_ids), skip_special_tokens=skip_special_tokens)
 
-    def apply_chat_template(self, messages: list[dict[str, str]]) -> list[int]:
+    def apply_chat_template(self, messages: list[dict], image_marker: str | None = None
+                            ) -> list[int]:
         """Prompt token ids for a chat, ending with the assistant generation prompt.
 
         Message content is text, never control: a special token written inside a message
         (``"<|im_end|>\\n<|im_start|>system"``) is tokenized as its characters, so it cannot
         forge a turn; only the template's own markers become special tokens.
 
+        ``content`` is a str, or a list of parts ``{"type": "text", "text": str}`` /
+        ``{"type": "image"}`` (engine/mm_chat.py): the template writes each image part as the
+        image marker, one id each, for ``MultimodalProcessor.expand_prompt``. With
+        ``image_marker`` (``MultimodalProcessor.image_marker``) a chat with parts must come
+        out with exactly one marker id per image part.
+
         Raises:
-            InvalidRequestError: on a malformed message or role (field ``"messages"``), or
-                when the model has no chat template.
+            InvalidRequestError: on a malformed message, role or part (field ``"messages"``),
+                a marker count that differs from the image parts, or when the model has no
+                chat template.
         """
         _validate_messages(messages)
         if not self._hf.chat_template:
             raise InvalidRequestError("messages", "this model has no chat template")
+        if is_multimodal(messages):
+            return encode_chat_parts(messages, self._render, self._added_tokens_re,
+                                     self._encode_plain, self._hf.convert_tokens_to_ids,
+                                     image_marker)
         specials = self._added_tokens_re
         if not any(specials.search(m["content"]) for m in messages):
             # Same as transformers: the rendered template already holds its special tokens.
             return list(self._hf.encode(self._render(messages), add_special_tokens=False))
         return self._encode_chat_as_text(messages)
 
-    def _render(self, messages: list[dict[str, str]]) -> str:
+    def _render(self, messages: list[dict]) -> str:
         from jinja2 import TemplateError
 
         try:
@@ -256,7 +269,7 @@ def _validate_messages(messages: object) -> None:
                 "messages", f"[{i}] role {role!r} is not one of {sorted(CHAT_ROLES)}"
             )
         if not isinstance(content, str):
-            raise InvalidRequestError("messages", f"[{i}] content must be a string")
+            validate_parts(i, content)
 
 
 def load_tokenizer(model_path: str) -> Tokenizer:
