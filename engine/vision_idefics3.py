@@ -147,6 +147,43 @@ class Idefics3VisionEncoder(VisionEncoder):
         Raises:
             ValueError: wrong shape, or no real tile.
         """
+        x, patch_mask = self._real_tiles(pixel_values, pixel_attention_mask)
+        return self._features(x, patch_mask).reshape(-1, self.text_hidden_size)
+
+    @torch.inference_mode()
+    def encode_batch(self, pixel_values: list[torch.Tensor],
+                     pixel_attention_masks: list[torch.Tensor | None] | None = None
+                     ) -> list[torch.Tensor]:
+        """Several images in one forward pass: ``encode`` of each, in order.
+
+        The real tiles of every image are concatenated along the tile dim (``[sum T_i, 3, S,
+        S]``), run once, and split back per image.
+
+        Args:
+            pixel_values: image ``i``'s tiles ``[T_i, 3, S, S]``.
+            pixel_attention_masks: ``[T_i, S, S]`` or None per image (None: all real).
+        Returns:
+            ``[num_real_tiles_i * tokens_per_tile, text_hidden_size]`` per image.
+        Raises:
+            ValueError: a wrong shape, an image with no real tile, or a mask list of
+                another length.
+        """
+        masks = pixel_attention_masks or [None] * len(pixel_values)
+        if len(masks) != len(pixel_values):
+            raise ValueError(f"{len(masks)} masks for {len(pixel_values)} images")
+        if not pixel_values:
+            return []
+        tiles = [self._real_tiles(p, m) for p, m in zip(pixel_values, masks, strict=True)]
+        x = torch.cat([t[0] for t in tiles])  # [sum T_i, 3, S, S]
+        patch_mask = torch.cat([t[1] for t in tiles])  # [sum T_i, Ph, Pw]
+        feats = self._features(x, patch_mask)  # [sum T_i, tokens_per_tile, Dt]
+        rows = feats.split([t[0].shape[0] for t in tiles])
+        return [r.reshape(-1, self.text_hidden_size) for r in rows]
+
+    def _real_tiles(self, pixel_values: torch.Tensor, pixel_attention_mask: torch.Tensor | None
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One image's non-padding tiles ``[T, 3, S, S]`` (device, dtype) and their patch
+        mask ``[T, S / patch, S / patch]`` bool."""
         s = self.cfg.vit.image_size
         if pixel_values.dim() != 4 or tuple(pixel_values.shape[1:]) != (3, s, s):
             raise ValueError(f"Idefics3 expects pixel_values [num_tiles, 3, {s}, {s}], "
@@ -162,6 +199,8 @@ class Idefics3VisionEncoder(VisionEncoder):
                              f"not match pixel_values {list(x.shape)}")
         x, pixel_mask = x[real], pixel_attention_mask.to(x.device)[real]
         p = self.cfg.vit.patch_size
-        patch_mask = pixel_mask.unfold(1, p, p).unfold(2, p, p).sum(dim=(-1, -2)) > 0
-        feats = self.connector(self.vision_model(x, patch_mask))  # [T, tokens_per_tile, Dt]
-        return feats.reshape(-1, feats.shape[-1])
+        return x, pixel_mask.unfold(1, p, p).unfold(2, p, p).sum(dim=(-1, -2)) > 0
+
+    def _features(self, x: torch.Tensor, patch_mask: torch.Tensor) -> torch.Tensor:
+        """``[T, 3, S, S]`` tiles -> ``[T, tokens_per_tile, text_hidden]``."""
+        return self.connector(self.vision_model(x, patch_mask))

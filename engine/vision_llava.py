@@ -135,16 +135,38 @@ class LlavaVisionEncoder(VisionEncoder):
         Raises:
             ValueError: not one image of the tower's size (positions are not interpolated).
         """
+        self._check(pixel_values)
+        return self._features(pixel_values.to(self.device, self.dtype))[0]
+
+    @torch.inference_mode()
+    def encode_batch(self, pixel_values: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Several images in one forward pass: ``encode`` of each, in order.
+
+        Args:
+            pixel_values: each ``[1, 3, image_size, image_size]``; stacked to ``[N, 3, S, S]``.
+        Returns:
+            ``N`` tensors ``[num_patches + keep_cls, text_hidden_size]``, ``self.dtype``.
+        Raises:
+            ValueError: an entry that is not one image of the tower's size.
+        """
+        if not pixel_values:
+            return []
+        for p in pixel_values:
+            self._check(p)
+        x = torch.cat([p.to(self.device, self.dtype) for p in pixel_values])  # [N, 3, S, S]
+        return list(self._features(x).unbind(0))
+
+    def _check(self, pixel_values: torch.Tensor) -> None:
         s = self.cfg.vit.image_size
         if pixel_values.dim() != 4 or tuple(pixel_values.shape) != (1, 3, s, s):
             raise ValueError(f"LLaVA expects pixel_values [1, 3, {s}, {s}], "
                              f"got {list(pixel_values.shape)}")
-        x = pixel_values.to(self.device, self.dtype)
+
+    def _features(self, x: torch.Tensor) -> torch.Tensor:
+        """x: ``[B, 3, S, S]`` -> ``[B, P (+1), text_hidden]`` (HF ``get_image_features``)."""
         indices = self.cfg.layer_indices
         states = self.vision_tower.hidden_states(x, upto=max(indices))
-        feats = torch.cat([states[i] for i in indices], dim=-1)  # [1, 1+P, D * num_layers]
+        feats = torch.cat([states[i] for i in indices], dim=-1)  # [B, 1+P, D * num_layers]
         if not self.cfg.keep_cls:
             feats = feats[:, 1:]
-        return self.multi_modal_projector(feats)[0]  # [P (+1), text_hidden]
-
-
+        return self.multi_modal_projector(feats)

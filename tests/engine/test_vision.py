@@ -318,3 +318,26 @@ def test_bfloat16_encoder_close_to_float32(vlm):
     ref, ours = vlm.encoder.encode(pixel_values), enc16.encode(pixel_values)
     assert ours.dtype == torch.bfloat16
     torch.testing.assert_close(ours.float(), ref, atol=2e-2 * ref.abs().max().item(), rtol=0)
+
+
+def test_encode_batch_equals_per_image_encode(vlm):
+    """``encode_batch`` runs several images (different tile counts for Idefics3, a repeated
+    image) in one forward pass and returns, per image in order, ``encode``'s rows (float32,
+    atol=rtol=1e-6: the same math on a larger batch)."""
+    pixel_values = [vlm.processor.process_image(b).pixel_values for b in ALL_BYTES]
+    pixel_values.append(pixel_values[0])
+    batch = vlm.encoder.encode_batch(pixel_values)
+    assert len(batch) == len(pixel_values)
+    for ours, pv in zip(batch, pixel_values, strict=True):
+        torch.testing.assert_close(ours, vlm.encoder.encode(pv), atol=1e-6, rtol=1e-6)
+    assert vlm.encoder.encode_batch([]) == []
+    if vlm.family == "idefics3":  # a masked partial tile and a padding tile next to a full image
+        tiles = pixel_values[0][:3].clone()
+        mask = torch.ones(3, 32, 32, dtype=torch.long)
+        mask[1, 20:, :], tiles[2] = 0, 0
+        tiles[1] *= mask[1]
+        mixed = vlm.encoder.encode_batch([pixel_values[1], tiles], [None, mask])
+        torch.testing.assert_close(mixed[1], vlm.encoder.encode(tiles, mask), atol=1e-6, rtol=1e-6)
+        torch.testing.assert_close(mixed[0], batch[1], atol=1e-6, rtol=1e-6)
+    with pytest.raises(ValueError, match="expects pixel_values"):
+        vlm.encoder.encode_batch([pixel_values[0], pixel_values[0][0]])
