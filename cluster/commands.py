@@ -42,7 +42,7 @@ def cluster_config(args: argparse.Namespace) -> ClusterConfig:
     endpoints = tuple(e for e in args.etcd_endpoints.split(",") if e)
     return ClusterConfig(
         num_prefill=args.prefill, num_decode=args.decode, num_colocated=args.colocated,
-        engine=engine, router=_router_config(args),
+        num_encode=args.encode, engine=engine, router=_router_config(args),
         etcd_endpoints=endpoints, ray_address=args.ray_address, lease_ttl_s=args.lease_ttl_s,
         threads_per_worker=args.threads_per_worker, max_worker_restarts=args.max_worker_restarts,
         max_router_restarts=args.max_router_restarts, worker_host=args.worker_host,

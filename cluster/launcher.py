@@ -32,6 +32,9 @@ class ClusterConfig:
     num_prefill: int = 1
     num_decode: int = 1
     num_colocated: int = 0  # > 0: colocated workers instead of prefill/decode pools
+    # Encode workers (vision-language models): images are encoded there and the embeddings
+    # pulled by prefill over NIXL (E-P-D); 0 = prefill/colocated workers encode (EP-D).
+    num_encode: int = 0
     engine: EngineConfig = field(default_factory=EngineConfig)
     router: RouterConfig = field(default_factory=RouterConfig)
     etcd_endpoints: tuple[str, ...] = ()  # empty = start an embedded etcd
@@ -71,7 +74,7 @@ class ClusterConfig:
     control_metrics_port: int | None = None
 
     def __post_init__(self) -> None:
-        if min(self.num_prefill, self.num_decode, self.num_colocated) < 0:
+        if min(self.num_prefill, self.num_decode, self.num_colocated, self.num_encode) < 0:
             raise ValueError("worker counts must be >= 0")
         if min(self.max_worker_restarts, self.max_router_restarts) < -1:
             raise ValueError("max_worker_restarts and max_router_restarts must be >= -1")
@@ -89,9 +92,11 @@ class ClusterConfig:
 
     @property
     def pools(self) -> dict[WorkerRole, int]:
-        if self.num_colocated:
-            return {WorkerRole.COLOCATED: self.num_colocated}
-        return {WorkerRole.PREFILL: self.num_prefill, WorkerRole.DECODE: self.num_decode}
+        pools = {WorkerRole.COLOCATED: self.num_colocated} if self.num_colocated else \
+            {WorkerRole.PREFILL: self.num_prefill, WorkerRole.DECODE: self.num_decode}
+        if self.num_encode:
+            pools[WorkerRole.ENCODE] = self.num_encode
+        return pools
 
 
 def assign_cpus(cpus: Sequence[int], num_workers: int,
@@ -147,6 +152,7 @@ class LocalCluster:
         initial = PoolTargets(prefill=cfg.pools.get(WorkerRole.PREFILL, 0),
                               decode=cfg.pools.get(WorkerRole.DECODE, 0),
                               colocated=cfg.pools.get(WorkerRole.COLOCATED, 0),
+                              encode=cfg.pools.get(WorkerRole.ENCODE, 0),
                               writer=TargetWriter.INITIAL, reason="scission up",
                               written_at_s=time.time())
         ray.get(self.controller.start.remote(initial, cfg.start_timeout_s),
@@ -156,7 +162,8 @@ class LocalCluster:
         if http_port == 0:
             http_port = find_free_port(cfg.router.host)
         router_cfg = dataclasses.replace(cfg.router, etcd=self._etcd_cfg, port=router_port,
-                                         http_port=http_port,
+                                         http_port=http_port, model_path=cfg.router.model_path
+                                         or cfg.engine.model_path,  # tokenizer, processor
                                          registry=RegistryConfig(prefix=cfg.registry_prefix),
                                          slo_ttft_ms=cfg.slo_ttft_ms, slo_tpot_ms=cfg.slo_tpot_ms)
         self.router = RouterActor.options(max_restarts=cfg.max_router_restarts).remote(

@@ -24,10 +24,9 @@ from scission.kv_transfer.handle import (
     TransferHandle,
 )
 from scission.proto.scission.internal.v1 import worker_pb2 as pb
-from scission.registry.workers import WorkerInfo, WorkerRole
+from scission.registry.workers import WorkerInfo
 from scission.worker.convert import sampling_from_proto
 from scission.worker.embedding_pull import image_inputs
-from scission.worker.encode_service import encode_rpc
 from scission.worker.runtime import BaseWorkerServicer, WorkerRuntime
 from scission.worker.stream import stream_request
 
@@ -78,11 +77,6 @@ class DecodeServicer(BaseWorkerServicer):
             add = lambda: self.engine.add_recompute_request(rid, prompt, [first], params)  # noqa: E731
         yield from stream_request(self.loop, rid, add, context,
                                   self.runtime.config.request_timeout_s)
-
-    def Encode(self, request: pb.EncodeRequest, context) -> pb.EncodeResponse:
-        if self.runtime.role is WorkerRole.DECODE:
-            context.abort(grpc.StatusCode.UNIMPLEMENTED, "decode worker: no Encode")
-        return encode_rpc(self.runtime, request, context)
 
     # -- helpers -----------------------------------------------------------------------
     def _params(self, m: pb.SamplingParams, context):

@@ -11,7 +11,9 @@ from google.protobuf.message import DecodeError
 
 from scission.engine.request import FinishReason, InvalidRequestError, SamplingParams
 from scission.engine.tokenizer import Tokenizer
+from scission.proto.scission.internal.v1 import worker_pb2 as wpb
 from scission.proto.scission.v1 import generation_pb2 as pb
+from scission.registry.workers import WorkerInfo
 from scission.router.images import ImageData, ImageLimits, check_image_count, validate_image
 
 FINISH_TO_PROTO = {
@@ -60,6 +62,12 @@ class ValidatedRequest:
     # is [] and chat_messages + images describe the prompt; the prompt-length checks wait
     # for the built prompt.
     images: tuple[ImageData, ...] = ()
+    # Set by the encode step (``router/encode_step.py``) once the images are encoded: the
+    # built prompt holds their segments; the refs name the embeddings; the pins are what
+    # to release if the request ends before its prefill pulled them.
+    image_refs: tuple[wpb.ImageRef, ...] = ()
+    image_pins: tuple[tuple[WorkerInfo, str], ...] = ()
+    num_cached_images: int = 0  # images served from an embedding cache, not encoded
 
 
 def sampling_from_proto(m: pb.SamplingParams, default_max_tokens: int) -> SamplingParams:

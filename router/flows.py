@@ -50,6 +50,8 @@ class UsageTracker:
     decode_worker: str
     num_output_tokens: int = 0
     cached_tokens: int = 0
+    num_images: int = 0
+    num_cached_images: int = 0
     first_token_s: float | None = None
     token_times_s: list[float] = field(default_factory=list)
 
@@ -68,7 +70,14 @@ class UsageTracker:
         return pb.Usage(prompt_tokens=self.num_prompt_tokens, output_tokens=n,
                         cached_tokens=self.cached_tokens, ttft_ms=ttft_ms, tpot_ms=tpot_ms,
                         e2e_ms=e2e_ms, prefill_worker=self.prefill_worker,
-                        decode_worker=self.decode_worker)
+                        decode_worker=self.decode_worker, images=self.num_images,
+                        cached_images=self.num_cached_images)
+
+    @classmethod
+    def of(cls, vr: ValidatedRequest, start_s: float, prefill_worker: str,
+           decode_worker: str) -> UsageTracker:
+        return cls(start_s, len(vr.prompt_token_ids), prefill_worker, decode_worker,
+                   num_images=len(vr.image_refs), num_cached_images=vr.num_cached_images)
 
 
 def _status(e: grpc.RpcError) -> grpc.StatusCode:
@@ -108,9 +117,9 @@ def run_local(vr: ValidatedRequest, placement: Placement, pool: WorkerPool, star
               timeout_s: float, resume: Resume | None = None) -> Iterator[pb.GenerateResponse]:
     """Prefill and decode on one worker; with ``resume``, continue a migrated request."""
     w = placement.decode
-    track = UsageTracker(start_s, len(vr.prompt_token_ids), w.worker_id, w.worker_id)
+    track = UsageTracker.of(vr, start_s, w.worker_id, w.worker_id)
     req = wpb.GenerateRequest(request_id=vr.request_id, prompt_token_ids=vr.prompt_token_ids,
-                              sampling=sampling_to_proto(vr.params))
+                              sampling=sampling_to_proto(vr.params), images=vr.image_refs)
     if resume is not None:
         req.output_token_ids.extend(resume.output_token_ids)
         track.prefill_worker = resume.prefill_worker
@@ -135,8 +144,7 @@ def run_disaggregated(vr: ValidatedRequest, placement: Placement, pool: WorkerPo
     KV is pulled by the new one, nothing is recomputed."""
     pre = placement.prefill
     assert pre is not None, "disaggregated flow needs a prefill worker"
-    track = UsageTracker(start_s, len(vr.prompt_token_ids), pre.worker_id,
-                         placement.decode.worker_id)
+    track = UsageTracker.of(vr, start_s, pre.worker_id, placement.decode.worker_id)
     # The request counts against its decode worker (``track.decode_worker``; a re-pick moves
     # it) from placement on, not only once its prefill is done, so a burst spreads over the
     # decode pool.
@@ -193,7 +201,10 @@ def _prefill_then_decode(vr: ValidatedRequest, pre, dec, pool: WorkerPool,
         req = wpb.DecodeRequest(request_id=vr.request_id, prompt_token_ids=vr.prompt_token_ids,
                                 first_token_id=first.first_token_id,
                                 sampling=sampling_to_proto(vr.params),
-                                transfer_handle=first.transfer_handle)
+                                transfer_handle=first.transfer_handle,
+                                images=[wpb.ImageRef(offset=r.offset, length=r.length,
+                                                     image_hash=r.image_hash)
+                                        for r in vr.image_refs])  # keys only: KV is pulled
         call = pool.stub(dec).Decode(req, timeout=timeout_s)
         yield from stream_chunks(vr, call, track)
         done = True
@@ -207,7 +218,7 @@ def _prefill_then_decode(vr: ValidatedRequest, pre, dec, pool: WorkerPool,
 def _prefill(vr: ValidatedRequest, pre, pool: WorkerPool, timeout_s: float) -> wpb.PrefillResponse:
     n = len(vr.prompt_token_ids)
     req = wpb.PrefillRequest(request_id=vr.request_id, prompt_token_ids=vr.prompt_token_ids,
-                             sampling=sampling_to_proto(vr.params))
+                             sampling=sampling_to_proto(vr.params), images=vr.image_refs)
     pool.begin(pre.worker_id, n)
     try:
         return pool.stub(pre).Prefill(req, timeout=timeout_s)

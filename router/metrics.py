@@ -184,6 +184,9 @@ class RouterMetrics:
         self.cached_tokens = Counter("scission_router_cached_tokens",
                                      "Prompt tokens served from a prefix cache",
                                      registry=self.registry)
+        self.images = Counter("scission_router_images", "Images of served requests, by "
+                              "embedding cache outcome (hit: not encoded again)", ["cache"],
+                              registry=self.registry)
         self._latency = {
             name: Histogram(f"scission_router_{name}_seconds", help_text, buckets=buckets,
                             registry=self.registry)

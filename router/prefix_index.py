@@ -22,6 +22,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import NamedTuple
 
 from scission.engine.block_hash import hash_prompt_blocks, hash_seed
+from scission.engine.multimodal import MMInput, block_extra_keys
 from scission.registry.kv_index_watch import ChangeKind, IndexChange
 from scission.registry.workers import WorkerInfo
 
@@ -237,7 +238,10 @@ class PromptHasher:
         self._seeds: dict[str, bytes] = {}
         self._warned = False
 
-    def __call__(self, token_ids: Sequence[int]) -> PromptBlocks:
+    def __call__(self, token_ids: Sequence[int],
+                 segments: Sequence[tuple[int, int, bytes]] = ()) -> PromptBlocks:
+        """``segments``: the prompt's images as ``(offset, length, image_hash)``: their hashes
+        key the blocks they overlap, as on the workers (``engine.multimodal``)."""
         workers = self._workers()
         if not workers:
             return PromptBlocks(0, [])
@@ -251,5 +255,8 @@ class PromptHasher:
         seed = self._seeds.get(first.model_id)
         if seed is None:
             seed = self._seeds[first.model_id] = hash_seed(first.model_id)
+        extra = block_extra_keys([MMInput(o, n, h, ()) for o, n, h in segments],
+                                 len(token_ids) // first.block_size, first.block_size) \
+            if segments else ()
         return PromptBlocks(first.block_size,
-                            hash_prompt_blocks(seed, token_ids, first.block_size))
+                            hash_prompt_blocks(seed, token_ids, first.block_size, (), extra))

@@ -2,36 +2,42 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 import uuid
 from collections.abc import Iterator
 from concurrent import futures
-from dataclasses import dataclass
+from pathlib import Path
 from typing import NoReturn
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from scission.engine.loader import read_vlm_config, vlm_architecture
+from scission.engine.mm_processor import MultimodalProcessor
 from scission.engine.request import InvalidRequestError
 from scission.engine.tokenizer import Tokenizer, default_model_path, load_tokenizer
 from scission.proto.scission.v1 import generation_pb2 as pb
 from scission.proto.scission.v1 import generation_pb2_grpc as pb_grpc
 from scission.registry.directory import WorkerDirectory
+from scission.registry.kv_index import EMBEDDING_DIR
 from scission.registry.kv_index_watch import KVIndexWatcher
 from scission.registry.slo_publisher import SloPublisher
-from scission.registry.workers import WorkerInfo, connect
+from scission.registry.workers import connect
 from scission.router import auth, flows
 from scission.router.admission import Admission, OverCapacityError
 from scission.router.config import RouterConfig
 from scission.router.convert import ValidatedRequest, parse_generate_request, validate
+from scission.router.encode_step import EncodeStep
 from scission.router.errors import RequestRejected
 from scission.router.http_api import HttpSecurity, HttpServer, served_model_name
 from scission.router.metrics import RouterMetrics
+from scission.router.outcome import Outcome
 from scission.router.placement import NoWorkersError, Placement, Placer
 from scission.router.prefix_index import PrefixIndex, PromptBlocks, PromptHasher
-from scission.router.slo import RequestRecord, SloTracker
+from scission.router.slo import SloTracker
 from scission.router.worker_pool import WorkerPool
 
 logger = logging.getLogger(__name__)
@@ -39,57 +45,18 @@ MAX_PLACEMENT_ATTEMPTS = 4  # retries before streaming + migrations after, in al
 SUSPECT_S = 10.0  # a failed worker gets no traffic for this long (or until it leaves etcd)
 
 
-@dataclass
-class _Outcome:
-    """How one request ended, for the metrics (set as the request goes; times are
-    ``time.monotonic()``)."""
-
-    status: str = "cancelled"  # the client went away unless something else is recorded
-    prompt_tokens: int = 0  # from the final Usage (ok requests only)
-    cached_tokens: int = 0
-    valid: bool = False  # passed validation: counts in the SLO windows
-    num_prompt_tokens: int = 0
-    max_tokens: int = 0  # requested (the planner's load shape reads it at arrival)
-    num_output_tokens: int = 0  # streamed to the client
-    placed_s: float | None = None  # first placement
-    first_token_s: float | None = None
-    last_token_s: float | None = None
-    prefill: WorkerInfo | None = None  # the worker that ran the prompt (last placement)
-    decode: WorkerInfo | None = None  # the worker that streamed last
-    usage: pb.Usage | None = None  # the final chunk's
-
-    def record(self, start_s: float, end_s: float) -> RequestRecord:
-        """The SLO record: TTFT / TPOT / E2E as in the client's Usage when it got one."""
-        n, first, u = self.num_output_tokens, self.first_token_s, self.usage
-        if u is not None:
-            ttft_ms, e2e_ms = u.ttft_ms, u.e2e_ms
-        else:
-            ttft_ms = None if first is None else (first - start_s) * 1e3
-            e2e_ms = (end_s - start_s) * 1e3
-        tpot_ms = itl_ms = None
-        if n > 1 and ttft_ms is not None and first is not None and self.last_token_s is not None:
-            tpot_ms = u.tpot_ms if u is not None else (e2e_ms - ttft_ms) / (n - 1)
-            itl_ms = (self.last_token_s - first) * 1e3 / (n - 1)
-        pre, dec = self.prefill, self.decode
-        return RequestRecord(
-            status=self.status, num_prompt_tokens=self.num_prompt_tokens, num_output_tokens=n,
-            e2e_ms=e2e_ms, ttft_ms=ttft_ms, tpot_ms=tpot_ms, itl_ms=itl_ms,
-            queue_ms=None if self.placed_s is None else (self.placed_s - start_s) * 1e3,
-            prefill_worker=pre.worker_id if pre else "", prefill_role=pre.role if pre else None,
-            decode_worker=dec.worker_id if dec else "", decode_role=dec.role if dec else None)
-
-
 class GenerationServicer(pb_grpc.GenerationServicer):
     def __init__(self, config: RouterConfig, tokenizer: Tokenizer, pool: WorkerPool,
                  placer: Placer, index: PrefixIndex, hasher: PromptHasher,
                  metrics: RouterMetrics, slo: SloTracker, admission: Admission,
-                 model_name: str = "", accepts_images: bool = False) -> None:
-        """``model_name``: the served model's id, named in refusals. ``accepts_images``: the
-        model takes images in chat input (False: such a request is refused INVALID_ARGUMENT
-        before any image is decoded)."""
+                 model_name: str = "", encode_step: EncodeStep | None = None) -> None:
+        """``model_name``: the served model's id, named in refusals. ``encode_step``: set
+        when the model takes images in chat input (None: such a request is refused
+        INVALID_ARGUMENT before any image is decoded)."""
         self.config = config
         self.model_name = model_name
-        self.accepts_images = accepts_images
+        self.encode_step = encode_step
+        self.accepts_images = encode_step is not None
         self.image_limits = config.image_limits
         self.admission = admission
         self.tokenizer = tokenizer
@@ -118,7 +85,7 @@ class GenerationServicer(pb_grpc.GenerationServicer):
         Closing the generator cancels the request (its worker calls are cancelled and held
         KV released)."""
         start_s = time.monotonic()
-        outcome = _Outcome()
+        outcome = Outcome()
         ticket = None
         try:
             cfg = self.config
@@ -131,9 +98,8 @@ class GenerationServicer(pb_grpc.GenerationServicer):
                 code = grpc.StatusCode.OUT_OF_RANGE if e.out_of_range else \
                     grpc.StatusCode.INVALID_ARGUMENT
                 _reject(outcome, code, str(e), e.field)
-            if vr.images:  # no encode step in the flows yet: never serve an empty prompt
-                _reject(outcome, grpc.StatusCode.UNIMPLEMENTED,
-                        "image inputs are accepted but not served by this router yet")
+            if vr.images:
+                vr = self._encode(vr, outcome)
             try:
                 ticket = self.admission.admit(len(vr.prompt_token_ids))
             except OverCapacityError as e:
@@ -144,6 +110,8 @@ class GenerationServicer(pb_grpc.GenerationServicer):
                     ticket.first_token()
                 yield resp
         finally:
+            if outcome.image_pins:  # pins the prefill did not consume (no-op once pulled)
+                self.encode_step.release_pins(outcome.image_pins)
             if ticket is not None:
                 ticket.release()
             self.metrics.observe_request(outcome.status, outcome.prompt_tokens,
@@ -151,7 +119,7 @@ class GenerationServicer(pb_grpc.GenerationServicer):
             if outcome.valid:
                 self._observe_slo(vr.request_id, outcome, start_s)
 
-    def _observe_slo(self, request_id: str, outcome: _Outcome, start_s: float) -> None:
+    def _observe_slo(self, request_id: str, outcome: Outcome, start_s: float) -> None:
         """Windowed SLO aggregates + latency histograms (a request that was never placed
         arrives now, in the cluster scope only)."""
         if outcome.placed_s is None:
@@ -163,21 +131,23 @@ class GenerationServicer(pb_grpc.GenerationServicer):
                      tpot_ok)
 
     def _serve(self, vr: ValidatedRequest, start_s: float,
-               outcome: _Outcome) -> Iterator[pb.GenerateResponse]:
+               outcome: Outcome) -> Iterator[pb.GenerateResponse]:
         """Place and run. A worker that fails before anything streamed is retried elsewhere;
         one that dies mid-stream has its request migrated: another decode-capable worker
         recomputes prompt + streamed tokens and continues (DESIGN: fault model)."""
         outcome.valid, outcome.num_prompt_tokens = True, len(vr.prompt_token_ids)
         outcome.max_tokens = vr.params.max_tokens
         t0 = time.perf_counter()
-        prompt = self.hasher(vr.prompt_token_ids) if self.placer.cfg.kv_aware else \
-            PromptBlocks(0, [])
+        prompt = self.hasher(vr.prompt_token_ids, _segments(vr)) if self.placer.cfg.kv_aware \
+            else PromptBlocks(0, [])
         hash_s = time.perf_counter() - t0
         streamed: list[int] = []
         for attempt in range(MAX_PLACEMENT_ATTEMPTS):
             resume = flows.Resume(tuple(streamed), outcome.first_token_s or 0.0,
                                   outcome.prefill.worker_id if outcome.prefill else "") \
                 if streamed else None
+            if attempt and vr.images:  # the last try's pins were consumed or released
+                vr = self._encode(vr, outcome)
             placement = self._migrate(outcome) if resume else \
                 self._place(vr, prompt, outcome, hash_s if attempt == 0 else 0)
             self._placed(placement, outcome, start_s, first=resume is None)
@@ -204,7 +174,7 @@ class GenerationServicer(pb_grpc.GenerationServicer):
                     logger.warning("request %s: worker %s failed after %d tokens; migrating",
                                    vr.request_id, e.failed_worker, len(streamed))
 
-    def _placed(self, placement: Placement, outcome: _Outcome, start_s: float,
+    def _placed(self, placement: Placement, outcome: Outcome, start_s: float,
                 first: bool) -> None:
         """Note where the request runs; the first placement counts its arrival per pool."""
         if first:  # not a migration: this placement's worker runs the prompt
@@ -215,13 +185,38 @@ class GenerationServicer(pb_grpc.GenerationServicer):
             self.slo.arrive(start_s, {placement.prefill_worker.role, placement.decode.role},
                             outcome.num_prompt_tokens, outcome.max_tokens)
 
-    def _migrate(self, outcome: _Outcome) -> Placement:
+    def _encode(self, vr: ValidatedRequest, outcome: Outcome) -> ValidatedRequest:
+        """The encode step (``router/encode_step.py``) with its refusals mapped; the built
+        prompt gets the length checks text prompts got in ``validate``."""
+        if outcome.image_pins:
+            self.encode_step.release_pins(outcome.image_pins)
+            outcome.image_pins = ()
+        try:
+            vr = self.encode_step.prepare(vr)
+        except InvalidRequestError as e:
+            _reject(outcome, grpc.StatusCode.INVALID_ARGUMENT, str(e), e.field)
+        except NoWorkersError as e:
+            _reject(outcome, grpc.StatusCode.UNAVAILABLE, str(e))
+        except grpc.RpcError as e:
+            _reject(outcome, e.code(), f"encoding images failed: {e.details()}")
+        outcome.image_pins = vr.image_pins
+        self.metrics.images.labels("hit").inc(vr.num_cached_images)
+        self.metrics.images.labels("miss").inc(len(vr.images) - vr.num_cached_images)
+        limit = min(self.config.max_prompt_tokens or self.context_len, self.context_len)
+        n = len(vr.prompt_token_ids)
+        if n > limit or n + vr.params.max_tokens > self.context_len:
+            _reject(outcome, grpc.StatusCode.OUT_OF_RANGE, f"prompt with its images has {n} "
+                    f"tokens; limit {limit}, and with max_tokens ({vr.params.max_tokens}) at "
+                    f"most the context length {self.context_len}", "input")
+        return vr
+
+    def _migrate(self, outcome: Outcome) -> Placement:
         try:
             return self.placer.place_decode()
         except NoWorkersError as e:
             _reject(outcome, grpc.StatusCode.UNAVAILABLE, str(e))
 
-    def _place(self, vr: ValidatedRequest, prompt: PromptBlocks, outcome: _Outcome,
+    def _place(self, vr: ValidatedRequest, prompt: PromptBlocks, outcome: Outcome,
                hash_s: float) -> Placement:
         """Placement plus a speculative index entry for the worker that will prefill; records
         the decision time (``hash_s`` spent hashing the prompt + this)."""
@@ -244,7 +239,7 @@ class GenerationServicer(pb_grpc.GenerationServicer):
         return flows.run_local(vr, placement, self.pool, start_s, cfg.request_timeout_s, resume)
 
 
-def _reject(outcome: _Outcome, code: grpc.StatusCode, message: str, param: str | None = None,
+def _reject(outcome: Outcome, code: grpc.StatusCode, message: str, param: str | None = None,
             retry_after_s: int | None = None) -> NoReturn:
     """Record the status and end the request."""
     outcome.status = code.name.lower()
@@ -290,10 +285,10 @@ class RouterServer:
                                    config.max_queued_prompt_tokens)
         model = config.served_model_name or served_model_name(config.model_path or
                                                               default_model_path())
-        # The model's vision support is not known to the router yet: every image is refused.
+        self.embedding_index, self.embedding_watcher, encode_step = self._encode_step()
         self.servicer = GenerationServicer(config, self.tokenizer, self.pool, self.placer,
                                            self.index, self.hasher, self.metrics, self.slo,
-                                           self.admission, model, accepts_images=False)
+                                           self.admission, model, encode_step)
         add_generation_service(self.servicer, self.server)
         self.health = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
@@ -313,10 +308,29 @@ class RouterServer:
                                    http_security(config, self.api_keys))
         self.http_address = self.http.address if self.http is not None else None
 
+    def _encode_step(self) -> tuple[PrefixIndex | None, KVIndexWatcher | None,
+                                    EncodeStep | None]:
+        """For a vision-language model: the embedding index (fed from etcd) and the encode
+        step; (None, None, None) for a text-only model."""
+        path = Path(self.config.model_path or default_model_path())
+        config = path / "config.json"
+        if not config.is_file() or vlm_architecture(json.loads(config.read_text())) is None:
+            return None, None, None
+        processor = MultimodalProcessor.from_pretrained(str(path), read_vlm_config(path)[1])
+        index = PrefixIndex(self.config.placement.speculative_ttl_s)
+        watcher = KVIndexWatcher(self.etcd, self.config.registry, index,
+                                 index_dir=EMBEDDING_DIR)
+        step = EncodeStep(self.pool, self.placer, self.tokenizer, processor, index,
+                          self.config.prefill_timeout_s)
+        logger.info("serving images for %s (encode step on)", processor.model_id)
+        return index, watcher, step
+
     def start(self) -> RouterServer:
         cfg = self.config
         self.directory.start()
         self.kv_watcher.start()
+        if self.embedding_watcher is not None:
+            self.embedding_watcher.start()
         if cfg.metrics_port is not None:
             guarded = not cfg.auth_exempt_metrics  # then the same key and TLS as the doors
             self.metrics_port = self.metrics.serve(
@@ -344,6 +358,9 @@ class RouterServer:
         self.slo_publisher.close()  # revokes its lease: the SLO keys vanish
         self.metrics.close()
         self.kv_watcher.close()
+        if self.embedding_watcher is not None:
+            self.embedding_watcher.close()
+            self.servicer.encode_step.close()
         self.directory.close()
         self.pool.close()
 
@@ -358,3 +375,8 @@ def add_generation_service(servicer: GenerationServicer, server: grpc.Server) ->
     name = pb.DESCRIPTOR.services_by_name["Generation"].full_name
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(name, handlers),))
     server.add_registered_method_handlers(name, handlers)
+
+
+def _segments(vr: ValidatedRequest) -> list[tuple[int, int, bytes]]:
+    """``(offset, length, image_hash)`` of the prompt's image segments (block hash keys)."""
+    return [(r.offset, r.length, r.image_hash) for r in vr.image_refs]

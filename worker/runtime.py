@@ -278,5 +278,6 @@ class BaseWorkerServicer(pb_grpc.WorkerServicer):
         return self.runtime.stats()
 
     def Encode(self, request: pb.EncodeRequest, context) -> pb.EncodeResponse:
-        """Encode, prefill and colocated roles (decode overrides it: UNIMPLEMENTED)."""
+        """Every role of a vision-language model: the encode role, and the worker that will
+        run the prompt when the cluster has no encode pool (EP-D, colocated)."""
         return encode_rpc(self.runtime, request, context)
