@@ -37,6 +37,8 @@ class GenerationResult:
     client_ttft_ms: float = 0.0  # measured here, includes the network
     prefill_worker: str = ""
     decode_worker: str = ""
+    images: int = 0  # images in the prompt
+    cached_images: int = 0  # of those, served from an embedding cache
     error: str = ""
 
     def to_dict(self) -> dict:
@@ -107,6 +109,7 @@ def _finish(res: GenerationResult, chunk: pb.GenerateResponse) -> None:
         u.prompt_tokens, u.output_tokens, u.cached_tokens)
     res.ttft_ms, res.tpot_ms, res.e2e_ms = u.ttft_ms, u.tpot_ms, u.e2e_ms
     res.prefill_worker, res.decode_worker = u.prefill_worker, u.decode_worker
+    res.images, res.cached_images = u.images, u.cached_images
 
 
 def connect(address: str, ca_file: str | None = None, api_key: str | None = None,

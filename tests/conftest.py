@@ -82,3 +82,19 @@ def tokenizer(default_model_path):
 def chat_prompt_ids(tokenizer) -> list[list[int]]:
     """The 22 varied chat prompts of tests/data/chat_prompts.json, chat-templated."""
     return [tokenizer.apply_chat_template([{"role": "user", "content": p}]) for p in PROMPTS]
+
+
+@pytest.fixture(scope="session")
+def tiny_llava_dir(tmp_path_factory) -> str:
+    """A tiny random LLaVA checkpoint directory (tests/mm_fixtures.py), once a session."""
+    from mm_fixtures import make_tiny_llava
+
+    return make_tiny_llava(tmp_path_factory.mktemp("tiny_llava"))
+
+
+@pytest.fixture(scope="session")
+def tiny_idefics3_dir(tmp_path_factory) -> str:
+    """A tiny random Idefics3 (SmolVLM-style) checkpoint directory, once a session."""
+    from mm_fixtures import make_tiny_idefics3
+
+    return make_tiny_idefics3(tmp_path_factory.mktemp("tiny_idefics3"))
