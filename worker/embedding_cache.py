@@ -67,12 +67,12 @@ class EmbeddingCache:
     def num_pinned(self) -> int:
         return len(self._pins)
 
-    def get(self, image_hash: bytes) -> CacheEntry | None:
-        """The entry, touched as most recently used; counts a hit."""
+    def get(self, image_hash: bytes, count_hit: bool = True) -> CacheEntry | None:
+        """The entry, touched as most recently used (a hit is counted if ``count_hit``)."""
         entry = self._entries.get(image_hash)
         if entry is not None:
             self._entries.move_to_end(image_hash)
-            self.num_hits += 1
+            self.num_hits += count_hit
         return entry
 
     def read(self, entry: CacheEntry) -> torch.Tensor:

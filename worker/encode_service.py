@@ -58,6 +58,7 @@ class EncodeService:
         self._num_waiting = 0  # images queued or in the running batch
         self._inflight: dict[bytes, Future] = {}  # image_hash -> its encode, until cached
         self.num_encoded = 0  # images run through the vision tower
+        self.num_cache_hits = 0  # Encode calls served without the tower (cached or in flight)
         self.num_batches = 0
         self._thread = threading.Thread(target=self._run, name="vision", daemon=True)
         self._thread.start()
@@ -74,11 +75,14 @@ class EncodeService:
         with self._lock:
             entry = self.cache.get(image_hash)
             if entry is not None:
+                self.num_cache_hits += 1
                 return Encoded(entry, self.cache.pin(entry), True)
             future = self._inflight.get(image_hash)  # the same image already on its way
             first = future is None
             if first:
                 future = self._inflight[image_hash] = Future()
+            else:  # served by that encode: not encoded again
+                self.num_cache_hits += 1
         if first:
             self._submit(data, image_hash, future)
         try:
@@ -112,7 +116,7 @@ class EncodeService:
     def read(self, image_hash: bytes) -> torch.Tensor | None:
         """A copy of a cached image's embeddings (local use), or None."""
         with self._lock:
-            entry = self.cache.get(image_hash)
+            entry = self.cache.get(image_hash, count_hit=False)
             return None if entry is None else self.cache.read(entry)
 
     # -- staging pages for pulls (prefill side) ---------------------------------------

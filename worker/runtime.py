@@ -206,7 +206,7 @@ class WorkerRuntime:
             last_num_prefill_tokens=last.num_prefill_tokens if last else 0,
             num_encode_waiting=0 if enc is None else enc.num_waiting,
             num_images_encoded_total=0 if enc is None else enc.num_encoded,
-            num_embedding_cache_hits_total=0 if enc is None else enc.cache.num_hits,
+            num_embedding_cache_hits_total=0 if enc is None else enc.num_cache_hits,
             num_embedding_pages=num_pages, num_free_embedding_pages=num_free_pages,
         )
 
