@@ -265,7 +265,9 @@ class KVTransferAgent:
         with self._lock:
             self._check_open()
             try:
-                self._agent.send_notif(peer_name, msg, backend=_BACKEND)
+                # No backend argument: nixl's send_notif passes a named backend's handle
+                # where genNotif wants a list (TypeError); UCX is our only backend anyway.
+                self._agent.send_notif(peer_name, msg)
             except _NIXL_ERRORS as e:
                 raise KVTransferError(f"notification to {peer_name!r} failed: {e!r}") from e
 

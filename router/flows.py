@@ -23,7 +23,8 @@ logger = logging.getLogger(__name__)
 
 class FlowError(Exception):
     """A worker call failed; carries the gRPC status to end the client's stream with.
-    ``failed_worker`` is set when nothing was streamed yet and another worker may retry."""
+    ``failed_worker`` is set when another try may succeed (the worker to avoid; "" =
+    retry without avoiding anyone)."""
 
     def __init__(self, code: grpc.StatusCode, message: str, failed_worker: str | None = None):
         super().__init__(message)
@@ -80,6 +81,12 @@ class UsageTracker:
                    num_images=len(vr.image_refs), num_cached_images=vr.num_cached_images)
 
 
+def _no_fault(e: grpc.RpcError) -> str | None:
+    """ABORTED = the worker could not fetch an image's embeddings (the encoder is gone):
+    retry (the images are encoded again) without blaming the worker ("" = no one)."""
+    return "" if e.code() == grpc.StatusCode.ABORTED else None
+
+
 def _status(e: grpc.RpcError) -> grpc.StatusCode:
     code = e.code()
     return grpc.StatusCode.UNAVAILABLE if code == grpc.StatusCode.CANCELLED else code
@@ -108,7 +115,7 @@ def stream_chunks(vr: ValidatedRequest, chunks: Iterator[wpb.TokenChunk],
         # the request migrates.
         lost = e.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.UNIMPLEMENTED)
         raise FlowError(_status(e), f"worker {track.decode_worker}: {e.details()}",
-                        track.decode_worker if lost else None) from None
+                        track.decode_worker if lost else _no_fault(e)) from None
     raise FlowError(grpc.StatusCode.UNAVAILABLE, f"worker {track.decode_worker} ended the stream",
                     track.decode_worker)
 
@@ -225,7 +232,7 @@ def _prefill(vr: ValidatedRequest, pre, pool: WorkerPool, timeout_s: float) -> w
     except grpc.RpcError as e:
         retry = e.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED)
         raise FlowError(_status(e), f"prefill worker {pre.worker_id}: {e.details()}",
-                        pre.worker_id if retry else None) from None
+                        pre.worker_id if retry else _no_fault(e)) from None
     finally:
         pool.end(pre.worker_id, n)
 

@@ -169,7 +169,8 @@ class GenerationServicer(pb_grpc.GenerationServicer):
             except flows.FlowError as e:
                 if e.failed_worker is None or attempt + 1 == MAX_PLACEMENT_ATTEMPTS:
                     _reject(outcome, e.code, str(e))
-                self.pool.mark_suspect(e.failed_worker, SUSPECT_S)
+                if e.failed_worker:
+                    self.pool.mark_suspect(e.failed_worker, SUSPECT_S)
                 if streamed:
                     logger.warning("request %s: worker %s failed after %d tokens; migrating",
                                    vr.request_id, e.failed_worker, len(streamed))

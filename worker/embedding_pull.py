@@ -148,7 +148,8 @@ def _abort(runtime, handle: EmbeddingHandle) -> None:
 def image_inputs(runtime, refs: Sequence[pb.ImageRef], prompt: Sequence[int],
                  need_embeddings: bool, context) -> list[MMInput]:
     """``resolve_images`` for a gRPC handler: a bad ref ends the call INVALID_ARGUMENT, a
-    failed pull UNAVAILABLE (the router encodes again and retries)."""
+    failed pull ABORTED (not this worker's fault: the router encodes again and retries
+    without marking it suspect)."""
     import grpc
 
     try:
@@ -156,4 +157,4 @@ def image_inputs(runtime, refs: Sequence[pb.ImageRef], prompt: Sequence[int],
     except ImageInputError as e:
         context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
     except EmbeddingPullError as e:
-        context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
+        context.abort(grpc.StatusCode.ABORTED, str(e))
