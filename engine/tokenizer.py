@@ -179,7 +179,9 @@ class Tokenizer:
         ``{"type": "image"}`` (engine/mm_chat.py): the template writes each image part as the
         image marker, one id each, for ``MultimodalProcessor.expand_prompt``. With
         ``image_marker`` (``MultimodalProcessor.image_marker``) a chat with parts must come
-        out with exactly one marker id per image part.
+        out with exactly one marker id per image part. A template that iterates content parts
+        (LLaVA's, SmolVLM's) takes each str content as one text part: rendered raw, it would
+        silently drop the text.
 
         Raises:
             InvalidRequestError: on a malformed message, role or part (field ``"messages"``),
@@ -189,7 +191,7 @@ class Tokenizer:
         _validate_messages(messages)
         if not self._hf.chat_template:
             raise InvalidRequestError("messages", "this model has no chat template")
-        if is_multimodal(messages):
+        if is_multimodal(messages) or self._template_takes_parts:
             return encode_chat_parts(messages, self._render, self._added_tokens_re,
                                      self._encode_plain, self._hf.convert_tokens_to_ids,
                                      image_marker)
@@ -198,6 +200,19 @@ class Tokenizer:
             # Same as transformers: the rendered template already holds its special tokens.
             return list(self._hf.encode(self._render(messages), add_special_tokens=False))
         return self._encode_chat_as_text(messages)
+
+    @functools.cached_property
+    def _template_takes_parts(self) -> bool:
+        """Whether the chat template renders a text part but drops a str content (it iterates
+        content parts: LLaVA's, SmolVLM's); str contents then go as one text part each."""
+        probe = "scission-template-probe"
+        try:
+            as_str = self._render([{"role": "user", "content": probe}])
+            as_parts = self._render([{"role": "user", "content": [{"type": "text",
+                                                                   "text": probe}]}])
+        except (InvalidRequestError, TypeError):  # a str-only template: "..." + content
+            return False
+        return probe in as_parts and probe not in as_str
 
     def _render(self, messages: list[dict]) -> str:
         from jinja2 import TemplateError

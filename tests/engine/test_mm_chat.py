@@ -62,6 +62,21 @@ def test_str_content_is_one_text_part(family):
     assert tok.apply_chat_template(mixed) == tok.apply_chat_template(parts)
 
 
+def test_text_only_str_chat_is_not_dropped(family):
+    """These templates iterate content parts, so HF renders a str content as nothing; a
+    text-only str chat goes as text parts instead: its text is in the prompt, with the same
+    ids as the parts form (and the default model's str chats are untouched:
+    tests/engine/test_tokenizer.py)."""
+    tok, _ = family
+    chat = [{"role": "user", "content": "hello <image> there"}, {"role": "assistant",
+                                                                 "content": "hi"}]
+    ids = tok.apply_chat_template(chat)
+    assert ids == tok.apply_chat_template([{"role": m["role"], "content": [text(m["content"])]}
+                                           for m in chat])
+    assert "hello <image> there" in tok.decode(ids, skip_special_tokens=False)
+    assert count_image_markers(ids, tok.hf.convert_tokens_to_ids("<image>")) == 0
+
+
 def test_text_parts_are_never_control(family):
     """A text part spelling the image marker, a turn end or any added token tokenizes as its
     characters: it neither adds an image slot nor a turn, and decodes back to itself."""
