@@ -106,7 +106,7 @@ class EncodeStep:
                                                image_hash, worker))
         results = [c.result() for c in calls]
         messages = [_render_parts(m) for m in vr.chat_messages]
-        ids = self.tokenizer.apply_chat_template(messages)
+        ids = self.tokenizer.apply_chat_template(messages, self.processor.image_marker)
         try:
             prompt, offsets = splice_segments(ids, self.processor.image_token_id,
                                               [tuple(r.token_ids) for _, r in results])

@@ -98,3 +98,12 @@ def tiny_idefics3_dir(tmp_path_factory) -> str:
     from mm_fixtures import make_tiny_idefics3
 
     return make_tiny_idefics3(tmp_path_factory.mktemp("tiny_idefics3"))
+
+
+@pytest.fixture(scope="session")
+def sharp_idefics3_dir(tiny_idefics3_dir, tmp_path_factory) -> str:
+    """The tiny Idefics3 with sharpened text attention (``mm_fixtures.sharpened_checkpoint``):
+    its greedy tokens depend on the images, so a wrong embedding changes them."""
+    from mm_fixtures import sharpened_checkpoint
+
+    return sharpened_checkpoint(tiny_idefics3_dir, str(tmp_path_factory.mktemp("sharp_idefics3")))

@@ -143,3 +143,24 @@ def make_tiny_idefics3(path: str | os.PathLike) -> str:
                                   image_seq_len=16, chat_template=SMOLVLM_CHAT_TEMPLATE)
     processor.save_pretrained(path)
     return str(path)
+
+
+SHARPEN = 6.0  # text q/k scale: sharper attention makes the tokens depend on the images
+
+
+def sharpened_checkpoint(src: str, dst: str) -> str:
+    """``src``'s tiny VLM with the text decoder's q/k projections scaled by ``SHARPEN``, saved
+    (model, tokenizer, processor) into ``dst``. With the random init's near-uniform attention
+    the last tokens barely see the images (most greedy tokens stay the same with other
+    images); ``test_greedy_tokens_equal_hf`` checks that they no longer do."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    hf = AutoModelForImageTextToText.from_pretrained(src, dtype=torch.float32)
+    text_model = hf.get_decoder()
+    with torch.no_grad():
+        for name, p in text_model.named_parameters():
+            if name.endswith(("q_proj.weight", "k_proj.weight")):
+                p.mul_(SHARPEN)
+    hf.save_pretrained(dst, safe_serialization=True)
+    AutoProcessor.from_pretrained(src).save_pretrained(dst)
+    return dst

@@ -51,13 +51,13 @@ def chat_request(text: str, images: list[int], max_tokens: int = NEW_TOKENS) -> 
 
 
 @pytest.fixture(scope="module")
-def hf_reference(tiny_idefics3_dir) -> list[tuple[list[int], list[int]]]:
+def hf_reference(sharp_idefics3_dir) -> list[tuple[list[int], list[int]]]:
     """(prompt ids, greedy tokens) of every prompt from HF transformers itself."""
     from PIL import Image
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    processor = AutoProcessor.from_pretrained(tiny_idefics3_dir)
-    model = AutoModelForImageTextToText.from_pretrained(tiny_idefics3_dir,
+    processor = AutoProcessor.from_pretrained(sharp_idefics3_dir)
+    model = AutoModelForImageTextToText.from_pretrained(sharp_idefics3_dir,
                                                         dtype=torch.float32).eval()
     out = []
     for text, images in PROMPTS:
@@ -74,10 +74,10 @@ def hf_reference(tiny_idefics3_dir) -> list[tuple[list[int], list[int]]]:
 
 
 @pytest.fixture(scope="module")
-def epd_cluster(tiny_idefics3_dir):
+def epd_cluster(sharp_idefics3_dir):
     c = LocalCluster(ClusterConfig(
         num_encode=1, num_prefill=1, num_decode=1, threads_per_worker=1,
-        engine=EngineConfig(model_path=tiny_idefics3_dir,
+        engine=EngineConfig(model_path=sharp_idefics3_dir,
                             cache=CacheConfig(block_size=BLOCK_SIZE, num_blocks=256))))
     try:
         c.start()
@@ -127,6 +127,9 @@ def test_epd_tokens_equal_hf_with_8_in_flight(epd_cluster, hf_reference):
     images were encoded by the encode worker and repeated images came from its cache; the
     same text with another image shares no image block; afterwards every embedding page and
     KV block is free."""
+    # The model's tokens depend on the image (same text, other image: other tokens), so a
+    # wrong or misplaced embedding would show.
+    assert hf_reference[0][1] != hf_reference[1][1]
     before = worker_stats(epd_cluster, WorkerRole.ENCODE)
     results = run_all(epd_cluster.router_address, [chat_request(t, i) for t, i in PROMPTS], 8)
     for k, (res, (ids, ref)) in enumerate(zip(results, hf_reference, strict=True)):

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 
 import pytest
 import torch
+from mm_fixtures import sharpened_checkpoint
 from test_vision import image_bytes
 
 from scission.engine.block_hash import hash_prompt_blocks
@@ -120,27 +121,6 @@ def make_engine(path: str, budget_tokens: int) -> LLMEngine:
         model_path=path, attention_backend=AttentionBackendKind.TORCH, num_threads=2,
         cache=CacheConfig(block_size=BLOCK_SIZE, num_blocks=512),
         scheduler=SchedulerConfig(max_num_batched_tokens=budget_tokens)))
-
-
-SHARPEN = 6.0  # text q/k scale: sharper attention makes the tokens depend on the images
-
-
-def sharpened_checkpoint(src: str, dst: str) -> str:
-    """``src``'s tiny VLM with the text decoder's q/k projections scaled by ``SHARPEN``, saved
-    (model, tokenizer, processor) into ``dst``. With the random init's near-uniform attention
-    the last tokens barely see the images (most greedy tokens stay the same with other
-    images); ``test_greedy_tokens_equal_hf`` checks that they no longer do."""
-    from transformers import AutoModelForImageTextToText, AutoProcessor
-
-    hf = AutoModelForImageTextToText.from_pretrained(src, dtype=torch.float32)
-    text_model = hf.get_decoder()
-    with torch.no_grad():
-        for name, p in text_model.named_parameters():
-            if name.endswith(("q_proj.weight", "k_proj.weight")):
-                p.mul_(SHARPEN)
-    hf.save_pretrained(dst, safe_serialization=True)
-    AutoProcessor.from_pretrained(src).save_pretrained(dst)
-    return dst
 
 
 @pytest.fixture(scope="module", params=["llava", "idefics3"])
