@@ -34,6 +34,10 @@ class CacheSpec:
     head_dim: int = 8
     dtype: str = "float32"
     one_tensor: bool = False  # per-layer views into one big tensor instead of 2L tensors
+    # Image embedding pages registered next to the KV cache (0 = none).
+    embedding_pages: int = 0
+    page_tokens: int = 4
+    hidden_size: int = 24
 
 
 def make_kv_caches(spec: CacheSpec, seed: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -51,6 +55,20 @@ def make_kv_caches(spec: CacheSpec, seed: int) -> list[tuple[torch.Tensor, torch
     return [(data[layer, 0].clone(), data[layer, 1].clone()) for layer in range(spec.num_layers)]
 
 
+def make_embedding_pages(spec: CacheSpec, seed: int) -> torch.Tensor | None:
+    """``[embedding_pages, page_tokens, hidden_size]``, deterministic in ``seed``, values in
+    [0.5, 1.5) like the KV caches (so an untouched page never looks transferred)."""
+    if not spec.embedding_pages:
+        return None
+    g = torch.Generator().manual_seed(seed + 1000)
+    shape = (spec.embedding_pages, spec.page_tokens, spec.hidden_size)
+    return (torch.rand(shape, generator=g) + 0.5).to(getattr(torch, spec.dtype))
+
+
+def page_bytes(pages: torch.Tensor) -> list[bytes]:
+    return [bytes(p.contiguous().view(torch.uint8).numpy().tobytes()) for p in pages]
+
+
 def cache_block_bytes(kv_caches: list[tuple[torch.Tensor, torch.Tensor]]) -> list[list[bytes]]:
     """``[2 * num_layers][num_blocks]`` raw bytes of each block (K then V per layer)."""
     return [
@@ -63,11 +81,15 @@ def cache_block_bytes(kv_caches: list[tuple[torch.Tensor, torch.Tensor]]) -> lis
 def peer_main(name: str, spec: CacheSpec, seed: int, cmd_q: Any, out_q: Any) -> None:
     """Process entry: create the agent, announce it, then serve commands until ``stop``."""
     from scission.kv_transfer.agent import KVTransferAgent, KVTransferError
+    from scission.kv_transfer.embeddings import EmbeddingLayout
     from scission.kv_transfer.handle import KVLayoutDescriptor
 
     kv_caches = make_kv_caches(spec, seed)
-    agent = KVTransferAgent(name, kv_caches)
-    out_q.put(("ready", agent.metadata(), agent.layout().to_bytes(), os.getpid()))
+    pages = make_embedding_pages(spec, seed)
+    agent = KVTransferAgent(name, kv_caches, embedding_pages=pages)
+    emb = agent.embedding_layout()
+    out_q.put(("ready", agent.metadata(), agent.layout().to_bytes(), os.getpid(),
+               b"" if emb is None else emb.to_bytes()))
     while True:
         cmd, *args = cmd_q.get()
         if cmd == "stop":
@@ -75,9 +97,17 @@ def peer_main(name: str, spec: CacheSpec, seed: int, cmd_q: Any, out_q: Any) -> 
         start_s = time.monotonic()
         try:
             if cmd == "add_peer":
-                peer, metadata, layout_bytes = args
-                agent.add_peer(peer, metadata, KVLayoutDescriptor.from_bytes(layout_bytes))
+                peer, metadata, layout_bytes, emb_bytes = args
+                agent.add_peer(peer, metadata, KVLayoutDescriptor.from_bytes(layout_bytes),
+                               EmbeddingLayout.from_bytes(emb_bytes) if emb_bytes else None)
                 result: Any = None
+            elif cmd == "read_pages":
+                agent.read_pages(*args)
+                result = None
+            elif cmd == "page_bytes":
+                result = page_bytes(pages)
+            elif cmd == "send_notification":
+                result = agent.send_notification(*args)
             elif cmd == "read":
                 agent.read_blocks(*args)
                 result = None
@@ -146,9 +176,11 @@ class PeerProcess:
         self.proc.start()
         self.metadata = b""
         self.layout_bytes = b""
+        self.embedding_layout_bytes = b""
 
     def wait_ready(self) -> None:
-        _, self.metadata, self.layout_bytes, pid = self._get(READY_TIMEOUT_S)
+        _, self.metadata, self.layout_bytes, pid, self.embedding_layout_bytes = \
+            self._get(READY_TIMEOUT_S)
         assert pid == self.proc.pid
 
     def call(self, *cmd: Any, timeout_s: float = 60.0) -> tuple[Any, ...]:
@@ -157,7 +189,8 @@ class PeerProcess:
         return self._get(timeout_s)
 
     def add_peer(self, other: PeerProcess) -> tuple[Any, ...]:
-        return self.call("add_peer", other.name, other.metadata, other.layout_bytes)
+        return self.call("add_peer", other.name, other.metadata, other.layout_bytes,
+                         other.embedding_layout_bytes)
 
     def signal(self, signum: int) -> None:
         os.kill(self.proc.pid, signum)

@@ -203,3 +203,39 @@ def test_concurrent_reads_from_threads(spawn_peers: PeerFactory) -> None:
         if len(notifs) == len(reads):
             break
     assert sorted(notifs) == sorted((decode.name, msg) for _, _, msg in reads)
+
+
+def test_read_pages_byte_equal_and_notifies(spawn_peers: PeerFactory) -> None:
+    """Image embedding pages registered next to the KV cache: a READ of a peer's pages (one
+    run merged, one not) lands byte-equal where asked, every other page untouched, and the
+    READ's notification reaches the peer; a standalone notification does too."""
+    from kv_peer_procs import make_embedding_pages, page_bytes
+
+    from scission.kv_transfer.embeddings import (
+        EmbeddingNotification,
+        EmbeddingNotificationKind,
+    )
+
+    spec = CacheSpec(embedding_pages=8)
+    encoder, prefill = spawn_peers(("encode", spec, 5), ("prefill", spec, 6))
+    assert prefill.add_peer(encoder)[0] == "ok"
+    remote, local = [6, 2, 3], [0, 4, 5]
+    note = EmbeddingNotification(kind=EmbeddingNotificationKind.PULLED, pin_id="pin-1",
+                                 incarnation=7)
+    status = prefill.call("read_pages", encoder.name, remote, local, note.to_bytes(), 10.0)
+    assert status[0] == "ok", status
+    src = page_bytes(make_embedding_pages(spec, 5))
+    expected = page_bytes(make_embedding_pages(spec, 6))
+    for r, loc in zip(remote, local, strict=True):
+        expected[loc] = src[r]
+    assert prefill.call("page_bytes")[1] == expected
+    _, notifs, _ = encoder.call("poll_notifs", 10.0)
+    assert [(peer, EmbeddingNotification.from_bytes(m)) for peer, m in notifs] == \
+        [(prefill.name, note)]
+    aborted = EmbeddingNotification(kind=EmbeddingNotificationKind.ABORTED, pin_id="pin-2",
+                                    incarnation=7)
+    assert prefill.call("send_notification", encoder.name, aborted.to_bytes())[0] == "ok"
+    _, notifs, _ = encoder.call("poll_notifs", 10.0)
+    assert [EmbeddingNotification.from_bytes(m) for _, m in notifs] == [aborted]
+    bad = prefill.call("read_pages", encoder.name, [8], [0], b"", 10.0)
+    assert bad[:2] == ("error", "ValueError")  # page id out of range, nothing posted
