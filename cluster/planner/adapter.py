@@ -21,6 +21,7 @@ from collections import Counter
 from collections.abc import Callable
 
 from scission.cluster.planner.core import PlannerCore
+from scission.cluster.planner.encode_sizing import EncodeSizer
 from scission.cluster.planner.types import (
     Action,
     ForwardSample,
@@ -51,8 +52,11 @@ class PlannerLoop:
 
     def __init__(self, core: PlannerCore, store: PoolStore, directory: WorkerDirectory,
                  etcd, registry: RegistryConfig, interval_s: float,
-                 pending: Callable[[PoolTargets], bool]) -> None:
-        """``pending(targets)``: the controller has not reached ``targets`` yet."""
+                 pending: Callable[[PoolTargets], bool],
+                 encode_sizer: EncodeSizer | None = None) -> None:
+        """``pending(targets)``: the controller has not reached ``targets`` yet.
+        ``encode_sizer``: sizes the encode pool from its queue on ticks without a core
+        decision (``encode_sizing``; None = a default one)."""
         self.core = core
         self.store = store
         self.directory = directory
@@ -60,7 +64,9 @@ class PlannerLoop:
         self._slo_prefix = slo_prefix(registry.prefix)
         self.interval_s = interval_s
         self._pending = pending
+        self.encode_sizer = encode_sizer or EncodeSizer()
         self._seen_steps: dict[str, float] = {}  # worker_id -> end time of the last step seen
+        self._encode_queue: dict[str, int] = {}  # worker_id -> images waiting (last observe)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="planner", daemon=True)
         self.last_decision: PoolDecision | None = None
@@ -107,6 +113,8 @@ class PlannerLoop:
                                   str(applied).lower())] += 1
             logger.info("planner %s (%s, %s): %s", decision.action.value, decision.loop.value,
                         "applied" if applied else control.mode.value, decision.reason)
+        elif not inp.pending_change:
+            self._size_encode(inp, control, targets, revision)
         record = PlannerDecision(
             at_s=time.time(), action=decision.action.value, loop=decision.loop.value,
             reason=decision.reason, mode=control.mode, applied=applied,
@@ -123,8 +131,11 @@ class PlannerLoop:
         """The core's input from etcd, on the wall clock."""
         now = time.time()
         workers, samples = [], []
+        self._encode_queue = {}
         for info in self.directory.workers():
             stats = self.directory.stats(info.worker_id)
+            if stats is not None:
+                self._encode_queue[info.worker_id] = getattr(stats, "num_encode_waiting", 0)
             workers.append(WorkerObservation(
                 worker_id=info.worker_id, role=info.role,
                 started_at_s=info.role_since_s or info.started_at_s,
@@ -139,6 +150,31 @@ class PlannerLoop:
         return TickInput(now_s=now, targets=targets.as_dict(), workers=workers,
                          slo=self._slo(), samples=samples, hold_until_s=targets.hold_until_s,
                          pending_change=self._pending(targets))
+
+    def _size_encode(self, inp: TickInput, control: PlannerControl, targets: PoolTargets,
+                     revision: int) -> None:
+        """The encode pool's load-based sizing (``encode_sizing``), recorded like a core
+        decision and applied in AUTO."""
+        queued = [self._encode_queue.get(w.worker_id, 0) for w in inp.workers
+                  if w.role is WorkerRole.ENCODE and not w.draining]
+        max_workers = getattr(getattr(self.core, "config", None), "max_workers", 0)
+        change = self.encode_sizer.on_tick(
+            inp.now_s, targets.encode, queued, max_workers - targets.total,
+            held=targets.hold_until_s > inp.now_s)
+        if change is None:
+            return
+        applied = control.mode is PlannerMode.AUTO and self.store.write_targets(
+            dataclasses.replace(targets, encode=change.target, writer=TargetWriter.PLANNER,
+                                reason=change.reason[:200], written_at_s=time.time(),
+                                hold_until_s=0.0), revision)
+        action = "scale_up" if change.target > targets.encode else "scale_down"
+        self.decision_counts[(action, "encode-queue", str(applied).lower())] += 1
+        logger.info("planner encode pool %d -> %d (%s): %s", targets.encode, change.target,
+                    "applied" if applied else control.mode.value, change.reason)
+        self.store.append_decision(PlannerDecision(
+            at_s=time.time(), action=action, loop="encode-queue",
+            reason=f"encode {targets.encode} -> {change.target}: {change.reason}",
+            mode=control.mode, applied=applied, prefill=targets.prefill, decode=targets.decode))
 
     def _new_samples(self, worker_id: str, role: WorkerRole, stats) -> list[ForwardSample]:
         """Steps published since the last tick (``WorkerStatsRecord.steps``)."""
