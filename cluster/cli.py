@@ -109,8 +109,12 @@ def _image_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("images in chat requests (refused while the model is text-only)")
     g.add_argument("--max-image-bytes", type=_positive_int, default=20 * 2**20, metavar="BYTES",
                    help="largest image file, in bytes of the encoded file (default 20971520 = "
-                        "20 MiB); the whole request must also fit the router's 4 MiB gRPC "
-                        "message bound (HTTP: 4 MiB of body, base64 adds a third)")
+                        "20 MiB); the whole request must also fit --max-message-bytes")
+    g.add_argument("--max-message-bytes", type=_positive_int, default=4 * 2**20,
+                   metavar="BYTES",
+                   help="largest request on the public doors: a gRPC message, an HTTP body "
+                        "(base64 images grow by a third); also the router's worker channels "
+                        "(default 4194304 = 4 MiB; raise it to serve large images)")
     g.add_argument("--max-images-per-request", type=_positive_int, default=8, metavar="N",
                    help="images in one request, all messages together (default 8)")
     g.add_argument("--max-image-pixels", type=_positive_int, default=4096 * 4096,

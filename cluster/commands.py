@@ -74,6 +74,7 @@ def _router_config(args: argparse.Namespace) -> RouterConfig:
                         max_image_bytes=args.max_image_bytes,
                         max_images_per_request=args.max_images_per_request,
                         max_image_pixels=args.max_image_pixels, image_formats=args.image_formats,
+                        max_message_bytes=args.max_message_bytes,
                         placement=PlacementConfig(policy=RoutingPolicy(args.routing_policy)),
                         slo_ttft_ms=args.slo_ttft_ms, slo_tpot_ms=args.slo_tpot_ms)
 

@@ -74,6 +74,7 @@ class WorkerConfig:
     embedding_cache_bytes: int = 128 * 1024**2
     embedding_page_tokens: int = 64  # embedding rows per page
     max_encode_batch_images: int = 8  # images per vision-tower forward pass
+    max_receive_message_bytes: int = 256 * 1024**2  # internal gRPC (Encode carries images)
 
     def __post_init__(self) -> None:
         if self.lease_ttl_s < 1 or self.hold_timeout_s <= 0 or self.stats_interval_s <= 0 \
@@ -110,7 +111,10 @@ class WorkerRuntime:
         self.loop.add_hook(self._drain_kv_events)
         self.embedding_publisher = None if self.encode_service is None else KVEventPublisher(
             self.etcd, config.registry, config.worker_id, config.kv_index, EMBEDDING_DIR)
-        self.server = grpc.server(futures.ThreadPoolExecutor(config.grpc_max_workers))
+        # Encode calls carry whole images: the router's --max-message-bytes bounds them.
+        self.server = grpc.server(futures.ThreadPoolExecutor(config.grpc_max_workers),
+                                  options=[("grpc.max_receive_message_length",
+                                            config.max_receive_message_bytes)])
         self.role_servicer = RoleServicer(servicer_for(self.role)(self))
         pb_grpc.add_WorkerServicer_to_server(self.role_servicer, self.server)
         self.health = health.HealthServicer()

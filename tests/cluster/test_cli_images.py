@@ -61,12 +61,14 @@ def test_up_image_flags_reach_router_config():
     args = build_parser().parse_args(["up", "--max-image-bytes", "1000",
                                       "--max-images-per-request", "2",
                                       "--max-image-pixels", "4096", "--image-formats",
-                                      "webp, PNG"])
+                                      "webp, PNG", "--max-message-bytes", "33554432"])
     router = cluster_config(args).router
     assert (router.max_image_bytes, router.max_images_per_request, router.max_image_pixels,
-            router.image_formats) == (1000, 2, 4096, ("PNG", "WEBP"))
+            router.image_formats, router.max_message_bytes) == \
+        (1000, 2, 4096, ("PNG", "WEBP"), 32 * 2**20)
     default = cluster_config(build_parser().parse_args(["up"])).router
     assert default.image_limits == type(default)().image_limits
+    assert default.max_message_bytes == type(default)().max_message_bytes
     with pytest.raises(SystemExit) as exit_:
         build_parser().parse_args(["up", "--image-formats", "gif"])
     assert exit_.value.code == 2
