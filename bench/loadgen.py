@@ -56,13 +56,26 @@ class LoadResult:
 
 
 def make_request(request: WorkloadRequest, request_id: str) -> generation_pb2.GenerateRequest:
-    """Token-id prompt, greedy, exactly ``output_tokens`` new tokens (``ignore_eos``)."""
+    """Token-id prompt (or, for an image request, one user chat message: its text, then its
+    images), greedy, exactly ``output_tokens`` new tokens (``ignore_eos``)."""
+    sampling = generation_pb2.SamplingParams(
+        temperature=0.0, max_tokens=request.output_tokens, ignore_eos=True
+    )
+    if not request.is_chat:
+        return generation_pb2.GenerateRequest(
+            request_id=request_id,
+            token_ids=generation_pb2.TokenIds(ids=request.prompt_token_ids),
+            sampling=sampling,
+        )
+    parts = [generation_pb2.ContentPart(text=request.text)] + [
+        generation_pb2.ContentPart(image=generation_pb2.Image(data=i.data, mime_type=i.mime_type))
+        for i in request.images
+    ]
+    message = generation_pb2.ChatMessage(role="user", parts=parts)
     return generation_pb2.GenerateRequest(
         request_id=request_id,
-        token_ids=generation_pb2.TokenIds(ids=request.prompt_token_ids),
-        sampling=generation_pb2.SamplingParams(
-            temperature=0.0, max_tokens=request.output_tokens, ignore_eos=True
-        ),
+        chat=generation_pb2.ChatMessages(messages=[message]),
+        sampling=sampling,
     )
 
 
@@ -89,7 +102,9 @@ class _Stream:
         finish = self.last.finish_reason if self.last is not None else 0
         return RequestRecord(
             request_id=self.request_id,
-            prompt_tokens=len(self.request.prompt_token_ids),
+            # a chat request's prompt is tokenized by the router: its length is in the usage
+            prompt_tokens=usage.prompt_tokens if self.request.is_chat
+            else len(self.request.prompt_token_ids),
             output_tokens=sum(self.chunk_tokens),
             start_s=self.start_s,
             chunk_times_s=tuple(self.chunk_times_s),
@@ -104,6 +119,8 @@ class _Stream:
             server_ttft_ms=usage.ttft_ms if self.last is not None else None,
             prefill_worker=usage.prefill_worker,
             decode_worker=usage.decode_worker,
+            images=usage.images,
+            cached_images=usage.cached_images,
         )
 
 

@@ -62,6 +62,8 @@ class RequestRecord:
     server_ttft_ms: float | None = None  # from Usage (router receive -> first token)
     prefill_worker: str = ""
     decode_worker: str = ""
+    images: int = 0  # from Usage: images in the prompt
+    cached_images: int = 0  # of those, served from an embedding cache
 
     def __post_init__(self) -> None:
         assert len(self.chunk_times_s) == len(self.chunk_tokens), "one token count per chunk"
@@ -198,9 +200,16 @@ class BenchSummary:
     slo_attainment: float
     request_goodput_rps: float
     cached_tokens: int = 0
+    images: int = 0  # in the succeeded requests' prompts
+    cached_images: int = 0  # of those, served from an embedding cache
+
+    @property
+    def image_cache_hit_rate(self) -> float | None:
+        """``cached_images / images`` of the succeeded requests; None without images."""
+        return self.cached_images / self.images if self.images else None
 
     def to_dict(self) -> dict[str, object]:
-        return asdict(self)
+        return {**asdict(self), "image_cache_hit_rate": self.image_cache_hit_rate}
 
 
 def _values(values: Iterable[float | None]) -> list[float]:
@@ -239,6 +248,8 @@ def summarize(
         slo_attainment=num_good / len(records) if records else 0.0,
         request_goodput_rps=num_good * per_s,
         cached_tokens=sum(r.cached_tokens for r in ok),
+        images=sum(r.images for r in ok),
+        cached_images=sum(r.cached_images for r in ok),
     )
 
 

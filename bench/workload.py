@@ -77,11 +77,28 @@ def synthetic_requests(
 
 
 @dataclass(frozen=True, slots=True)
+class ImagePart:
+    """One image of a chat request: encoded bytes (PNG/JPEG...) and their MIME type."""
+
+    data: bytes
+    mime_type: str
+
+
+@dataclass(frozen=True, slots=True)
 class WorkloadRequest:
+    """A token-id prompt, or (with ``images``) one user chat message: ``text`` then the
+    images, as content parts; ``prompt_token_ids`` is then empty (the router tokenizes)."""
+
     request_id: str
     prompt_token_ids: tuple[int, ...]
     output_tokens: int  # sent as max_tokens with ignore_eos
     arrival_s: float  # the trace's (scaled) arrival; used by ArrivalKind.TRACE
+    text: str = ""
+    images: tuple[ImagePart, ...] = ()
+
+    @property
+    def is_chat(self) -> bool:
+        return bool(self.images)
 
 
 @dataclass(frozen=True)
