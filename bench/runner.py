@@ -111,7 +111,7 @@ def run_against(
 
 def _rate_runner(
     address: str,
-    workload: Workload,
+    workload: Workload | Callable[[float], Workload],
     arrival: ArrivalConfig,
     slo: SloConfig,
     loadgen: LoadGenConfig | None,
@@ -125,7 +125,8 @@ def _rate_runner(
     def attainment_at(rate_rps: float) -> float:
         run_label = f"{label} @ {rate_rps:g} rps" if label else ""
         rate_arrival = replace(arrival, rate_rps=rate_rps)
-        result = run_against(address, workload, rate_arrival, slo, loadgen, run_label)
+        rate_workload = workload if isinstance(workload, Workload) else workload(rate_rps)
+        result = run_against(address, rate_workload, rate_arrival, slo, loadgen, run_label)
         results.append(result)
         return result.summary.slo_attainment
 
@@ -134,7 +135,7 @@ def _rate_runner(
 
 def run_rate_sweep(
     address: str,
-    workload: Workload,
+    workload: Workload | Callable[[float], Workload],
     arrival: ArrivalConfig,
     slo: SloConfig,
     rates_rps: Sequence[float],
@@ -142,7 +143,10 @@ def run_rate_sweep(
     loadgen: LoadGenConfig | None = None,
     label: str = "",
 ) -> tuple[list[BenchResult], GoodputResult]:
-    """One run per rate (ascending); goodput = highest rate with attainment >= ``target``."""
+    """One run per rate (ascending); goodput = highest rate with attainment >= ``target``.
+
+    ``workload`` may be a function of the rate (e.g. other image bytes per rate, so caches
+    that outlive a run start each rate cold)."""
     results: list[BenchResult] = []
     run = _rate_runner(address, workload, arrival, slo, loadgen, label, results)
     return results, sweep_goodput(run, rates_rps, target)

@@ -25,6 +25,7 @@ import dataclasses
 import logging
 import os
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -48,22 +49,24 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Deployment:
-    """One cluster shape: colocated workers, or prefill + decode pools."""
+    """One cluster shape: colocated workers, or prefill + decode pools (and, for a
+    vision-language model, an encode pool)."""
 
     label: str
     num_colocated: int = 0
     num_prefill: int = 0
     num_decode: int = 0
+    num_encode: int = 0
 
     @property
     def num_workers(self) -> int:
-        return self.num_colocated + self.num_prefill + self.num_decode
+        return self.num_colocated + self.num_prefill + self.num_decode + self.num_encode
 
 
 @dataclass(frozen=True)
 class SideBySideConfig:
     deployments: tuple[Deployment, ...]
-    workload: WorkloadConfig
+    workload: WorkloadConfig | None  # None: the driver builds its own (bench/images.py)
     rates_rps: tuple[float, ...]
     slo: SloConfig
     loadgen: LoadGenConfig
@@ -76,6 +79,7 @@ class SideBySideConfig:
     max_num_batched_tokens: int = 1024
     warmup_requests: int = 2
     seed: int = 0
+    model_path: str | None = None  # None = the default model
 
     def __post_init__(self) -> None:
         if len(self.deployments) < 2 or not self.rates_rps or min(self.rates_rps) <= 0:
@@ -91,6 +95,7 @@ def cluster_config(cfg: SideBySideConfig, dep: Deployment):
     from scission.engine.config import CacheConfig, EngineConfig, SchedulerConfig
 
     engine = EngineConfig(
+        model_path=cfg.model_path,
         dtype=cfg.dtype,
         weight_quantization=cfg.weight_quantization,
         cache=CacheConfig(enable_prefix_caching=cfg.prefix_caching),
@@ -100,6 +105,7 @@ def cluster_config(cfg: SideBySideConfig, dep: Deployment):
         num_prefill=dep.num_prefill,
         num_decode=dep.num_decode,
         num_colocated=dep.num_colocated,
+        num_encode=dep.num_encode,
         engine=engine,
         threads_per_worker=cfg.threads_per_worker,
         pin_cpus=cfg.pin_cpus,
@@ -107,9 +113,16 @@ def cluster_config(cfg: SideBySideConfig, dep: Deployment):
 
 
 def run_deployment(
-    cfg: SideBySideConfig, dep: Deployment, workload: Workload, warmup: Workload | None
+    cfg: SideBySideConfig,
+    dep: Deployment,
+    workload: Workload | Callable[[float], Workload],
+    warmup: Workload | None,
+    saturation: tuple[Workload, int] | None = None,
 ) -> DeploymentRuns:
-    """Start the cluster, warm it up, sweep the rates, stop it (also on failure)."""
+    """Start the cluster, warm it up, sweep the rates, stop it (also on failure).
+    ``workload``: the same one at every rate, or a function of the rate. ``saturation`` =
+    (workload, requests in flight): one more run after the sweep, closed-loop, whose
+    throughput is the deployment's capacity (its ``offered_rate_rps`` is None)."""
     from scission.cluster.launcher import LocalCluster
 
     cluster = LocalCluster(cluster_config(cfg, dep))
@@ -130,6 +143,11 @@ def run_deployment(
             cfg.loadgen,
             dep.label,
         )
+        if saturation is not None:
+            sat_workload, in_flight = saturation
+            sat_arrival = ArrivalConfig(ArrivalKind.CONCURRENCY, concurrency=in_flight)
+            label = f"{dep.label} @ {in_flight} in flight"
+            runs.append(run_against(address, sat_workload, sat_arrival, cfg.slo, cfg.loadgen, label))
     finally:
         cluster.stop()
     return DeploymentRuns(dep.label, tuple(runs), goodput)
@@ -139,6 +157,7 @@ def build_workloads(
     cfg: SideBySideConfig, tokenizer_path: Path | None, corpus: Path | None
 ) -> tuple[Workload, Workload | None]:
     """The measured workload and a warm-up one (other prompts: its own builder seed)."""
+    assert cfg.workload is not None, "a text workload is needed here"
     builder = PromptBuilder.from_tokenizer(load_tokenizer(tokenizer_path), corpus, cfg.seed)
     workload = build_workload(cfg.workload, builder, request_id_prefix="sbs")
     if cfg.warmup_requests == 0:
@@ -149,7 +168,9 @@ def build_workloads(
 
 
 def run_side_by_side(
-    cfg: SideBySideConfig, workload: Workload, warmup: Workload | None
+    cfg: SideBySideConfig,
+    workload: Workload | Callable[[float], Workload],
+    warmup: Workload | None,
 ) -> list[DeploymentRuns]:
     return [run_deployment(cfg, dep, workload, warmup) for dep in cfg.deployments]
 
