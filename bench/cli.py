@@ -7,8 +7,9 @@ import argparse
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
-    """Add ``bench serve|engine|side-by-side|elastic`` under the ``scission`` subparsers ``sub``."""
-    from scission.bench import elastic, side_by_side
+    """Add ``bench serve|engine|side-by-side|elastic|images`` under the ``scission``
+    subparsers ``sub``."""
+    from scission.bench import elastic, images, side_by_side
     from scission.bench import engine as bench_engine
     from scission.bench import serve as bench_serve
 
@@ -29,3 +30,6 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                                help="the pool planner vs static splits on a shifting workload")
     elastic.add_arguments(ela)
     ela.set_defaults(func=elastic.run)
+    img = bench_sub.add_parser("images", help="an image workload on E-P-D vs EP-D vs colocated")
+    images.add_arguments(img)
+    img.set_defaults(func=images.run)

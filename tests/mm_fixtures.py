@@ -20,6 +20,10 @@ import os
 
 import torch
 
+# SmolVLM-Instruct's chat template and the Idefics3 processor's added tokens: one copy, shared
+# with the image benchmark's checkpoint.
+from scission.bench.images_model import IDEFICS3_EXTRA_TOKENS, SMOLVLM_CHAT_TEMPLATE
+
 # llava-hf/llava-1.5-7b-hf's template: images first, then the text parts of a message.
 LLAVA_CHAT_TEMPLATE = (
     "{% for message in messages %}{% if message['role'] != 'system' %}"
@@ -30,21 +34,6 @@ LLAVA_CHAT_TEMPLATE = (
     "{{ content['text'] + ' '}}{% endfor %}{% endfor %}"
     "{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
 )
-
-# HuggingFaceTB/SmolVLM-Instruct's template: parts in order, <image> where an image goes.
-SMOLVLM_CHAT_TEMPLATE = (
-    "<|im_start|>{% for message in messages %}{{message['role'] | capitalize}}"
-    "{% if message['content'][0]['type'] == 'image' %}{{':'}}{% else %}{{': '}}{% endif %}"
-    "{% for line in message['content'] %}{% if line['type'] == 'text' %}{{line['text']}}"
-    "{% elif line['type'] == 'image' %}{{ '<image>' }}{% endif %}{% endfor %}"
-    "<end_of_utterance>\n{% endfor %}{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}"
-)
-
-IDEFICS3_EXTRA_TOKENS = (
-    ["<fake_token_around_image>", "<image>", "<end_of_utterance>", "<global-img>"]
-    + [f"<row_{r}_col_{c}>" for r in range(1, 7) for c in range(1, 7)]
-)
-
 
 def _text_config(vocab_size: int, **extra):
     from transformers import LlamaConfig
