@@ -237,7 +237,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _add_load_arguments(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("load and output")
-    g.add_argument("--rates", type=_rates, default="0.3,0.6", metavar="R1,R2,...",
+    g.add_argument("--rates", type=_rates, default="0.15,0.25", metavar="R1,R2,...",
                    help="Poisson rates (requests/s), one run per rate per deployment")
     g.add_argument("--saturation-in-flight", type=int, default=6,
                    help="closed-loop run with this many requests in flight (0 = none)")
