@@ -32,7 +32,6 @@ from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-import grpc
 import ray
 from etcd3.etcdrpc import kv_pb2
 
@@ -43,10 +42,9 @@ from scission.bench.metrics import SloConfig
 from scission.bench.prompts import PromptBuilder, load_tokenizer
 from scission.bench.runner import BenchResult, run_against
 from scission.bench.workload import Workload, WorkloadRequest
-from scission.cluster.launcher import ClusterConfig, LocalCluster
+from scission.cluster.launcher import ClusterConfig, LocalCluster, worker_stub
 from scission.engine.config import CacheConfig, EngineConfig
 from scission.proto.scission.internal.v1 import worker_pb2 as wpb
-from scission.proto.scission.internal.v1 import worker_pb2_grpc as wpb_grpc
 from scission.registry.directory import WorkerDirectory
 from scission.registry.etcd_watch import WatchLoop
 from scission.registry.kv_index import kv_prefix
@@ -152,7 +150,7 @@ def warm_up(cluster: LocalCluster, seed: int) -> None:
     sampling = wpb.SamplingParams(temperature=0.0, top_p=1.0, max_tokens=1, ignore_eos=True)
     with WorkerDirectory(client, RegistryConfig(prefix=cluster.config.registry_prefix)) as d:
         for info in d.workers():
-            stub = wpb_grpc.WorkerStub(grpc.insecure_channel(info.endpoint))
+            stub = worker_stub(info.endpoint, cluster.cluster_token)
             ids = [rng.randrange(100, 40_000) for _ in range(64)]
             rid = f"warmup-{info.worker_id}"
             if info.role is WorkerRole.PREFILL:

@@ -37,7 +37,7 @@ import grpc
 import numpy as np
 
 from scission.bench.cli_main import bench_main, report
-from scission.cluster.launcher import ClusterConfig, LocalCluster
+from scission.cluster.launcher import ClusterConfig, LocalCluster, worker_stub
 from scission.engine.config import CacheConfig, EngineConfig
 from scission.engine.tokenizer import default_model_path, load_tokenizer
 from scission.proto.scission.internal.v1 import worker_pb2 as wpb
@@ -161,7 +161,7 @@ def run(cfg: RouterOverheadConfig, output: Path = RESULTS) -> dict[str, object]:
         etcd.close()
         tokenizer = load_tokenizer(cluster.config.engine.model_path or default_model_path())
         router = pb_grpc.GenerationStub(grpc.insecure_channel(address))
-        worker = wpb_grpc.WorkerStub(grpc.insecure_channel(info.endpoint))
+        worker = worker_stub(info.endpoint, cluster.cluster_token)
         work = prompts(cfg, tokenizer)
         for path in PATHS:  # warm-up: channels, first-call costs
             run_path(path, *work[0], cfg, router, worker)

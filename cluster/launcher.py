@@ -22,6 +22,7 @@ from scission.registry.directory import WorkerDirectory
 from scission.registry.pools import PlannerMode, PoolStore, PoolTargets, TargetWriter
 from scission.registry.workers import EtcdClientConfig, RegistryConfig, WorkerRole, connect
 from scission.router.config import RouterConfig
+from scission.worker.cluster_auth import new_cluster_token
 from scission.worker.ports import find_free_port
 
 logger = logging.getLogger(__name__)
@@ -130,6 +131,9 @@ class LocalCluster:
         self.router_address: str | None = None
         self.router_http_address: str | None = None  # host:port of the OpenAI HTTP door
         self._ray_started = False
+        # The internal door's credential (worker/cluster_auth.py): workers and the router get
+        # it in memory through Ray; tests reach workers with ``worker_stub``.
+        self.cluster_token = new_cluster_token()
         self._etcd_cfg: EtcdClientConfig | None = None
 
     def start(self) -> str:
@@ -162,6 +166,7 @@ class LocalCluster:
         if http_port == 0:
             http_port = find_free_port(cfg.router.host)
         router_cfg = dataclasses.replace(cfg.router, etcd=self._etcd_cfg, port=router_port,
+                                         cluster_token=self.cluster_token,
                                          http_port=http_port, model_path=cfg.router.model_path
                                          or cfg.engine.model_path,  # tokenizer, processor
                                          registry=RegistryConfig(prefix=cfg.registry_prefix),
@@ -289,4 +294,17 @@ class LocalCluster:
                               registry=RegistryConfig(prefix=cfg.registry_prefix),
                               lease_ttl_s=cfg.lease_ttl_s, hold_timeout_s=cfg.hold_timeout_s,
                               max_restarts=cfg.max_worker_restarts, threads=threads,
-                              cpu_sets=cpu_sets, name_suffix=str(os.getpid()))
+                              cpu_sets=cpu_sets, name_suffix=str(os.getpid()),
+                              cluster_token=self.cluster_token)
+
+
+def worker_stub(endpoint: str, cluster_token: str):
+    """A stub for one worker's internal API carrying the cluster token (tests, benchmarks:
+    ``LocalCluster.cluster_token``)."""
+    import grpc
+
+    from scission.proto.scission.internal.v1 import worker_pb2_grpc
+    from scission.worker.cluster_auth import with_cluster_token
+
+    return worker_pb2_grpc.WorkerStub(with_cluster_token(grpc.insecure_channel(endpoint),
+                                                         cluster_token))

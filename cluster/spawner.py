@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import ray
 
@@ -30,6 +30,7 @@ class WorkerTemplate:
     threads: int  # torch threads per worker
     cpu_sets: tuple[tuple[int, ...], ...] = ()  # pin_cpus: used in turn by spawn order
     name_suffix: str = ""  # Ray actor names: scission-{worker_id}-{suffix}
+    cluster_token: str = field(default="", repr=False)  # worker/cluster_auth.py
 
 
 class WorkerSpawner:
@@ -58,7 +59,7 @@ class WorkerSpawner:
         engine = dataclasses.replace(t.engine, num_threads=t.threads)
         config = WorkerConfig(worker_id=worker_id, role=role, engine=engine, etcd=t.etcd,
                               host=t.host, registry=t.registry, lease_ttl_s=t.lease_ttl_s,
-                              hold_timeout_s=t.hold_timeout_s)
+                              hold_timeout_s=t.hold_timeout_s, cluster_token=t.cluster_token)
         actor = WorkerActor.options(name=f"scission-{worker_id}-{t.name_suffix}",
                                     max_restarts=t.max_restarts).remote(config, cpu_ids)
         logger.info("starting worker %s", worker_id)

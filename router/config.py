@@ -66,6 +66,8 @@ class RouterConfig:
     prefill_timeout_s: float = 120.0
     request_timeout_s: float = 600.0
     max_message_bytes: int = 4 * 1024**2  # gRPC send/receive (router and its worker channels)
+    # Sent with every call to a worker (worker/cluster_auth.py); set by ``scission up``.
+    cluster_token: str = field(default="", repr=False)
     max_concurrent_rpcs: int = 1024  # gRPC server threads; also the HTTP door's
     # Admission control (router/admission.py): requests in flight and prompt tokens not yet
     # prefilled, across both doors; beyond either -> RESOURCE_EXHAUSTED / HTTP 429 at once.

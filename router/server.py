@@ -261,7 +261,7 @@ class RouterServer:
         self.tokenizer = load_tokenizer(config.model_path or default_model_path())
         self.etcd = connect(config.etcd)
         self.directory = WorkerDirectory(self.etcd, config.registry)
-        self.pool = WorkerPool(self.directory, config.max_message_bytes)
+        self.pool = WorkerPool(self.directory, config.max_message_bytes, config.cluster_token)
         self.index = PrefixIndex(config.placement.speculative_ttl_s)
         self.kv_watcher = KVIndexWatcher(self.etcd, config.registry, self.index)
         self.placer = Placer(config.placement, self.pool, prefix_match=self.index.match)

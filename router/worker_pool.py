@@ -17,6 +17,7 @@ import grpc
 from scission.proto.scission.internal.v1 import worker_pb2_grpc as pb_grpc
 from scission.registry.directory import WorkerDirectory
 from scission.registry.workers import WorkerInfo, WorkerRole
+from scission.worker.cluster_auth import with_cluster_token
 
 logger = logging.getLogger(__name__)
 
@@ -34,8 +35,11 @@ class WorkerLoad:
 
 
 class WorkerPool:
-    def __init__(self, directory: WorkerDirectory, max_message_bytes: int = 4 * 1024**2) -> None:
+    def __init__(self, directory: WorkerDirectory, max_message_bytes: int = 4 * 1024**2,
+                 cluster_token: str = "") -> None:
+        """``cluster_token``: sent with every worker call (``worker/cluster_auth.py``)."""
         self.directory = directory
+        self._cluster_token = cluster_token
         self._channel_options = [("grpc.max_receive_message_length", max_message_bytes),
                                  ("grpc.max_send_message_length", max_message_bytes)]
         self._lock = threading.Lock()
@@ -66,7 +70,7 @@ class WorkerPool:
             if cached is not None:
                 cached[1].close()
             channel = grpc.insecure_channel(info.endpoint, options=self._channel_options)
-            stub = pb_grpc.WorkerStub(channel)
+            stub = pb_grpc.WorkerStub(with_cluster_token(channel, self._cluster_token))
             self._channels[info.worker_id] = (info.endpoint, channel, stub)
             return stub
 

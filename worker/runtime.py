@@ -33,6 +33,7 @@ from scission.registry.workers import (
     connect,
 )
 from scission.worker import lifecycle
+from scission.worker.cluster_auth import ClusterTokenInterceptor
 from scission.worker.encode_service import (
     encode_rpc,
     make_encode_service,
@@ -75,6 +76,9 @@ class WorkerConfig:
     embedding_page_tokens: int = 64  # embedding rows per page
     max_encode_batch_images: int = 8  # images per vision-tower forward pass
     max_receive_message_bytes: int = 256 * 1024**2  # internal gRPC (Encode carries images)
+    # The internal door (worker/cluster_auth.py): calls without this token are refused;
+    # "" = no check (a worker built by hand in a test).
+    cluster_token: str = field(default="", repr=False)
 
     def __post_init__(self) -> None:
         if self.lease_ttl_s < 1 or self.hold_timeout_s <= 0 or self.stats_interval_s <= 0 \
@@ -112,7 +116,13 @@ class WorkerRuntime:
         self.embedding_publisher = None if self.encode_service is None else KVEventPublisher(
             self.etcd, config.registry, config.worker_id, config.kv_index, EMBEDDING_DIR)
         # Encode calls carry whole images: the router's --max-message-bytes bounds them.
+        self.token_check = ClusterTokenInterceptor(config.cluster_token) \
+            if config.cluster_token else None
+        if self.token_check is None:
+            logger.warning("worker %s: no cluster token, the internal API is open to anyone "
+                           "who reaches its port", config.worker_id)
         self.server = grpc.server(futures.ThreadPoolExecutor(config.grpc_max_workers),
+                                  interceptors=[self.token_check] if self.token_check else [],
                                   options=[("grpc.max_receive_message_length",
                                             config.max_receive_message_bytes)])
         self.role_servicer = RoleServicer(servicer_for(self.role)(self))

@@ -9,13 +9,13 @@ import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
-import grpc
 import pytest
 import ray
 from serving_helpers import token_request, wait_until
 
 from scission.cluster.client import connect, generate
 from scission.cluster.launcher import ClusterConfig, LocalCluster
+from scission.cluster.launcher import worker_stub as launcher_worker_stub
 from scission.engine.config import CacheConfig, EngineConfig
 from scission.proto.scission.internal.v1 import worker_pb2 as wpb
 from scission.proto.scission.internal.v1 import worker_pb2_grpc as wpb_grpc
@@ -88,17 +88,17 @@ class Load:
         return results
 
 
-def blocks_all_free(directory) -> bool:
+def blocks_all_free(cluster, directory) -> bool:
     for w in directory.workers():
-        stub = connect_worker(directory, w.worker_id)
+        stub = connect_worker(cluster, directory, w.worker_id)
         s = stub.GetStats(wpb.StatsRequest(), timeout=5)
         if s.num_free_blocks != s.num_blocks or s.num_held or s.num_running or s.num_waiting:
             return False
     return True
 
 
-def connect_worker(directory, worker_id: str) -> wpb_grpc.WorkerStub:
-    return wpb_grpc.WorkerStub(grpc.insecure_channel(directory.get(worker_id).endpoint))
+def connect_worker(cluster, directory, worker_id: str) -> wpb_grpc.WorkerStub:
+    return launcher_worker_stub(directory.get(worker_id).endpoint, cluster.cluster_token)
 
 
 def roles(directory) -> dict[str, WorkerRole]:
@@ -132,7 +132,7 @@ def test_scale_decode_up_under_load(cluster, directory, store, chat_prompt_ids,
     time.sleep(1.0)  # the router's own watch sees decode-1
     after = Load(cluster.router_address, chat_prompt_ids[6:10], engine_reference[6:10])
     assert "decode-1" in {r.decode_worker for r in after.results_exact()}
-    wait_until(lambda: blocks_all_free(directory), 30)
+    wait_until(lambda: blocks_all_free(cluster, directory), 30)
     port = ray.get(cluster.controller.bound_metrics_port.remote())
     text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
     assert 'scission_pool_target_workers{role="decode"} 2.0' in text
@@ -157,7 +157,7 @@ def test_drain_decode_worker_under_load(cluster, directory, store, chat_prompt_i
     wait_until(lambda: "decode-0" not in roles(directory), 30)
     assert "decode-0" not in cluster.workers
     print(f"\ndrain of decode-0 took {done.duration_s:.1f}s: {done.message}")
-    wait_until(lambda: blocks_all_free(directory), 30)
+    wait_until(lambda: blocks_all_free(cluster, directory), 30)
 
 
 def test_flip_prefill_to_decode_under_load(cluster, directory, store, chat_prompt_ids,
@@ -186,7 +186,7 @@ def test_flip_prefill_to_decode_under_load(cluster, directory, store, chat_promp
     results = after.results_exact()
     assert "prefill-1" in {r.decode_worker for r in results}
     assert {r.prefill_worker for r in results} == {"prefill-0"}
-    wait_until(lambda: blocks_all_free(directory), 30)
+    wait_until(lambda: blocks_all_free(cluster, directory), 30)
 
 
 def test_worker_that_used_up_its_restarts_is_replaced(cluster, directory, store,
@@ -203,4 +203,4 @@ def test_worker_that_used_up_its_restarts_is_replaced(cluster, directory, store,
     assert sorted(w for w, r in roles(directory).items() if r is WorkerRole.DECODE) == \
         ["decode-2", "prefill-1"]
     assert ray.get(cluster.controller.num_replaced.remote()) == 1
-    wait_until(lambda: blocks_all_free(directory), 30)
+    wait_until(lambda: blocks_all_free(cluster, directory), 30)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import io
 
-import grpc
 import numpy as np
 import pytest
 import torch
@@ -13,9 +12,9 @@ from serving_helpers import wait_until
 
 from scission.cluster.client import GenerationResult, connect, generate
 from scission.cluster.launcher import ClusterConfig, LocalCluster
+from scission.cluster.launcher import worker_stub as launcher_worker_stub
 from scission.engine.config import CacheConfig, EngineConfig
 from scission.proto.scission.internal.v1 import worker_pb2 as wpb
-from scission.proto.scission.internal.v1 import worker_pb2_grpc as wpb_grpc
 from scission.proto.scission.v1 import generation_pb2 as pb
 from scission.registry.workers import WorkerRole
 
@@ -99,8 +98,8 @@ def worker_stats(cluster: LocalCluster, role: WorkerRole) -> wpb.WorkerStats:
     finally:
         directory.close()
         client.close()
-    with grpc.insecure_channel(info.endpoint) as channel:
-        return wpb_grpc.WorkerStub(channel).GetStats(wpb.StatsRequest(), timeout=10)
+    return launcher_worker_stub(info.endpoint, cluster.cluster_token).GetStats(
+        wpb.StatsRequest(), timeout=10)
 
 
 def run_all(address: str, requests: list[pb.GenerateRequest],

@@ -55,6 +55,7 @@ def cluster():
 def local_router(cluster):
     """A router in this process; the decode worker prefills when it holds >= 90% of a prompt."""
     cfg = RouterConfig(etcd=EtcdClientConfig(endpoints=(cluster.etcd.endpoint,)),
+                       cluster_token=cluster.cluster_token,
                        registry=RegistryConfig(prefix=cluster.config.registry_prefix),
                        placement=PlacementConfig(local_prefill_min_hit_ratio=0.9),
                        metrics_port=0)

@@ -10,7 +10,6 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-import grpc
 import httpx
 import openai
 import pytest
@@ -18,9 +17,9 @@ from serving_helpers import run_concurrently, token_request, wait_until
 
 from scission.cluster.client import connect, generate, make_request
 from scission.cluster.launcher import ClusterConfig, LocalCluster
+from scission.cluster.launcher import worker_stub as launcher_worker_stub
 from scission.engine.config import CacheConfig, EngineConfig
 from scission.proto.scission.internal.v1 import worker_pb2 as wpb
-from scission.proto.scission.internal.v1 import worker_pb2_grpc as wpb_grpc
 from scission.registry.directory import WorkerDirectory
 from scission.registry.workers import EtcdClientConfig, RegistryConfig
 from scission.registry.workers import connect as etcd_connect
@@ -63,9 +62,9 @@ def model(client) -> str:
     return client.models.list().data[0].id
 
 
-def all_blocks_free(directory) -> bool:
+def all_blocks_free(cluster, directory) -> bool:
     for w in directory.workers():
-        stub = wpb_grpc.WorkerStub(grpc.insecure_channel(w.endpoint))
+        stub = launcher_worker_stub(w.endpoint, cluster.cluster_token)
         s = stub.GetStats(wpb.StatsRequest(), timeout=5)
         if s.num_free_blocks != s.num_blocks or s.num_held or s.num_running or s.num_waiting:
             return False
@@ -199,8 +198,8 @@ def test_error_statuses(cluster, client, model):
     assert e.value.status_code == 413 and e.value.body["param"] == "prompt"
 
 
-def decode_tokens_total(directory) -> int:
-    return sum(wpb_grpc.WorkerStub(grpc.insecure_channel(w.endpoint)).GetStats(
+def decode_tokens_total(cluster, directory) -> int:
+    return sum(launcher_worker_stub(w.endpoint, cluster.cluster_token).GetStats(
         wpb.StatsRequest(), timeout=5).num_decode_tokens_total for w in directory.workers())
 
 
@@ -208,7 +207,7 @@ def test_disconnect_mid_stream_frees_blocks(cluster, directory, model):
     """A client that drops a 400-token SSE stream after a few chunks ends its request: the
     workers' KV blocks are all free again, nothing runs, and far fewer than 400 tokens were
     decoded."""
-    before = decode_tokens_total(directory)
+    before = decode_tokens_total(cluster, directory)
     body = {"model": model, "messages": [{"role": "user", "content": PROMPTS[1]}],
             "max_tokens": 400, "ignore_eos": True, "stream": True}
     with httpx.Client(timeout=300) as h, h.stream(
@@ -218,8 +217,8 @@ def test_disconnect_mid_stream_frees_blocks(cluster, directory, model):
         got = b""
         while got.count(b"\n\n") < 4:
             got += next(chunks)
-    wait_until(lambda: all_blocks_free(directory), timeout_s=60)
-    assert decode_tokens_total(directory) - before < 100
+    wait_until(lambda: all_blocks_free(cluster, directory), timeout_s=60)
+    assert decode_tokens_total(cluster, directory) - before < 100
 
 
 def _burst(calls) -> list[tuple[object, float]]:
@@ -240,6 +239,7 @@ def test_admission_burst_of_20_with_bound_4(cluster, chat_prompt_ids):
     over the bound are refused at once (RESOURCE_EXHAUSTED / 429 + Retry-After, all before
     any admitted one finishes) and the 4 admitted finish with the unbounded router's tokens."""
     cfg = RouterConfig(etcd=EtcdClientConfig(endpoints=(cluster.etcd.endpoint,)),
+                       cluster_token=cluster.cluster_token,
                        registry=RegistryConfig(prefix=cluster.config.registry_prefix),
                        max_concurrent_requests=4, http_port=0)
     router = RouterServer(cfg).start()

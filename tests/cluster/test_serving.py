@@ -13,6 +13,7 @@ from serving_helpers import run_concurrently, token_request, wait_until
 
 from scission.cluster.client import connect, generate
 from scission.cluster.launcher import ClusterConfig, LocalCluster
+from scission.cluster.launcher import worker_stub as launcher_worker_stub
 from scission.engine.config import CacheConfig, EngineConfig
 from scission.kv_transfer.handle import TransferHandle
 from scission.proto.scission.internal.v1 import worker_pb2 as wpb
@@ -46,13 +47,13 @@ def directory(cluster):
         yield d
 
 
-def worker_stub(directory, worker_id: str) -> wpb_grpc.WorkerStub:
-    return wpb_grpc.WorkerStub(grpc.insecure_channel(directory.get(worker_id).endpoint))
+def worker_stub(cluster, directory, worker_id: str) -> wpb_grpc.WorkerStub:
+    return launcher_worker_stub(directory.get(worker_id).endpoint, cluster.cluster_token)
 
 
-def all_blocks_free(directory) -> bool:
+def all_blocks_free(cluster, directory) -> bool:
     for w in directory.workers():
-        s = worker_stub(directory, w.worker_id).GetStats(wpb.StatsRequest(), timeout=5)
+        s = worker_stub(cluster, directory, w.worker_id).GetStats(wpb.StatsRequest(), timeout=5)
         if s.num_free_blocks != s.num_blocks or s.num_held or s.num_running or s.num_waiting:
             return False
     return True
@@ -87,14 +88,15 @@ def test_same_client_request_id_twice(cluster, directory, chat_prompt_ids, engin
         assert res.error == "", res.error
         assert res.token_ids == ref, f"prompt {i} differs"
         assert res.request_id == "same-id"
-    wait_until(lambda: all_blocks_free(directory), 30)
+    wait_until(lambda: all_blocks_free(cluster, directory), 30)
 
 
 def test_kv_crosses_over_nixl(cluster, directory, chat_prompt_ids):
     """Decode's blocks hold exactly prefill's KV bytes for the prompt, and decode never runs
     the prompt through the model (its prompt-token counter does not move)."""
     ids = chat_prompt_ids[5]
-    pre, dec = worker_stub(directory, "prefill-0"), worker_stub(directory, "decode-0")
+    pre = worker_stub(cluster, directory, "prefill-0")
+    dec = worker_stub(cluster, directory, "decode-0")
     sampling = wpb.SamplingParams(temperature=0.0, top_p=1.0, max_tokens=4, ignore_eos=True)
     resp = pre.Prefill(wpb.PrefillRequest(request_id="kv-cross", prompt_token_ids=ids,
                                           sampling=sampling), timeout=60)
@@ -114,6 +116,52 @@ def test_kv_crosses_over_nixl(cluster, directory, chat_prompt_ids):
     wait_until(lambda: pre.GetStats(wpb.StatsRequest(), timeout=5).num_held == 0, 10)
 
 
+def internal_calls(stub: wpb_grpc.WorkerStub, ids: list[int], sampling) -> list:
+    """Every internal RPC, each as a call that raises the RPC's error."""
+    return [
+        lambda: stub.Prefill(wpb.PrefillRequest(request_id="x", prompt_token_ids=ids,
+                                                sampling=sampling), timeout=10),
+        lambda: list(stub.Decode(wpb.DecodeRequest(
+            request_id="x", prompt_token_ids=ids, first_token_id=1, sampling=sampling,
+            transfer_handle=b"guessed"), timeout=10)),
+        lambda: list(stub.Generate(wpb.GenerateRequest(
+            request_id="x", prompt_token_ids=ids, sampling=sampling), timeout=10)),
+        lambda: stub.Encode(wpb.EncodeRequest(request_id="x", image=b"x"), timeout=10),
+        lambda: stub.Release(wpb.ReleaseRequest(request_id="x"), timeout=10),
+        lambda: stub.Abort(wpb.AbortRequest(request_id="x"), timeout=10),
+        lambda: stub.GetStats(wpb.StatsRequest(), timeout=10)]
+
+
+def test_internal_api_refuses_callers_without_the_cluster_token(cluster, directory,
+                                                               chat_prompt_ids):
+    """The probes of the doors issue, from outside the cluster: every internal RPC without
+    the token (or with a wrong one) end UNAUTHENTICATED and reach
+    no handler (the workers' prompt-token counters stay put); health checks stay open."""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from scission.worker.cluster_auth import with_cluster_token
+
+    ids = chat_prompt_ids[3]
+    sampling = wpb.SamplingParams(temperature=0.0, max_tokens=2)
+    counted = {w: worker_stub(cluster, directory, w).GetStats(wpb.StatsRequest(), timeout=5)
+               .num_prompt_tokens_computed for w in ("prefill-0", "decode-0")}
+    for token in ("", "not-the-token"):
+        for worker_id in ("prefill-0", "decode-0"):
+            channel = grpc.insecure_channel(directory.get(worker_id).endpoint)
+            stub = wpb_grpc.WorkerStub(with_cluster_token(channel, token))
+            calls = internal_calls(stub, ids, sampling)
+            for call in calls:
+                with pytest.raises(grpc.RpcError) as e:
+                    call()
+                assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED, e.value
+            health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(),
+                                                               timeout=10)
+            assert health.status == health_pb2.HealthCheckResponse.SERVING
+            channel.close()
+    assert counted == {w: worker_stub(cluster, directory, w).GetStats(
+        wpb.StatsRequest(), timeout=5).num_prompt_tokens_computed for w in counted}
+
+
 def test_cancelled_and_finished_requests_free_every_block(cluster, directory, chat_prompt_ids):
     """After finished and client-cancelled requests (during prefill and during decode), every
     worker's free block count is back to its total and nothing is held or running."""
@@ -125,7 +173,7 @@ def test_cancelled_and_finished_requests_free_every_block(cluster, directory, ch
     done = run_concurrently(cluster.router_address,
                             [token_request(ids, 8) for ids in chat_prompt_ids[6:10]], 4)
     assert all(r.error == "" and r.output_tokens == 8 for r in done)
-    wait_until(lambda: all_blocks_free(directory), 30)
+    wait_until(lambda: all_blocks_free(cluster, directory), 30)
 
 
 @pytest.mark.parametrize("request_, code, field", [
@@ -222,7 +270,7 @@ def test_requests_migrate_off_a_killed_decode_worker(cluster, directory, chat_pr
         # Kill once every stream is under way (so none has finished on decode-0), decided by
         # what the client has seen rather than by a sleep that a slow machine can outrun.
         wait_until(lambda: min(streamed) >= 3, 120, interval_s=0.01)
-        dec = worker_stub(directory, "decode-0")
+        dec = worker_stub(cluster, directory, "decode-0")
         assert dec.GetStats(wpb.StatsRequest(), timeout=10).num_running > 0
         cluster.kill_worker("decode-0")
         results = [f.result(timeout=300) for f in futs]
