@@ -28,7 +28,7 @@ from scission.registry.workers import WorkerInfo
 from scission.worker.convert import sampling_from_proto
 from scission.worker.embedding_pull import image_inputs
 from scission.worker.runtime import BaseWorkerServicer, WorkerRuntime
-from scission.worker.stream import stream_request
+from scission.worker.stream import claim_stream, stream_request
 
 logger = logging.getLogger(__name__)
 
@@ -54,29 +54,29 @@ class DecodeServicer(BaseWorkerServicer):
     def Decode(self, request: pb.DecodeRequest, context):
         rid, prompt = request.request_id, list(request.prompt_token_ids)
         params = self._params(request.sampling, context)
-        try:
-            handle = TransferHandle.from_bytes(request.transfer_handle)
-        except ValueError as e:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"transfer_handle: {e}")
-        if handle.num_tokens != len(prompt) or handle.block_size != self.engine.kv_cache.block_size:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                          "transfer_handle: num_tokens/block_size do not match this request")
+        handle = self._checked_handle(request, context)
         mm = image_inputs(self.runtime, request.images, prompt, False, context)
-        blocks = self._reserve(rid, len(prompt), context)
-        pulled = self._pull(handle, blocks)
+        q = claim_stream(self.loop, rid, context)  # a duplicate id reserves nothing
+        try:
+            blocks = self._reserve(rid, len(prompt), context)
+        except BaseException:
+            self.loop.close_stream(rid, q)
+            raise
         first = request.first_token_id
-        if pulled:
+        if self._pull(handle, rid, blocks):
             add = lambda: self.engine.add_prefilled_request(rid, prompt, first, params, blocks,  # noqa: E731
                                                             mm_inputs=mm)
-        else:
-            self.loop.call(lambda: self.engine.free_reserved(rid, blocks))
+            undo = lambda: self.loop.call(lambda: self.engine.free_reserved(rid, blocks))  # noqa: E731
+        else:  # the blocks were freed
             # An image request's embeddings were released after the prefill pulled them:
             # recomputing here would need them again, so the router re-runs it instead.
             if mm or not self.runtime.config.kv_pull_failure_recompute:
+                self.loop.close_stream(rid, q)
                 context.abort(grpc.StatusCode.UNAVAILABLE, f"KV pull for {rid} failed")
             add = lambda: self.engine.add_recompute_request(rid, prompt, [first], params)  # noqa: E731
+            undo = lambda: None  # noqa: E731
         yield from stream_request(self.loop, rid, add, context,
-                                  self.runtime.config.request_timeout_s)
+                                  self.runtime.config.request_timeout_s, q, undo)
 
     # -- helpers -----------------------------------------------------------------------
     def _params(self, m: pb.SamplingParams, context):
@@ -84,6 +84,18 @@ class DecodeServicer(BaseWorkerServicer):
             return sampling_from_proto(m)
         except InvalidRequestError as e:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+
+    def _checked_handle(self, request: pb.DecodeRequest, context) -> TransferHandle:
+        """The request's transfer handle; INVALID_ARGUMENT if malformed or not this prompt's."""
+        try:
+            handle = TransferHandle.from_bytes(request.transfer_handle)
+        except ValueError as e:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"transfer_handle: {e}")
+        if handle.num_tokens != len(request.prompt_token_ids) \
+                or handle.block_size != self.engine.kv_cache.block_size:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                          "transfer_handle: num_tokens/block_size do not match this request")
+        return handle
 
     def _reserve(self, rid: str, num_tokens: int, context) -> list[int]:
         """Blocks for the pulled prompt, waiting while the cache is full: running requests
@@ -100,10 +112,11 @@ class DecodeServicer(BaseWorkerServicer):
                               f"no free KV blocks for {num_tokens} prompt tokens")
             time.sleep(0.05)
 
-    def _pull(self, handle: TransferHandle, blocks: list[int]) -> bool:
-        """NIXL READ of the handle's blocks into ``blocks``; False on any transfer failure."""
+    def _pull(self, handle: TransferHandle, rid: str, blocks: list[int]) -> bool:
+        """NIXL READ of the handle's blocks into ``blocks``; False on any transfer failure,
+        with ``blocks`` freed."""
         note = KVNotification(kind=KVNotificationKind.PULL_DONE, request_id=handle.request_id,
-                              incarnation=handle.incarnation).to_bytes()
+                              incarnation=handle.incarnation, hold_id=handle.hold_id).to_bytes()
         try:
             self._ensure_peer(handle)
             self.runtime.agent.read_blocks(handle.agent_name, list(handle.block_ids), blocks,
@@ -112,6 +125,7 @@ class DecodeServicer(BaseWorkerServicer):
             self.num_pull_failures += 1
             logger.warning("KV pull for %s from %s failed: %s", handle.request_id,
                            handle.prefill_worker_id, e)
+            self.loop.call(lambda: self.engine.free_reserved(rid, blocks))
             return False
         self.pulled[handle.request_id] = list(blocks)
         while len(self.pulled) > 256:

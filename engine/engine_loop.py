@@ -16,7 +16,7 @@ from concurrent.futures import Future
 from typing import TypeVar
 
 from scission.engine.llm_engine import LLMEngine, RequestOutput
-from scission.engine.request import FinishReason
+from scission.engine.request import DuplicateRequestError, FinishReason
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -28,12 +28,19 @@ FINISHED_ABORT = RequestOutput("", (), "", FinishReason.ABORT, 0, 0)
 MIGRATE = RequestOutput("", (), "", FinishReason.ABORT, 0, 0)
 
 
+class StreamClosedError(RuntimeError):
+    """The request's stream was aborted (or evicted) before the request was added."""
+
+
 class EngineLoop:
     def __init__(self, engine: LLMEngine, idle_wait_s: float = 0.05) -> None:
         self.engine = engine
         self.idle_wait_s = idle_wait_s
         self._commands: queue.SimpleQueue[tuple[Callable[[], object], Future]] = queue.SimpleQueue()
+        # request_id -> its output queue; written by handler threads (open/close) and the
+        # loop thread, under the lock
         self._outputs: dict[str, queue.SimpleQueue[RequestOutput]] = {}
+        self._streams_lock = threading.Lock()
         self._hooks: list[Callable[[], None]] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
@@ -63,21 +70,56 @@ class EngineLoop:
         return fut.result(timeout=timeout_s)
 
     def open_stream(self, request_id: str) -> queue.SimpleQueue[RequestOutput]:
-        """Register the output queue for a request before adding it to the engine."""
+        """Claim ``request_id`` for a new request: register its output queue before adding it
+        (``add_to_stream``). The queue is the request's identity on this worker: closing and
+        aborting name it, so they never touch another request that later takes the id.
+
+        Raises:
+            DuplicateRequestError: the id has an open stream or is running or held in the
+                engine; the existing request and its stream are untouched.
+        """
         q: queue.SimpleQueue[RequestOutput] = queue.SimpleQueue()
-        self._outputs[request_id] = q
+        with self._streams_lock:
+            # engine.knows reads two dicts from this thread: a stale answer only moves the
+            # refusal to add_to_stream (the engine refuses a duplicate there too)
+            if request_id in self._outputs or self.engine.knows(request_id):
+                raise DuplicateRequestError(f"request_id {request_id!r} is already in use "
+                                            "on this worker")
+            self._outputs[request_id] = q
         return q
 
-    def close_stream(self, request_id: str) -> None:
-        self._outputs.pop(request_id, None)
+    def add_to_stream(self, request_id: str, q: queue.SimpleQueue[RequestOutput],
+                      add: Callable[[], T]) -> T:
+        """Run ``add()`` (which adds the request to the engine) on the loop thread, if ``q``
+        is still the request's stream; returns what ``add`` returns.
 
-    def abort(self, request_id: str) -> bool:
-        """Abort wherever the request is; its stream gets a final ABORT output."""
+        Raises:
+            StreamClosedError: the stream was aborted or evicted since ``open_stream``
+                (``add`` is not run).
+            DuplicateRequestError, ValueError: from ``add``.
+        """
+        def _add() -> T:
+            if self._outputs.get(request_id) is not q:
+                raise StreamClosedError(f"request {request_id} was aborted before it started")
+            return add()
+
+        return self.call(_add)
+
+    def close_stream(self, request_id: str, q: queue.SimpleQueue[RequestOutput]) -> None:
+        """Forget the stream ``q`` of ``request_id``; no-op if the id now has another one."""
+        self._take_stream(request_id, q)
+
+    def abort(self, request_id: str, q: queue.SimpleQueue[RequestOutput] | None = None) -> bool:
+        """Abort wherever the request is; its stream gets a final ABORT output. With ``q``,
+        only if ``q`` is still the request's stream (the caller's own request, not a later
+        one with the same id). Returns whether a request was found."""
         def _abort() -> bool:
+            if q is not None and self._outputs.get(request_id) is not q:
+                return False
             found = self.engine.abort(request_id)
-            q = self._outputs.pop(request_id, None)
-            if q is not None:
-                q.put(FINISHED_ABORT)
+            stream = self._take_stream(request_id)
+            if stream is not None:
+                stream.put(FINISHED_ABORT)
             return found
 
         return self.call(_abort)
@@ -86,13 +128,23 @@ class EngineLoop:
         """Abort every request that has an open stream and put ``MIGRATE`` on it (a draining
         worker past its deadline: the caller migrates the request). Returns how many."""
         def _evict() -> int:
-            streams, self._outputs = self._outputs, {}
+            with self._streams_lock:
+                streams, self._outputs = self._outputs, {}
             for rid, q in streams.items():
                 self.engine.abort(rid)
                 q.put(MIGRATE)
             return len(streams)
 
         return self.call(_evict)
+
+    def _take_stream(self, request_id: str, q: queue.SimpleQueue[RequestOutput] | None = None
+                     ) -> queue.SimpleQueue[RequestOutput] | None:
+        """Remove and return the stream of ``request_id`` (only if it is ``q``, when given)."""
+        with self._streams_lock:
+            current = self._outputs.get(request_id)
+            if current is None or (q is not None and current is not q):
+                return None
+            return self._outputs.pop(request_id)
 
     # -- loop thread ----------------------------------------------------------------
     def _run(self) -> None:
@@ -128,7 +180,7 @@ class EngineLoop:
             logger.exception("engine step failed; aborting its running requests")
             for rid in list(self.engine.requests):
                 self.engine.abort(rid)
-                q = self._outputs.pop(rid, None)
+                q = self._take_stream(rid)
                 if q is not None:
                     q.put(RequestOutput(rid, (), "", FinishReason.ERROR, 0, 0))
             return
@@ -138,7 +190,7 @@ class EngineLoop:
             if q is not None:
                 q.put(out)
                 if out.finish_reason is not None:
-                    self._outputs.pop(out.request_id, None)
+                    self._take_stream(out.request_id, q)
 
     def _guarded(self, hook: Callable[[], None]) -> None:
         try:

@@ -32,7 +32,13 @@ from scission.engine.model import LlamaForCausalLM
 from scission.engine.model_runner import ModelRunner
 from scission.engine.multimodal import MMInput
 from scission.engine.quant import quantize_model_int4
-from scission.engine.request import FinishReason, Request, RequestStatus, SamplingParams
+from scission.engine.request import (
+    DuplicateRequestError,
+    FinishReason,
+    Request,
+    RequestStatus,
+    SamplingParams,
+)
 from scission.engine.scheduler import Scheduler
 from scission.engine.step_metrics import StepRecorder, StepShape
 from scission.engine.tokenizer import Tokenizer, default_model_path, load_tokenizer
@@ -108,8 +114,9 @@ class LLMEngine:
         """Queue a prompt; ``mm_inputs`` (with embeddings) for its images.
 
         Raises:
-            ValueError: a duplicate id, or an image segment outside the prompt / without
-                embeddings (callers validate lengths).
+            DuplicateRequestError: the id is running or held here (nothing changes).
+            ValueError: an image segment outside the prompt / without embeddings (callers
+                validate lengths).
         """
         req = Request(request_id, list(prompt_token_ids), params, hold_kv_after_prefill=hold_kv,
                       mm_inputs=_checked_mm_inputs(mm_inputs, len(prompt_token_ids), True))
@@ -243,9 +250,14 @@ class LLMEngine:
         self.requests.pop(req.request_id, None)
         self._detok.pop(req.request_id, None)
 
+    def knows(self, request_id: str) -> bool:
+        """The id is running, waiting or held here (another request may not take it)."""
+        return request_id in self.requests or request_id in self.held
+
     def _register(self, req: Request) -> None:
-        if req.request_id in self.requests or req.request_id in self.held:
-            raise ValueError(f"duplicate request_id {req.request_id!r}")
+        if self.knows(req.request_id):
+            raise DuplicateRequestError(f"request_id {req.request_id!r} is already in use "
+                                        "on this worker")
         self.requests[req.request_id] = req
         self._detok[req.request_id] = IncrementalDetokenizer(
             self.tokenizer, req.prompt_token_ids, stop=req.sampling_params.stop)

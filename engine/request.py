@@ -22,6 +22,11 @@ class InvalidRequestError(ValueError):
         self.out_of_range = out_of_range  # True -> gRPC OUT_OF_RANGE
 
 
+class DuplicateRequestError(ValueError):
+    """A request_id that is already running, streaming or held on this worker. The existing
+    request is left as it was. Maps to ALREADY_EXISTS."""
+
+
 class RequestStatus(enum.IntEnum):
     """Ordered: every status >= FINISHED_STOPPED is final."""
 

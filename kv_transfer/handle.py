@@ -23,7 +23,7 @@ from scission.kv_transfer.codec import INT, INT_TUPLE, STR, pack_message, unpack
 logger = logging.getLogger(__name__)
 
 # Bump on any change of these messages' fields or meaning (vLLM NIXL_CONNECTOR_VERSION).
-KV_TRANSFER_VERSION = 1
+KV_TRANSFER_VERSION = 2  # 2: hold_id in TransferHandle and KVNotification
 
 # Per-layer cache layout: ``[num_blocks, block_size, num_kv_heads, head_dim]``.
 KV_LAYOUT_NHD = "NHD"
@@ -63,12 +63,15 @@ class TransferHandle:
     block_size: int  # tokens per block
     dtype: str  # torch dtype name without "torch.", e.g. "bfloat16"
     layout: str = KV_LAYOUT_NHD
+    # This hold of the request's blocks on the prefill worker (one incarnation of the
+    # request_id there); a Release or PULL_DONE naming another hold leaves it. 0 = unnamed.
+    hold_id: int = 0
 
     _KIND = "TransferHandle"
     _SCHEMA = {
         "version": INT, "request_id": STR, "prefill_worker_id": STR, "incarnation": INT,
         "agent_name": STR, "block_ids": INT_TUPLE, "num_tokens": INT, "block_size": INT,
-        "dtype": STR, "layout": STR,
+        "dtype": STR, "layout": STR, "hold_id": INT,
     }  # fmt: skip
 
     def __post_init__(self) -> None:
@@ -92,6 +95,7 @@ class TransferHandle:
         )
         _require(bool(self.dtype), k, "empty dtype")
         _require(self.layout in SUPPORTED_LAYOUTS, k, f"unsupported layout {self.layout!r}")
+        _require(self.hold_id >= 0, k, f"negative hold_id {self.hold_id}")
 
     @property
     def num_blocks(self) -> int:
@@ -204,9 +208,11 @@ class KVNotification:
     kind: KVNotificationKind
     request_id: str
     incarnation: int
+    hold_id: int = 0  # the TransferHandle's: only that hold is released (0 = any)
 
     _KIND = "KVNotification"
-    _SCHEMA = {"version": INT, "kind": INT, "request_id": STR, "incarnation": INT}
+    _SCHEMA = {"version": INT, "kind": INT, "request_id": STR, "incarnation": INT,
+               "hold_id": INT}
 
     def __post_init__(self) -> None:
         k = self._KIND
@@ -217,6 +223,7 @@ class KVNotification:
             raise ValueError(f"{k}: unknown kind {self.kind!r}") from e
         _require(bool(self.request_id), k, "empty request_id")
         _require(self.incarnation >= 0, k, f"negative incarnation {self.incarnation}")
+        _require(self.hold_id >= 0, k, f"negative hold_id {self.hold_id}")
 
     def to_bytes(self) -> bytes:
         fields = asdict(self)

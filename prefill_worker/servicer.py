@@ -2,12 +2,15 @@
 
 The request's blocks stay pinned (``LLMEngine.held``) until the decode worker's NIXL
 notification says it pulled them, the router calls ``Release`` (cancellation), or
-``hold_timeout_s`` passes. No KV block is ever stranded.
+``hold_timeout_s`` passes. No KV block is ever stranded. Each hold has a random id (in the
+response and the transfer handle): a Release or notification that quotes an earlier hold of
+the same request_id (a cancelled attempt's cleanup arriving late) leaves the current one.
 """
 
 from __future__ import annotations
 
 import logging
+import secrets
 import time
 
 import grpc
@@ -19,6 +22,7 @@ from scission.proto.scission.internal.v1 import worker_pb2 as pb
 from scission.worker.convert import sampling_from_proto
 from scission.worker.embedding_pull import image_inputs
 from scission.worker.runtime import BaseWorkerServicer, WorkerRuntime
+from scission.worker.stream import claim_stream, start_request
 
 logger = logging.getLogger(__name__)
 
@@ -27,6 +31,7 @@ class PrefillServicer(BaseWorkerServicer):
     def __init__(self, runtime: WorkerRuntime) -> None:
         super().__init__(runtime)
         self._held_at: dict[str, float] = {}  # request_id -> monotonic time pinned (loop thread)
+        self._hold_ids: dict[str, int] = {}  # request_id -> id of its current hold (loop thread)
         self.loop.add_hook(self._release_pulled)
         self.loop.add_hook(self._release_expired)
 
@@ -42,46 +47,59 @@ class PrefillServicer(BaseWorkerServicer):
         except InvalidRequestError as e:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         mm = image_inputs(self.runtime, request.images, prompt, True, context)
-        q = self.loop.open_stream(rid)
-        try:
-            self.loop.call(lambda: self.engine.add_request(rid, prompt, params, hold_kv=True,
-                                                           mm_inputs=mm))
-        except ValueError as e:
-            self.loop.close_stream(rid)
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        q = claim_stream(self.loop, rid, context)
+        start_request(self.loop, rid, q, lambda: self.engine.add_request(
+            rid, prompt, params, hold_kv=True, mm_inputs=mm), context)
         out = wait_output(q, self.runtime.config.request_timeout_s, context.is_active)
-        self.loop.close_stream(rid)
         if out is None:
-            self.loop.abort(rid)
+            self.loop.abort(rid, q)  # ours only: the id may be another request's by now
             context.abort(grpc.StatusCode.CANCELLED, f"prefill of {rid} cancelled or timed out")
+        self.loop.close_stream(rid, q)
         if out is MIGRATE:  # evicted by a drain: the router places the prefill elsewhere
             context.abort(grpc.StatusCode.UNAVAILABLE, f"worker draining: prefill {rid} moves")
+        if not out.new_token_ids:  # aborted (Abort) before its first token
+            context.abort(grpc.StatusCode.CANCELLED, f"request {rid} was aborted")
         resp = pb.PrefillResponse(first_token_id=out.new_token_ids[0], text=out.text_delta,
                                   cached_tokens=out.num_cached_tokens)
         if out.finish_reason is not None:
             resp.finished, resp.finish_reason = True, out.finish_reason.value
             return resp
-        block_ids = self.loop.call(lambda: self._pin(rid))
-        if block_ids is None:  # aborted between the step and here
+        pinned = self.loop.call(lambda: self._pin(rid))
+        if pinned is None:  # aborted between the step and here
             context.abort(grpc.StatusCode.CANCELLED, f"request {rid} was aborted")
-        resp.transfer_handle = self._handle(rid, block_ids, len(prompt)).to_bytes()
+        block_ids, resp.hold_id = pinned
+        resp.transfer_handle = self._handle(rid, block_ids, len(prompt), resp.hold_id).to_bytes()
         return resp
 
     def Release(self, request: pb.ReleaseRequest, context) -> pb.ReleaseResponse:
-        rid = request.request_id
+        """Free the request's held KV: only the hold ``request.hold_id`` names (0 = any)."""
+        rid, hold_id = request.request_id, request.hold_id
         unpinned = self.runtime.release_pins(request.embedding_pin_ids)
-        return pb.ReleaseResponse(released=self.loop.call(lambda: self._release(rid)) or unpinned)
+        return pb.ReleaseResponse(
+            released=self.loop.call(lambda: self._release(rid, hold_id)) or unpinned)
 
     # -- loop-thread helpers ---------------------------------------------------------
-    def _pin(self, rid: str) -> list[int] | None:
+    def _pin(self, rid: str) -> tuple[list[int], int] | None:
+        """The held request's blocks and a new id naming this hold (None if not held)."""
         req = self.engine.held.get(rid)
-        return None if req is None else list(req.block_table)
+        if req is None:
+            return None
+        hold_id = self._hold_ids[rid] = secrets.randbits(63) or 1
+        self._held_at[rid] = time.monotonic()  # not an earlier hold's clock
+        return list(req.block_table), hold_id
 
-    def _release(self, rid: str) -> bool:
+    def _release(self, rid: str, hold_id: int = 0) -> bool:
+        """Unpin ``rid``'s blocks if ``hold_id`` names its hold (0 = any hold)."""
+        if hold_id and self._hold_ids.get(rid) != hold_id:
+            if rid in self.engine.held:
+                logger.info("request %s: release of hold %x left the current hold", rid, hold_id)
+            return False
         self._held_at.pop(rid, None)
+        self._hold_ids.pop(rid, None)
         return self.engine.release(rid)
 
-    def _handle(self, rid: str, block_ids: list[int], num_tokens: int) -> TransferHandle:
+    def _handle(self, rid: str, block_ids: list[int], num_tokens: int,
+                hold_id: int) -> TransferHandle:
         rt = self.runtime
         n = -(-num_tokens // rt.engine.kv_cache.block_size)
         return TransferHandle(
@@ -89,6 +107,7 @@ class PrefillServicer(BaseWorkerServicer):
             incarnation=rt.info.incarnation if rt.info else 0, agent_name=rt.agent.name,
             block_ids=tuple(block_ids[:n]), num_tokens=num_tokens,
             block_size=rt.engine.kv_cache.block_size, dtype=rt.config.engine.dtype,
+            hold_id=hold_id,
         )
 
     def _release_pulled(self) -> None:
@@ -98,7 +117,7 @@ class PrefillServicer(BaseWorkerServicer):
             except ValueError as e:
                 logger.warning("ignoring malformed KV notification: %s", e)
                 continue
-            self._release(note.request_id)
+            self._release(note.request_id, note.hold_id)
 
     def _release_expired(self) -> None:
         now, timeout = time.monotonic(), self.runtime.config.hold_timeout_s

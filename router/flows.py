@@ -219,7 +219,7 @@ def _prefill_then_decode(vr: ValidatedRequest, pre, dec, pool: WorkerPool,
         if call is not None:
             call.cancel()
         if not done:  # cancelled or failed, maybe before the pull: free the prefill KV now
-            _release(pool, pre, vr.request_id)
+            _release(pool, pre, vr.request_id, first.hold_id)
 
 
 def _prefill(vr: ValidatedRequest, pre, pool: WorkerPool, timeout_s: float) -> wpb.PrefillResponse:
@@ -237,8 +237,11 @@ def _prefill(vr: ValidatedRequest, pre, pool: WorkerPool, timeout_s: float) -> w
         pool.end(pre.worker_id, n)
 
 
-def _release(pool: WorkerPool, pre, request_id: str) -> None:
+def _release(pool: WorkerPool, pre, request_id: str, hold_id: int) -> None:
+    """Free the hold this attempt's prefill made (``hold_id``), and no later one of the
+    same request_id."""
     try:
-        pool.stub(pre).Release(wpb.ReleaseRequest(request_id=request_id), timeout=5)
+        pool.stub(pre).Release(wpb.ReleaseRequest(request_id=request_id, hold_id=hold_id),
+                               timeout=5)
     except grpc.RpcError as e:  # the hold timeout frees it anyway
         logger.warning("release of %s on %s failed: %s", request_id, pre.worker_id, e.code())

@@ -1,33 +1,73 @@
-"""Streaming engine outputs to a gRPC caller, shared by the roles that stream tokens."""
+"""Streaming engine outputs to a gRPC caller, shared by the roles that stream tokens, and
+the intake every role shares: claim the request's id, add it, map a refusal to a status.
+
+A request_id is claimed once per worker at a time (``EngineLoop.open_stream``): a duplicate
+is refused with ALREADY_EXISTS (gRPC's code for "the entity already exists": the caller's
+own id collides, nothing is wrong with its input, and a caller that retries elsewhere may
+tell it from INVALID_ARGUMENT) and never touches the original's stream, blocks or held KV.
+"""
 
 from __future__ import annotations
 
 import logging
+import queue
 from collections.abc import Callable, Iterator
 
 import grpc
 
-from scission.engine.engine_loop import MIGRATE, EngineLoop, wait_output
-from scission.engine.request import InvalidRequestError
+from scission.engine.engine_loop import MIGRATE, EngineLoop, StreamClosedError, wait_output
+from scission.engine.llm_engine import RequestOutput
+from scission.engine.request import DuplicateRequestError
 from scission.proto.scission.internal.v1 import worker_pb2 as pb
 from scission.worker.convert import output_to_chunk
 
 logger = logging.getLogger(__name__)
+Stream = queue.SimpleQueue[RequestOutput]
+
+
+def claim_stream(loop: EngineLoop, request_id: str, context) -> Stream:
+    """``loop.open_stream``; a duplicate id ends the call with ALREADY_EXISTS."""
+    try:
+        return loop.open_stream(request_id)
+    except DuplicateRequestError as e:
+        context.abort(grpc.StatusCode.ALREADY_EXISTS, str(e))
+
+
+def start_request(loop: EngineLoop, request_id: str, q: Stream, add: Callable[[], object],
+                  context, undo: Callable[[], None] = lambda: None) -> None:
+    """Add the request claimed as ``q`` with ``add()`` on the loop thread. If it is not
+    added, ``undo()`` gives back what the caller reserved for it (decode: KV blocks), the
+    claim is dropped and the call ends: ALREADY_EXISTS (duplicate id), INVALID_ARGUMENT
+    (bad input), CANCELLED (aborted before it started)."""
+    try:
+        loop.add_to_stream(request_id, q, add)
+        return
+    except BaseException as e:
+        undo()
+        loop.close_stream(request_id, q)
+        if isinstance(e, DuplicateRequestError):
+            code = grpc.StatusCode.ALREADY_EXISTS
+        elif isinstance(e, ValueError):
+            code = grpc.StatusCode.INVALID_ARGUMENT
+        elif isinstance(e, StreamClosedError):
+            code = grpc.StatusCode.CANCELLED
+        else:
+            raise
+        context.abort(code, str(e))
 
 
 def stream_request(loop: EngineLoop, request_id: str, add: Callable[[], object], context,
-                   timeout_s: float) -> Iterator[pb.TokenChunk]:
+                   timeout_s: float, q: Stream | None = None,
+                   undo: Callable[[], None] = lambda: None) -> Iterator[pb.TokenChunk]:
     """Add a request with ``add()`` on the loop thread and yield its chunks until it finishes.
 
-    A caller that goes away (cancel, deadline) aborts the request, freeing its blocks. A
-    request evicted by a drain ends the call with UNAVAILABLE (the router migrates it).
+    ``q``: the stream already claimed for it (``claim_stream``), else claimed here; ``undo``
+    as in ``start_request``. A caller that goes away (cancel, deadline) aborts the request,
+    freeing its blocks. A request evicted by a drain ends the call with UNAVAILABLE (the
+    router migrates it).
     """
-    q = loop.open_stream(request_id)
-    try:
-        loop.call(add)
-    except (InvalidRequestError, ValueError) as e:
-        loop.close_stream(request_id)
-        context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+    q = claim_stream(loop, request_id, context) if q is None else q
+    start_request(loop, request_id, q, add, context, undo)
     first, finished = True, False
     try:
         while not finished:
@@ -44,5 +84,5 @@ def stream_request(loop: EngineLoop, request_id: str, add: Callable[[], object],
     finally:
         if not finished:
             logger.info("request %s: caller gone or timed out; aborting", request_id)
-            loop.abort(request_id)
-        loop.close_stream(request_id)
+            loop.abort(request_id, q)
+        loop.close_stream(request_id, q)

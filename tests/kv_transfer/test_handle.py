@@ -29,6 +29,7 @@ def make_handle(**overrides: Any) -> TransferHandle:
         num_tokens=50,
         block_size=16,
         dtype="bfloat16",
+        hold_id=(1 << 63) - 5,  # the prefill worker's hold ids are random 63-bit
     )
     fields.update(overrides)
     return TransferHandle(**fields)
@@ -52,7 +53,8 @@ def make_layout(**overrides: Any) -> KVLayoutDescriptor:
 
 
 def make_notification() -> KVNotification:
-    return KVNotification(kind=KVNotificationKind.PULL_DONE, request_id="req-1", incarnation=3)
+    return KVNotification(kind=KVNotificationKind.PULL_DONE, request_id="req-1", incarnation=3,
+                          hold_id=(1 << 63) - 5)
 
 
 MESSAGES = [make_handle, make_layout, make_notification]
@@ -75,7 +77,7 @@ def test_roundtrip_is_identity(factory: Any) -> None:
     msg = factory()
     decoded = type(msg).from_bytes(msg.to_bytes())
     assert decoded == msg
-    assert decoded.version == KV_TRANSFER_VERSION == 1
+    assert decoded.version == KV_TRANSFER_VERSION == 2
 
 
 def test_handle_fields_and_derived_values() -> None:
@@ -88,7 +90,7 @@ def test_handle_fields_and_derived_values() -> None:
 
 
 @pytest.mark.parametrize("factory", MESSAGES)
-@pytest.mark.parametrize("version", [0, 2, KV_TRANSFER_VERSION + 100])
+@pytest.mark.parametrize("version", [0, 1, KV_TRANSFER_VERSION + 100])
 def test_version_mismatch_raises(factory: Any, version: int) -> None:
     """Any other version is rejected with a message that names the version."""
     msg = factory()
@@ -97,9 +99,9 @@ def test_version_mismatch_raises(factory: Any, version: int) -> None:
 
 
 def test_newer_version_with_new_fields_reports_version() -> None:
-    """A v2 payload with extra fields fails on the version, not on the field set."""
-    data = repack(make_handle().to_bytes(), version=2, priority=5)
-    with pytest.raises(ValueError, match="unsupported version 2"):
+    """A newer payload with extra fields fails on the version, not on the field set."""
+    data = repack(make_handle().to_bytes(), version=KV_TRANSFER_VERSION + 1, priority=5)
+    with pytest.raises(ValueError, match=f"unsupported version {KV_TRANSFER_VERSION + 1}"):
         TransferHandle.from_bytes(data)
 
 

@@ -66,7 +66,8 @@ class FakeStub:
         self.calls.append(("Prefill", self.worker_id, req.request_id))
         if self.on_prefill is not None:
             self.on_prefill()
-        return wpb.PrefillResponse(first_token_id=7, transfer_handle=b"handle-of-r1", text="a")
+        return wpb.PrefillResponse(first_token_id=7, transfer_handle=b"handle-of-r1", text="a",
+                                   hold_id=42)
 
     def Decode(self, req, timeout=None):
         self.calls.append(("Decode", self.worker_id, req.transfer_handle))
@@ -75,7 +76,7 @@ class FakeStub:
         return FakeCall([wpb.TokenChunk(token_ids=[8, 9], text="bc", finish_reason="length")])
 
     def Release(self, req, timeout=None):
-        self.calls.append(("Release", self.worker_id, req.request_id))
+        self.calls.append(("Release", self.worker_id, req.request_id, req.hold_id))
 
 
 def run(flip_during_prefill: bool, repick: bool):
@@ -133,3 +134,19 @@ def test_without_repick_the_placement_stands():
     answers UNIMPLEMENTED in a real cluster, and the request migrates with a recompute)."""
     _, calls, _ = run(flip_during_prefill=True, repick=False)
     assert calls[1] == ("Decode", "decode-0", b"handle-of-r1")
+
+
+def test_a_cancelled_request_releases_the_hold_its_prefill_made():
+    """The client goes away after the first token: the router's cleanup Release quotes the
+    hold id its own Prefill returned, so the prefill worker frees that hold only, never a
+    later attempt's hold of the same request_id."""
+    directory = FakeDirectory([make_info("prefill-0", P), make_info("decode-0", D)])
+    pool, calls = WorkerPool(directory), []
+    stubs = {w: FakeStub(w, calls) for w in ("prefill-0", "decode-0")}
+    pool.stub = lambda info: stubs[info.worker_id]
+    placement = Placement(directory.get("decode-0"), directory.get("prefill-0"), 0)
+    vr = ValidatedRequest("r1", [1, 2, 3], SamplingParams(max_tokens=3, temperature=0.0))
+    flow = flows.run_disaggregated(vr, placement, pool, 0.0, 10.0, 10.0)
+    assert list(next(flow).token_ids) == [7]
+    flow.close()
+    assert calls == [("Prefill", "prefill-0", "r1"), ("Release", "prefill-0", "r1", 42)]

@@ -53,28 +53,32 @@ class PrefillRequest(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., images: _Optional[_Iterable[_Union[ImageRef, _Mapping]]] = ...) -> None: ...
 
 class PrefillResponse(_message.Message):
-    __slots__ = ("first_token_id", "transfer_handle", "cached_tokens", "finished", "finish_reason", "text")
+    __slots__ = ("first_token_id", "transfer_handle", "cached_tokens", "finished", "finish_reason", "text", "hold_id")
     FIRST_TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
     TRANSFER_HANDLE_FIELD_NUMBER: _ClassVar[int]
     CACHED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     FINISHED_FIELD_NUMBER: _ClassVar[int]
     FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
     TEXT_FIELD_NUMBER: _ClassVar[int]
+    HOLD_ID_FIELD_NUMBER: _ClassVar[int]
     first_token_id: int
     transfer_handle: bytes
     cached_tokens: int
     finished: bool
     finish_reason: str
     text: str
-    def __init__(self, first_token_id: _Optional[int] = ..., transfer_handle: _Optional[bytes] = ..., cached_tokens: _Optional[int] = ..., finished: _Optional[bool] = ..., finish_reason: _Optional[str] = ..., text: _Optional[str] = ...) -> None: ...
+    hold_id: int
+    def __init__(self, first_token_id: _Optional[int] = ..., transfer_handle: _Optional[bytes] = ..., cached_tokens: _Optional[int] = ..., finished: _Optional[bool] = ..., finish_reason: _Optional[str] = ..., text: _Optional[str] = ..., hold_id: _Optional[int] = ...) -> None: ...
 
 class ReleaseRequest(_message.Message):
-    __slots__ = ("request_id", "embedding_pin_ids")
+    __slots__ = ("request_id", "embedding_pin_ids", "hold_id")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     EMBEDDING_PIN_IDS_FIELD_NUMBER: _ClassVar[int]
+    HOLD_ID_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     embedding_pin_ids: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, request_id: _Optional[str] = ..., embedding_pin_ids: _Optional[_Iterable[str]] = ...) -> None: ...
+    hold_id: int
+    def __init__(self, request_id: _Optional[str] = ..., embedding_pin_ids: _Optional[_Iterable[str]] = ..., hold_id: _Optional[int] = ...) -> None: ...
 
 class ReleaseResponse(_message.Message):
     __slots__ = ("released",)
@@ -165,7 +169,7 @@ class StatsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class WorkerStats(_message.Message):
-    __slots__ = ("worker_id", "role", "num_blocks", "num_free_blocks", "num_running", "num_waiting", "num_held", "queued_prefill_tokens", "num_prompt_tokens_computed", "kv_usage", "num_steps_total", "step_ms_total", "num_prefill_tokens_total", "num_decode_tokens_total", "last_step_ms", "last_num_decode_requests", "last_num_prefill_tokens", "num_encode_waiting", "num_images_encoded_total", "num_embedding_cache_hits_total", "num_embedding_pages", "num_free_embedding_pages")
+    __slots__ = ("worker_id", "role", "num_blocks", "num_free_blocks", "num_running", "num_waiting", "num_held", "queued_prefill_tokens", "num_prompt_tokens_computed", "kv_usage", "num_steps_total", "step_ms_total", "num_prefill_tokens_total", "num_decode_tokens_total", "last_step_ms", "last_num_decode_requests", "last_num_prefill_tokens", "num_encode_waiting", "num_images_encoded_total", "num_embedding_cache_hits_total", "num_embedding_pages", "num_free_embedding_pages", "num_quarantined_blocks")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
     NUM_BLOCKS_FIELD_NUMBER: _ClassVar[int]
@@ -188,6 +192,7 @@ class WorkerStats(_message.Message):
     NUM_EMBEDDING_CACHE_HITS_TOTAL_FIELD_NUMBER: _ClassVar[int]
     NUM_EMBEDDING_PAGES_FIELD_NUMBER: _ClassVar[int]
     NUM_FREE_EMBEDDING_PAGES_FIELD_NUMBER: _ClassVar[int]
+    NUM_QUARANTINED_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     role: str
     num_blocks: int
@@ -210,4 +215,5 @@ class WorkerStats(_message.Message):
     num_embedding_cache_hits_total: int
     num_embedding_pages: int
     num_free_embedding_pages: int
-    def __init__(self, worker_id: _Optional[str] = ..., role: _Optional[str] = ..., num_blocks: _Optional[int] = ..., num_free_blocks: _Optional[int] = ..., num_running: _Optional[int] = ..., num_waiting: _Optional[int] = ..., num_held: _Optional[int] = ..., queued_prefill_tokens: _Optional[int] = ..., num_prompt_tokens_computed: _Optional[int] = ..., kv_usage: _Optional[float] = ..., num_steps_total: _Optional[int] = ..., step_ms_total: _Optional[float] = ..., num_prefill_tokens_total: _Optional[int] = ..., num_decode_tokens_total: _Optional[int] = ..., last_step_ms: _Optional[float] = ..., last_num_decode_requests: _Optional[int] = ..., last_num_prefill_tokens: _Optional[int] = ..., num_encode_waiting: _Optional[int] = ..., num_images_encoded_total: _Optional[int] = ..., num_embedding_cache_hits_total: _Optional[int] = ..., num_embedding_pages: _Optional[int] = ..., num_free_embedding_pages: _Optional[int] = ...) -> None: ...
+    num_quarantined_blocks: int
+    def __init__(self, worker_id: _Optional[str] = ..., role: _Optional[str] = ..., num_blocks: _Optional[int] = ..., num_free_blocks: _Optional[int] = ..., num_running: _Optional[int] = ..., num_waiting: _Optional[int] = ..., num_held: _Optional[int] = ..., queued_prefill_tokens: _Optional[int] = ..., num_prompt_tokens_computed: _Optional[int] = ..., kv_usage: _Optional[float] = ..., num_steps_total: _Optional[int] = ..., step_ms_total: _Optional[float] = ..., num_prefill_tokens_total: _Optional[int] = ..., num_decode_tokens_total: _Optional[int] = ..., last_step_ms: _Optional[float] = ..., last_num_decode_requests: _Optional[int] = ..., last_num_prefill_tokens: _Optional[int] = ..., num_encode_waiting: _Optional[int] = ..., num_images_encoded_total: _Optional[int] = ..., num_embedding_cache_hits_total: _Optional[int] = ..., num_embedding_pages: _Optional[int] = ..., num_free_embedding_pages: _Optional[int] = ..., num_quarantined_blocks: _Optional[int] = ...) -> None: ...
