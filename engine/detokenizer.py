@@ -13,7 +13,10 @@ O(sequence)::
 Decoding a window that starts at the prefix (instead of at the new tokens) keeps context-
 dependent decoders (SentencePiece's leading space) right. If ``new_text`` ends in ``"\\ufffd"``
 the last character is a partial UTF-8 sequence split across byte-level BPE tokens: nothing is
-emitted and the offsets stay put until a later token completes it.
+emitted and the offsets stay put until a later token completes it. If none does (the request
+ends mid-character: ``max_tokens``, or EOS right after a byte token), ``finish()`` drops it:
+a stream never ends in a broken character (vLLM emits nothing for it either; HF's
+``decode`` would give U+FFFD); the request's token ids still carry every byte.
 
 Stop strings are matched on the emitted text. Any suffix that could still grow into a stop
 string is held back, so a stop string split across tokens is caught and never emitted.
@@ -43,8 +46,8 @@ class IncrementalDetokenizer:
     """Turns a request's output token ids into text deltas, one ``push`` per engine step.
 
     The concatenation of every ``text_delta`` and ``finish()`` equals
-    ``tokenizer.decode(output_token_ids, skip_special_tokens=skip_special_tokens)`` (cut just
-    before the first stop string when one matched).
+    ``tokenizer.decode(output_token_ids, skip_special_tokens=skip_special_tokens)`` without
+    a trailing incomplete character (cut just before the first stop string when one matched).
 
     Args:
         tokenizer: the model's tokenizer.
@@ -95,11 +98,12 @@ class IncrementalDetokenizer:
     def finish(self) -> str:
         """Flush held-back text at the end of generation (never the stop string).
 
-        A trailing partial UTF-8 sequence is emitted as ``"\\ufffd"``, like ``decode`` does.
+        A trailing partial UTF-8 sequence (bytes no token completed) is dropped, not emitted
+        as ``"\\ufffd"`` the way ``decode`` would.
         """
         if self._stopped_on is not None:
             return ""
-        self._pending += self._decode_new(flush=True)
+        self._pending += self._decode_new(flush=True).rstrip(REPLACEMENT_CHAR)
         return self._release(final=True)
 
     def _decode(self, token_ids: list[int]) -> str:

@@ -68,7 +68,8 @@ def test_deltas_concatenate_to_decode(
 def test_random_token_ids_concatenate_to_decode(
     tokenizer: Tokenizer, prompt: list[int], skip_special_tokens: bool
 ) -> None:
-    """On arbitrary ids (invalid UTF-8, special tokens) the stream still equals decode()."""
+    """On arbitrary ids (invalid UTF-8, special tokens) the stream still equals decode(),
+    less a trailing incomplete character."""
     rng = random.Random(1234)
     for _ in range(200):
         ids = [rng.randrange(tokenizer.vocab_size) for _ in range(rng.randrange(1, 40))]
@@ -76,7 +77,7 @@ def test_random_token_ids_concatenate_to_decode(
         detok = IncrementalDetokenizer(tokenizer, prompt, skip_special_tokens)
         deltas, _, tail = run(detok, ids, rng.choice(CHUNKINGS))
         expected = tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
-        assert "".join(deltas) + tail == expected
+        assert "".join(deltas) + tail == expected.rstrip("\ufffd")  # no broken last char
 
 
 def test_partial_character_is_held_back(tokenizer: Tokenizer) -> None:
@@ -88,12 +89,28 @@ def test_partial_character_is_held_back(tokenizer: Tokenizer) -> None:
     assert detok.finish() == ""
 
 
-def test_unfinished_character_flushed_as_replacement(tokenizer: Tokenizer) -> None:
-    """finish() emits a never-completed partial character as U+FFFD, like decode()."""
+@pytest.mark.parametrize("cut", [1, 2])
+def test_unfinished_character_is_dropped_at_the_end(tokenizer: Tokenizer, cut: int) -> None:
+    """A request that ends mid-character ("Hi 🚀" = 26843, 15107, 244, 218; 🚀 is f0 9f 9a
+    80 over the last three, cut after 1 or 2 of them, as max_tokens would) ends its text
+    with "Hi " and no U+FFFD (decode() would end in one); "Hi" itself stays."""
+    ids = tokenizer.encode("Hi 🚀")
+    assert ids == [26843, 15107, 244, 218]
+    output = ids[: 1 + cut]
+    assert tokenizer.decode(output) == "Hi \ufffd"
+    detok = IncrementalDetokenizer(tokenizer, [])
+    deltas = [detok.push([i]).text_delta for i in output]
+    assert deltas == ["Hi"] + [""] * cut
+    assert detok.finish() == " "
+
+
+def test_unfinished_character_before_eos_is_dropped(tokenizer: Tokenizer) -> None:
+    """EOS right after the first byte of 世 (7906): the text is "Hello", not "Hello\ufffd"."""
     detok = IncrementalDetokenizer(tokenizer, [])
     assert detok.push([19556]).text_delta == "Hello"
     assert detok.push([7906]).text_delta == ""  # first byte of 世
-    assert detok.finish() == tokenizer.decode([19556, 7906]).removeprefix("Hello") == "\ufffd"
+    assert detok.push([*tokenizer.eos_token_ids]).text_delta == ""
+    assert detok.finish() == ""
 
 
 def test_stop_string_spanning_two_tokens(tokenizer: Tokenizer, prompt: list[int]) -> None:
