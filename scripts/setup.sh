@@ -14,7 +14,7 @@ if ! python -c "import torch" 2>/dev/null; then
   echo "[setup] installing torch==2.13.0 (CPU build)"
   pip install -q torch==2.13.0
 fi
-if ! python -c "import scission.engine, scission.registry, scission.worker, etcd3, nixl, ray, grpc, gguf, transformers, matplotlib, tqdm, tabulate, starlette, uvicorn, pydantic, PIL, openai, httpx" 2>/dev/null; then
+if ! python -c "import scission.engine, scission.registry, scission.worker, etcd3, nixl, ray, grpc, gguf, transformers, matplotlib, tqdm, tabulate, starlette, uvicorn, pydantic, PIL, openai, httpx, kubernetes_validate, yaml, jsonschema, promql_parser" 2>/dev/null; then
   echo "[setup] installing scission and dependencies"
   pip install -q -e ".[dev]"
 fi
