@@ -20,10 +20,11 @@ import logging
 import threading
 import typing
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import etcd3
+import grpc
 
 from scission.registry.etcd_watch import ETCD_ERRORS
 from scission.registry.etcd_watch import describe_etcd_error as _describe
@@ -112,9 +113,17 @@ class EtcdClientConfig:
     keepalive_s: float = 10.0  # gRPC ping interval (etcd refuses < 5 s): finds a dead etcd
     max_reconnect_backoff_s: float = 2.0  # reconnect soon after an etcd restart (gRPC: 120 s)
     use_http_proxy: bool = False  # honour http(s)_proxy env vars (gRPC's default) for etcd
+    # TLS (PEM bytes, not paths: the config travels through Ray to workers on other nodes).
+    # ca_pem set = TLS, the server checked against it; cert_pem + key_pem = a client
+    # certificate (etcd's --client-cert-auth: only holders of one signed by its CA connect).
+    ca_pem: bytes = field(default=b"", repr=False)
+    cert_pem: bytes = field(default=b"", repr=False)
+    key_pem: bytes = field(default=b"", repr=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "endpoints", tuple(self.endpoints))
+        if bool(self.cert_pem) != bool(self.key_pem) or (self.cert_pem and not self.ca_pem):
+            raise ValueError("an etcd client certificate needs its key and the CA (ca_pem)")
         if not self.endpoints or not all(_split_endpoint(e) for e in self.endpoints):
             raise ValueError(f"etcd endpoints must be host:port, got {self.endpoints!r}")
         if self.timeout_s <= 0 or self.endpoint_retry_s < 0 or self.keepalive_s < 5:
@@ -129,7 +138,8 @@ def _split_endpoint(endpoint: str) -> tuple[str, int] | None:
 
 
 def connect(config: EtcdClientConfig) -> etcd3.MultiEndpointEtcd3Client:
-    """An etcd client (insecure channel) that recovers after etcd outages; makes no RPC.
+    """An etcd client that recovers after etcd outages; makes no RPC. TLS (and a client
+    certificate) when the config carries PEMs, else an insecure channel.
 
     Returns the base class of ``etcd3.Etcd3Client`` (same API) built with ``endpoint_retry_s``
     instead of Etcd3Client's fixed 300 s blacklist, and failover across ``endpoints``.
@@ -142,8 +152,14 @@ def connect(config: EtcdClientConfig) -> etcd3.MultiEndpointEtcd3Client:
         ("grpc.max_reconnect_backoff_ms", backoff_ms),
         ("grpc.enable_http_proxy", int(config.use_http_proxy)),
     ]
+    creds = None
+    if config.ca_pem:
+        creds = grpc.ssl_channel_credentials(root_certificates=config.ca_pem,
+                                             private_key=config.key_pem or None,
+                                             certificate_chain=config.cert_pem or None)
     endpoints = [
-        etcd3.Endpoint(host, port, secure=False, time_retry=config.endpoint_retry_s, opts=options)
+        etcd3.Endpoint(host, port, secure=creds is not None, creds=creds,
+                       time_retry=config.endpoint_retry_s, opts=options)
         for host, port in map(_split_endpoint, config.endpoints)  # type: ignore[misc]
     ]
     return etcd3.MultiEndpointEtcd3Client(endpoints, timeout=config.timeout_s, failover=True)
