@@ -185,7 +185,8 @@ def test_ports_agree_between_args_containers_services_and_monitors():
                 assert port["targetPort"] in named, (service["metadata"]["name"], port)
     for monitor in of_kind("ServiceMonitor"):
         match = monitor["spec"]["selector"]["matchLabels"]
-        services = [s for s in of_kind("Service") if match.items() <= s["metadata"]["labels"].items()]
+        services = [s for s in of_kind("Service")
+                    if match.items() <= s["metadata"]["labels"].items()]
         assert services, f"ServiceMonitor {monitor['metadata']['name']} selects no Service"
         for endpoint in monitor["spec"]["endpoints"]:
             assert any(endpoint["port"] in {p["name"] for p in s["spec"]["ports"]}
@@ -262,7 +263,7 @@ def test_router_files_are_on_every_ray_pod():
 
 def test_etcd_is_tls_with_client_certificates_and_reached_through_the_proxy():
     """etcd serves clients and peers only over TLS with client-certificate auth; every Ray
-    pod runs the grpc-proxy sidecar (before the Ray container) at the address `scission up`
+    pod runs the TLS proxy sidecar (before the Ray container) at the address `scission up`
     is given, dialing the etcd client Service over TLS with a client certificate."""
     etcd = flag_values(container_named(one("StatefulSet", "scission-etcd")["spec"]["template"],
                                        "etcd")["args"])
@@ -280,9 +281,9 @@ def test_etcd_is_tls_with_client_certificates_and_reached_through_the_proxy():
         sidecar = template["spec"]["initContainers"][0]
         assert sidecar["restartPolicy"] == "Always" and "startupProbe" in sidecar
         proxy = flag_values(sidecar["args"])
-        assert sidecar["args"][:2] == ["grpc-proxy", "start"]
-        assert proxy["--listen-addr"] == args.etcd_endpoints
-        host, port = proxy["--endpoints"].rsplit(":", 1)
+        assert sidecar["command"] == ["python", "/opt/scission/deploy/etcd_tls_proxy.py"]
+        assert proxy["--listen"] == args.etcd_endpoints
+        host, port = proxy["--upstream"].rsplit(":", 1)
         assert host == f"{client_service['metadata']['name']}.{NAMESPACE}.svc"
         assert int(port) in {p["port"] for p in client_service["spec"]["ports"]}
         assert {"--cacert", "--cert", "--key"} <= proxy.keys()
@@ -304,7 +305,8 @@ def test_every_container_has_requests_limits_and_probes():
     probe = flag_values(head["readinessProbe"]["exec"]["command"])
     assert probe["--service"] == "scission.v1.Generation"
     assert probe["--addr"].endswith(f":{container_ports(head)['grpc']}")
-    assert (DEPLOY / "grpc_health_probe.py").is_file()
+    for script in ("grpc_health_probe.py", "etcd_tls_proxy.py"):  # the image has deploy/
+        assert (DEPLOY / script).is_file()
     assert head_template()["metadata"]["annotations"]["ray.io/overwrite-container-cmd"] == "true"
 
 
