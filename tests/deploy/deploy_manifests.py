@@ -6,6 +6,8 @@ from __future__ import annotations
 import copy
 import functools
 import shlex
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -115,3 +117,10 @@ def flag_values(argv: list[str]) -> dict[str, str]:
 
 def container_ports(container: Doc) -> dict[str, int]:
     return {p["name"]: p["containerPort"] for p in container.get("ports", []) if "name" in p}
+
+
+def make_certs(out: Path) -> Path:
+    """Runs ``deploy/make_certs.py --out out`` as an operator would; returns ``out``."""
+    subprocess.run([sys.executable, str(DEPLOY / "make_certs.py"), "--out", str(out)],
+                   check=True, capture_output=True, timeout=60)
+    return out

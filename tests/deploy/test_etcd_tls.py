@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 from cryptography import x509
-from deploy_manifests import DEPLOY, REPO, container_named, head_template, one
+from deploy_manifests import DEPLOY, REPO, container_named, head_template, make_certs, one
 
 from scission.cluster.etcd_server import find_etcd_binary
 from scission.registry.etcd_watch import WatchLoop
@@ -23,12 +23,6 @@ from scission.worker.ports import find_free_port
 
 MEMBER = "scission-etcd-0"
 START_TIMEOUT_S = 30.0
-
-
-def make_certs(out: Path) -> Path:
-    subprocess.run([sys.executable, str(DEPLOY / "make_certs.py"), "--out", str(out)],
-                   check=True, capture_output=True, timeout=60)
-    return out
 
 
 def _local_etcd_args(certs: Path, data: Path, client: int, peer: int,
@@ -176,10 +170,10 @@ def test_etcd_refuses_clients_without_a_certificate(deployed):
     and plaintext gets nothing; the client certificate of the Secret gets in."""
     ca = deployed.certs / "scission-etcd-client-tls" / "ca.crt"
     endpoint = f"--endpoints=https://localhost:{deployed.client_port}"
-    no_cert = _etcdctl(endpoint, f"--cacert={ca}", "--command-timeout=3s", "endpoint", "health")
+    quick = ("--dial-timeout=1s", "--command-timeout=1s", "endpoint", "health")
+    no_cert = _etcdctl(endpoint, f"--cacert={ca}", *quick)
     assert no_cert.returncode != 0
-    plaintext = _etcdctl(f"--endpoints=http://127.0.0.1:{deployed.client_port}",
-                         "--command-timeout=3s", "endpoint", "health")
+    plaintext = _etcdctl(f"--endpoints=http://127.0.0.1:{deployed.client_port}", *quick)
     assert plaintext.returncode != 0
     tls = deployed.certs / "scission-etcd-client-tls"
     with_cert = _etcdctl(endpoint, f"--cacert={ca}", f"--cert={tls / 'tls.crt'}",
