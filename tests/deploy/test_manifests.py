@@ -330,3 +330,17 @@ def test_apply_sequence_in_readme_covers_every_manifest():
     assert sorted(applied) == files
     assert applied[0] == "deploy/k8s/namespace.yaml"
     assert "secrets.example.yaml" not in " ".join(applied)
+
+
+def test_image_holds_the_deploy_scripts_and_no_secrets():
+    """The image copies the repository (so /opt/scission/deploy/ has the sidecar and the
+    probe the manifests run) and its BuildKit ignore file keeps the virtualenv, git history,
+    certificates and keys out; it exposes the ports `scission up` serves."""
+    dockerfile = (DEPLOY / "Dockerfile").read_text()
+    assert "WORKDIR /opt/scission" in dockerfile and "COPY . ." in dockerfile
+    ignored = set((DEPLOY / "Dockerfile.dockerignore").read_text().split())
+    assert {".git", ".venv", "certs", "*.key", "*.pem"} <= ignored
+    args = build_parser().parse_args(scission_up_argv())
+    exposed = re.search(r"^EXPOSE (.+)$", dockerfile, re.M).group(1).split()
+    assert {str(p) for p in (args.port, args.http_port, args.metrics_port,
+                             args.control_metrics_port)} <= set(exposed)
