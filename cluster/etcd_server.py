@@ -10,6 +10,9 @@ child does not outlive this process:
 - on Linux the child gets ``PR_SET_PDEATHSIG=SIGKILL``, so it dies even if this process is killed
   with SIGKILL. The kernel delivers that signal when the *thread* that started the child exits,
   so call ``start()`` from a long-lived thread (normally the main thread).
+
+``supervise()`` makes it a service: a watcher thread restarts a server that died on the same
+ports and data dir (``scission up`` runs its etcd so; its clients reconnect by themselves).
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -41,6 +45,7 @@ _LOG_NAME = "etcd.log"
 _DATA_SUBDIR = "etcd-data"
 _PORT_ATTEMPTS = 3
 _HEALTH_POLL_S = 0.05
+_MAX_RESTART_WAIT_S = 5.0  # backoff cap between failed restarts
 
 
 @dataclass(frozen=True)
@@ -147,14 +152,22 @@ def _log_tail(path: Path, num_bytes: int = 2000) -> str:
 
 
 class EmbeddedEtcd:
-    """One etcd member as a child process. ``start()`` blocks until it is healthy."""
+    """One etcd member as a child process. ``start()`` blocks until it is healthy;
+    ``supervise()`` restarts it on the same ports and data dir whenever it exits."""
 
     def __init__(self, config: EmbeddedEtcdConfig | None = None) -> None:
         self.config = config if config is not None else EmbeddedEtcdConfig()
         self._proc: subprocess.Popen[bytes] | None = None
         self._finalizer: weakref.finalize | None = None
+        self._log_file: IO[bytes] | None = None
         self._root: Path | None = None
+        self._owned_dir: str | None = None  # the temp root stop() removes
         self._client_port: int | None = None
+        self._peer_port: int | None = None
+        self._lock = threading.Lock()  # a (re)launch and stop() never interleave
+        self._stopping = threading.Event()
+        self._supervisor: threading.Thread | None = None
+        self.num_restarts = 0  # by the supervisor
 
     @property
     def endpoint(self) -> str:
@@ -174,6 +187,11 @@ class EmbeddedEtcd:
         return self._proc.pid
 
     @property
+    def root(self) -> Path | None:
+        """The root dir (data in ``etcd-data``, the log in ``etcd.log``); None before start."""
+        return self._root
+
+    @property
     def log_path(self) -> Path:
         if self._root is None:
             raise RuntimeError("EmbeddedEtcd is not started")
@@ -187,16 +205,19 @@ class EmbeddedEtcd:
         """Start the server and wait until it is healthy. Returns self."""
         if self._proc is not None:
             raise RuntimeError("EmbeddedEtcd is already started")
+        self._stopping.clear()
         binary = find_etcd_binary(self.config.etcd_binary)
         owned = self.config.data_dir is None
         root = Path(tempfile.mkdtemp(prefix="scission-etcd-") if owned else self.config.data_dir)
         root.mkdir(parents=True, exist_ok=True)
-        self._root = root
         auto_ports = self.config.client_port is None or self.config.peer_port is None
         attempts = _PORT_ATTEMPTS if auto_ports else 1
         for attempt in range(1, attempts + 1):
+            self._root, self._owned_dir = root, str(root) if owned else None
+            self._client_port = self.config.client_port or find_free_port(self.config.host)
+            self._peer_port = self.config.peer_port or find_free_port(self.config.host)
             try:
-                self._launch(binary, root, str(root) if owned else None)
+                self._launch(binary)
                 return self
             except _EarlyExit as exc:
                 self.stop()
@@ -205,15 +226,63 @@ class EmbeddedEtcd:
                 logger.warning("etcd exited at startup (attempt %d), new ports: %s", attempt, exc)
                 if owned:
                     root = Path(tempfile.mkdtemp(prefix="scission-etcd-"))
-                    self._root = root
+            except TimeoutError:
+                self.stop()
+                raise
         raise AssertionError("unreachable")
 
-    def _launch(self, binary: str, root: Path, owned_dir: str | None) -> None:
-        cfg = self.config
-        client_port = cfg.client_port or find_free_port(cfg.host)
-        peer_port = cfg.peer_port or find_free_port(cfg.host)
-        client_url = f"http://{cfg.host}:{client_port}"
-        peer_url = f"http://{cfg.host}:{peer_port}"
+    def supervise(self, poll_s: float = 0.2) -> EmbeddedEtcd:
+        """Restart the server (same ports, same data dir: its keys and leases survive)
+        whenever it exits, until ``stop()``; a restart that fails is retried with backoff.
+
+        The restarted child's ``PR_SET_PDEATHSIG`` is tied to the watcher thread, which
+        therefore runs until ``stop()``. Returns self."""
+        assert self._proc is not None, "supervise() needs a started server"
+        assert self._supervisor is None, "already supervised"
+        self._stopping.clear()
+        self._supervisor = threading.Thread(target=self._supervise, args=(poll_s,),
+                                            name="etcd-supervisor", daemon=True)
+        self._supervisor.start()
+        return self
+
+    def _supervise(self, poll_s: float) -> None:
+        wait_s = poll_s
+        while not self._stopping.wait(wait_s):
+            proc = self._proc
+            if proc is None or proc.poll() is None:
+                wait_s = poll_s
+                continue
+            with self._lock:
+                if self._stopping.is_set() or self._proc is not proc:
+                    continue
+                restarted = self._restart(proc)
+            wait_s = poll_s if restarted else min(max(2 * wait_s, 0.5), _MAX_RESTART_WAIT_S)
+
+    def _restart(self, dead: subprocess.Popen[bytes]) -> bool:
+        """Launch again in place of ``dead`` (lock held); False if that failed (retried)."""
+        finalizer, self._finalizer = self._finalizer, None
+        if finalizer is not None and finalizer.detach() is None:
+            self._stopping.set()  # cleaned up already (interpreter exit): stay down
+            return True
+        if self._log_file is not None:
+            self._log_file.close()
+        logger.warning("etcd pid %d exited (code %s); restarting it on %s (data dir %s)",
+                       dead.pid, dead.returncode, self.endpoint, self._root)
+        try:
+            self._launch(find_etcd_binary(self.config.etcd_binary))
+        except (_EarlyExit, TimeoutError, OSError) as exc:
+            logger.error("etcd restart failed (retrying): %s", exc)
+            return False
+        self.num_restarts += 1
+        logger.warning("etcd restarted as pid %d on %s (restart %d)", self.pid, self.endpoint,
+                       self.num_restarts)
+        return True
+
+    def _launch(self, binary: str) -> None:
+        cfg, root = self.config, self._root
+        assert root is not None and self._client_port and self._peer_port, "ports and root"
+        client_url = f"http://{cfg.host}:{self._client_port}"
+        peer_url = f"http://{cfg.host}:{self._peer_port}"
         args = [
             binary,
             *("--name", cfg.name, "--data-dir", str(root / _DATA_SUBDIR)),
@@ -233,10 +302,9 @@ class EmbeddedEtcd:
             close_fds=True,
             preexec_fn=_die_with_parent_preexec(),
         )
-        self._proc = proc
-        self._client_port = client_port
+        self._proc, self._log_file = proc, log_file
         self._finalizer = weakref.finalize(
-            self, _cleanup, proc, log_file, owned_dir, cfg.stop_timeout_s
+            self, _cleanup, proc, log_file, self._owned_dir, cfg.stop_timeout_s
         )
         self._wait_healthy(client_url)
         logger.info("etcd pid %d serving %s (log %s)", proc.pid, client_url, root / _LOG_NAME)
@@ -250,21 +318,28 @@ class EmbeddedEtcd:
             if _is_healthy(client_url):
                 return
             time.sleep(_HEALTH_POLL_S)
-        self.stop()
         raise TimeoutError(
             f"etcd at {client_url} not healthy after {self.config.startup_timeout_s}s"
         )
 
     def stop(self) -> None:
-        """Stop the server (SIGTERM, SIGKILL after stop_timeout_s); idempotent.
+        """Stop the server (SIGTERM, SIGKILL after stop_timeout_s) and its supervision;
+        idempotent.
 
         A temp data dir is removed; a configured ``data_dir`` is kept so ``start()`` can resume.
         """
-        finalizer, self._finalizer = self._finalizer, None
-        self._proc = None
-        self._client_port = None
-        if finalizer is not None:
-            finalizer()
+        self._stopping.set()
+        with self._lock:
+            finalizer, self._finalizer = self._finalizer, None
+            self._proc = None
+            self._client_port = None
+            if finalizer is not None:
+                finalizer()
+            if self._owned_dir is not None:  # also when a failed restart left no finalizer
+                shutil.rmtree(self._owned_dir, ignore_errors=True)
+        supervisor, self._supervisor = self._supervisor, None
+        if supervisor is not None and supervisor is not threading.current_thread():
+            supervisor.join()
 
     def __enter__(self) -> EmbeddedEtcd:
         if self._proc is None:

@@ -145,7 +145,9 @@ class LocalCluster:
             self._ray_started = True
         endpoints = cfg.etcd_endpoints
         if not endpoints:
-            self.etcd = EmbeddedEtcd().start()
+            # Supervised: restarted on the same port and data dir if it dies (workers and the
+            # router reconnect; their leases and registrations survive in the data dir).
+            self.etcd = EmbeddedEtcd().start().supervise()
             endpoints = (self.etcd.endpoint,)
         self._etcd_cfg = EtcdClientConfig(endpoints=endpoints)
         from scission.cluster.actors import ControllerActor, RouterActor

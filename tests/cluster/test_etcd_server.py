@@ -12,9 +12,17 @@ import time
 from pathlib import Path
 
 import pytest
+from serving_helpers import wait_until
 
 from scission.cluster.etcd_server import EmbeddedEtcd, EmbeddedEtcdConfig, find_etcd_binary
-from scission.registry.workers import EtcdClientConfig, connect
+from scission.registry.directory import WorkerDirectory
+from scission.registry.workers import (
+    EtcdClientConfig,
+    WorkerInfo,
+    WorkerRegistration,
+    WorkerRole,
+    connect,
+)
 from scission.worker.ports import find_free_port
 
 
@@ -144,3 +152,45 @@ def test_config_rejects_bad_values(kwargs: dict[str, object]) -> None:
     """Out-of-range ports, non-positive timeouts and an empty name are rejected up front."""
     with pytest.raises(ValueError):
         EmbeddedEtcdConfig(**kwargs)  # type: ignore[arg-type]
+
+
+def _info(worker_id: str) -> WorkerInfo:
+    return WorkerInfo(worker_id=worker_id, role=WorkerRole.DECODE, endpoint="127.0.0.1:1",
+                      agent_name=worker_id, agent_metadata=b"", kv_layout=b"", num_blocks=8,
+                      block_size=16, model_id="m", started_at_s=0.0)
+
+
+def test_supervised_etcd_is_restarted_in_place_and_the_registry_recovers() -> None:
+    """SIGKILL of a supervised etcd: a new process serves on the same endpoint and data dir
+    within seconds, with the keys written before; a worker registered before keeps its
+    registration past its TTL (keepalive reconnects), and the directory's watch follows a
+    worker registered after. stop() then leaves no process and no data dir."""
+    server = EmbeddedEtcd(EmbeddedEtcdConfig(unsafe_no_fsync=True)).start().supervise(0.05)
+    endpoint, root, old_pid = server.endpoint, server.root, server.pid
+    cfg = EtcdClientConfig(endpoints=(endpoint,), timeout_s=2.0)
+    client = connect(cfg)
+    client.put("/kept", b"1")
+    before = WorkerRegistration(connect(cfg))
+    before.register(_info("w-before"), ttl_s=2)
+    directory = WorkerDirectory(connect(cfg)).start()
+    after = WorkerRegistration(connect(cfg))
+    try:
+        os.kill(old_pid, signal.SIGKILL)
+        wait_until(lambda: server.num_restarts == 1 and server.is_running, 10, 0.02)
+        assert (server.endpoint, server.root) == (endpoint, root) and server.pid != old_pid
+        assert client.get("/kept")[0] == b"1"
+        after.register(_info("w-after"), ttl_s=2)
+        wait_until(lambda: [w.worker_id for w in directory.workers()] == ["w-after", "w-before"],
+                   10, 0.05)
+        time.sleep(2 * 2)  # two TTLs: "w-before" is kept alive, not expired
+        assert [w.worker_id for w in directory.workers()] == ["w-after", "w-before"]
+        assert client.get("/scission/workers/w-before")[0] is not None
+    finally:
+        after.deregister()
+        before.deregister()
+        directory.close()
+        client.close()
+        pid = server.pid
+        server.stop()
+    assert _wait_dead(pid, 5.0) and not _pid_alive(old_pid)
+    assert root is not None and not root.exists()
