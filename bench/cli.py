@@ -7,9 +7,9 @@ import argparse
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
-    """Add ``bench serve|engine|side-by-side|elastic|images`` under the ``scission``
-    subparsers ``sub``."""
-    from scission.bench import elastic, images, side_by_side
+    """Add ``bench serve|engine|side-by-side|elastic|images|kv-transfer`` under the
+    ``scission`` subparsers ``sub``."""
+    from scission.bench import elastic, images, kv_transfer, side_by_side
     from scission.bench import engine as bench_engine
     from scission.bench import serve as bench_serve
 
@@ -33,3 +33,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     img = bench_sub.add_parser("images", help="an image workload on E-P-D vs EP-D vs colocated")
     images.add_arguments(img)
     img.set_defaults(func=images.run)
+    kvt = bench_sub.add_parser("kv-transfer",
+                               help="NIXL READ of a prompt's KV vs memcpy and TCP; the hand-off "
+                                    "in a running cluster")
+    kv_transfer.add_arguments(kvt)
+    kvt.set_defaults(func=kv_transfer.run)
