@@ -23,6 +23,7 @@ from scission.engine.llm_engine import LLMEngine
 from scission.proto.scission.internal.v1 import worker_pb2 as pb
 from scission.proto.scission.internal.v1 import worker_pb2_grpc as pb_grpc
 from scission.registry.directory import WorkerDirectory
+from scission.registry.etcd_retry import retry_etcd
 from scission.registry.kv_index import EMBEDDING_DIR, KVEventPublisher, KVIndexConfig
 from scission.registry.workers import (
     EtcdClientConfig,
@@ -76,6 +77,9 @@ class WorkerConfig:
     embedding_page_tokens: int = 64  # embedding rows per page
     max_encode_batch_images: int = 8  # images per vision-tower forward pass
     max_receive_message_bytes: int = 256 * 1024**2  # internal gRPC (Encode carries images)
+    # Starting while etcd is away (restarting, a Ray restart of this worker during an
+    # outage): keep trying to load the directory and register for this long, then fail.
+    etcd_wait_s: float = 60.0
     # The internal door (worker/cluster_auth.py): calls without this token are refused;
     # "" = no check (a worker built by hand in a test).
     cluster_token: str = field(default="", repr=False)
@@ -140,11 +144,12 @@ class WorkerRuntime:
     def start(self) -> WorkerRuntime:
         self.loop.start()
         self.server.start()
-        self.directory.start()
+        wait_s, wid = self.config.etcd_wait_s, self.config.worker_id
+        retry_etcd(self.directory.start, f"worker {wid}: directory", wait_s)
         if self.config.metrics_port is not None:
             self.metrics_port = self.metrics.serve(self.config.host, self.config.metrics_port)
         self._started_at_s = self.role_since_s = time.time()
-        self.register()
+        retry_etcd(self.register, f"worker {wid}: registration", wait_s)
         self.kv_publisher.start()
         if self.embedding_publisher is not None:
             self.embedding_publisher.start()
