@@ -117,6 +117,16 @@ def _worker_log(pid: int) -> Path:
     return Path(found[0])
 
 
+def code_paths() -> dict[str, str]:
+    """Where this process imports scission from (a Ray worker must use the benchmark's
+    checkout, not a tree others edit)."""
+    import scission.engine
+    import scission.kv_transfer.agent
+
+    return {"scission.engine": scission.engine.__file__,
+            "scission.kv_transfer.agent": scission.kv_transfer.agent.__file__}
+
+
 def run_handoff(cfg: HandoffConfig) -> dict[str, Any]:
     """Start the cluster, run every request, stop it; raw samples and READ log records."""
     import ray
@@ -136,6 +146,9 @@ def run_handoff(cfg: HandoffConfig) -> dict[str, Any]:
     samples: list[dict[str, Any]] = []
     try:
         address = cluster.start()
+        paths = {"driver": code_paths(),
+                 "ray_worker": ray.get(ray.remote(num_cpus=0)(code_paths).remote(), timeout=60)}
+        logger.info("code paths: %s", paths)
         etcd = etcd_connect(EtcdClientConfig(endpoints=(cluster.etcd.endpoint,)))
         with WorkerDirectory(etcd, RegistryConfig(prefix=cluster.config.registry_prefix)) as d:
             pre, dec = d.workers(WorkerRole.PREFILL)[0], d.workers(WorkerRole.DECODE)[0]
@@ -159,4 +172,4 @@ def run_handoff(cfg: HandoffConfig) -> dict[str, Any]:
         reads = parse_read_logs(_worker_log(decode_pid).read_text(errors="replace"))
     finally:
         cluster.stop()
-    return {"samples": samples, "reads": reads, "warmup_reads": 2}
+    return {"samples": samples, "reads": reads, "warmup_reads": 2, "code_paths": paths}
