@@ -21,17 +21,18 @@ All encode to msgpack maps and decode strictly (``ValueError`` on anything malfo
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from enum import IntEnum
 
 import numpy as np
 import torch
 
+from scission.kv_transfer.capability import mac_of, verify_mac
 from scission.kv_transfer.codec import BYTES, INT, INT_TUPLE, STR, pack_message, unpack_message
 from scission.kv_transfer.descriptors import dtype_name, merge_block_runs
 
 # Bump on any change of these messages' fields or meaning.
-EMBEDDING_TRANSFER_VERSION = 1
+EMBEDDING_TRANSFER_VERSION = 2  # 2: EmbeddingHandle.mac
 IMAGE_HASH_BYTES = 32
 
 
@@ -149,11 +150,13 @@ class EmbeddingHandle:
     hidden_size: int
     page_tokens: int
     dtype: str
+    mac: bytes = b""  # HMAC with the cluster's key (``kv_transfer.capability``); b"" unsigned
 
     _KIND = "EmbeddingHandle"
     _SCHEMA = {"version": INT, "pin_id": STR, "encode_worker_id": STR, "incarnation": INT,
                "agent_name": STR, "image_hash": BYTES, "page_ids": INT_TUPLE,
-               "num_embeddings": INT, "hidden_size": INT, "page_tokens": INT, "dtype": STR}
+               "num_embeddings": INT, "hidden_size": INT, "page_tokens": INT, "dtype": STR,
+               "mac": BYTES}
 
     def __post_init__(self) -> None:
         if isinstance(self.page_ids, list):
@@ -173,6 +176,14 @@ class EmbeddingHandle:
                  f"{self.num_embeddings} embeddings of {self.page_tokens} (expected {expected})")
         _require(len(set(self.page_ids)) == len(self.page_ids) and min(self.page_ids) >= 0, k,
                  "page ids must be distinct and >= 0")
+
+    def signed(self, key: bytes) -> EmbeddingHandle:
+        """This handle with its MAC under ``key`` (the encoder grants it)."""
+        return replace(self, mac=mac_of(key, asdict(self)))
+
+    def verify(self, key: bytes) -> bool:
+        """Whether the MAC is right under ``key`` (check before reading any page)."""
+        return verify_mac(key, asdict(self), self.mac)
 
     def to_bytes(self) -> bytes:
         return pack_message(asdict(self))

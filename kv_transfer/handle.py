@@ -14,16 +14,17 @@ All three encode to msgpack maps (``to_bytes``) and decode strictly (``from_byte
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from enum import IntEnum
 from typing import Any
 
-from scission.kv_transfer.codec import INT, INT_TUPLE, STR, pack_message, unpack_message
+from scission.kv_transfer.capability import mac_of, verify_mac
+from scission.kv_transfer.codec import BYTES, INT, INT_TUPLE, STR, pack_message, unpack_message
 
 logger = logging.getLogger(__name__)
 
 # Bump on any change of these messages' fields or meaning (vLLM NIXL_CONNECTOR_VERSION).
-KV_TRANSFER_VERSION = 2  # 2: hold_id in TransferHandle and KVNotification
+KV_TRANSFER_VERSION = 3  # 2: hold_id in TransferHandle and KVNotification; 3: its mac
 
 # Per-layer cache layout: ``[num_blocks, block_size, num_kv_heads, head_dim]``.
 KV_LAYOUT_NHD = "NHD"
@@ -66,12 +67,15 @@ class TransferHandle:
     # This hold of the request's blocks on the prefill worker (one incarnation of the
     # request_id there); a Release or PULL_DONE naming another hold leaves it. 0 = unnamed.
     hold_id: int = 0
+    # HMAC of every other field with the cluster's key (``kv_transfer.capability``): the
+    # handle is a capability only the prefill worker could mint. b"" = unsigned (no key).
+    mac: bytes = b""
 
     _KIND = "TransferHandle"
     _SCHEMA = {
         "version": INT, "request_id": STR, "prefill_worker_id": STR, "incarnation": INT,
         "agent_name": STR, "block_ids": INT_TUPLE, "num_tokens": INT, "block_size": INT,
-        "dtype": STR, "layout": STR, "hold_id": INT,
+        "dtype": STR, "layout": STR, "hold_id": INT, "mac": BYTES,
     }  # fmt: skip
 
     def __post_init__(self) -> None:
@@ -100,6 +104,14 @@ class TransferHandle:
     @property
     def num_blocks(self) -> int:
         return len(self.block_ids)
+
+    def signed(self, key: bytes) -> TransferHandle:
+        """This handle with its MAC under ``key`` (the prefill worker grants it)."""
+        return replace(self, mac=mac_of(key, asdict(self)))
+
+    def verify(self, key: bytes) -> bool:
+        """Whether the MAC is right under ``key`` (check before reading any block)."""
+        return verify_mac(key, asdict(self), self.mac)
 
     def to_bytes(self) -> bytes:
         return pack_message(asdict(self))

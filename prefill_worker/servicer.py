@@ -17,6 +17,7 @@ import grpc
 
 from scission.engine.engine_loop import MIGRATE, wait_output
 from scission.engine.request import InvalidRequestError
+from scission.kv_transfer.capability import transfer_key
 from scission.kv_transfer.handle import KVNotification, TransferHandle
 from scission.proto.scission.internal.v1 import worker_pb2 as pb
 from scission.worker.convert import sampling_from_proto
@@ -32,6 +33,8 @@ class PrefillServicer(BaseWorkerServicer):
         super().__init__(runtime)
         self._held_at: dict[str, float] = {}  # request_id -> monotonic time pinned (loop thread)
         self._hold_ids: dict[str, int] = {}  # request_id -> id of its current hold (loop thread)
+        self.num_notifications_dropped = 0  # forged, stale or foreign (``_release_pulled``)
+        self._key = transfer_key(runtime.config.cluster_token)  # signs transfer handles
         self.loop.add_hook(self._release_pulled)
         self.loop.add_hook(self._release_expired)
 
@@ -108,16 +111,35 @@ class PrefillServicer(BaseWorkerServicer):
             block_ids=tuple(block_ids[:n]), num_tokens=num_tokens,
             block_size=rt.engine.kv_cache.block_size, dtype=rt.config.engine.dtype,
             hold_id=hold_id,
-        )
+        ).signed(self._key)
 
     def _release_pulled(self) -> None:
-        for _peer, msg in self.runtime.poll_notifications():
+        """Release what decode workers pulled. NIXL notifications carry no credential, so
+        each is checked before it frees anything: from a registered worker's agent, for this
+        incarnation, naming the request's current hold (a random 63-bit id only the
+        prefill, the router and the puller saw). Anything else is dropped and counted."""
+        for peer, msg in self.runtime.poll_notifications():
             try:
                 note = KVNotification.from_bytes(msg)
             except ValueError as e:
-                logger.warning("ignoring malformed KV notification: %s", e)
+                self._drop(peer, f"malformed ({e})")
                 continue
-            self._release(note.request_id, note.hold_id)
+            incarnation = self.runtime.info.incarnation if self.runtime.info else -1
+            if not self._from_a_worker(peer):
+                self._drop(peer, "sender is no registered worker's NIXL agent")
+            elif note.incarnation != incarnation:
+                self._drop(peer, f"for incarnation {note.incarnation}, ours is {incarnation}")
+            elif not note.hold_id or self._hold_ids.get(note.request_id) != note.hold_id:
+                self._drop(peer, f"names no current hold of {note.request_id}")
+            else:
+                self._release(note.request_id, note.hold_id)
+
+    def _from_a_worker(self, agent_name: str) -> bool:
+        return any(w.agent_name == agent_name for w in self.runtime.directory.workers())
+
+    def _drop(self, peer: str, why: str) -> None:
+        self.num_notifications_dropped += 1
+        logger.warning("dropped a KV notification from %s: %s", peer, why)
 
     def _release_expired(self) -> None:
         now, timeout = time.monotonic(), self.runtime.config.hold_timeout_s

@@ -22,6 +22,7 @@ import torch
 
 from scission.engine.multimodal import MMInput, make_mm_input
 from scission.kv_transfer.agent import KVTransferError
+from scission.kv_transfer.capability import transfer_key
 from scission.kv_transfer.embeddings import (
     IMAGE_HASH_BYTES,
     EmbeddingHandle,
@@ -77,6 +78,9 @@ def _embeddings(runtime, i: int, ref: pb.ImageRef, num_positions: int) -> torch.
         handle = EmbeddingHandle.from_bytes(ref.embedding_handle)
     except ValueError as e:
         raise ImageInputError(f"images[{i}].embedding_handle: {e}") from None
+    if not handle.verify(transfer_key(runtime.config.cluster_token)):
+        raise ImageInputError(f"images[{i}].embedding_handle: not issued by this cluster "
+                              "(its MAC does not verify)")
     if handle.image_hash != ref.image_hash or handle.num_embeddings != num_positions:
         raise ImageInputError(f"images[{i}]: handle is for another image or segment "
                               f"({handle.num_embeddings} embeddings, {num_positions} positions)")

@@ -241,6 +241,7 @@ def encode_rpc(runtime, request, context):
     response names the pages (``EmbeddingHandle``) and the image's prompt segment."""
     import grpc
 
+    from scission.kv_transfer.capability import transfer_key
     from scission.kv_transfer.embeddings import EmbeddingHandle
     from scission.proto.scission.internal.v1 import worker_pb2 as pb
 
@@ -261,7 +262,8 @@ def encode_rpc(runtime, request, context):
         agent_name=runtime.agent.name, image_hash=entry.image_hash,
         page_ids=tuple(entry.page_ids), num_embeddings=entry.num_embeddings,
         hidden_size=cache.hidden_size, page_tokens=cache.page_tokens,
-        dtype=str(cache.pages.dtype).removeprefix("torch."))
+        dtype=str(cache.pages.dtype).removeprefix("torch.")
+    ).signed(transfer_key(runtime.config.cluster_token))
     return pb.EncodeResponse(token_ids=entry.segment_token_ids, image_hash=entry.image_hash,
                              num_embeddings=entry.num_embeddings,
                              embedding_handle=handle.to_bytes(), cache_hit=enc.cache_hit)

@@ -77,7 +77,7 @@ def test_roundtrip_is_identity(factory: Any) -> None:
     msg = factory()
     decoded = type(msg).from_bytes(msg.to_bytes())
     assert decoded == msg
-    assert decoded.version == KV_TRANSFER_VERSION == 2
+    assert decoded.version == KV_TRANSFER_VERSION == 3
 
 
 def test_handle_fields_and_derived_values() -> None:
@@ -175,3 +175,30 @@ def test_layout_compatibility() -> None:
     other = make_layout(agent_name="p:3", dtype="float16", head_dim=64, bytes_per_block=8)
     with pytest.raises(ValueError, match="head_dim: 128 != 64; dtype: 'bfloat16' != 'float16'"):
         base.check_compatible(other)
+
+
+def test_a_signed_handle_verifies_and_any_change_breaks_it() -> None:
+    """The prefill worker's MAC (kv_transfer/capability.py) verifies under the cluster key;
+    guessed block ids, another hold or request, another key, or no MAC all fail; without a
+    cluster token only the unsigned handle passes. Hand-checked against HMAC-SHA256."""
+    import dataclasses
+    import hashlib
+    import hmac
+
+    from scission.kv_transfer.capability import transfer_key
+    from scission.kv_transfer.codec import pack_message
+
+    key = transfer_key("cluster-token")
+    assert key == hmac.new(b"cluster-token", b"scission-transfer-handle-v1",
+                           hashlib.sha256).digest()
+    handle = make_handle(block_ids=[12, 3, 4, 5]).signed(key)
+    fields = {k: v for k, v in sorted(dataclasses.asdict(handle).items()) if k != "mac"}
+    assert handle.mac == hmac.new(key, pack_message(fields), hashlib.sha256).digest()[:16]
+    decoded = TransferHandle.from_bytes(handle.to_bytes())
+    assert decoded.verify(key)
+    for change in ({"block_ids": (0, 1, 2, 3)}, {"hold_id": 7}, {"request_id": "other"},
+                   {"mac": b""}):
+        assert not dataclasses.replace(decoded, **change).verify(key), change
+    assert not decoded.verify(transfer_key("another-cluster"))
+    assert transfer_key("") == b"" and make_handle().verify(b"")
+    assert not decoded.verify(b"")
