@@ -3,27 +3,25 @@
 from __future__ import annotations
 
 import json
+import sys
 import time
 
 from scission.registry.directory import WorkerDirectory
+from scission.registry.etcd_watch import ETCD_ERRORS, describe_etcd_error
 from scission.registry.workers import EtcdClientConfig, RegistryConfig, connect
 
 
 def print_status(endpoints: list[str], prefix: str, as_json: bool) -> int:
+    """Exit code 1 and one line on stderr when etcd does not answer."""
     client = connect(EtcdClientConfig(endpoints=tuple(endpoints)))
-    with WorkerDirectory(client, RegistryConfig(prefix=prefix)) as directory:
-        rows = []
-        for w in directory.workers():
-            st = directory.stats(w.worker_id)
-            used = w.num_blocks - st.num_free_blocks if st else None
-            rows.append({
-                "worker_id": w.worker_id, "role": w.role.value, "endpoint": w.endpoint,
-                "kv_blocks_used": used, "kv_blocks_total": w.num_blocks,
-                "running": st.num_running if st else None,
-                "waiting": st.num_waiting if st else None,
-                "queued_prefill_tokens": st.queued_prefill_tokens if st else None,
-                "uptime_s": round(time.time() - w.started_at_s),
-            })
+    try:
+        rows = _rows(WorkerDirectory(client, RegistryConfig(prefix=prefix)))
+    except ETCD_ERRORS as e:
+        print(f"scission: error: etcd unreachable at {', '.join(endpoints)} "
+              f"({describe_etcd_error(e)})", file=sys.stderr)
+        return 1
+    finally:
+        client.close()
     if as_json:
         print(json.dumps(rows, indent=2))
         return 0
@@ -40,3 +38,21 @@ def print_status(endpoints: list[str], prefix: str, as_json: bool) -> int:
               f"{r['running'] if r['running'] is not None else '?':>6}"
               f"{r['waiting'] if r['waiting'] is not None else '?':>6}")
     return 0
+
+
+def _rows(directory: WorkerDirectory) -> list[dict]:
+    """One read of the directory (raises etcd errors)."""
+    rows = []
+    with directory:
+        for w in directory.workers():
+            st = directory.stats(w.worker_id)
+            used = w.num_blocks - st.num_free_blocks if st else None
+            rows.append({
+                "worker_id": w.worker_id, "role": w.role.value, "endpoint": w.endpoint,
+                "kv_blocks_used": used, "kv_blocks_total": w.num_blocks,
+                "running": st.num_running if st else None,
+                "waiting": st.num_waiting if st else None,
+                "queued_prefill_tokens": st.queued_prefill_tokens if st else None,
+                "uptime_s": round(time.time() - w.started_at_s),
+            })
+    return rows
