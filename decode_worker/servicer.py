@@ -3,7 +3,9 @@
 ``Decode``: reserve blocks, one-sided NIXL READ of the prefill worker's blocks into them
 (the READ's notification tells prefill to release), then join the running batch without
 running the prompt through the model. If the pull fails, the request is either recomputed
-locally (prompt + first token, the default) or failed with UNAVAILABLE.
+locally (prompt + first token, the default) or failed with UNAVAILABLE. A pull that timed
+out leaves its blocks in quarantine (``decode_worker/quarantine.py``) until the prefill peer
+is disconnected: NIXL may still write into them.
 ``Generate``: prompt in, tokens out on this worker (colocated mode, or local prefill).
 """
 
@@ -15,8 +17,9 @@ from collections import OrderedDict
 
 import grpc
 
+from scission.decode_worker.quarantine import KVQuarantine, QuarantinedPull
 from scission.engine.request import InvalidRequestError
-from scission.kv_transfer.agent import KVTransferError
+from scission.kv_transfer.agent import KVTransferError, KVTransferTimeoutError
 from scission.kv_transfer.handle import (
     KVLayoutDescriptor,
     KVNotification,
@@ -38,6 +41,18 @@ class DecodeServicer(BaseWorkerServicer):
         super().__init__(runtime)
         self.pulled: OrderedDict[str, list[int]] = OrderedDict()  # rid -> local blocks (recent)
         self.num_pull_failures = 0
+        self.quarantine = KVQuarantine()  # loop thread only
+        self.loop.add_hook(self._end_quarantine)
+
+    def close(self) -> None:
+        """Role flip away from decode: disconnect the quarantined peers, free their blocks."""
+        self.loop.remove_hook(self._end_quarantine)
+        self.loop.call(lambda: [self._disconnect(name, "role flip")
+                                for name, _ in self.quarantine.peers()])
+
+    @property
+    def num_quarantined_blocks(self) -> int:
+        return self.quarantine.num_blocks
 
     def Generate(self, request: pb.GenerateRequest, context):
         rid, prompt = request.request_id, list(request.prompt_token_ids)
@@ -67,7 +82,7 @@ class DecodeServicer(BaseWorkerServicer):
             add = lambda: self.engine.add_prefilled_request(rid, prompt, first, params, blocks,  # noqa: E731
                                                             mm_inputs=mm)
             undo = lambda: self.loop.call(lambda: self.engine.free_reserved(rid, blocks))  # noqa: E731
-        else:  # the blocks were freed
+        else:  # the blocks were freed or quarantined
             # An image request's embeddings were released after the prefill pulled them:
             # recomputing here would need them again, so the router re-runs it instead.
             if mm or not self.runtime.config.kv_pull_failure_recompute:
@@ -114,7 +129,7 @@ class DecodeServicer(BaseWorkerServicer):
 
     def _pull(self, handle: TransferHandle, rid: str, blocks: list[int]) -> bool:
         """NIXL READ of the handle's blocks into ``blocks``; False on any transfer failure,
-        with ``blocks`` freed."""
+        with ``blocks`` freed, or quarantined if the READ timed out (it may still land)."""
         note = KVNotification(kind=KVNotificationKind.PULL_DONE, request_id=handle.request_id,
                               incarnation=handle.incarnation, hold_id=handle.hold_id).to_bytes()
         try:
@@ -125,7 +140,12 @@ class DecodeServicer(BaseWorkerServicer):
             self.num_pull_failures += 1
             logger.warning("KV pull for %s from %s failed: %s", handle.request_id,
                            handle.prefill_worker_id, e)
-            self.loop.call(lambda: self.engine.free_reserved(rid, blocks))
+            if isinstance(e, KVTransferTimeoutError):
+                pull = QuarantinedPull(rid, handle.prefill_worker_id, tuple(blocks),
+                                       time.monotonic())
+                self.loop.call(lambda: self.quarantine.add(handle.agent_name, pull))
+            else:
+                self.loop.call(lambda: self.engine.free_reserved(rid, blocks))
             return False
         self.pulled[handle.request_id] = list(blocks)
         while len(self.pulled) > 256:
@@ -141,3 +161,29 @@ class DecodeServicer(BaseWorkerServicer):
                               "is not registered")
         self.runtime.agent.add_peer(info.agent_name, info.agent_metadata,
                                     KVLayoutDescriptor.from_bytes(info.kv_layout))
+
+    # -- loop-thread helpers -----------------------------------------------------------
+    def _end_quarantine(self) -> None:
+        """Hook: a quarantined peer whose incarnation left the directory, or whose oldest
+        quarantined pull is ``kv_quarantine_max_s`` old, is disconnected: its transfers are
+        dead and their blocks are freed."""
+        if not self.quarantine:
+            return
+        now, max_s = time.monotonic(), self.runtime.config.kv_quarantine_max_s
+        for name, oldest in self.quarantine.peers():
+            info = self.runtime.directory.get(oldest.prefill_worker_id)
+            if info is None or info.agent_name != name:
+                self._disconnect(name, "its incarnation left the directory")
+            elif now - oldest.since_s > max_s:
+                self._disconnect(name, f"quarantined for over {max_s:.0f}s")
+
+    def _disconnect(self, agent_name: str, why: str) -> None:
+        """Remove the peer from the agent (nothing it sends lands any more), then free the
+        blocks quarantined for it."""
+        self.runtime.agent.remove_peer(agent_name)
+        pulls = self.quarantine.pop(agent_name)
+        for pull in pulls:
+            self.engine.free_reserved(pull.request_id, list(pull.block_ids))
+        logger.info("disconnected KV peer %s (%s): freed %d quarantined block(s) of %d "
+                    "pull(s); %d still quarantined", agent_name, why,
+                    sum(len(p.block_ids) for p in pulls), len(pulls), self.quarantine.num_blocks)

@@ -65,6 +65,9 @@ class WorkerConfig:
     hold_timeout_s: float = 30.0  # prefill: unpulled KV is released after this
     kv_pull_timeout_s: float = 10.0
     kv_pull_failure_recompute: bool = True  # decode: recompute locally if a pull fails
+    # decode: blocks of a timed-out pull stay quarantined until the prefill peer leaves the
+    # directory, or at most this long; then the peer is disconnected and they are freed
+    kv_quarantine_max_s: float = 60.0
     # decode: wait this long for free KV blocks for a pulled prompt before RESOURCE_EXHAUSTED
     # (a full cache frees blocks as running requests finish; 5 s turned overload into failures)
     kv_reserve_timeout_s: float = 60.0
@@ -86,9 +89,9 @@ class WorkerConfig:
 
     def __post_init__(self) -> None:
         if self.lease_ttl_s < 1 or self.hold_timeout_s <= 0 or self.stats_interval_s <= 0 \
-                or self.kv_reserve_timeout_s < 0:
+                or self.kv_reserve_timeout_s < 0 or self.kv_quarantine_max_s <= 0:
             raise ValueError("lease_ttl_s >= 1, hold_timeout_s > 0, stats_interval_s > 0, "
-                             "kv_reserve_timeout_s >= 0 required")
+                             "kv_reserve_timeout_s >= 0, kv_quarantine_max_s > 0 required")
         if self.metrics_port is not None and not 0 <= self.metrics_port < 65536:
             raise ValueError(f"metrics_port out of range: {self.metrics_port}")
 
@@ -227,6 +230,7 @@ class WorkerRuntime:
             num_images_encoded_total=0 if enc is None else enc.num_encoded,
             num_embedding_cache_hits_total=0 if enc is None else enc.num_cache_hits,
             num_embedding_pages=num_pages, num_free_embedding_pages=num_free_pages,
+            num_quarantined_blocks=self.servicer.num_quarantined_blocks,
         )
 
     def _drain_kv_events(self) -> None:
@@ -289,6 +293,11 @@ class BaseWorkerServicer(pb_grpc.WorkerServicer):
         self.runtime = runtime
         self.loop = runtime.loop
         self.engine = runtime.engine
+
+    @property
+    def num_quarantined_blocks(self) -> int:
+        """Blocks kept out of allocation by this role (decode: timed-out pulls)."""
+        return 0
 
     def Abort(self, request: pb.AbortRequest, context) -> pb.AbortResponse:
         return pb.AbortResponse(aborted=self.loop.abort(request.request_id))
