@@ -121,6 +121,12 @@ def merge_block_runs(
 ) -> list[BlockRun]:
     """Pair remote with local block ids and merge runs consecutive on BOTH sides.
 
+    The pairs are taken in remote-id order (a READ's descriptors may come in any order), so
+    blocks allocated in descending order on both sides — what the block managers hand out
+    after a request's blocks were freed tail first — merge as well as ascending ones: remote
+    ``[9, 8, 7]`` → local ``[5, 4, 3]`` is one run ``BlockRun(7, 3, 3)``, not three
+    (``bench/README.md`` "KV hand-off": up to 15,360 descriptors for a 4k-token pull).
+
     Example: remote ``[4, 5, 6, 9]`` → local ``[0, 1, 7, 8]`` gives
     ``[BlockRun(4, 0, 2), BlockRun(6, 7, 1), BlockRun(9, 8, 1)]``.
     """
@@ -129,7 +135,8 @@ def merge_block_runs(
             f"{len(remote_block_ids)} remote block ids vs {len(local_block_ids)} local block ids"
         )
     runs: list[BlockRun] = []
-    for r, loc in zip(remote_block_ids, local_block_ids, strict=True):
+    pairs = sorted(zip(remote_block_ids, local_block_ids, strict=True))
+    for r, loc in pairs:
         r, loc = int(r), int(loc)
         if runs:
             last = runs[-1]

@@ -37,14 +37,18 @@ def view_caches(num_layers: int = 3) -> tuple[torch.Tensor, list]:
 
 
 def test_merge_block_runs_merges_only_runs_consecutive_on_both_sides() -> None:
-    """A run is merged only when remote AND local ids both step by one."""
+    """A run is merged only when remote AND local ids both step by one (taken in remote-id
+    order, so runs descending on both sides merge too)."""
     assert merge_block_runs([4, 5, 6, 9], [0, 1, 7, 8]) == [
         BlockRun(4, 0, 2),
         BlockRun(6, 7, 1),
         BlockRun(9, 8, 1),
     ]
     assert merge_block_runs([3, 4, 5], [7, 8, 9]) == [BlockRun(3, 7, 3)]
-    assert merge_block_runs([5, 4], [0, 1]) == [BlockRun(5, 0, 1), BlockRun(4, 1, 1)]
+    assert merge_block_runs([5, 4], [0, 1]) == [BlockRun(4, 1, 1), BlockRun(5, 0, 1)]
+    # descending on both sides (blocks freed tail first, then allocated): one run
+    assert merge_block_runs([9, 8, 7, 2], [5, 4, 3, 0]) == [BlockRun(2, 0, 1),
+                                                            BlockRun(7, 3, 3)]
     assert merge_block_runs([], []) == []
     with pytest.raises(ValueError, match="2 remote block ids vs 1 local"):
         merge_block_runs([1, 2], [1])
@@ -135,3 +139,24 @@ def test_configure_ucx_env_sets_defaults_only_when_needed() -> None:
     env = {}
     assert configure_ucx_env(env, accelerated=True) == {}
     assert env == {}
+
+
+def test_blocks_reused_after_a_free_pull_as_one_run() -> None:
+    """Real block managers on both sides of a busy cluster (every block used once, then freed
+    tail first, as ``BlockManager.free`` does): the next request's 8 blocks come back in
+    descending order on both sides, and its pull is one run per layer and K/V, not 8."""
+    from scission.engine.block_hash import hash_seed
+    from scission.engine.block_manager import BlockManager
+
+    tables = []
+    for num_blocks in (32, 40):  # the two sides hold different block ids
+        bm = BlockManager(num_blocks, 16, hash_seed("m"), enable_prefix_caching=False)
+        first: list[int] = []
+        bm.allocate("first", first, 16 * num_blocks)
+        bm.free("first", first)
+        table: list[int] = []
+        bm.allocate("next", table, 16 * 8)
+        tables.append(table)
+    remote, local = tables
+    assert remote == list(range(31, 23, -1)) and local == list(range(39, 31, -1))
+    assert merge_block_runs(remote, local) == [BlockRun(24, 32, 8)]
