@@ -141,6 +141,22 @@ class RouterActor:
     def start(self) -> str:
         return self.server.start().address
 
+    def drain(self) -> int:
+        """Stop admitting (``scission down``): new requests on both doors get UNAVAILABLE and
+        the health service says NOT_SERVING, while those in flight run on. Returns how many
+        are in flight (poll ``in_flight`` until 0, then ``stop``)."""
+        from grpc_health.v1 import health_pb2
+
+        self.server.servicer.draining = True
+        for service in ("", "scission.v1.Generation"):
+            self.server.health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
+        logger.info("router draining: %d requests in flight", self.in_flight())
+        return self.in_flight()
+
+    def in_flight(self) -> int:
+        """Requests admitted and not yet ended (both doors)."""
+        return self.server.admission.stats().num_requests
+
     def pid(self) -> int:
         return os.getpid()
 

@@ -148,6 +148,13 @@ def _positive_float(value: str) -> float:
     return x
 
 
+def _non_negative_float(value: str) -> float:
+    x = float(value)
+    if not x >= 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return x
+
+
 def _elastic_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("elastic pools (planner and controller)")
     g.add_argument("--planner", default="off", choices=[m.value for m in PlannerMode],
@@ -188,7 +195,15 @@ def build_parser() -> argparse.ArgumentParser:
     up = sub.add_parser("up", help="start a local cluster and stay in the foreground")
     _cluster_args(up)
     up.set_defaults(func=commands.up)
-    down = sub.add_parser("down", help="stop the cluster started by `scission up`")
+    down = sub.add_parser("down", help="stop the cluster started by `scission up`: drain, "
+                                       "then stop everything",
+                          description="The router stops admitting (new requests get "
+                                      "UNAVAILABLE), requests in flight get --grace-s to "
+                                      "finish, then the workers, router, controller, Ray and "
+                                      "the embedded etcd stop. Exit 0 only when all stopped.")
+    down.add_argument("--grace-s", type=_non_negative_float, default=30.0,
+                      help="how long requests in flight may run before they are cut "
+                           "(default 30)")
     down.set_defaults(func=commands.down)
     gen = sub.add_parser("generate", help="send prompts to the router and stream the answers")
     gen.add_argument("prompt", nargs="?", help="prompt text (or use --file)")

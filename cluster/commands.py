@@ -5,16 +5,21 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
 import sys
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 from scission.cluster.client import GenerationResult, connect, load_image, make_request
 from scission.cluster.client import generate as run_one
 from scission.cluster.launcher import ClusterConfig, LocalCluster
-from scission.cluster.state import DEFAULT_STATE_FILE, ClusterState
+from scission.cluster.shutdown import (
+    DEFAULT_GRACE_S,
+    StopSignal,
+    judge,
+    request_stop,
+    stop_cluster,
+)
+from scission.cluster.state import DEFAULT_STATE_FILE, ClusterState, StopRequest
 from scission.engine.config import CacheConfig, EngineConfig, SchedulerConfig
 from scission.registry.pools import PlannerMode
 from scission.router.auth import load_api_keys
@@ -102,10 +107,9 @@ def up(args: argparse.Namespace) -> int:
         cfg = cluster_config(args)
     except ValueError as e:
         return _fail(str(e))
-    stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
+    stop = StopSignal().install()  # LocalCluster keeps these across ray.init (not Ray's)
     cluster = _start(cfg)
+    stop.serving = True
     endpoints = list(cfg.etcd_endpoints) or [cluster.etcd.endpoint]
     ClusterState(os.getpid(), cluster.router_address, endpoints, cfg.registry_prefix,
                  max_workers=cluster.max_workers).write()
@@ -116,28 +120,32 @@ def up(args: argparse.Namespace) -> int:
           f"  try:  scission generate --chat \"What is the capital of France?\"\n"
           f"  stop: Ctrl-C here, or `scission down`", flush=True)
     try:
-        stop.wait()
+        stop.requested.wait()
+        request = StopRequest.take(os.getpid())
+        grace_s = request.grace_s if request is not None else DEFAULT_GRACE_S
+        print(f"scission: stopping: requests in flight get up to {grace_s:.0f} s (signal "
+              f"again to stop now) ...", file=sys.stderr, flush=True)
+        report = stop_cluster(cluster, grace_s, stop.now)
+        report.write()
     finally:
-        print("scission: stopping ...", file=sys.stderr, flush=True)
-        cluster.stop()
         DEFAULT_STATE_FILE.unlink(missing_ok=True)
-    return 0
+    result = judge(report)
+    print(f"scission: {result.message}", file=sys.stderr, flush=True)
+    return 0 if result.ok else 1
 
 
 def down(args: argparse.Namespace) -> int:
-    state = ClusterState.read()
+    state = ClusterState.load()
     if state is None:
         return _fail("no running cluster found (nothing started with `scission up`)")
-    os.kill(state.pid, signal.SIGTERM)
-    deadline = time.monotonic() + 90
-    while time.monotonic() < deadline:
-        try:
-            os.kill(state.pid, 0)
-        except OSError:
-            print("scission: cluster stopped")
-            return 0
-        time.sleep(0.2)
-    return _fail(f"process {state.pid} did not exit within 90 s")
+    print(f"scission: stopping the cluster of `scission up` (pid {state.pid}); requests in "
+          f"flight get up to {args.grace_s:.0f} s ...", file=sys.stderr, flush=True)
+    result = request_stop(state, args.grace_s)
+    if not result.ok:
+        print(f"scission: error: {result.message}", file=sys.stderr)
+        return 1
+    print(f"scission: {result.message}")
+    return 0
 
 
 def _print_result(res: GenerationResult, streamed: bool) -> None:

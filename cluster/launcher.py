@@ -3,12 +3,14 @@ actors per pool, and the router actor. Stops everything it started, in reverse o
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
 import signal
+import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 import ray
@@ -26,6 +28,7 @@ from scission.worker.cluster_auth import new_cluster_token
 from scission.worker.ports import find_free_port
 
 logger = logging.getLogger(__name__)
+_DRAIN_POLL_S = 0.2
 
 
 @dataclass(frozen=True)
@@ -100,6 +103,24 @@ class ClusterConfig:
         return pools
 
 
+@contextlib.contextmanager
+def _keep_signal_handlers() -> Iterator[None]:
+    """Keep this process's own SIGTERM/SIGINT handlers across ``ray.init``: a head node
+    installs a SIGTERM handler that kills Ray's processes and exits (and its C++ core a
+    failure handler that ends in SIGABRT), which would cut ``scission up``'s drain short. A
+    default (non-Python) handler is left to Ray."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    own = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for sig, handler in own.items():
+            if callable(handler) and handler is not signal.default_int_handler:
+                signal.signal(sig, handler)
+
+
 def assign_cpus(cpus: Sequence[int], num_workers: int,
                 cores_per_worker: int | None = None) -> list[tuple[int, ...]]:
     """One core set per worker, cut in order from ``cpus``: ``cores_per_worker`` cores each
@@ -140,8 +161,9 @@ class LocalCluster:
         """Returns the router's address once every worker is registered."""
         cfg = self.config
         if not ray.is_initialized():
-            ray.init(address=cfg.ray_address, include_dashboard=False, log_to_driver=False,
-                     configure_logging=False)
+            with _keep_signal_handlers():
+                ray.init(address=cfg.ray_address, include_dashboard=False, log_to_driver=False,
+                         configure_logging=False)
             self._ray_started = True
         endpoints = cfg.etcd_endpoints
         if not endpoints:
@@ -237,6 +259,25 @@ class LocalCluster:
         pid = ray.get(self.router.pid.remote(), timeout=30)
         os.kill(pid, signal.SIGKILL)
         return pid
+
+    def drain(self, grace_s: float, cut_short: threading.Event | None = None) -> int:
+        """Stop admitting at the router (new requests get UNAVAILABLE) and wait up to
+        ``grace_s`` (or until ``cut_short`` is set) for the requests in flight to end. Returns
+        how many were still running then (``stop()`` cuts them), -1 if the router could not
+        be asked."""
+        if self.router is None:
+            return 0
+        deadline = time.monotonic() + grace_s
+        try:
+            in_flight = ray.get(self.router.drain.remote(), timeout=30)
+            while in_flight > 0 and time.monotonic() < deadline:
+                if cut_short is not None and cut_short.wait(_DRAIN_POLL_S):
+                    break
+                in_flight = ray.get(self.router.in_flight.remote(), timeout=30)
+        except (ray.exceptions.RayError, TimeoutError) as e:
+            logger.warning("router drain failed (%s); stopping anyway", e)
+            return -1
+        return in_flight
 
     def stop(self) -> None:
         for actor in (self.router, self.controller):

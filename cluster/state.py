@@ -1,11 +1,20 @@
-"""The state file ``scission up`` writes so ``down``, ``generate`` and ``status`` find it."""
+"""The state file ``scission up`` writes so ``down``, ``generate`` and ``status`` find it, and
+the two small files ``down`` and ``up`` exchange beside it while the cluster stops:
+
+- ``<state>.stop``: written by ``down`` before it signals ``up``: how long in-flight requests
+  may run (``StopRequest``);
+- ``<state>.report``: written by ``up`` once everything stopped, read by ``down`` for its exit
+  code (``ShutdownReport``).
+"""
 
 from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+
+from scission.cluster.procs import pid_alive
 
 DEFAULT_STATE_FILE = Path(os.environ.get("SCISSION_STATE_FILE",
                                          Path.home() / ".scission" / "cluster.json"))
@@ -24,11 +33,74 @@ class ClusterState:
         path.write_text(json.dumps(asdict(self)))
 
     @classmethod
-    def read(cls, path: Path = DEFAULT_STATE_FILE) -> ClusterState | None:
-        """The state of a running cluster, or None (no file, or its process is gone)."""
+    def load(cls, path: Path = DEFAULT_STATE_FILE) -> ClusterState | None:
+        """The file's contents whether or not its process still runs; None without a file."""
         try:
-            state = cls(**json.loads(path.read_text()))
-            os.kill(state.pid, 0)
+            return cls(**json.loads(path.read_text()))
         except (OSError, ValueError, TypeError):
             return None
-        return state
+
+    @classmethod
+    def read(cls, path: Path = DEFAULT_STATE_FILE) -> ClusterState | None:
+        """The state of a running cluster, or None (no file, or its process is gone: exited,
+        or a zombie nobody reaped)."""
+        state = cls.load(path)
+        return state if state is not None and pid_alive(state.pid) else None
+
+
+def _sibling(path: Path, suffix: str) -> Path:
+    return path.with_name(path.name + suffix)
+
+
+@dataclass(frozen=True)
+class StopRequest:
+    """What ``scission down`` asks of ``up``: in-flight requests get ``grace_s`` to finish."""
+
+    pid: int  # the `up` process it is meant for
+    grace_s: float
+
+    def write(self, state_path: Path = DEFAULT_STATE_FILE) -> None:
+        _sibling(state_path, ".stop").write_text(json.dumps(asdict(self)))
+
+    @classmethod
+    def take(cls, pid: int, state_path: Path = DEFAULT_STATE_FILE) -> StopRequest | None:
+        """The request for ``pid`` (the file is removed), None if there is none."""
+        path = _sibling(state_path, ".stop")
+        try:
+            request = cls(**json.loads(path.read_text()))
+        except (OSError, ValueError, TypeError):
+            return None
+        path.unlink(missing_ok=True)
+        return request if request.pid == pid else None
+
+
+@dataclass(frozen=True)
+class ShutdownReport:
+    """How the stop of ``pid`` went: ``problems`` empty = every process of the cluster ended
+    and the embedded etcd's data dir is gone."""
+
+    pid: int
+    problems: list[str] = field(default_factory=list)
+    requests_cut: int = 0  # still running when the grace period ended
+    killed: list[str] = field(default_factory=list)  # "name (pid)" that needed SIGKILL
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def write(self, state_path: Path = DEFAULT_STATE_FILE) -> None:
+        state_path.parent.mkdir(parents=True, exist_ok=True)
+        _sibling(state_path, ".report").write_text(json.dumps(asdict(self)))
+
+    @classmethod
+    def take(cls, pid: int, state_path: Path = DEFAULT_STATE_FILE) -> ShutdownReport | None:
+        """The report of ``pid`` (the file is removed), None if it wrote none."""
+        path = _sibling(state_path, ".report")
+        try:
+            report = cls(**json.loads(path.read_text()))
+        except (OSError, ValueError, TypeError):
+            return None
+        if report.pid != pid:
+            return None
+        path.unlink(missing_ok=True)
+        return report

@@ -67,6 +67,7 @@ class GenerationServicer(pb_grpc.GenerationServicer):
         self.metrics = metrics
         self.slo = slo
         self.context_len = tokenizer.context_length or 2048
+        self.draining = False  # set on `scission down`: new requests are refused
 
     def Generate(self, request: pb.GenerateRequest, context):
         """The gRPC door: ``generate`` with a refusal mapped to a status (over capacity also
@@ -88,6 +89,9 @@ class GenerationServicer(pb_grpc.GenerationServicer):
         outcome = Outcome()
         ticket = None
         try:
+            if self.draining:
+                _reject(outcome, grpc.StatusCode.UNAVAILABLE, "router is shutting down "
+                        "(scission down): not accepting new requests")
             cfg = self.config
             try:
                 vr = validate(request, self.tokenizer, self.context_len, cfg.default_max_tokens,
