@@ -20,6 +20,7 @@ import grpc
 from scission.decode_worker.quarantine import KVQuarantine, QuarantinedPull
 from scission.engine.request import InvalidRequestError
 from scission.kv_transfer.agent import KVTransferError, KVTransferTimeoutError
+from scission.kv_transfer.capability import transfer_key
 from scission.kv_transfer.handle import (
     KVLayoutDescriptor,
     KVNotification,
@@ -42,6 +43,7 @@ class DecodeServicer(BaseWorkerServicer):
         self.pulled: OrderedDict[str, list[int]] = OrderedDict()  # rid -> local blocks (recent)
         self.num_pull_failures = 0
         self.quarantine = KVQuarantine()  # loop thread only
+        self._key = transfer_key(runtime.config.cluster_token)  # verifies transfer handles
         self.loop.add_hook(self._end_quarantine)
 
     def close(self) -> None:
@@ -106,6 +108,9 @@ class DecodeServicer(BaseWorkerServicer):
             handle = TransferHandle.from_bytes(request.transfer_handle)
         except ValueError as e:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"transfer_handle: {e}")
+        if not handle.verify(self._key):  # a capability: minted by a prefill worker only
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "transfer_handle: not issued by "
+                          "this cluster's prefill workers (its MAC does not verify)")
         if handle.num_tokens != len(request.prompt_token_ids) \
                 or handle.block_size != self.engine.kv_cache.block_size:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT,

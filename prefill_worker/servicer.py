@@ -115,20 +115,19 @@ class PrefillServicer(BaseWorkerServicer):
 
     def _release_pulled(self) -> None:
         """Release what decode workers pulled. NIXL notifications carry no credential, so
-        each is checked before it frees anything: from a registered worker's agent, for this
-        incarnation, naming the request's current hold (a random 63-bit id only the
-        prefill, the router and the puller saw). Anything else is dropped and counted."""
+        each is checked before it frees anything: from a registered worker's agent, naming
+        the request's current hold (a random 63-bit id only the prefill, the router and the
+        puller saw; a hold of an earlier incarnation of the process is gone with its ids, so
+        no incarnation check: a lease re-granted to this process keeps its holds).
+        Anything else is dropped and counted."""
         for peer, msg in self.runtime.poll_notifications():
             try:
                 note = KVNotification.from_bytes(msg)
             except ValueError as e:
                 self._drop(peer, f"malformed ({e})")
                 continue
-            incarnation = self.runtime.info.incarnation if self.runtime.info else -1
             if not self._from_a_worker(peer):
                 self._drop(peer, "sender is no registered worker's NIXL agent")
-            elif note.incarnation != incarnation:
-                self._drop(peer, f"for incarnation {note.incarnation}, ours is {incarnation}")
             elif not note.hold_id or self._hold_ids.get(note.request_id) != note.hold_id:
                 self._drop(peer, f"names no current hold of {note.request_id}")
             else:

@@ -143,6 +143,7 @@ class WorkerRuntime:
         self.metrics = WorkerMetrics(config.worker_id, self.engine.step_metrics, self.stats)
         self.metrics_port: int | None = None  # bound port once started with metrics on
         self.role_since_s = 0.0  # wall clock: start, then each role flip (WorkerInfo)
+        self.num_notifications_dropped = 0  # embedding ones (``poll_notifications``)
 
     def start(self) -> WorkerRuntime:
         self.loop.start()
@@ -230,6 +231,8 @@ class WorkerRuntime:
             num_images_encoded_total=0 if enc is None else enc.num_encoded,
             num_embedding_cache_hits_total=0 if enc is None else enc.num_cache_hits,
             num_embedding_pages=num_pages, num_free_embedding_pages=num_free_pages,
+            num_notifications_dropped_total=self.num_notifications_dropped + getattr(
+                self.servicer, "num_notifications_dropped", 0),
             num_quarantined_blocks=self.servicer.num_quarantined_blocks,
         )
 
@@ -249,9 +252,13 @@ class WorkerRuntime:
             note = parse_embedding_notification(msg)
             if note is None or self.encode_service is None:
                 rest.append((peer, msg))
-            else:
-                self.encode_service.on_notification(note, self.info.incarnation if self.info
-                                                    else -1)
+            elif not any(w.agent_name == peer for w in self.directory.workers()):
+                self.num_notifications_dropped += 1  # a pin id is a secret; still: who?
+                logger.warning("dropped an embedding notification from %s: sender is no "
+                               "registered worker's NIXL agent", peer)
+            elif not self.encode_service.on_notification(
+                    note, self.info.incarnation if self.info else -1):
+                self.num_notifications_dropped += 1  # stale incarnation or unknown pin
         return rest
 
     def release_pins(self, pin_ids) -> bool:
