@@ -168,12 +168,18 @@ class EncodeStep:
     def _pick(self, image_hash: bytes, exclude: frozenset[str]) -> WorkerInfo:
         """An encode worker (holding the image, else the least loaded), or without one the
         worker likely to run the prompt (EP-D / colocated)."""
+        hits = self.index.match([embedding_index_key(image_hash)]) if self.index else {}
         encoders = [w for w in self.pool.workers(WorkerRole.ENCODE)
                     if w.accepts_images and w.worker_id not in exclude]
         if encoders:
-            hits = self.index.match([embedding_index_key(image_hash)]) if self.index else {}
             holding = [w for w in encoders if hits.get(w.worker_id)]
             return min(holding or encoders, key=self._encode_load)
+        # EP-D: prefill / colocated workers publish their cached images to the same index
+        holding = [w for role in (WorkerRole.PREFILL, WorkerRole.COLOCATED)
+                   for w in self.pool.workers(role)
+                   if w.accepts_images and w.worker_id not in exclude and hits.get(w.worker_id)]
+        if holding:
+            return min(holding, key=self._encode_load)
         try:
             local = self.placer.place(1, [], 0).prefill_worker
         except NoWorkersError:

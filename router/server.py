@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import time
@@ -146,10 +147,14 @@ class GenerationServicer(pb_grpc.GenerationServicer):
             else PromptBlocks(0, [])
         hash_s = time.perf_counter() - t0
         streamed: list[int] = []
+        base_id = vr.request_id
         for attempt in range(MAX_PLACEMENT_ATTEMPTS):
             resume = flows.Resume(tuple(streamed), outcome.first_token_s or 0.0,
                                   outcome.prefill.worker_id if outcome.prefill else "") \
                 if streamed else None
+            if attempt:  # a fresh internal id per try: a worker refuses an id it still
+                # holds (ALREADY_EXISTS), e.g. the failed try's request not yet aborted there
+                vr = dataclasses.replace(vr, request_id=f"{base_id}-{attempt}")
             if attempt and vr.images:  # the last try's pins were consumed or released
                 vr = self._encode(vr, outcome)
             placement = self._migrate(outcome) if resume else \

@@ -185,3 +185,14 @@ def test_an_image_the_worker_cannot_decode_names_its_index(mm):
     with pytest.raises(InvalidRequestError) as e:
         step.prepare(request([image(6)]))
     assert e.value.field == "images[0]"
+
+
+def test_without_an_encode_pool_a_prefill_worker_holding_the_image_encodes_it(mm):
+    """EP-D: prefill workers publish their cached images to the embedding index; a repeated
+    image goes to the one holding it, not to the placer's pick (which would encode it again)."""
+    data = image(9)
+    key = embedding_index_key(mm[1].image_hash(data))
+    step, _, log = make_step(mm, [make_info("prefill-0", P), make_info("prefill-1", P),
+                                  make_info("decode-0", D)], held={"prefill-1": {key}})
+    step.prepare(request([data]))
+    assert [w for w, _ in log] == ["prefill-1"]
