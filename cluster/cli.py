@@ -60,6 +60,7 @@ def _cluster_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--port", type=int, default=50051, help="router port (0 = any free port)")
     g.add_argument("--etcd-endpoints", default="",
                    help="comma-separated host:port of an existing etcd (default: embedded)")
+    _etcd_tls_args(g)
     g.add_argument("--ray-address", default=None, help="join this Ray cluster (default: local)")
     g.add_argument("--lease-ttl-s", type=int, default=5,
                    help="worker lease TTL: a dead worker leaves discovery within this")
@@ -268,6 +269,17 @@ def _etcd_args(p: argparse.ArgumentParser, inherited: bool = False) -> None:
                    help="comma-separated host:port (default: from `scission up`)")
     g.add_argument("--prefix", default=default,
                    help="registry key prefix (default: from `scission up`, else /scission)")
+    _etcd_tls_args(g, default)
+
+
+def _etcd_tls_args(g, default=None) -> None:
+    """TLS to etcd (PEM files); without them the connection is plaintext."""
+    g.add_argument("--etcd-cacert", default=default, metavar="PEM",
+                   help="CA that signed etcd's server certificate: speak TLS to etcd")
+    g.add_argument("--etcd-cert", default=default, metavar="PEM",
+                   help="client certificate for etcd's --client-cert-auth (with --etcd-key)")
+    g.add_argument("--etcd-key", default=default, metavar="PEM",
+                   help="the client certificate's private key")
 
 
 def _json_arg(p: argparse.ArgumentParser, inherited: bool = False) -> None:

@@ -19,9 +19,10 @@ from scission.cluster.shutdown import (
     request_stop,
     stop_cluster,
 )
-from scission.cluster.state import DEFAULT_STATE_FILE, ClusterState, StopRequest
+from scission.cluster.state import DEFAULT_STATE_FILE, ClusterState, StopRequest, etcd_tls_files
 from scission.engine.config import CacheConfig, EngineConfig, SchedulerConfig
 from scission.registry.pools import PlannerMode
+from scission.registry.workers import etcd_config_from_files
 from scission.router.auth import load_api_keys
 from scission.router.config import PlacementConfig, RouterConfig, RoutingPolicy
 
@@ -45,7 +46,14 @@ def cluster_config(args: argparse.Namespace) -> ClusterConfig:
                           enable_prefix_caching=not args.no_prefix_caching),
         scheduler=SchedulerConfig(max_num_batched_tokens=args.max_batched_tokens))
     endpoints = tuple(e for e in args.etcd_endpoints.split(",") if e)
+    tls_files = etcd_tls_files(args)
+    if tls_files and not endpoints:
+        raise ValueError("--etcd-cacert/--etcd-cert/--etcd-key are for an external etcd: "
+                         "pass --etcd-endpoints too (the embedded etcd speaks plaintext)")
+    etcd_tls = etcd_config_from_files(endpoints or ("127.0.0.1:2379",), *tls_files) \
+        if tls_files else None
     return ClusterConfig(
+        etcd_tls=etcd_tls,
         num_prefill=args.prefill, num_decode=args.decode, num_colocated=args.colocated,
         num_encode=args.encode, engine=engine, router=_router_config(args),
         etcd_endpoints=endpoints, ray_address=args.ray_address, lease_ttl_s=args.lease_ttl_s,
@@ -112,7 +120,7 @@ def up(args: argparse.Namespace) -> int:
     stop.serving = True
     endpoints = list(cfg.etcd_endpoints) or [cluster.etcd.endpoint]
     ClusterState(os.getpid(), cluster.router_address, endpoints, cfg.registry_prefix,
-                 max_workers=cluster.max_workers).write()
+                 max_workers=cluster.max_workers, etcd_tls_files=etcd_tls_files(args)).write()
     scheme = "https" if cfg.router.tls else "http"
     http = (f"\nscission OpenAI-compatible HTTP on {scheme}://{cluster.router_http_address}/v1"
             if cluster.router_http_address else "")
@@ -208,7 +216,13 @@ def status(args: argparse.Namespace) -> int:
     if not endpoints:
         return _fail("no etcd endpoint: pass --etcd-endpoints or start one with `scission up`")
     prefix = args.prefix or (state.registry_prefix if state else "/scission")
-    return print_status(endpoints, prefix, args.json)
+    try:
+        etcd = etcd_config_from_files(endpoints, *(etcd_tls_files(args) or (
+            state.etcd_tls_files if state else [])))
+    except ValueError as e:
+        return _fail(str(e))
+    return print_status(etcd, prefix, args.json)
+
 
 
 def demo(args: argparse.Namespace) -> int:

@@ -42,6 +42,8 @@ class ClusterConfig:
     engine: EngineConfig = field(default_factory=EngineConfig)
     router: RouterConfig = field(default_factory=RouterConfig)
     etcd_endpoints: tuple[str, ...] = ()  # empty = start an embedded etcd
+    # TLS to that external etcd (``registry.workers.etcd_config_from_files``); None = plain
+    etcd_tls: EtcdClientConfig | None = field(default=None, repr=False)
     ray_address: str | None = None  # None = start a local Ray
     registry_prefix: str = "/scission"
     lease_ttl_s: int = 5
@@ -171,7 +173,8 @@ class LocalCluster:
             # router reconnect; their leases and registrations survive in the data dir).
             self.etcd = EmbeddedEtcd().start().supervise()
             endpoints = (self.etcd.endpoint,)
-        self._etcd_cfg = EtcdClientConfig(endpoints=endpoints)
+        self._etcd_cfg = EtcdClientConfig(endpoints=endpoints) if cfg.etcd_tls is None or \
+            not cfg.etcd_endpoints else dataclasses.replace(cfg.etcd_tls, endpoints=endpoints)
         from scission.cluster.actors import ControllerActor, RouterActor
 
         self.controller = ControllerActor.remote(self._controller_config(), self._template(),

@@ -27,6 +27,9 @@ class ClusterState:
     etcd_endpoints: list[str]
     registry_prefix: str
     max_workers: int | None = None  # the worker budget (`up --max-workers` or its default)
+    # An external etcd's TLS files (`up --etcd-cacert/--etcd-cert/--etcd-key`): the paths,
+    # for later commands on this host; [] = plaintext.
+    etcd_tls_files: list[str] = field(default_factory=list)
 
     def write(self, path: Path = DEFAULT_STATE_FILE) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -104,3 +107,9 @@ class ShutdownReport:
             return None
         path.unlink(missing_ok=True)
         return report
+
+
+def etcd_tls_files(args) -> list[str]:
+    """[ca, cert, key] from --etcd-cacert/--etcd-cert/--etcd-key ([] when none is given)."""
+    files = [getattr(args, n, None) or "" for n in ("etcd_cacert", "etcd_cert", "etcd_key")]
+    return [os.path.abspath(f) if f else "" for f in files] if any(files) else []

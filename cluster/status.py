@@ -11,9 +11,10 @@ from scission.registry.etcd_watch import ETCD_ERRORS, describe_etcd_error
 from scission.registry.workers import EtcdClientConfig, RegistryConfig, connect
 
 
-def print_status(endpoints: list[str], prefix: str, as_json: bool) -> int:
+def print_status(etcd: EtcdClientConfig, prefix: str, as_json: bool) -> int:
     """Exit code 1 and one line on stderr when etcd does not answer."""
-    client = connect(EtcdClientConfig(endpoints=tuple(endpoints)))
+    endpoints = etcd.endpoints
+    client = connect(etcd)
     try:
         rows = _rows(WorkerDirectory(client, RegistryConfig(prefix=prefix)))
     except ETCD_ERRORS as e:

@@ -132,6 +132,25 @@ class EtcdClientConfig:
             raise ValueError("max_reconnect_backoff_s must be > 0")
 
 
+def etcd_config_from_files(endpoints, ca_file: str | None = None,
+                           cert_file: str | None = None,
+                           key_file: str | None = None) -> EtcdClientConfig:
+    """An ``EtcdClientConfig`` with the PEMs read from files (``--etcd-cacert/--etcd-cert/
+    --etcd-key``); no files = plaintext.
+
+    Raises:
+        ValueError: a file cannot be read, or a certificate without its key or CA.
+    """
+    pems = {}
+    for name, path in (("ca_pem", ca_file), ("cert_pem", cert_file), ("key_pem", key_file)):
+        if path:
+            try:
+                pems[name] = open(path, "rb").read()
+            except OSError as e:
+                raise ValueError(f"etcd TLS file {path!r}: {e.strerror}") from None
+    return EtcdClientConfig(endpoints=tuple(endpoints), **pems)
+
+
 def _split_endpoint(endpoint: str) -> tuple[str, int] | None:
     host, _, port = endpoint.rpartition(":")
     return (host, int(port)) if host and port.isdigit() else None

@@ -91,3 +91,26 @@ def test_without_the_cluster_credentials_nothing_is_read(tls_etcd, who):
 def test_a_certificate_without_its_ca_is_refused_in_the_config():
     with pytest.raises(ValueError, match="needs its key and the CA"):
         EtcdClientConfig(cert_pem=b"x", key_pem=b"y")
+
+
+def test_cli_reaches_a_tls_etcd_with_its_flags(tls_etcd, capsys):
+    """`scission up` carries the PEMs of --etcd-cacert/--etcd-cert/--etcd-key into the
+    cluster's etcd config (refusing them without --etcd-endpoints); `scission status` with
+    the flags reads the TLS etcd, without them it says etcd is unreachable (exit 1)."""
+    from scission.cluster.cli import build_parser
+    from scission.cluster.commands import cluster_config, status
+
+    endpoint, certs = tls_etcd
+    tls = ["--etcd-cacert", str(certs.ca), "--etcd-cert", str(certs.client_cert),
+           "--etcd-key", str(certs.client_key)]
+    cfg = cluster_config(build_parser().parse_args(["up", "--etcd-endpoints", endpoint, *tls]))
+    assert cfg.etcd_tls.ca_pem == certs.ca.read_bytes()
+    assert cfg.etcd_tls.key_pem == certs.client_key.read_bytes()
+    with pytest.raises(ValueError, match="pass --etcd-endpoints too"):
+        cluster_config(build_parser().parse_args(["up", *tls]))
+    put_until_served(connect(tls_config(endpoint, certs.ca, certs.client_cert,
+                                        certs.client_key)), "/scission-tls/ready")
+    args = build_parser().parse_args(["status", "--etcd-endpoints", endpoint, *tls])
+    assert status(args) == 0 and "pools: none" in capsys.readouterr().out
+    args = build_parser().parse_args(["status", "--etcd-endpoints", endpoint])
+    assert status(args) == 1 and "etcd unreachable" in capsys.readouterr().err
