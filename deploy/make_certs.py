@@ -9,9 +9,10 @@ writes one folder per Secret, each holding the files under the keys the Secret h
 - ``scission-etcd-tls/``        ca.crt, tls.crt, tls.key: every etcd member's certificate (server
                                 and peer TLS: serverAuth + clientAuth; the Services' and the
                                 members' DNS names, localhost, 127.0.0.1)
-- ``scission-etcd-client-tls/`` ca.crt, tls.crt, tls.key: the client certificate scission's
-                                etcd proxies present (clientAuth; CN=scission, the etcd user
-                                should etcd auth be enabled)
+- ``scission-etcd-client-tls/`` ca.crt, tls.crt, tls.key: the client certificate scission
+                                presents to etcd (``scission up --etcd-cacert/--etcd-cert/
+                                --etcd-key``; clientAuth; CN=scission, the etcd user should
+                                etcd auth be enabled)
 - ``scission-router-tls/``      ca.crt, tls.crt, tls.key: the router's doors (serverAuth; the
                                 router Service's names, 127.0.0.1 and each ``--router-san``)
 - ``scission-api-keys/``        keys.txt: one fresh random API key

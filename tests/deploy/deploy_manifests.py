@@ -86,14 +86,30 @@ def container_named(template: Doc, name: str) -> Doc:
     return found[0]
 
 
-def scission_up_argv() -> list[str]:
-    """The arguments after ``scission`` in the head container's script (``up ...``)."""
+def scission_argvs() -> list[list[str]]:
+    """The arguments after ``scission`` of each ``scission`` command in the head container's
+    script, in order (``["status", ...]``, ``["up", ...]``), cut at the first shell word
+    (a redirection, ``;``)."""
     script = "\n".join(head_container()["args"]).replace("\\\n", " ")
+    found = []
     for line in script.splitlines():
         words = shlex.split(line)
-        if "scission" in words:
-            return words[words.index("scission") + 1:]
-    raise AssertionError("the head container runs no `scission` command")
+        if "scission" not in words:
+            continue
+        argv = []
+        for word in words[words.index("scission") + 1:]:
+            if word.startswith(">") or ">&" in word or ";" in word:
+                break
+            argv.append(word)
+        found.append(argv)
+    return found
+
+
+def scission_up_argv() -> list[str]:
+    """The arguments after ``scission`` of the head container's ``scission up`` line."""
+    ups = [argv for argv in scission_argvs() if argv[:1] == ["up"]]
+    assert len(ups) == 1, f"the head container runs {len(ups)} `scission up` commands"
+    return ups[0]
 
 
 def flag_values(argv: list[str]) -> dict[str, str]:

@@ -30,13 +30,14 @@ from deploy_manifests import (
     of_kind,
     one,
     pod_templates,
+    scission_argvs,
     scission_up_argv,
     secret_examples,
 )
 
 from scission.cluster.cli import build_parser
 
-KUBERNETES_VERSION = "1.33.0"  # native sidecars (initContainers[].restartPolicy) are GA here
+KUBERNETES_VERSION = "1.33.0"
 CUSTOM_KINDS = {"RayCluster": "ray.io_rayclusters.yaml",
                 "ServiceMonitor": "monitoring.coreos.com_servicemonitors.yaml"}
 VENDORED_BLOBS = {"ray.io_rayclusters.yaml": "ff0be58ada3bd457605eff1f258c16df21e61e21",
@@ -154,11 +155,14 @@ def test_core_validation_refuses_a_broken_service():
 
 def test_scission_up_args_parse_with_the_real_cli():
     """The head runs `scission up` with flags the real parser accepts, joining the Ray
-    cluster and the etcd proxy, serving both doors with TLS and API keys, pools as stated."""
+    cluster and the external etcd over TLS with a client certificate, serving both doors with
+    TLS and API keys, pools as stated."""
     args = build_parser().parse_args(scission_up_argv())
     assert args.command == "up"
-    assert (args.ray_address, args.etcd_endpoints, args.host) == ("auto", "127.0.0.1:2379",
-                                                                  "0.0.0.0")
+    assert (args.ray_address, args.etcd_endpoints, args.host) == (
+        "auto", f"scission-etcd.{NAMESPACE}.svc:2379", "0.0.0.0")
+    assert (args.etcd_cacert, args.etcd_cert, args.etcd_key) == (
+        "/etc/etcd-client/ca.crt", "/etc/etcd-client/tls.crt", "/etc/etcd-client/tls.key")
     assert (args.port, args.http_port, args.metrics_port, args.control_metrics_port) == (
         50051, 8000, 9400, 9401)
     assert (args.prefill, args.decode, args.encode, args.colocated) == (2, 2, 0, 0)
@@ -227,7 +231,7 @@ def _mounted_files(template: dict, container: dict) -> dict[str, tuple[str, str]
 def _file_args(container: dict) -> list[str]:
     words = [*container.get("command", []), *container.get("args", [])]
     if container == head_container():
-        words += scission_up_argv()
+        words += [w for argv in scission_argvs() for w in argv]
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
         words += container.get(probe, {}).get("exec", {}).get("command", [])
     return [w for w in (*flag_values(words).values(), *words) if re.match(r"^/etc/", w)]
@@ -261,10 +265,12 @@ def test_router_files_are_on_every_ray_pod():
             assert needed <= _mounted_files(template, ray_container).keys(), where
 
 
-def test_etcd_is_tls_with_client_certificates_and_reached_through_the_proxy():
-    """etcd serves clients and peers only over TLS with client-certificate auth; every Ray
-    pod runs the TLS proxy sidecar (before the Ray container) at the address `scission up`
-    is given, dialing the etcd client Service over TLS with a client certificate."""
+def test_etcd_is_tls_with_client_certificates_and_scission_dials_its_service():
+    """etcd serves clients and peers only over TLS with client-certificate auth; `scission
+    up` dials the etcd client Service's client port with the CA, certificate and key of the
+    Secret scission-etcd-client-tls, mounted on the head only (the actors get the PEMs through
+    Ray); the head first waits for etcd with `scission status` and the same etcd flags; no
+    Ray pod runs a sidecar."""
     etcd = flag_values(container_named(one("StatefulSet", "scission-etcd")["spec"]["template"],
                                        "etcd")["args"])
     assert "--client-cert-auth" in etcd and "--peer-client-cert-auth" in etcd
@@ -275,18 +281,26 @@ def test_etcd_is_tls_with_client_certificates_and_reached_through_the_proxy():
     assert len(members) == one("StatefulSet", "scission-etcd")["spec"]["replicas"]
     args = build_parser().parse_args(scission_up_argv())
     client_service = one("Service", "scission-etcd")
+    host, port = args.etcd_endpoints.rsplit(":", 1)
+    assert host == f"{client_service['metadata']['name']}.{NAMESPACE}.svc"
+    client_port = next(p for p in client_service["spec"]["ports"] if p["port"] == int(port))
+    assert client_port["name"] == "client"
+    files = _mounted_files(head_template(), head_container())
+    assert [files[f] for f in (args.etcd_cacert, args.etcd_cert, args.etcd_key)] == [
+        ("scission-etcd-client-tls", k) for k in ("ca.crt", "tls.crt", "tls.key")]
+    status, up = scission_argvs()
+    assert status[0] == "status" and up[0] == "up"
+    wait = build_parser().parse_args(status)
+    for flag in ("etcd_endpoints", "etcd_cacert", "etcd_cert", "etcd_key"):
+        assert getattr(wait, flag) == getattr(args, flag), flag
     for where, template in pod_templates():
         if "RayCluster" not in where:
             continue
-        sidecar = template["spec"]["initContainers"][0]
-        assert sidecar["restartPolicy"] == "Always" and "startupProbe" in sidecar
-        proxy = flag_values(sidecar["args"])
-        assert sidecar["command"] == ["python", "/opt/scission/deploy/etcd_tls_proxy.py"]
-        assert proxy["--listen"] == args.etcd_endpoints
-        host, port = proxy["--upstream"].rsplit(":", 1)
-        assert host == f"{client_service['metadata']['name']}.{NAMESPACE}.svc"
-        assert int(port) in {p["port"] for p in client_service["spec"]["ports"]}
-        assert {"--cacert", "--cert", "--key"} <= proxy.keys()
+        assert "initContainers" not in template["spec"], where
+        if "head" not in where:
+            mounted = {s for c in containers(template)
+                       for s, _ in _mounted_files(template, c).values()}
+            assert "scission-etcd-client-tls" not in mounted, where
 
 
 def test_every_container_has_requests_limits_and_probes():
@@ -305,8 +319,7 @@ def test_every_container_has_requests_limits_and_probes():
     probe = flag_values(head["readinessProbe"]["exec"]["command"])
     assert probe["--service"] == "scission.v1.Generation"
     assert probe["--addr"].endswith(f":{container_ports(head)['grpc']}")
-    for script in ("grpc_health_probe.py", "etcd_tls_proxy.py"):  # the image has deploy/
-        assert (DEPLOY / script).is_file()
+    assert (DEPLOY / "grpc_health_probe.py").is_file()  # the image has deploy/
     assert head_template()["metadata"]["annotations"]["ray.io/overwrite-container-cmd"] == "true"
 
 
@@ -333,8 +346,8 @@ def test_apply_sequence_in_readme_covers_every_manifest():
 
 
 def test_image_holds_the_deploy_scripts_and_no_secrets():
-    """The image copies the repository (so /opt/scission/deploy/ has the sidecar and the
-    probe the manifests run) and its BuildKit ignore file keeps the virtualenv, git history,
+    """The image copies the repository (so /opt/scission/deploy/ has the readiness probe
+    the manifests run) and its BuildKit ignore file keeps the virtualenv, git history,
     certificates and keys out; it exposes the ports `scission up` serves."""
     dockerfile = (DEPLOY / "Dockerfile").read_text()
     assert "WORKDIR /opt/scission" in dockerfile and "COPY . ." in dockerfile
