@@ -13,9 +13,10 @@ accepts only an empty MAC.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import hmac
-from typing import Any
+from typing import Any, Self
 
 from scission.kv_transfer.codec import pack_message
 
@@ -41,3 +42,17 @@ def mac_of(key: bytes, fields: dict[str, Any]) -> bytes:
 def verify_mac(key: bytes, fields: dict[str, Any], mac: bytes) -> bool:
     """Whether ``mac`` is the MAC of ``fields`` under ``key`` (constant time)."""
     return hmac.compare_digest(mac_of(key, fields), mac)
+
+
+class Signed:
+    """Mixin for a frozen dataclass message with a ``mac: bytes`` field."""
+
+    __slots__ = ()
+
+    def signed(self, key: bytes) -> Self:
+        """This message with its MAC under ``key`` (the owner grants it)."""
+        return dataclasses.replace(self, mac=mac_of(key, dataclasses.asdict(self)))
+
+    def verify(self, key: bytes) -> bool:
+        """Whether the MAC is right under ``key`` (check before reading what it names)."""
+        return verify_mac(key, dataclasses.asdict(self), self.mac)

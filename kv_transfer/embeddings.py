@@ -21,13 +21,13 @@ All encode to msgpack maps and decode strictly (``ValueError`` on anything malfo
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from enum import IntEnum
 
 import numpy as np
 import torch
 
-from scission.kv_transfer.capability import mac_of, verify_mac
+from scission.kv_transfer.capability import Signed
 from scission.kv_transfer.codec import BYTES, INT, INT_TUPLE, STR, pack_message, unpack_message
 from scission.kv_transfer.descriptors import dtype_name, merge_block_runs
 
@@ -132,7 +132,7 @@ def plan_page_read(local: EmbeddingLayout, remote: EmbeddingLayout,
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class EmbeddingHandle:
+class EmbeddingHandle(Signed):
     """An image's embeddings pinned on an encode worker, for a NIXL READ.
 
     Rows ``[i * page_tokens, (i + 1) * page_tokens)`` of the embeddings live in
@@ -176,14 +176,6 @@ class EmbeddingHandle:
                  f"{self.num_embeddings} embeddings of {self.page_tokens} (expected {expected})")
         _require(len(set(self.page_ids)) == len(self.page_ids) and min(self.page_ids) >= 0, k,
                  "page ids must be distinct and >= 0")
-
-    def signed(self, key: bytes) -> EmbeddingHandle:
-        """This handle with its MAC under ``key`` (the encoder grants it)."""
-        return replace(self, mac=mac_of(key, asdict(self)))
-
-    def verify(self, key: bytes) -> bool:
-        """Whether the MAC is right under ``key`` (check before reading any page)."""
-        return verify_mac(key, asdict(self), self.mac)
 
     def to_bytes(self) -> bytes:
         return pack_message(asdict(self))

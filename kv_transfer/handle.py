@@ -14,11 +14,11 @@ All three encode to msgpack maps (``to_bytes``) and decode strictly (``from_byte
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from enum import IntEnum
 from typing import Any
 
-from scission.kv_transfer.capability import mac_of, verify_mac
+from scission.kv_transfer.capability import Signed
 from scission.kv_transfer.codec import BYTES, INT, INT_TUPLE, STR, pack_message, unpack_message
 
 logger = logging.getLogger(__name__)
@@ -44,7 +44,7 @@ def _to_int_tuple(obj: Any, name: str) -> None:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class TransferHandle:
+class TransferHandle(Signed):
     """Where a request's prompt KV lives, for a one-sided NIXL READ by the decode worker.
 
     Invariant: ``len(block_ids) == ceil(num_tokens / block_size)``; block ``i`` holds the
@@ -104,14 +104,6 @@ class TransferHandle:
     @property
     def num_blocks(self) -> int:
         return len(self.block_ids)
-
-    def signed(self, key: bytes) -> TransferHandle:
-        """This handle with its MAC under ``key`` (the prefill worker grants it)."""
-        return replace(self, mac=mac_of(key, asdict(self)))
-
-    def verify(self, key: bytes) -> bool:
-        """Whether the MAC is right under ``key`` (check before reading any block)."""
-        return verify_mac(key, asdict(self), self.mac)
 
     def to_bytes(self) -> bytes:
         return pack_message(asdict(self))
