@@ -265,8 +265,7 @@ class KVTransferAgent:
         with self._lock:
             self._check_open()
             try:
-                # No backend argument: nixl's send_notif passes a named backend's handle
-                # where genNotif wants a list (TypeError); UCX is our only backend anyway.
+                # No backend: nixl passes its handle where genNotif wants a list (TypeError)
                 self._agent.send_notif(peer_name, msg)
             except _NIXL_ERRORS as e:
                 raise KVTransferError(f"notification to {peer_name!r} failed: {e!r}") from e
