@@ -28,6 +28,8 @@ from typing import Any
 
 import torch
 
+from scission.engine.multimodal import splice_segments
+
 logger = logging.getLogger(__name__)
 
 IMAGE_HASH_VERSION = b"scission-image-hash-v1"
@@ -163,16 +165,5 @@ class MultimodalProcessor:
         Raises:
             ValueError: the prompt's marker count differs from ``len(segments)``.
         """
-        num_markers = sum(1 for t in prompt_token_ids if t == self.image_token_id)
-        if num_markers != len(segments):
-            raise ValueError(f"prompt has {num_markers} image markers for {len(segments)} images")
-        ids: list[int] = []
-        offsets: list[int] = []
-        it = iter(segments)
-        for t in prompt_token_ids:
-            if t == self.image_token_id:
-                offsets.append(len(ids))
-                ids.extend(next(it).token_ids)
-            else:
-                ids.append(t)
-        return ids, offsets
+        return splice_segments(prompt_token_ids, self.image_token_id,
+                               [s.token_ids for s in segments])

@@ -88,3 +88,27 @@ def block_extra_keys(mm_inputs: Sequence[MMInput], num_blocks: int,
         for b in range(first, min(last + 1, num_blocks)):
             keys[b] += mm.image_hash
     return keys
+
+
+def splice_segments(prompt_token_ids: Sequence[int], marker_id: int,
+                    segments: Sequence[Sequence[int]]) -> tuple[list[int], list[int]]:
+    """Replace the ``i``-th ``marker_id`` by ``segments[i]``.
+
+    Returns:
+        (prompt token ids, offset of each segment).
+    Raises:
+        ValueError: the marker count differs from ``len(segments)``.
+    """
+    if sum(1 for t in prompt_token_ids if t == marker_id) != len(segments):
+        raise ValueError(f"prompt has a different number of image markers than "
+                         f"{len(segments)} images")
+    ids: list[int] = []
+    offsets: list[int] = []
+    it = iter(segments)
+    for t in prompt_token_ids:
+        if t == marker_id:
+            offsets.append(len(ids))
+            ids.extend(next(it))
+        else:
+            ids.append(t)
+    return ids, offsets

@@ -9,7 +9,7 @@ For each image (in parallel, one ``Encode`` call each)::
     Encode -> segment token ids + EmbeddingHandle (pages pinned for the prefill's READ)
 
 then the chat template is rendered with one image marker per image and each marker is
-replaced by its segment (``splice_segments``); the ``ImageRef``s carry each segment's offset,
+replaced by its segment (``engine.multimodal.splice_segments``); the ``ImageRef``s carry each segment's offset,
 the image hash (the KV blocks' extra key) and the handle. An encoder that fails is marked
 suspect and the image goes to another one, or to a prefill worker (local encoding): a dead
 encoder never hangs a request. Text-only requests never come here.
@@ -25,6 +25,7 @@ from concurrent import futures
 import grpc
 
 from scission.engine.mm_processor import MultimodalProcessor
+from scission.engine.multimodal import splice_segments
 from scission.engine.request import InvalidRequestError
 from scission.engine.tokenizer import Tokenizer
 from scission.proto.scission.internal.v1 import worker_pb2 as wpb
@@ -33,6 +34,7 @@ from scission.router.convert import ValidatedRequest
 from scission.router.placement import NoWorkersError, Placer
 from scission.router.prefix_index import PrefixIndex
 from scission.router.worker_pool import WorkerPool
+from scission.worker.embedding_cache import index_key
 
 logger = logging.getLogger(__name__)
 MAX_ENCODE_ATTEMPTS = 3
@@ -41,36 +43,6 @@ SUSPECT_S = 10.0
 _RETRY_CODES = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
                 grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.UNIMPLEMENTED,
                 grpc.StatusCode.CANCELLED, grpc.StatusCode.FAILED_PRECONDITION)
-
-
-def embedding_index_key(image_hash: bytes) -> int:
-    """The 64-bit key of an image in the global embedding index (as encoders publish it:
-    ``worker.embedding_cache.index_key``)."""
-    return int.from_bytes(image_hash[:8], "little")
-
-
-def splice_segments(prompt_token_ids: Sequence[int], marker_id: int,
-                    segments: Sequence[Sequence[int]]) -> tuple[list[int], list[int]]:
-    """Replace the ``i``-th ``marker_id`` by ``segments[i]``.
-
-    Returns:
-        (prompt token ids, offset of each segment).
-    Raises:
-        ValueError: the marker count differs from ``len(segments)``.
-    """
-    if sum(1 for t in prompt_token_ids if t == marker_id) != len(segments):
-        raise ValueError(f"prompt has a different number of image markers than "
-                         f"{len(segments)} images")
-    ids: list[int] = []
-    offsets: list[int] = []
-    it = iter(segments)
-    for t in prompt_token_ids:
-        if t == marker_id:
-            offsets.append(len(ids))
-            ids.extend(next(it))
-        else:
-            ids.append(t)
-    return ids, offsets
 
 
 class EncodeStep:
@@ -168,7 +140,7 @@ class EncodeStep:
     def _pick(self, image_hash: bytes, exclude: frozenset[str]) -> WorkerInfo:
         """An encode worker (holding the image, else the least loaded), or without one the
         worker likely to run the prompt (EP-D / colocated)."""
-        hits = self.index.match([embedding_index_key(image_hash)]) if self.index else {}
+        hits = self.index.match([index_key(image_hash)]) if self.index else {}
         encoders = [w for w in self.pool.workers(WorkerRole.ENCODE)
                     if w.accepts_images and w.worker_id not in exclude]
         if encoders:

@@ -11,6 +11,7 @@ import grpc
 import msgpack
 import numpy as np
 import pytest
+from test_flows_repick import FakeDirectory
 
 from scission.engine.mm_processor import MultimodalProcessor
 from scission.engine.request import InvalidRequestError, SamplingParams
@@ -20,11 +21,12 @@ from scission.proto.scission.internal.v1 import worker_pb2 as wpb
 from scission.registry.workers import WorkerInfo, WorkerRole
 from scission.router.config import PlacementConfig
 from scission.router.convert import ValidatedRequest
-from scission.router.encode_step import EncodeStep, embedding_index_key
+from scission.router.encode_step import EncodeStep
 from scission.router.images import ImageData
 from scission.router.placement import Placer
 from scission.router.prefix_index import PrefixIndex
 from scission.router.worker_pool import WorkerPool
+from scission.worker.embedding_cache import index_key
 
 E, P, D = WorkerRole.ENCODE, WorkerRole.PREFILL, WorkerRole.DECODE
 
@@ -43,20 +45,6 @@ def make_info(worker_id: str, role: WorkerRole) -> WorkerInfo:
                       agent_metadata=b"", kv_layout=msgpack.packb({}), num_blocks=100,
                       block_size=16, model_id="m", started_at_s=0.0, incarnation=1,
                       accepts_images=True)
-
-
-class FakeDirectory:
-    def __init__(self, infos: list[WorkerInfo]) -> None:
-        self.infos = {i.worker_id: i for i in infos}
-
-    def workers(self, role: WorkerRole | None = None) -> list[WorkerInfo]:
-        return [i for i in self.infos.values() if role is None or i.role is role]
-
-    def get(self, worker_id: str) -> WorkerInfo | None:
-        return self.infos.get(worker_id)
-
-    def stats(self, worker_id: str):
-        return None
 
 
 class FakeRpcError(grpc.RpcError):
@@ -156,7 +144,7 @@ def test_images_spread_over_encoders_and_the_prompt_is_hfs(mm, tiny_idefics3_dir
 
 def test_an_encoder_holding_the_image_wins_over_a_less_loaded_one(mm):
     data = image(7)
-    key = embedding_index_key(mm[1].image_hash(data))
+    key = index_key(mm[1].image_hash(data))
     step, pool, log = make_step(mm, [make_info("encode-0", E), make_info("encode-1", E)],
                                 held={"encode-1": {key}})
     pool.begin("encode-1")  # encode-1 is busier, but holds the image
@@ -191,7 +179,7 @@ def test_without_an_encode_pool_a_prefill_worker_holding_the_image_encodes_it(mm
     """EP-D: prefill workers publish their cached images to the embedding index; a repeated
     image goes to the one holding it, not to the placer's pick (which would encode it again)."""
     data = image(9)
-    key = embedding_index_key(mm[1].image_hash(data))
+    key = index_key(mm[1].image_hash(data))
     step, _, log = make_step(mm, [make_info("prefill-0", P), make_info("prefill-1", P),
                                   make_info("decode-0", D)], held={"prefill-1": {key}})
     step.prepare(request([data]))
