@@ -126,15 +126,12 @@ class PrefillServicer(BaseWorkerServicer):
             except ValueError as e:
                 self._drop(peer, f"malformed ({e})")
                 continue
-            if not self._from_a_worker(peer):
+            if not self.runtime.is_worker_agent(peer):
                 self._drop(peer, "sender is no registered worker's NIXL agent")
             elif not note.hold_id or self._hold_ids.get(note.request_id) != note.hold_id:
                 self._drop(peer, f"names no current hold of {note.request_id}")
             else:
                 self._release(note.request_id, note.hold_id)
-
-    def _from_a_worker(self, agent_name: str) -> bool:
-        return any(w.agent_name == agent_name for w in self.runtime.directory.workers())
 
     def _drop(self, peer: str, why: str) -> None:
         self.num_notifications_dropped += 1

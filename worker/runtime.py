@@ -252,7 +252,7 @@ class WorkerRuntime:
             note = parse_embedding_notification(msg)
             if note is None or self.encode_service is None:
                 rest.append((peer, msg))
-            elif not any(w.agent_name == peer for w in self.directory.workers()):
+            elif not self.is_worker_agent(peer):
                 self.num_notifications_dropped += 1  # a pin id is a secret; still: who?
                 logger.warning("dropped an embedding notification from %s: sender is no "
                                "registered worker's NIXL agent", peer)
@@ -260,6 +260,11 @@ class WorkerRuntime:
                     note, self.info.incarnation if self.info else -1):
                 self.num_notifications_dropped += 1  # stale incarnation or unknown pin
         return rest
+
+    def is_worker_agent(self, agent_name: str) -> bool:
+        """Whether a NIXL agent belongs to a registered worker (notifications carry no
+        credential: one from anyone else is dropped)."""
+        return any(w.agent_name == agent_name for w in self.directory.workers())
 
     def release_pins(self, pin_ids) -> bool:
         """End embedding pins (cancellation); True if any was held."""
