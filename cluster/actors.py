@@ -180,10 +180,12 @@ class ControllerActor:
         from scission.cluster.spawner import WorkerSpawner
         from scission.registry.directory import WorkerDirectory
         from scission.registry.pools import PoolStore
+        from scission.registry.signing import record_key
         from scission.registry.workers import connect
 
         self.etcd = connect(template.etcd)
-        self.directory = WorkerDirectory(self.etcd, template.registry).start()
+        self.directory = WorkerDirectory(self.etcd, template.registry,
+                                         record_key=record_key(template.cluster_token)).start()
         self.store = PoolStore(self.etcd, template.registry)
         self.controller = Controller(config, WorkerSpawner(template), self.store, self.directory)
         self.planner: PlannerLoop | None = None

@@ -14,6 +14,7 @@ import etcd3
 from etcd3.etcdrpc import kv_pb2
 
 from scission.registry.etcd_watch import WatchLoop
+from scission.registry.signing import verify_record
 from scission.registry.workers import (
     _R,
     RegistryConfig,
@@ -37,12 +38,21 @@ class WorkerDirectory:
     Callbacks run on the watch thread: ``on_added(info)`` for each new or changed WorkerInfo (a
     new incarnation of a worker_id fires it again), ``on_removed(worker_id)`` when a worker's key
     is gone. A malformed value is logged and treated as absent.
+
+    ``record_key`` (``registry/signing.record_key`` of the cluster token): records whose MAC
+    does not verify under it are treated as absent too, logged once per key and counted in
+    ``num_rejected_records`` (a registration written by hand into etcd gets no request).
+    None = read unverified (observers without the token, e.g. ``scission status``).
     """
 
     def __init__(self, client: etcd3.MultiEndpointEtcd3Client, config: RegistryConfig | None = None,
                  on_added: Callable[[WorkerInfo], None] | None = None,
-                 on_removed: Callable[[str], None] | None = None) -> None:
+                 on_removed: Callable[[str], None] | None = None,
+                 record_key: bytes | None = None) -> None:
         self._client = client
+        self._key = record_key
+        self._rejected_keys: set[str] = set()  # logged once each
+        self.num_rejected_records = 0  # metric: records dropped for a bad MAC
         self._config = config if config is not None else RegistryConfig()
         self._on_added = on_added
         self._on_removed = on_removed
@@ -121,7 +131,8 @@ class WorkerDirectory:
                 is_put = event.type == kv_pb2.Event.PUT
                 if key.startswith(workers_prefix):
                     worker_id = key[len(workers_prefix):]
-                    info = _decode(key, worker_id, event.kv.value, WorkerInfo) if is_put else None
+                    info = self._checked(key, _decode(key, worker_id, event.kv.value, WorkerInfo)
+                                         if is_put else None)
                     if info is None and self._workers.pop(worker_id, None) is not None:
                         removed.append(worker_id)
                     elif info is not None and self._workers.get(worker_id) != info:
@@ -131,7 +142,8 @@ class WorkerDirectory:
                     worker_id = key[len(stats_prefix):]
                     record = None
                     if is_put:
-                        record = _decode(key, worker_id, event.kv.value, WorkerStatsRecord)
+                        record = self._checked(key, _decode(key, worker_id, event.kv.value,
+                                                            WorkerStatsRecord))
                     if record is None:
                         self._stats.pop(worker_id, None)
                     else:
@@ -139,17 +151,26 @@ class WorkerDirectory:
             self._revision = max(self._revision, revision)
         self._notify(added, removed)
 
-    @staticmethod
-    def _decode_all(kvs: Any, prefix: str, cls: type[_R]) -> dict[str, _R]:
-        """worker_id -> record for a range read, skipping malformed values."""
+    def _decode_all(self, kvs: Any, prefix: str, cls: type[_R]) -> dict[str, _R]:
+        """worker_id -> record for a range read, skipping malformed or unsigned values."""
         records = {}
         for kv in kvs:
             key = kv.key.decode(errors="replace")
             worker_id = key[len(prefix):]
-            record = _decode(key, worker_id, kv.value, cls)
+            record = self._checked(key, _decode(key, worker_id, kv.value, cls))
             if record is not None:
                 records[worker_id] = record
         return records
+
+    def _checked(self, key: str, record: _R | None) -> _R | None:
+        """``record``, or None when a key is set and its MAC does not verify."""
+        if record is None or self._key is None or verify_record(record, self._key):
+            return record
+        self.num_rejected_records += 1
+        if key not in self._rejected_keys and len(self._rejected_keys) < 1024:
+            self._rejected_keys.add(key)
+            logger.warning("ignoring %s: not signed with this cluster's token", key)
+        return None
 
     def _notify(self, added: list[WorkerInfo], removed: list[str]) -> None:
         calls: list[tuple[Callable[[Any], None] | None, Any]] = []

@@ -29,6 +29,7 @@ import grpc
 from scission.registry.etcd_watch import ETCD_ERRORS
 from scission.registry.etcd_watch import describe_etcd_error as _describe
 from scission.registry.records import _R, Record
+from scission.registry.signing import sign_record
 
 logger = logging.getLogger(__name__)
 
@@ -67,6 +68,7 @@ class WorkerInfo(Record):
     # of a vision-language model; b"" for text-only models.
     embedding_layout: bytes = b""
     accepts_images: bool = False  # the worker's model has a vision encoder
+    mac: bytes = b""  # registry/signing.py: written by a holder of the cluster token
 
     def __post_init__(self) -> None:
         if not self.worker_id or "/" in self.worker_id:
@@ -96,6 +98,7 @@ class WorkerStatsRecord(Record):
     # (num_context_tokens = sum of the decode rows' context lengths).
     steps: list[list[float]] = dataclasses.field(default_factory=list)
     num_encode_waiting: int = 0  # images queued or being encoded (encode load)
+    mac: bytes = b""  # registry/signing.py: written by a holder of the cluster token
 
     def __post_init__(self) -> None:
         counts = (self.num_free_blocks, self.num_running, self.num_waiting)
@@ -216,9 +219,11 @@ class WorkerRegistration:
     """
 
     def __init__(self, client: etcd3.MultiEndpointEtcd3Client, config: RegistryConfig | None = None,
-                 on_new_incarnation: Callable[[WorkerInfo], None] | None = None) -> None:
+                 on_new_incarnation: Callable[[WorkerInfo], None] | None = None,
+                 record_key: bytes = b"") -> None:
         self._client = client
         self._config = config if config is not None else RegistryConfig()
+        self._key = record_key  # signs every record written (registry/signing.py)
         self._on_new_incarnation = on_new_incarnation
         self._lock = threading.Lock()  # guards the fields below; serializes our etcd writes
         self._info: WorkerInfo | None = None  # as registered (incarnation = current lease)
@@ -256,7 +261,7 @@ class WorkerRegistration:
     def _grant_and_put(self, info: WorkerInfo) -> WorkerInfo:
         """Grant a lease and atomically put the info (and last stats) under it. Lock held."""
         lease = self._client.lease(self._ttl_s)
-        info = dataclasses.replace(info, incarnation=lease.id)
+        info = sign_record(dataclasses.replace(info, incarnation=lease.id), self._key)
         worker_key = self._config.workers_prefix + info.worker_id
         ops = [etcd3.transactions.Put(worker_key, info.to_bytes(), lease=lease.id)]
         if self._stats is not None:
@@ -305,7 +310,7 @@ class WorkerRegistration:
         with self._lock:
             if self._info is None:
                 raise RuntimeError("update_stats before register")
-            self._stats = record
+            self._stats = record = sign_record(record, self._key)
             key = self._config.stats_prefix + self._info.worker_id
             self._client.put(key, record.to_bytes(), lease=self._info.incarnation)
 
@@ -317,7 +322,7 @@ class WorkerRegistration:
         with self._lock:
             if self._info is None:
                 raise RuntimeError("set_draining before register")
-            info = dataclasses.replace(self._info, draining=draining)
+            info = sign_record(dataclasses.replace(self._info, draining=draining), self._key)
             key = self._config.workers_prefix + info.worker_id
             self._client.put(key, info.to_bytes(), lease=info.incarnation)
             self._info = info

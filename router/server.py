@@ -25,6 +25,7 @@ from scission.proto.scission.v1 import generation_pb2_grpc as pb_grpc
 from scission.registry.directory import WorkerDirectory
 from scission.registry.kv_index import EMBEDDING_DIR
 from scission.registry.kv_index_watch import KVIndexWatcher
+from scission.registry.signing import record_key
 from scission.registry.slo_publisher import SloPublisher
 from scission.registry.workers import connect
 from scission.router import auth, flows
@@ -269,7 +270,8 @@ class RouterServer:
         self.config = config
         self.tokenizer = load_tokenizer(config.model_path or default_model_path())
         self.etcd = connect(config.etcd)
-        self.directory = WorkerDirectory(self.etcd, config.registry)
+        self.directory = WorkerDirectory(self.etcd, config.registry,
+                                         record_key=record_key(config.cluster_token))
         self.pool = WorkerPool(self.directory, config.max_message_bytes, config.cluster_token)
         self.index = PrefixIndex(config.placement.speculative_ttl_s)
         self.kv_watcher = KVIndexWatcher(self.etcd, config.registry, self.index)

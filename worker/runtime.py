@@ -25,6 +25,7 @@ from scission.proto.scission.internal.v1 import worker_pb2_grpc as pb_grpc
 from scission.registry.directory import WorkerDirectory
 from scission.registry.etcd_retry import retry_etcd
 from scission.registry.kv_index import EMBEDDING_DIR, KVEventPublisher, KVIndexConfig
+from scission.registry.signing import record_key
 from scission.registry.workers import (
     EtcdClientConfig,
     RegistryConfig,
@@ -114,9 +115,11 @@ class WorkerRuntime:
         self.agent = KVTransferAgent(f"{config.worker_id}:{uuid.uuid4().hex[:8]}",
                                      self.engine.kv_cache.layers, embedding_pages=pages)
         self.etcd = connect(config.etcd)
-        self.directory = WorkerDirectory(self.etcd, config.registry)
+        self.directory = WorkerDirectory(self.etcd, config.registry,
+                                         record_key=record_key(config.cluster_token))
         self.registration = WorkerRegistration(self.etcd, config.registry,
-                                               on_new_incarnation=self._on_new_incarnation)
+                                               on_new_incarnation=self._on_new_incarnation,
+                                               record_key=record_key(config.cluster_token))
         self.kv_publisher = KVEventPublisher(self.etcd, config.registry, config.worker_id,
                                              config.kv_index)
         self.loop.add_hook(self._drain_kv_events)

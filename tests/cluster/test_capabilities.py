@@ -1,15 +1,18 @@
-"""Transfer handles and NIXL notifications from someone who is not a prefill/decode worker
-of this cluster (the doors issue's probes, part 4), on a real 1 prefill + 1 decode cluster:
-a handle with guessed block ids reads nothing, a forged KV notification frees nothing."""
+"""Transfer handles, NIXL notifications and registrations from someone who is not a worker
+of this cluster (the doors issue's probes), on a real 1 prefill + 1 decode cluster: a handle
+with guessed block ids reads nothing, a forged KV notification frees nothing, a registration
+written by hand into etcd gets no request."""
 
 from __future__ import annotations
 
 import dataclasses
+import threading
+from concurrent import futures
 
 import grpc
 import pytest
 import torch
-from serving_helpers import wait_until
+from serving_helpers import run_concurrently, token_request, wait_until
 
 from scission.cluster.launcher import ClusterConfig, LocalCluster, worker_stub
 from scission.engine.config import CacheConfig, EngineConfig
@@ -21,6 +24,7 @@ from scission.kv_transfer.handle import (
 )
 from scission.proto.scission.internal.v1 import worker_pb2 as wpb
 from scission.registry.directory import WorkerDirectory
+from scission.registry.signing import record_key
 from scission.registry.workers import EtcdClientConfig, RegistryConfig
 from scission.registry.workers import connect as etcd_connect
 
@@ -109,3 +113,71 @@ def test_a_forged_kv_notification_frees_nothing(cluster, directory, chat_prompt_
     assert stub(cluster, directory, "prefill-0").Release(
         wpb.ReleaseRequest(request_id="cap-2", hold_id=resp.hold_id), timeout=5).released
     assert stats(cluster, directory, "prefill-0").num_held == 0
+
+
+class _CallCounter(grpc.GenericRpcHandler):
+    """A gRPC server's only handler: counts every call (any method), answers UNIMPLEMENTED."""
+
+    def __init__(self) -> None:
+        self.methods: list[str] = []
+        self._lock = threading.Lock()
+
+    def service(self, handler_call_details):
+        with self._lock:
+            self.methods.append(handler_call_details.method)
+        return None
+
+
+def test_a_registration_written_by_hand_gets_no_request(cluster, directory, chat_prompt_ids,
+                                                        engine_reference):
+    """A WorkerInfo (and an idle-looking stats record) put into etcd without the cluster token,
+    copying prefill-0's fields but pointing at a listening fake server: etcd holds it, the
+    cluster's router and a router of this process drop it (counted), and 6 requests through
+    each are all served by the real workers with the engine-alone tokens; the fake server
+    receives no call."""
+    from scission.router.config import RouterConfig
+    from scission.router.server import RouterServer
+
+    counter = _CallCounter()
+    fake_server = grpc.server(futures.ThreadPoolExecutor(max_workers=2),
+                              handlers=(counter,))
+    port = fake_server.add_insecure_port("127.0.0.1:0")
+    fake_server.start()
+    registry = RegistryConfig(prefix=cluster.config.registry_prefix)
+    client = etcd_connect(EtcdClientConfig(endpoints=(cluster.etcd.endpoint,)))
+    real = directory.get("prefill-0")
+    fakes = [dataclasses.replace(real, worker_id="prefill-fake", endpoint=f"127.0.0.1:{port}",
+                                 mac=b""),
+             dataclasses.replace(real, worker_id="prefill-fake2", endpoint=f"127.0.0.1:{port}",
+                                 mac=b"\x01" * 16)]
+    idle = dataclasses.replace(directory.stats("prefill-0"), num_running=0, num_waiting=0,
+                               queued_prefill_tokens=0, mac=b"")
+    router = RouterServer(RouterConfig(etcd=EtcdClientConfig(endpoints=(cluster.etcd.endpoint,)),
+                                       cluster_token=cluster.cluster_token, registry=registry,
+                                       metrics_port=0)).start()
+    try:
+        for fake in fakes:
+            client.put(registry.workers_prefix + fake.worker_id, fake.to_bytes())
+            client.put(registry.stats_prefix + fake.worker_id, idle.to_bytes())
+        # Unverified, etcd's content shows both; verified with the cluster's key, neither.
+        wait_until(lambda: directory.get("prefill-fake2") is not None, 10)
+        wait_until(lambda: router.directory.num_rejected_records >= 4, 10)
+        assert [w.worker_id for w in router.directory.workers()] == ["decode-0", "prefill-0"]
+        assert router.directory.stats("prefill-fake") is None
+        n = 6
+        reqs = [token_request(ids, 8) for ids in chat_prompt_ids[:n]]
+        for address in (router.address, cluster.router_address):
+            results = run_concurrently(address, reqs, in_flight=n)
+            for i, res in enumerate(results):
+                assert res.error == "", res.error
+                assert res.token_ids == engine_reference[i][:8], f"prompt {i} differs"
+                assert res.prefill_worker == "prefill-0"
+        assert counter.methods == []
+        # The record as the cluster's workers sign it verifies; the same bytes unsigned don't.
+        assert record_key(cluster.cluster_token) and real.mac != b""
+    finally:
+        router.stop()
+        for fake in fakes:
+            client.delete(registry.workers_prefix + fake.worker_id)
+            client.delete(registry.stats_prefix + fake.worker_id)
+        fake_server.stop(0)
