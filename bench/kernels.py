@@ -16,10 +16,14 @@ bytes, ``B`` = requests, ``L`` = context length, ``H``/``Hkv`` = query/kv heads,
     kv_gather          bytes = e (2 n bs Hkv D)                     (read + write each block)
 
 Torch counterparts: ``TorchAttentionBackend``-style gather + SDPA, plain SDPA on contiguous
-K/V (the unpaged lower bound), ``index_copy_``, the HF-style torch ops. Results go to
+K/V (the unpaged lower bound), ``index_copy_``, the HF-style torch ops; for paged decode also
+FlashInfer's ``BatchDecodeWithPagedKVCacheWrapper`` when it is importable
+(``bench/kernels_flashinfer.py``). Every decode implementation's output is checked against
+SDPA on the contiguous K/V (``rel_err_vs_sdpa``, ``||out - sdpa|| / ||sdpa||``), and
+``decode_speedups`` gives, per shape, each peer's time over Triton's best. Results go to
 ``bench/results/kernels.json``. Without a GPU the script says so and exits 0; ``--smoke``
 instead runs every case once at tiny sizes on the CPU (Triton interpreter), untimed, to
-keep the harness honest in CI.
+keep the harness honest in CI. ``--quick``: the GPU check's sizes; ``--kernels``/``--impls``.
 
     python -m scission.bench.kernels --help
 """
@@ -30,6 +34,7 @@ import argparse
 import json
 import logging
 import math
+import operator
 import os
 import sys
 from collections.abc import Callable
@@ -54,6 +59,9 @@ class Case:
     bytes: int
     flops: int = 0
     params: dict = field(default_factory=dict)
+    # Decode only: fn()'s output as [B, H, D], and the SDPA reference it is checked against.
+    as_bhd: Callable | None = None
+    ref: Callable[[], torch.Tensor] | None = None
 
 
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -84,8 +92,20 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"JSON path ({DEFAULT_OUT})")
     p.add_argument("--smoke", action="store_true",
                    help="run each case once at tiny sizes on CPU (TRITON_INTERPRET=1), untimed")
+    p.add_argument("--quick", action="store_true",
+                   help="the GPU check's sizes: decode b1/32/128 x 1k/4k, prefill 1k/4k")
+    p.add_argument("--kernels", nargs="+", default=None,
+                   help="only these kernels (decode_attention prefill_attention kv_cache_write "
+                        "rms_norm rotary silu_mul kv_gather)")
+    p.add_argument("--impls", nargs="+", default=None,
+                   help="only implementations whose name starts with one of these "
+                        "(e.g. triton sdpa torch flashinfer)")
+    p.add_argument("--flashinfer", choices=("auto", "off"), default="auto",
+                   help="auto: add FlashInfer decode cases when it is importable")
     args = p.parse_args(argv)
     args.device = "cpu" if args.smoke else "cuda"
+    if args.quick:
+        args.num_reqs, args.context = [1, 32, 128], [1024, 4096]
     if args.smoke:
         args.num_reqs, args.context, args.num_heads, args.num_kv_heads = [2], [64], 4, 2
         args.head_dim, args.prefill_chunk, args.tokens, args.hidden = 64, 32, 8, 64
@@ -135,15 +155,27 @@ def _decode_cases_at(args, b: int, ctx: int) -> list[Case]:
     qs = q.unsqueeze(2)  # [B, H, 1, D]
     kd, vd = _gather(kc, table, ctx).contiguous(), _gather(vc, table, ctx).contiguous()
     splits = min(16, math.ceil(ctx / 1024))  # TritonAttentionBackend's default (>= 2 here)
-    cases = [Case("decode_attention", f"triton_splits{s}", triton_decode(s), nbytes, flops, params)
-             for s in (1, max(2, splits))]
-    return cases + [
+
+    def sdpa_ref():
+        return F.scaled_dot_product_attention(qs, kd, vd, enable_gqa=True).squeeze(2)
+
+    check = {"ref": sdpa_ref}
+    squeeze = operator.methodcaller("squeeze", 2)  # [B, H, 1, D] -> [B, H, D]
+    cases = [Case("decode_attention", f"triton_splits{s}", triton_decode(s), nbytes, flops, params,
+                  **check) for s in (1, max(2, splits))]
+    cases += [
         Case("decode_attention", "torch_gather_sdpa", lambda: F.scaled_dot_product_attention(
             qs, _gather(kc, table, ctx), _gather(vc, table, ctx), enable_gqa=True),
-            nbytes, flops, params),
+            nbytes, flops, params, as_bhd=squeeze, **check),
         Case("decode_attention", "sdpa_contiguous", lambda: F.scaled_dot_product_attention(
-            qs, kd, vd, enable_gqa=True), nbytes, flops, params),
+            qs, kd, vd, enable_gqa=True), nbytes, flops, params, as_bhd=squeeze, **check),
     ]
+    if args.use_flashinfer:
+        from scission.bench.kernels_flashinfer import paged_decode_fn
+
+        cases.append(Case("decode_attention", "flashinfer", paged_decode_fn(q, kc, vc, table, ctx),
+                          nbytes, flops, params, **check))
+    return cases
 
 
 def _prefill_cases(args) -> list[Case]:
@@ -266,7 +298,9 @@ def _measure(case: Case, peak_tflops: float, peak_gbps: float) -> dict:
 
     ms = triton.testing.do_bench(case.fn, warmup=25, rep=100)
     floor_ms = max(case.bytes / (peak_gbps * 1e6), case.flops / (peak_tflops * 1e9))
-    row = {k: v for k, v in asdict(case).items() if k != "fn"}
+    row = {k: v for k, v in asdict(case).items() if k not in ("fn", "as_bhd", "ref")}
+    if case.ref is not None:
+        row["rel_err_vs_sdpa"] = _rel_err_vs_ref(case)
     row.update(ms=ms, gbps=case.bytes / (ms * 1e6), tflops=case.flops / (ms * 1e9),
                floor_ms=floor_ms, fraction_of_floor=floor_ms / ms)
     logger.info("%-18s %-20s %-60s %9.4f ms %8.1f GB/s %7.1f TFLOP/s %5.1f%% of roofline",
@@ -275,22 +309,71 @@ def _measure(case: Case, peak_tflops: float, peak_gbps: float) -> dict:
     return row
 
 
+def _rel_err_vs_ref(case: Case) -> float:
+    """``||out - ref|| / ||ref||`` of one run of ``case`` against its reference."""
+    from scission.kernels.reference import rel_error
+
+    out = case.fn()
+    return rel_error(case.as_bhd(out) if case.as_bhd else out, case.ref())
+
+
 def _builders():
-    return (_decode_cases, _prefill_cases, _elementwise_cases, _gather_cases)
+    """(kernels a builder makes cases for, the builder)."""
+    return (({"decode_attention"}, _decode_cases), ({"prefill_attention"}, _prefill_cases),
+            ({"kv_cache_write", "rms_norm", "rotary", "silu_mul"}, _elementwise_cases),
+            ({"kv_gather"}, _gather_cases))
+
+
+def _selected(args):
+    """Per builder, its cases of the selected kernels and implementations (``--kernels``,
+    ``--impls``); a builder none of whose kernels is selected allocates nothing."""
+    for kernels, build in _builders():
+        if args.kernels is None or kernels & set(args.kernels):
+            yield [c for c in build(args) if (args.kernels is None or c.kernel in args.kernels)
+                   and (args.impls is None or c.impl.startswith(tuple(args.impls)))]
+
+
+def decode_speedups(rows: list[dict]) -> list[dict]:
+    """Per decode shape: each implementation's ms over the fastest Triton split setting."""
+    shapes: dict[str, dict[str, float]] = {}
+    for r in rows:
+        if r["kernel"] == "decode_attention":
+            shapes.setdefault(json.dumps(r["params"], sort_keys=True), {})[r["impl"]] = r["ms"]
+    out = []
+    for key, ms in shapes.items():
+        triton_ms = min((v for k, v in ms.items() if k.startswith("triton")), default=None)
+        if triton_ms:
+            out.append({"params": json.loads(key), "triton_best_ms": triton_ms,
+                        "ms_over_triton": {k: v / triton_ms for k, v in ms.items()}})
+    return out
 
 
 def _smoke(args) -> int:
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before the lazy kernel imports
-    for build in _builders():
-        for case in build(args):
-            case.fn()
-            logger.info("smoke ok: %s %s %s", case.kernel, case.impl, json.dumps(case.params))
+    for case in (c for cases in _selected(args) for c in cases):
+        case.fn()
+        err = f" rel_err_vs_sdpa={_rel_err_vs_ref(case):.1e}" if case.ref else ""
+        logger.info("smoke ok: %s %s %s%s", case.kernel, case.impl, json.dumps(case.params), err)
     return 0
+
+
+def _flashinfer_choice(args) -> str | None:
+    """Sets ``args.use_flashinfer``; returns the note saying why FlashInfer is left out."""
+    from scission.bench.kernels_flashinfer import unavailable_reason
+
+    wanted = args.flashinfer == "auto" and (
+        args.impls is None or any(i.startswith("flashinfer") for i in args.impls))
+    reason = unavailable_reason(args.device) if wanted else "flashinfer: not requested"
+    args.use_flashinfer = wanted and reason is None
+    return reason
 
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
     args = _parse_args(argv)
+    note = _flashinfer_choice(args)
+    if note:
+        logger.info("%s", note)
     if args.smoke:
         return _smoke(args)
     if not torch.cuda.is_available():
@@ -299,13 +382,15 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     peak_tflops, peak_gbps, device = _peaks(args)
     rows = []
-    for build in _builders():
-        rows += [_measure(case, peak_tflops, peak_gbps) for case in build(args)]
+    for cases in _selected(args):
+        rows += [_measure(case, peak_tflops, peak_gbps) for case in cases]
+        del cases
         torch.cuda.empty_cache()
     args.out.parent.mkdir(parents=True, exist_ok=True)
     meta = {"device": device, "peak_tflops": peak_tflops, "peak_gbps": peak_gbps,
-            "torch": torch.__version__}
-    args.out.write_text(json.dumps({"meta": meta, "results": rows}, indent=2) + "\n")
+            "torch": torch.__version__, "notes": [note] if note else []}
+    doc = {"meta": meta, "results": rows, "decode_speedups": decode_speedups(rows)}
+    args.out.write_text(json.dumps(doc, indent=2) + "\n")
     logger.info("wrote %d results to %s", len(rows), args.out)
     return 0
 
