@@ -23,6 +23,21 @@ except ImportError:  # pragma: no cover
     pass
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """``@pytest.mark.gpu`` tests are skipped without a CUDA GPU. SCISSION_GPU_TESTS_ON_CPU=1
+    runs them on the CPU instead (kernels under the Triton interpreter): slow, but it checks
+    their harness on a machine without a GPU."""
+    import torch
+
+    if torch.cuda.is_available() or os.environ.get("SCISSION_GPU_TESTS_ON_CPU") == "1":
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (set SCISSION_GPU_TESTS_ON_CPU=1 to run "
+                                   "on the CPU)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
 PROMPTS = json.loads((Path(__file__).parent / "data" / "chat_prompts.json").read_text())
 
 if TYPE_CHECKING:
