@@ -92,13 +92,13 @@ driver_sees_gpu() {  # the driver lists a GPU and CUDA_VISIBLE_DEVICES does not 
   command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L 2>/dev/null | grep -q "^GPU "
 }
 
-mkdir -p "$STATE/shim" "$STATE/site" "$STATE/torch"
 export PYTHONPATH="$STATE/shim:$STATE/site${PYTHONPATH:+:$PYTHONPATH}"
 PY=$(cuda_python)
 TORCH_NOTE=""
 if [ -z "$PY" ] && driver_sees_gpu; then
   # A GPU but no torch that sees it: one try at the index's (CUDA) torch, into a side folder.
   echo "gpu_check: the driver lists a GPU but no Python's torch sees it; trying pip install torch"
+  mkdir -p "$STATE/torch"
   if timeout 300 python3 -m pip install -q --target "$STATE/torch" torch; then
     export PYTHONPATH="$STATE/torch:$PYTHONPATH"
     PY=$(cuda_python)
@@ -116,7 +116,7 @@ fi
 
 # -- from here on there is a GPU ------------------------------------------------------------
 OUT_DIR=${OUT_DIR:-$REPO/bench/results/gpu}
-mkdir -p "$OUT_DIR" "$STATE/run"
+mkdir -p "$OUT_DIR" "$STATE/run" "$STATE/shim" "$STATE/site"
 OUT_DIR=$(cd "$OUT_DIR" && pwd)
 case "$WHEELS" in /*) ;; *) WHEELS="$REPO/$WHEELS" ;; esac
 # Every part runs from $STATE/run: from the repo root, `python -m` would import the bare
