@@ -5,7 +5,8 @@ Same arithmetic as ``bench/engine.py``: B prompts of ``--prompt-tokens`` random 
 run = time(N new tokens) - time(1 new token), measured back to back; tokens/s =
 B * (N - 1) / decode time; ``tpot_ms`` = decode time / (N - 1). The first pair of runs of each
 (mode, batch) is the warm-up and is reported apart (``warmup_s``: compilation and graph
-capture land there), then ``--repeats`` timed pairs; the median is reported.
+capture land there), then ``--repeats`` timed pairs; the median is reported. Per batch size
+the modes run in turn, on the same prompts (one engine per mode, both kept loaded).
 
 Modes: ``eager`` (``EngineConfig.enforce_eager=True``) and ``cuda_graphs``
 (``enforce_eager=False``: the engine's compiled path, torch.compile "reduce-overhead" on
@@ -66,16 +67,14 @@ def modes_to_run(requested: Sequence[str]) -> tuple[list[tuple[str, bool | None]
 
 def resolve_model(model: str | None, synthetic_dir: Path) -> tuple[str, str]:
     """``(model_path, kind)``: kind is "given", "default" or "synthetic-smollm2-135m"."""
+    from scission.bench.synthetic_model import usable_default_model, write_synthetic_checkpoint
+
     if model:
         return model, "given"
-    from scission.engine.tokenizer import default_model_path
-
-    try:
-        return default_model_path(), "default"
-    except FileNotFoundError as e:
-        logger.info("%s; using a random-weight checkpoint of its shape", e)
-    from scission.bench.synthetic_model import write_synthetic_checkpoint
-
+    default = usable_default_model()
+    if default is not None:
+        return default, "default"
+    logger.info("default model not usable here; using a random-weight checkpoint of its shape")
     return write_synthetic_checkpoint(synthetic_dir, "smollm2-135m", torch.bfloat16), \
         "synthetic-smollm2-135m"
 
@@ -138,8 +137,10 @@ def decode_pair_s(runner: EngineRunner, prompts: list[list[int]], new_tokens: in
     return runner.generate_s(prompts, new_tokens) - time_1_s
 
 
-def measure_shape(runner: EngineRunner, mode: str, batch: int, args, gen) -> dict:
-    """Warm-up pair, then ``args.repeats`` timed pairs at one batch size; one result row."""
+def measure_shape(runner: EngineRunner, mode: str, batch: int, args) -> dict:
+    """Warm-up pair, then ``args.repeats`` timed pairs at one batch size; one result row.
+    Every mode gets the same prompts at a batch size (seeded by ``args.seed`` and ``batch``)."""
+    gen = torch.Generator().manual_seed(args.seed * 1000 + batch)
     vocab = runner.vocab_size
     prompts = [torch.randint(3, vocab, (args.prompt_tokens,), generator=gen).tolist()
                for _ in range(batch)]
@@ -159,34 +160,40 @@ def measure_shape(runner: EngineRunner, mode: str, batch: int, args, gen) -> dic
     return row
 
 
-def run_mode(mode: str, enforce_eager: bool | None, model_path: str, args, doc: dict,
-             deadline: float) -> None:
-    """Every batch size of one mode into ``doc`` (rewritten to ``args.output`` per shape)."""
-    gen = torch.Generator().manual_seed(args.seed)
-    start = time.perf_counter()
-    try:
-        runner = EngineRunner(args, model_path, enforce_eager)
-    except Exception as e:  # recorded in the JSON; the exit status says it failed
-        doc["errors"].append({"mode": mode, "stage": "engine start", "error": repr(e),
-                              "traceback": traceback.format_exc(limit=8)})
-        return
-    doc["engine_start_s"][mode] = time.perf_counter() - start
-    try:
-        for batch in args.batch_sizes:
+def start_runners(modes, model_path: str, args, doc: dict) -> dict[str, EngineRunner]:
+    """One engine per mode (start time in ``doc``); a mode that cannot start is an error."""
+    runners = {}
+    for mode, enforce_eager in modes:
+        start = time.perf_counter()
+        try:
+            runners[mode] = EngineRunner(args, model_path, enforce_eager)
+        except Exception as e:  # recorded in the JSON; the exit status says it failed
+            doc["errors"].append({"mode": mode, "stage": "engine start", "error": repr(e),
+                                  "traceback": traceback.format_exc(limit=8)})
+            continue
+        doc["engine_start_s"][mode] = time.perf_counter() - start
+    return runners
+
+
+def run_shapes(runners: dict[str, EngineRunner], args, doc: dict, deadline: float) -> None:
+    """Per batch size, every mode in turn (so a spent budget still leaves eager and graphs
+    side by side at the smaller batches); ``doc`` is rewritten to ``args.output`` each time."""
+    failed: set[str] = set()
+    for batch in args.batch_sizes:
+        for mode, runner in runners.items():
+            if mode in failed:
+                continue
             if time.perf_counter() > deadline:
                 doc["skipped"].append({"mode": mode, "batch_size": batch,
                                        "why": "time budget spent"})
                 continue
             try:
-                doc["results"].append(measure_shape(runner, mode, batch, args, gen))
+                doc["results"].append(measure_shape(runner, mode, batch, args))
             except Exception as e:  # recorded; later shapes of this mode would fail alike
+                failed.add(mode)
                 doc["errors"].append({"mode": mode, "batch_size": batch, "error": repr(e),
                                       "traceback": traceback.format_exc(limit=8)})
-                break
-            finally:
-                write_doc(args.output, doc)
-    finally:
-        runner.close()
+            write_doc(args.output, doc)
 
 
 def speedups(results: Sequence[dict]) -> dict[str, float]:
@@ -260,8 +267,12 @@ def run(args: argparse.Namespace) -> int:
            "notes": notes, "engine_start_s": {}, "results": [], "skipped": [], "errors": []}
     for note in notes:
         logger.info("%s", note)
-    for mode, enforce_eager in modes:
-        run_mode(mode, enforce_eager, model_path, args, doc, deadline)
+    runners = start_runners(modes, model_path, args, doc)
+    try:
+        run_shapes(runners, args, doc, deadline)
+    finally:
+        for runner in runners.values():
+            runner.close()
     write_doc(args.output, doc)
     logger.info("graphs/eager: %s; wrote %s", doc["graphs_over_eager"], args.output)
     for err in doc["errors"]:

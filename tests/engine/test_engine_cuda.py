@@ -33,15 +33,10 @@ CHAT = json.loads((Path(__file__).parents[1] / "data" / "chat_prompts.json").rea
 
 @pytest.fixture(scope="module")
 def model_path(tmp_path_factory) -> str:
-    from scission.bench.synthetic_model import write_synthetic_checkpoint
-    from scission.engine.tokenizer import default_model_path
+    from scission.bench.synthetic_model import usable_default_model, write_synthetic_checkpoint
 
-    if DEVICE == "cuda":
-        try:
-            return default_model_path()
-        except FileNotFoundError:
-            pass
-    return write_synthetic_checkpoint(tmp_path_factory.mktemp("tiny"), "tiny")
+    default = usable_default_model() if DEVICE == "cuda" else None
+    return default or write_synthetic_checkpoint(tmp_path_factory.mktemp("tiny"), "tiny")
 
 
 @pytest.fixture(scope="module")
