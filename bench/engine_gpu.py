@@ -5,8 +5,8 @@ Same arithmetic as ``bench/engine.py``: B prompts of ``--prompt-tokens`` random 
 run = time(N new tokens) - time(1 new token), measured back to back; tokens/s =
 B * (N - 1) / decode time; ``tpot_ms`` = decode time / (N - 1). The first pair of runs of each
 (mode, batch) is the warm-up and is reported apart (``warmup_s``: compilation and graph
-capture land there), then ``--repeats`` timed pairs; the median is reported. Per batch size
-the modes run in turn, on the same prompts (one engine per mode, both kept loaded).
+capture land there), then ``--repeats`` timed pairs; the median is reported. Both modes get
+the same prompts at a batch size; eager runs first at every size (see ``run_shapes``).
 
 Modes: ``eager`` (``EngineConfig.enforce_eager=True``) and ``cuda_graphs``
 (``enforce_eager=False``: the engine's compiled path, torch.compile "reduce-overhead" on
@@ -176,11 +176,13 @@ def start_runners(modes, model_path: str, args, doc: dict) -> dict[str, EngineRu
 
 
 def run_shapes(runners: dict[str, EngineRunner], args, doc: dict, deadline: float) -> None:
-    """Per batch size, every mode in turn (so a spent budget still leaves eager and graphs
-    side by side at the smaller batches); ``doc`` is rewritten to ``args.output`` each time."""
+    """Eager at every batch size first (cheap), then the compiled mode in ascending batch
+    size (each new size may compile and capture): a spent budget still leaves every eager
+    figure and graphs-vs-eager pairs at the smaller batches. ``doc`` is rewritten to
+    ``args.output`` after each shape."""
     failed: set[str] = set()
-    for batch in args.batch_sizes:
-        for mode, runner in runners.items():
+    for mode, runner in runners.items():
+        for batch in args.batch_sizes:
             if mode in failed:
                 continue
             if time.perf_counter() > deadline:

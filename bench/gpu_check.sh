@@ -26,7 +26,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.." || exit 1
 REPO=$(pwd)
 
-PARTS="setup:40 tests_kernels:110 tests_engine:90 bench_kernels:60 bench_engine:130 bench_flashinfer:40"
+PARTS="setup:30 tests_kernels:100 tests_engine:100 bench_kernels:70 bench_engine:130 bench_flashinfer:40"
 BUDGET_S=470
 OUT_DIR=${OUT:-}
 ONLY=""
@@ -196,7 +196,7 @@ for part in tests_kernels tests_engine bench_kernels bench_engine bench_flashinf
       run_part "$part" "$limit" "$PY" -m pytest -q -rs -p no:cacheprovider $(pytest_args) \
         "$REPO/tests/kernels" --junitxml="$OUT_DIR/tests_kernels.xml" ;;
     tests_engine)
-      run_part "$part" "$limit" "$PY" -m pytest -q -rs -p no:cacheprovider \
+      run_part "$part" "$limit" "$PY" -m pytest -v -rs -p no:cacheprovider \
         "$REPO/tests/engine/test_engine_cuda.py" --junitxml="$OUT_DIR/tests_engine.xml" ;;
     bench_kernels)
       run_part "$part" "$limit" "$PY" -m scission.bench.kernels --quick --flashinfer off \
