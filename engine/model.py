@@ -21,21 +21,41 @@ KVCaches = list[tuple[torch.Tensor, torch.Tensor]]  # per layer (k_cache, v_cach
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """RMSNorm (Zhang & Sennrich 2019), computed in float32. x: [num_tokens, hidden]."""
+    """RMSNorm (Zhang & Sennrich 2019), computed in float32. x: [num_tokens, hidden].
+
+    Same float32 operations in the same order as HF Llama's ``LlamaRMSNorm`` (mean of
+    squares, ``rsqrt(var + eps)``, times x, times weight), so float32 results are bitwise
+    equal; in place where the intermediate is ours, to allocate less per call.
+    """
+    if x.dtype == torch.float32:
+        return (x * x.pow(2).mean(-1, keepdim=True).add_(eps).rsqrt_()).mul_(weight)
     xf = x.float()
-    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-    return (xf * weight.float()).to(x.dtype)
+    xf = xf * xf.pow(2).mean(-1, keepdim=True).add_(eps).rsqrt_()
+    return xf.mul_(weight.float()).to(x.dtype)
 
 
-def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype):
-    """cos/sin ``[num_tokens, head_dim // 2]`` for the neox layout (RoFormer, Su et al. 2021)."""
+def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``h = residual + x`` (rounded to the model dtype, as HF's residual stream), then
+    ``(rms_norm(h), h)``. x, residual: [num_tokens, hidden]; returns two new tensors."""
+    h = residual + x
+    return rms_norm(h, weight, eps), h
+
+
+def rope_cos_sin_table(max_positions: int, head_dim: int, theta: float,
+                       dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin ``[max_positions, head_dim // 2]`` for the neox layout (RoFormer, Su et al.
+    2021), computed once; row ``p`` is position ``p``. Float32 math as HF's
+    ``LlamaRotaryEmbedding`` (``inv_freq * position`` in float32, then cos/sin, then cast),
+    so indexing the table gives the same values as computing them per step."""
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
-    freqs = positions.to(torch.float32)[:, None] * inv_freq[None, :]
+    freqs = torch.arange(max_positions, dtype=torch.float32)[:, None] * inv_freq[None, :]
     return freqs.cos().to(dtype), freqs.sin().to(dtype)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Neox rotary embedding. x: [num_tokens, num_heads, head_dim]; cos/sin: [num_tokens, D/2]."""
+    """Neox rotary embedding. x: [num_tokens, num_heads, head_dim] (any strides);
+    cos/sin: [num_tokens, D/2]. Returns a new contiguous tensor of x's shape."""
     x1, x2 = x.chunk(2, dim=-1)
     c, s = cos[:, None, :], sin[:, None, :]
     return torch.cat((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1)
@@ -56,18 +76,23 @@ class DecoderLayer(nn.Module):
         self.down = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False, **e)
         self.scale = 1.0 / math.sqrt(cfg.head_dim)
 
-    def forward(self, h, cos, sin, kv, attn: AttentionBackend) -> torch.Tensor:
+    def forward(self, x, h, cos, sin, kv, attn: AttentionBackend
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """x: this layer's normed input, h: the residual stream (both [num_tokens, hidden]).
+        Returns ``(mlp_out, h)``: the residual add of ``mlp_out`` is left to the next norm
+        (``add_rms_norm``), which does it with the normalization in one call."""
         cfg = self.cfg
-        x = rms_norm(h, self.input_norm, cfg.rms_norm_eps)
-        q, k, v = self.qkv(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = apply_rope(q.view(-1, cfg.num_heads, cfg.head_dim), cos, sin)
-        k = apply_rope(k.view(-1, cfg.num_kv_heads, cfg.head_dim), cos, sin)
-        v = v.view(-1, cfg.num_kv_heads, cfg.head_dim)
+        nh, nkv, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        qkv = self.qkv(x)  # [T, q + 2 kv]
+        # q and k are adjacent columns: one rotary call over their (H + H_kv) heads.
+        qk = apply_rope(qkv[:, : self.q_size + self.kv_size].view(-1, nh + nkv, hd), cos, sin)
+        q, k = qk[:, :nh], qk[:, nh:]
+        v = qkv[:, self.q_size + self.kv_size :].view(-1, nkv, hd)
         o = attn.run(q, k, v, kv[0], kv[1], self.scale)  # [num_tokens, H, D]
-        h = h + self.o_proj(o.reshape(-1, self.q_size))
-        x = rms_norm(h, self.post_norm, cfg.rms_norm_eps)
+        x, h = add_rms_norm(self.o_proj(o.reshape(-1, self.q_size)), h, self.post_norm,
+                            cfg.rms_norm_eps)
         gate, up = self.gate_up(x).chunk(2, dim=-1)
-        return h + self.down(F.silu(gate) * up)
+        return self.down(F.silu(gate).mul_(up)), h
 
 
 class LlamaForCausalLM(nn.Module):
@@ -82,6 +107,12 @@ class LlamaForCausalLM(nn.Module):
         self.norm = nn.Parameter(torch.ones(cfg.hidden_size, dtype=dtype), requires_grad=False)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False, dtype=dtype)
         self.requires_grad_(False)
+        cos, sin = rope_cos_sin_table(cfg.max_position_embeddings, cfg.head_dim, cfg.rope_theta,
+                                      dtype)
+        self.register_buffer("rope_cos", cos, persistent=False)  # [max_positions, D/2]
+        self.register_buffer("rope_sin", sin, persistent=False)
+        # Graph mode (engine/compile.py CompiledDecoder) replaces forward_embeds when set.
+        self.compiled = None
 
     @torch.inference_mode()
     def forward(
@@ -93,14 +124,23 @@ class LlamaForCausalLM(nn.Module):
         mm_rows: torch.Tensor | None = None,  # [num_mm_rows] int64, rows taking image embeds
         mm_embeds: torch.Tensor | None = None,  # [num_mm_rows, hidden_size], model dtype
     ) -> torch.Tensor:  # [num_tokens, hidden_size]
-        cfg = self.cfg
         h = self.embed(input_ids)
         if mm_rows is not None:  # image positions: the vision encoder's output, not the table
             h.index_copy_(0, mm_rows, mm_embeds.to(h.dtype))
-        cos, sin = rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta, self.dtype)
-        for layer, kv in zip(self.layers, kv_caches, strict=True):
-            h = layer(h, cos, sin, kv, attn)
-        return rms_norm(h, self.norm, cfg.rms_norm_eps)
+        run = self.compiled.forward_embeds if self.compiled is not None else self.forward_embeds
+        return run(h, positions, kv_caches, attn)
+
+    def forward_embeds(self, h: torch.Tensor, positions: torch.Tensor, kv_caches: KVCaches,
+                       attn: AttentionBackend) -> torch.Tensor:
+        """The decoder stack from input embeddings h [num_tokens, hidden_size]."""
+        eps = self.cfg.rms_norm_eps
+        cos, sin = self.rope_cos[positions], self.rope_sin[positions]  # [num_tokens, D/2]
+        x = rms_norm(h, self.layers[0].input_norm, eps)
+        for i, (layer, kv) in enumerate(zip(self.layers, kv_caches, strict=True)):
+            if i > 0:
+                x, h = add_rms_norm(x, h, layer.input_norm, eps)
+            x, h = layer(x, h, cos, sin, kv, attn)
+        return add_rms_norm(x, h, self.norm, eps)[0]
 
     @torch.inference_mode()
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
