@@ -39,6 +39,8 @@ class AttentionMetadata:
     # Host copies (python ints) so backends can branch without device syncs.
     query_lens: tuple[int, ...]
     seq_lens_host: tuple[int, ...]
+    # True when the builder knows no slot is -1: K/V writes skip the mask (a device sync).
+    slots_all_valid: bool = False
 
     @property
     def num_reqs(self) -> int:
@@ -70,15 +72,20 @@ class AttentionBackend(abc.ABC):
 
 def write_kv(
     k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-    slot_mapping: torch.Tensor,
+    slot_mapping: torch.Tensor, all_valid: bool = False,
 ) -> None:
-    """Scatter new K/V rows into the cache; slots of -1 are skipped."""
+    """Scatter new K/V rows into the cache; slots of -1 are skipped (``all_valid``: the
+    caller knows there are none, so no boolean mask and ``nonzero``)."""
+    k_flat = k_cache.view(-1, *k_cache.shape[2:])  # [num_blocks * block_size, H_kv, D]
+    v_flat = v_cache.view(-1, *v_cache.shape[2:])
+    if all_valid:
+        k_flat.index_copy_(0, slot_mapping, k)
+        v_flat.index_copy_(0, slot_mapping, v)
+        return
     keep = slot_mapping >= 0
     slots = slot_mapping[keep]
     if slots.numel() == 0:
         return
-    k_flat = k_cache.view(-1, *k_cache.shape[2:])  # [num_blocks * block_size, H_kv, D]
-    v_flat = v_cache.view(-1, *v_cache.shape[2:])
     k_flat.index_copy_(0, slots, k[keep])
     v_flat.index_copy_(0, slots, v[keep])
 
@@ -97,6 +104,9 @@ class TorchAttentionBackend(AttentionBackend):
         self._decode_mask: torch.Tensor | None = None  # [n_dec, 1, 1, max_blocks * bs] bool
         self._decode_starts: torch.Tensor | None = None  # [n_dec] rows in the flat batch
         self._extend_slots: list[torch.Tensor] = []  # per extend request: [seq_len] int64
+        # One decode row whose blocks are consecutive ids: (first slot, seq_len); its K/V
+        # are then a view of the cache (no gather, no mask).
+        self._decode_contig: tuple[int, int] | None = None
 
     def plan(self, metadata: AttentionMetadata) -> None:
         self._md = metadata
@@ -104,14 +114,18 @@ class TorchAttentionBackend(AttentionBackend):
         table = metadata.block_table.to(torch.int64)
         self._decode_rows = [r for r, n in enumerate(metadata.query_lens) if n == 1]
         self._extend_rows = [r for r, n in enumerate(metadata.query_lens) if n > 1]
+        self._decode_contig = None
         if self._decode_rows:
             rows = torch.tensor(self._decode_rows, dtype=torch.int64)
             lens = torch.tensor([metadata.seq_lens_host[r] for r in self._decode_rows])
             num_blocks = -(-int(lens.max()) // bs)
             self._decode_blocks = table[rows, :num_blocks].reshape(-1)  # [n_dec * nb]
-            pos = torch.arange(num_blocks * bs)
-            self._decode_mask = (pos[None, :] < lens[:, None])[:, None, None, :]
             self._decode_starts = metadata.cu_seqlens_q[rows].to(torch.int64)
+            if len(self._decode_rows) == 1:
+                self._decode_contig = _contiguous_run(self._decode_blocks, int(lens[0]), bs)
+            if self._decode_contig is None:
+                pos = torch.arange(num_blocks * bs)
+                self._decode_mask = (pos[None, :] < lens[:, None])[:, None, None, :]
         self._extend_slots = []
         for r in self._extend_rows:
             pos = torch.arange(metadata.seq_lens_host[r])
@@ -120,7 +134,9 @@ class TorchAttentionBackend(AttentionBackend):
     def run(self, q, k, v, k_cache, v_cache, scale):
         md = self._md
         assert md is not None, "plan() must be called before run()"
-        write_kv(k, v, k_cache, v_cache, md.slot_mapping)
+        write_kv(k, v, k_cache, v_cache, md.slot_mapping, md.slots_all_valid)
+        if not self._extend_rows:  # pure decode: row r of q is request r's token
+            return self._decode(q, k_cache, v_cache, scale)
         k_flat = k_cache.view(-1, *k_cache.shape[2:])
         v_flat = v_cache.view(-1, *v_cache.shape[2:])
         out = torch.empty_like(q)
@@ -146,12 +162,29 @@ class TorchAttentionBackend(AttentionBackend):
         n, num_heads, head_dim = q.shape
         num_kv_heads = k_cache.shape[2]
         gqa = num_heads // num_kv_heads
-        k = k_cache.index_select(0, self._decode_blocks).view(n, -1, num_kv_heads, head_dim)
-        v = v_cache.index_select(0, self._decode_blocks).view(n, -1, num_kv_heads, head_dim)
         qf = q.view(n, num_kv_heads, gqa, head_dim)  # head h -> kv head h // gqa
+        if self._decode_contig is not None:  # batch of one, consecutive blocks: a view
+            first, length = self._decode_contig
+            k = k_cache.view(-1, num_kv_heads, head_dim)[first : first + length][None]
+            v = v_cache.view(-1, num_kv_heads, head_dim)[first : first + length][None]
+            mask = None
+        else:
+            k = k_cache.index_select(0, self._decode_blocks).view(n, -1, num_kv_heads, head_dim)
+            v = v_cache.index_select(0, self._decode_blocks).view(n, -1, num_kv_heads, head_dim)
+            mask = self._decode_mask
         o = F.scaled_dot_product_attention(qf, k.transpose(1, 2), v.transpose(1, 2),
-                                           attn_mask=self._decode_mask, scale=scale)
+                                           attn_mask=mask, scale=scale)
         return o.reshape(n, num_heads, head_dim)
+
+
+def _contiguous_run(blocks: torch.Tensor, seq_len: int, block_size: int
+                    ) -> tuple[int, int] | None:
+    """``(first_slot, seq_len)`` if ``blocks`` (one request's, in order) are consecutive ids,
+    else None."""
+    ids = blocks.tolist()
+    if ids != list(range(ids[0], ids[0] + len(ids))):
+        return None
+    return ids[0] * block_size, seq_len
 
 
 def _offset_causal_mask(q_len: int, kv_len: int, device: torch.device) -> torch.Tensor:
