@@ -93,8 +93,10 @@ def _status(e: grpc.RpcError) -> grpc.StatusCode:
 
 
 def stream_chunks(vr: ValidatedRequest, chunks: Iterator[wpb.TokenChunk],
-                  track: UsageTracker) -> Iterator[pb.GenerateResponse]:
-    """Worker TokenChunks -> public responses; raises FlowError if the worker fails."""
+                  track: UsageTracker, lost: Callable[[], bool] = lambda: False
+                  ) -> Iterator[pb.GenerateResponse]:
+    """Worker TokenChunks -> public responses; raises FlowError if the worker fails.
+    ``lost()``: the pool cancelled the call because the worker stopped answering."""
     try:
         for c in chunks:
             if c.cached_tokens:
@@ -113,9 +115,10 @@ def stream_chunks(vr: ValidatedRequest, chunks: Iterator[wpb.TokenChunk],
     except grpc.RpcError as e:
         # The worker died or went away, or changed role meanwhile (a flip: UNIMPLEMENTED):
         # the request migrates.
-        lost = e.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.UNIMPLEMENTED)
+        gone = e.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.UNIMPLEMENTED) \
+            or lost()
         raise FlowError(_status(e), f"worker {track.decode_worker}: {e.details()}",
-                        track.decode_worker if lost else _no_fault(e)) from None
+                        track.decode_worker if gone else _no_fault(e)) from None
     raise FlowError(grpc.StatusCode.UNAVAILABLE, f"worker {track.decode_worker} ended the stream",
                     track.decode_worker)
 
@@ -135,7 +138,8 @@ def run_local(vr: ValidatedRequest, placement: Placement, pool: WorkerPool, star
     pool.begin(w.worker_id, len(vr.prompt_token_ids))
     call = pool.stub(w).Generate(req, timeout=timeout_s)
     try:
-        yield from stream_chunks(vr, call, track)
+        with pool.tracked(w, call):
+            yield from stream_chunks(vr, call, track, lambda: pool.was_lost(call))
     finally:
         call.cancel()  # no-op when finished; aborts on the worker otherwise
         pool.end(w.worker_id, len(vr.prompt_token_ids))
@@ -213,7 +217,8 @@ def _prefill_then_decode(vr: ValidatedRequest, pre, dec, pool: WorkerPool,
                                                      image_hash=r.image_hash)
                                         for r in vr.image_refs])  # keys only: KV is pulled
         call = pool.stub(dec).Decode(req, timeout=timeout_s)
-        yield from stream_chunks(vr, call, track)
+        with pool.tracked(dec, call):
+            yield from stream_chunks(vr, call, track, lambda: pool.was_lost(call))
         done = True
     finally:
         if call is not None:
@@ -228,7 +233,13 @@ def _prefill(vr: ValidatedRequest, pre, pool: WorkerPool, timeout_s: float) -> w
                              sampling=sampling_to_proto(vr.params), images=vr.image_refs)
     pool.begin(pre.worker_id, n)
     try:
-        return pool.stub(pre).Prefill(req, timeout=timeout_s)
+        future = pool.stub(pre).Prefill.future(req, timeout=timeout_s)
+        with pool.tracked(pre, future):
+            return future.result()
+    except grpc.FutureCancelledError:  # the pool's: the worker stopped answering
+        raise FlowError(grpc.StatusCode.UNAVAILABLE,
+                        f"prefill worker {pre.worker_id} stopped answering", pre.worker_id
+                        ) from None
     except grpc.RpcError as e:
         retry = e.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED)
         raise FlowError(_status(e), f"prefill worker {pre.worker_id}: {e.details()}",

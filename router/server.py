@@ -271,6 +271,8 @@ class RouterServer:
         self.tokenizer = load_tokenizer(config.model_path or default_model_path())
         self.etcd = connect(config.etcd)
         self.directory = WorkerDirectory(self.etcd, config.registry,
+                                         on_added=lambda info: self.pool.on_worker_added(info),
+                                         on_removed=lambda wid: self.pool.on_worker_removed(wid),
                                          record_key=record_key(config.cluster_token))
         self.pool = WorkerPool(self.directory, config.max_message_bytes, config.cluster_token)
         self.index = PrefixIndex(config.placement.speculative_ttl_s)

@@ -2,6 +2,13 @@
 
 Worker load = the worker's last published stats (etcd, every ~0.5 s) plus what this
 router has sent it since and not seen finish, so a burst does not pile onto one worker.
+
+Calls in flight are tracked per worker incarnation (``tracked``) so that a worker that stops
+answering does not hold its requests until their deadlines: when a worker leaves etcd (its
+lease lapsed) the pool probes it (``GetStats`` within ``probe_timeout_s``); if it does not
+answer, or when a new incarnation of it registers, its calls are cancelled and marked lost
+(``was_lost``), and the flows retry or migrate those requests as if the worker had died.
+A worker that answers the probe (its lease lapsed because etcd was away) keeps its streams.
 """
 
 from __future__ import annotations
@@ -10,10 +17,13 @@ import logging
 import threading
 import time
 from collections import defaultdict
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import grpc
 
+from scission.proto.scission.internal.v1 import worker_pb2 as wpb
 from scission.proto.scission.internal.v1 import worker_pb2_grpc as pb_grpc
 from scission.registry.directory import WorkerDirectory
 from scission.registry.workers import WorkerInfo, WorkerRole
@@ -36,9 +46,16 @@ class WorkerLoad:
 
 class WorkerPool:
     def __init__(self, directory: WorkerDirectory, max_message_bytes: int = 4 * 1024**2,
-                 cluster_token: str = "") -> None:
-        """``cluster_token``: sent with every worker call (``worker/cluster_auth.py``)."""
+                 cluster_token: str = "", probe_timeout_s: float = 2.0) -> None:
+        """``cluster_token``: sent with every worker call (``worker/cluster_auth.py``).
+        ``probe_timeout_s``: how long a worker that left etcd has to answer before its calls
+        are cancelled as lost (see the module docstring)."""
         self.directory = directory
+        self.probe_timeout_s = probe_timeout_s
+        # (worker_id, incarnation) -> calls in flight (grpc futures / streams)
+        self._calls: dict[tuple[str, int], set] = defaultdict(set)
+        self._lost: set = set()  # calls cancelled because their worker stopped answering
+        self.num_calls_lost = 0  # metric
         self._cluster_token = cluster_token
         self._channel_options = [("grpc.max_receive_message_length", max_message_bytes),
                                  ("grpc.max_send_message_length", max_message_bytes)]
@@ -99,6 +116,64 @@ class WorkerPool:
         with self._lock:
             self._inflight_prefill_tokens[worker_id] -= prefill_tokens
             self._inflight_requests[worker_id] -= 1
+
+    @contextmanager
+    def tracked(self, info: WorkerInfo, call) -> Iterator[None]:
+        """Track ``call`` (a grpc future or stream to ``info``) while the body runs."""
+        key = (info.worker_id, info.incarnation)
+        with self._lock:
+            self._calls[key].add(call)
+        try:
+            yield
+        finally:
+            with self._lock:
+                calls = self._calls.get(key)
+                if calls is not None:
+                    calls.discard(call)
+                    if not calls:
+                        del self._calls[key]
+                self._lost.discard(call)
+
+    def was_lost(self, call) -> bool:
+        """Whether the pool cancelled ``call`` because its worker stopped answering."""
+        with self._lock:
+            return call in self._lost
+
+    def on_worker_added(self, info: WorkerInfo) -> None:
+        """Directory callback: calls to older incarnations of the worker are lost."""
+        self._cancel_calls(info.worker_id, keep_incarnation=info.incarnation,
+                           why="a new incarnation registered")
+
+    def on_worker_removed(self, worker_id: str) -> None:
+        """Directory callback (watch thread): probe the worker off that thread; cancel its
+        calls if it does not answer."""
+        with self._lock:
+            keys = [k for k in self._calls if k[0] == worker_id]
+            cached = self._channels.get(worker_id)
+        if not keys or cached is None:
+            return
+        threading.Thread(target=self._probe_then_cancel, args=(worker_id, cached[2]),
+                         name=f"probe-{worker_id}", daemon=True).start()
+
+    def _probe_then_cancel(self, worker_id: str, stub: pb_grpc.WorkerStub) -> None:
+        try:
+            stub.GetStats(wpb.StatsRequest(), timeout=self.probe_timeout_s)
+            logger.info("worker %s left etcd but answers; its calls continue", worker_id)
+        except grpc.RpcError as e:
+            self._cancel_calls(worker_id, None, f"it left etcd and its probe failed "
+                                                f"({e.code().name})")
+
+    def _cancel_calls(self, worker_id: str, keep_incarnation: int | None, why: str) -> None:
+        with self._lock:
+            victims = [c for (wid, inc), calls in self._calls.items()
+                       if wid == worker_id and inc != keep_incarnation for c in calls]
+            self._lost.update(victims)
+            self.num_calls_lost += len(victims)
+        if victims:
+            logger.warning("worker %s: cancelling %d calls in flight: %s", worker_id,
+                           len(victims), why)
+        for call in victims:
+            call.cancel()
 
     def close(self) -> None:
         with self._lock:

@@ -57,12 +57,39 @@ class FakeCall:
         pass
 
 
+class FakeFuture:
+    """A finished unary call (``stub.Prefill.future``)."""
+
+    def __init__(self, response) -> None:
+        self._response = response
+
+    def result(self):
+        return self._response
+
+    def cancel(self) -> bool:
+        return False
+
+
+class FakeUnary:
+    """``stub.Prefill``: callable, and ``.future(req, timeout)`` as a gRPC multicallable."""
+
+    def __init__(self, fn) -> None:
+        self._fn = fn
+
+    def __call__(self, req, timeout=None):
+        return self._fn(req)
+
+    def future(self, req, timeout=None) -> FakeFuture:
+        return FakeFuture(self._fn(req))
+
+
 class FakeStub:
     def __init__(self, worker_id: str, calls: list, on_prefill=None, on_decode=None) -> None:
         self.worker_id, self.calls = worker_id, calls
         self.on_prefill, self.on_decode = on_prefill, on_decode
+        self.Prefill = FakeUnary(self._prefill)
 
-    def Prefill(self, req, timeout=None):
+    def _prefill(self, req):
         self.calls.append(("Prefill", self.worker_id, req.request_id))
         if self.on_prefill is not None:
             self.on_prefill()
