@@ -15,11 +15,11 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "cluster"))  # serving_helpers
 
+from faults import NEW_TOKENS  # noqa: E402  (after the sys.path insert: it imports serving_helpers)
+
 from scission.engine.config import CacheConfig, EngineConfig, SchedulerConfig  # noqa: E402
 from scission.engine.llm_engine import LLMEngine  # noqa: E402
 from scission.engine.request import SamplingParams  # noqa: E402
-
-NEW_TOKENS = 48
 
 
 @pytest.fixture(scope="session")

@@ -22,6 +22,7 @@ from scission.registry.directory import WorkerDirectory
 # UNKNOWN, a hang to the deadline) breaks the invariant.
 CLEAR_FAILURES = ("UNAVAILABLE", "CANCELLED", "ABORTED", "RESOURCE_EXHAUSTED")
 DEADLINE_S = 240.0
+NEW_TOKENS = 48  # greedy tokens per request, EOS ignored
 
 
 @dataclass

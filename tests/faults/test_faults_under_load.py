@@ -19,8 +19,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import pytest
-from conftest import NEW_TOKENS
 from faults import (
+    NEW_TOKENS,
     check_outcomes,
     start_load,
     stopped,
