@@ -23,6 +23,7 @@
 #   bench_flashinfer the decode cases again with FlashInfer, when it imports
 # Exit status: 0 when no part failed (skipped parts do not fail), else 1.
 set -uo pipefail
+CALLER_PWD=$PWD
 cd "$(dirname "$0")/.." || exit 1
 REPO=$(pwd)
 
@@ -46,6 +47,9 @@ while [ $# -gt 0 ]; do
     *) echo "gpu_check: unknown option $1 (see --help)" >&2; exit 2 ;;
   esac
 done
+
+case "$OUT_DIR" in "" | /*) ;; *) OUT_DIR="$CALLER_PWD/$OUT_DIR" ;; esac  # as the caller meant
+case "$WHEELS" in /*) ;; *) WHEELS="$CALLER_PWD/$WHEELS" ;; esac
 
 selected() {  # selected PART: the part is in --only (or there is no --only)
   [ -z "$ONLY" ] || [[ ",$ONLY," == *",$1,"* ]]
@@ -118,7 +122,6 @@ fi
 OUT_DIR=${OUT_DIR:-$REPO/bench/results/gpu}
 mkdir -p "$OUT_DIR" "$STATE/run" "$STATE/shim" "$STATE/site"
 OUT_DIR=$(cd "$OUT_DIR" && pwd)
-case "$WHEELS" in /*) ;; *) WHEELS="$REPO/$WHEELS" ;; esac
 # Every part runs from $STATE/run: from the repo root, `python -m` would import the bare
 # scission/ folder (no subpackages) before the shim on PYTHONPATH (see bench/gpu_setup.py).
 cd "$STATE/run" || exit 1
