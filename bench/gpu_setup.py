@@ -85,16 +85,27 @@ def present(dist: str, module: str | None) -> bool:
 
 
 def index_reachable(timeout_s: float = 3.0) -> bool:
-    """One TCP connect to the package index (the GPU machine may have no network at all)."""
+    """One TCP connect to the package index within ``timeout_s``, name lookup included (a
+    daemon thread: a hanging DNS lookup cannot stall setup); the GPU machine may have no
+    network at all."""
     import socket
+    import threading
     from urllib.parse import urlparse
 
     host = urlparse(os.environ.get("PIP_INDEX_URL", "https://pypi.org/simple")).hostname
-    try:
-        socket.create_connection((host, 443), timeout=timeout_s).close()
-    except OSError:
-        return False
-    return True
+    ok = []
+
+    def probe() -> None:
+        try:
+            socket.create_connection((host, 443), timeout=timeout_s).close()
+            ok.append(True)
+        except OSError:
+            pass
+
+    thread = threading.Thread(target=probe, daemon=True)
+    thread.start()
+    thread.join(timeout_s)
+    return bool(ok)
 
 
 def pip_install(names: list[str], site: Path, wheels: Path | None) -> tuple[bool, str]:
