@@ -98,7 +98,8 @@ class EngineConfig:
     device: str = "cpu"
     attention_backend: AttentionBackendKind = AttentionBackendKind.AUTO
     num_threads: int | None = None  # torch intra-op threads; None = torch default
-    # "none" | "int4": weight-only int4 decoder linears + int8 LM head (engine/quant.py, CPU)
+    # "none" | "int4" | "int8": weight-only quantized decoder linears + LM head (engine/quant.py,
+    # CPU; int4 = 4-bit groups of 32, int8 = one scale per output row)
     weight_quantization: str = "none"
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
@@ -106,8 +107,8 @@ class EngineConfig:
     def __post_init__(self) -> None:
         if self.dtype not in ("float32", "bfloat16", "float16"):
             raise ValueError(f"dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
-        if self.weight_quantization not in ("none", "int4"):
-            raise ValueError(f"weight_quantization must be none or int4, "
+        if self.weight_quantization not in ("none", "int4", "int8"):
+            raise ValueError(f"weight_quantization must be none, int4 or int8, "
                              f"got {self.weight_quantization!r}")
 
     @property

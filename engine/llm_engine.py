@@ -31,7 +31,7 @@ from scission.engine.loader import load_checkpoint
 from scission.engine.model import LlamaForCausalLM
 from scission.engine.model_runner import ModelRunner
 from scission.engine.multimodal import MMInput
-from scission.engine.quant import quantize_model_int4
+from scission.engine.quant import quantize_model
 from scission.engine.request import (
     DuplicateRequestError,
     FinishReason,
@@ -80,13 +80,14 @@ class LLMEngine:
         self.model = LlamaForCausalLM(model_cfg, config.torch_dtype).to(config.device)
         self.model.load_hf_state_dict(state)
         del state
-        if config.weight_quantization == "int4":
-            read_bytes = quantize_model_int4(self.model)
+        if config.weight_quantization != "none":
+            mode = config.weight_quantization
+            read_bytes = quantize_model(self.model, mode)
             # Quantized KV differs from the float model's: never share prefix-cache entries.
-            model_cfg = dataclasses.replace(model_cfg, model_id=f"{model_cfg.model_id}+int4")
+            model_cfg = dataclasses.replace(model_cfg, model_id=f"{model_cfg.model_id}+{mode}")
             self.model_config = model_cfg
-            logger.info("int4 weight-only quantization: decode reads %.0f MB of linear weights",
-                        read_bytes / 1e6)
+            logger.info("%s weight-only quantization: decode reads %.0f MB of linear weights",
+                        mode, read_bytes / 1e6)
         # Vision-language checkpoints: the vision tower + connector and the HF processor.
         vision = load_vision(self.model_path, config.torch_dtype)
         self.vision_encoder, self.mm_processor = vision if vision is not None else (None, None)

@@ -1,22 +1,31 @@
 """Weight-only quantized linear layers for CPU decode (``EngineConfig.weight_quantization``).
 
 Decode at small batch is bound by reading the weights: float32 SmolLM2-135M reads ~540 MB per
-step. ``"int4"`` keeps every decoder linear (qkv, o_proj, gate_up, down) as 4-bit integers with
-one bfloat16 scale and zero per group of ``INT4_GROUP_SIZE`` input channels, and the LM head as
-int8 with one bfloat16 scale per output row; the matmuls run in torch's packed CPU kernels
-(``_weight_int4pack_mm_for_cpu``, ``_weight_int8pack_mm``) with bfloat16 activations, and the
-results are cast back to the model dtype. Embeddings, norms, attention and the KV cache are
-unchanged. Prefill-sized batches multiply by a dense copy of the same quantized weights (see
-``Int4Linear``), so the mode trades memory (packed + dense copies) for decode speed.
+step. Two opt-in modes replace every decoder linear (qkv, o_proj, gate_up, down) and the LM
+head; embeddings, norms, attention and the KV cache are unchanged:
 
-Quantization is round-to-nearest per group, asymmetric (GPTQ/AWQ's "RTN" baseline, as in
-gpt-fast's int4 weight-only path)::
+- ``"int4"``: 4-bit integers with one bfloat16 scale and zero per group of ``INT4_GROUP_SIZE``
+  input channels, through torch's packed CPU kernel ``_weight_int4pack_mm_for_cpu``; the LM
+  head as int8 (below): ~95 MB read per step.
+- ``"int8"``: int8 with one bfloat16 scale per output row (symmetric), through
+  ``_weight_int8pack_mm`` (~135 MB read per step).
+
+Both kernels take bfloat16 activations; results are cast back to the model dtype (no cast
+when the model runs in bfloat16). Batches of more than ``max_packed_rows`` rows (prefill
+chunks) multiply by a dense copy of the same quantized weights in the model dtype, so the modes
+trade memory (packed + dense copies) for decode speed. Kernel choice, group size and the LM
+head's format were measured with ``bench/quant_kernels.py`` (``bench/README.md``).
+
+Quantization is round-to-nearest (GPTQ/AWQ's "RTN" baseline, as in gpt-fast's int4 and int8
+weight-only paths). int4 is asymmetric per group::
 
     scale = (max - min) / 15,  q = round((w - min) / scale) in [0, 15],  w ≈ q * scale + min
 
 For a Q4_1 GGUF (llama.cpp quantizes each 32-weight block with exactly this min/max rule), the
 dequantized weights requantize to the same 4-bit codes: the only new error is rounding the
-float16 block scale and minimum to bfloat16, plus bfloat16 activations.
+float16 block scale and minimum to bfloat16, plus bfloat16 activations. int8 is
+``scale = max|w| / 127, q = round(w / scale)`` per output row; it does not reproduce Q4_1's
+blocks, so on that file it is the less accurate mode (tests/engine/test_quant_engine.py).
 """
 
 from __future__ import annotations
@@ -26,6 +35,7 @@ from torch import nn
 
 INT4_GROUP_SIZE = 32
 INT4_MAX_PACKED_ROWS = 64  # larger batches use the dequantized dense weights (Int4Linear)
+INT8_MAX_PACKED_ROWS = 64  # the same for Int8Linear
 _INT4_INNER_K_TILES = 1  # packing parameter of _convert_weight_to_int4pack_for_cpu
 _INT4_N_MULTIPLE = 16  # the packed kernel needs out_features % 16 == 0
 
@@ -60,7 +70,39 @@ def dequantize_int4_groupwise(codes: torch.Tensor, scales: torch.Tensor,
     return (codes.float().reshape(n, -1, g) * scales[..., None] + mins[..., None]).reshape(n, k)
 
 
-class Int4Linear(nn.Module):
+class _PackedLinear(nn.Module):
+    """Shared forward: packed kernel for up to ``max_packed_rows`` rows, dense copy beyond.
+
+    Subclasses set ``in_features``, ``out_features``, ``max_packed_rows``, the buffers
+    ``dense_weight`` (``[N, K]``, model dtype) and ``bias`` (``[N]`` or None), and implement
+    ``_packed_mm(x [M, K] bfloat16) -> [M, N] bfloat16``.
+    """
+
+    in_features: int
+    out_features: int
+    max_packed_rows: int
+
+    def _packed_mm(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x``: ``[..., in_features]``, any float dtype; returns ``[..., out_features]`` in
+        ``x.dtype``. The 2-D decode case runs without reshapes (each is a call at batch 1)."""
+        flat = x if x.dim() == 2 else x.reshape(-1, self.in_features)
+        if flat.shape[0] > self.max_packed_rows:
+            y = flat @ self.dense_weight.to(x.dtype).T
+        else:
+            y = self._packed_mm(flat.to(torch.bfloat16)).to(x.dtype)
+        if x.dim() != 2:
+            y = y.reshape(*x.shape[:-1], self.out_features)
+        return y if self.bias is None else y + self.bias
+
+    def decode_read_bytes(self) -> int:
+        """Bytes a packed (decode) call reads for the weights: codes + scales (+ zeros)."""
+        raise NotImplementedError
+
+
+class Int4Linear(_PackedLinear):
     """``y = x @ W^T (+ bias)`` with ``W`` in 4-bit groups (see the module docstring).
 
     Input ``[..., in_features]`` of any float dtype; output the same dtype. Batches of more
@@ -91,59 +133,86 @@ class Int4Linear(nn.Module):
         self.register_buffer("dense_weight", dense.reshape(n, k).to(linear.weight.dtype))
         self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().clone())
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        flat = x.reshape(-1, self.in_features)
-        if flat.shape[0] > self.max_packed_rows:
-            y = flat @ self.dense_weight.to(x.dtype).T
-        else:
-            y = torch.ops.aten._weight_int4pack_mm_for_cpu(
-                flat.to(torch.bfloat16), self.packed, self.group_size, self.scales_and_zeros
-            ).to(x.dtype)
-        y = y.reshape(*x.shape[:-1], self.out_features)
-        return y if self.bias is None else y + self.bias
+    def _packed_mm(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.packed, self.group_size,
+                                                          self.scales_and_zeros)
+
+    def decode_read_bytes(self) -> int:
+        return _nbytes(self.packed) + _nbytes(self.scales_and_zeros)
 
 
-class Int8Linear(nn.Module):
-    """``y = x @ W^T`` with ``W`` int8, one bfloat16 scale per output row (symmetric RTN)."""
+class Int8Linear(_PackedLinear):
+    """``y = x @ W^T (+ bias)`` with ``W`` int8, one bfloat16 scale per output row (symmetric
+    RTN: ``scale = max|w| / 127``). Input ``[..., in_features]`` of any float dtype; output the
+    same dtype. More than ``max_packed_rows`` rows multiply by the dequantized weights (the
+    packed kernel's time grows ~linearly with rows: see ``bench/README.md``)."""
 
-    def __init__(self, linear: nn.Linear) -> None:
+    def __init__(self, linear: nn.Linear, max_packed_rows: int = INT8_MAX_PACKED_ROWS) -> None:
         super().__init__()
-        if linear.bias is not None:
-            raise ValueError("Int8Linear has no bias")
-        w = linear.weight.float()
-        scales = (w.abs().amax(dim=1) / 127).clamp(min=1e-12)
-        self.in_features, self.out_features = w.shape[1], w.shape[0]
-        self.register_buffer("weight_int8", torch.round(w / scales[:, None]).clamp(-127, 127)
-                             .to(torch.int8).contiguous())
+        codes, scales = quantize_int8_per_channel(linear.weight)
+        self.out_features, self.in_features = codes.shape
+        self.max_packed_rows = max_packed_rows
+        self.register_buffer("weight_int8", codes)
         self.register_buffer("scales", scales.to(torch.bfloat16))
+        self.register_buffer("dense_weight", (codes.float() * self.scales.float()[:, None])
+                             .to(linear.weight.dtype))
+        self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().clone())
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        flat = x.reshape(-1, self.in_features).to(torch.bfloat16)
-        y = torch.ops.aten._weight_int8pack_mm(flat, self.weight_int8, self.scales)
-        return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+    def _packed_mm(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.aten._weight_int8pack_mm(x, self.weight_int8, self.scales)
+
+    def decode_read_bytes(self) -> int:
+        return _nbytes(self.weight_int8) + _nbytes(self.scales)
 
 
-def quantize_model_int4(model: nn.Module, layer_attrs: tuple[str, ...] = ("qkv", "o_proj",
-                                                                          "gate_up", "down"),
-                        head_attr: str = "lm_head") -> int:
-    """Replace each decoder layer's linears by ``Int4Linear`` and the LM head by
-    ``Int8Linear``, in place (CPU only). Returns the bytes a decode step reads for those
-    weights now (packed codes + scales; the dense prefill copies are not read in decode).
+def quantize_int8_per_channel(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric round-to-nearest int8 per output row.
+
+    Args:
+        weight: ``[out_features, in_features]`` float.
+    Returns:
+        ``(codes, scales)``: codes ``[N, K]`` int8 in ``[-127, 127]``, contiguous; scales
+        ``[N]`` float32 with ``weight ≈ codes * scale[:, None]``.
+    """
+    w = weight.detach().float()
+    scales = (w.abs().amax(dim=1) / 127).clamp(min=1e-12)  # all-zero rows: any scale, codes 0
+    codes = torch.round(w / scales[:, None]).clamp(-127, 127).to(torch.int8).contiguous()
+    return codes, scales
+
+
+WEIGHT_QUANTIZATIONS = ("int4", "int8")
+# The LM head stays int8 in "int4" mode: a 4-bit head reads 10 MB less per step (-1.3 ms of
+# ~6 ms of linears at batch 1) but triples the logits error against HF float32 and loses top-1
+# on 3 of 22 test prompts (bench/README.md); ``head_mode="int4"`` still builds it.
+_HEAD_MODE = {"int4": "int8", "int8": "int8"}
+DECODER_LINEARS = ("qkv", "o_proj", "gate_up", "down")
+
+
+def quantize_model(model: nn.Module, mode: str, layer_attrs: tuple[str, ...] = DECODER_LINEARS,
+                   head_attr: str = "lm_head", head_mode: str | None = None) -> int:
+    """Replace each decoder layer's ``layer_attrs`` linears and ``model.<head_attr>`` by
+    ``Int4Linear`` (``mode="int4"``) or ``Int8Linear`` (``"int8"``), in place (CPU only).
+    The LM head gets ``head_mode`` (default: int8 in both modes, see ``_HEAD_MODE``).
+    Returns the bytes a decode step reads for those weights now (packed codes + scales; the
+    dense prefill copies are not read in decode).
 
     Raises:
-        ValueError: the model is not on CPU, or a shape does not fit the packed kernels.
+        ValueError: unknown ``mode``, the model is not on CPU, or a shape does not fit the
+            packed kernels.
     """
+    if mode not in WEIGHT_QUANTIZATIONS:
+        raise ValueError(f"weight quantization must be one of {WEIGHT_QUANTIZATIONS}, got {mode!r}")
     if any(p.device.type != "cpu" for p in model.parameters()):
-        raise ValueError("int4 weight quantization runs on CPU only")
+        raise ValueError(f"{mode} weight quantization runs on CPU only")
+    kinds = {"int4": Int4Linear, "int8": Int8Linear}
     read_bytes = 0
-    for layer in model.layers:
-        for attr in layer_attrs:
-            q = Int4Linear(getattr(layer, attr))
-            setattr(layer, attr, q)
-            read_bytes += _nbytes(q.packed) + _nbytes(q.scales_and_zeros)
-    head = Int8Linear(getattr(model, head_attr))
-    setattr(model, head_attr, head)
-    return read_bytes + _nbytes(head.weight_int8) + _nbytes(head.scales)
+    for owner, attr in [(layer, a) for layer in model.layers for a in layer_attrs] \
+            + [(model, head_attr)]:
+        make = kinds[head_mode or _HEAD_MODE[mode]] if owner is model else kinds[mode]
+        q = make(getattr(owner, attr))
+        setattr(owner, attr, q)
+        read_bytes += q.decode_read_bytes()
+    return read_bytes
 
 
 def _nbytes(t: torch.Tensor) -> int:

@@ -1,4 +1,5 @@
-"""Weight-only int4/int8 linears against float64 references of their dequantized weights."""
+"""Weight-only int4/int8 linears against float64 references of their dequantized weights, and
+``quantize_model`` on a small stand-in model."""
 
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ from scission.engine.quant import (
     Int8Linear,
     dequantize_int4_groupwise,
     quantize_int4_groupwise,
+    quantize_int8_per_channel,
+    quantize_model,
 )
 
 # bfloat16 activations (8 mantissa bits) bound the error: ‖y − ref‖ / ‖ref‖ ≤ 1e-2.
@@ -92,3 +95,59 @@ def test_int8_linear_matches_float64_reference():
 def test_out_features_must_fit_the_packed_kernel():
     with pytest.raises(ValueError, match="multiple of 16"):
         Int4Linear(nn.Linear(64, 40))
+
+
+@pytest.mark.parametrize("batch", [1, 9, 80])  # 80 > INT8_MAX_PACKED_ROWS: dense path
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_int8_linear_with_bias_and_dense_path(batch, bias, dtype):
+    gen = torch.Generator().manual_seed(batch * 5 + bias)
+    dense = nn.Linear(96, 64, bias=bias, dtype=dtype)  # a model's linears are in its dtype
+    layer = Int8Linear(dense)
+    x = torch.randn(2, batch, 96, generator=gen).to(dtype)  # 3-D input: reshaped and back
+    w_ref = layer.weight_int8.double() * layer.scales.double()[:, None]
+    ref = x.double() @ w_ref.T + (dense.bias.double() if bias else 0)
+    out = layer(x)
+    assert out.dtype == dtype and out.shape == (2, batch, 64)
+    assert rel_err(out, ref) < REL_TOL
+
+
+def test_int8_per_channel_error_is_at_most_half_a_step():
+    w = torch.randn(40, 72, generator=torch.Generator().manual_seed(4))
+    w[3] = 0  # an all-zero row quantizes to zeros
+    codes, scales = quantize_int8_per_channel(w)
+    assert codes.dtype == torch.int8 and codes.abs().max() <= 127
+    assert (codes[3] == 0).all()
+    assert ((codes.float() * scales[:, None] - w).abs() <= scales[:, None] / 2 + 1e-7).all()
+
+
+class _TinyLayer(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.qkv, self.o_proj = nn.Linear(64, 96, bias=True), nn.Linear(64, 64, bias=False)
+        self.gate_up, self.down = nn.Linear(64, 128, bias=False), nn.Linear(64, 64, bias=False)
+
+
+class _TinyModel(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList([_TinyLayer(), _TinyLayer()])
+        self.lm_head = nn.Linear(64, 160, bias=False)
+
+
+@pytest.mark.parametrize("mode", ["int4", "int8"])
+def test_quantize_model_replaces_every_linear_and_counts_decode_bytes(mode):
+    model = _TinyModel()
+    read_bytes = quantize_model(model, mode)
+    decoder_type = Int4Linear if mode == "int4" else Int8Linear
+    for layer in model.layers:
+        assert all(isinstance(getattr(layer, a), decoder_type)
+                   for a in ("qkv", "o_proj", "gate_up", "down"))
+    assert isinstance(model.lm_head, Int8Linear)  # int8 LM head in both modes
+    # int8: N*K codes + 2 bytes of scale per row; int4: N*K/2 + 4 bytes per group of 32.
+    per_linear = {"int4": lambda n, k: n * k // 2 + 4 * n * k // 32,
+                  "int8": lambda n, k: n * k + 2 * n}[mode]
+    shapes = [(96, 64), (64, 64), (128, 64), (64, 64)] * 2
+    assert read_bytes == sum(per_linear(n, k) for n, k in shapes) + 160 * 64 + 2 * 160
+    with pytest.raises(ValueError, match="weight quantization"):
+        quantize_model(_TinyModel(), "int3")

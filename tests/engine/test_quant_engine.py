@@ -1,69 +1,122 @@
-"""The default model with int4 weight-only linears (``weight_quantization="int4"``) against HF
-transformers' float32 model: next-token logits close, greedy first tokens equal."""
+"""The default model with weight-only quantized linears (``weight_quantization="int4"`` and
+``"int8"``) against HF transformers' float32 model: next-token logits close, top-1 equal,
+greedy continuations equal for a stated number of tokens."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from scission.engine.attention import TorchAttentionBackend
 from scission.engine.config import CacheConfig, EngineConfig, SchedulerConfig
 from scission.engine.llm_engine import LLMEngine
-from scission.engine.model_runner import build_model_input
 from scission.engine.quant import Int4Linear, Int8Linear
 from scission.engine.request import SamplingParams
 
-# Measured over the 22 test prompts (2026-11-21): relative logits error 0.007-0.038 (4-bit
-# weights with bf16 scales, int8 LM head, bf16 activations), top-1 equal on all 22. The bound
-# is twice the worst case seen.
-LOGITS_REL_TOL = 0.08
+GREEDY_TOKENS = 32
+# Measured over the 22 test prompts (2026-11-30), float32 activations into bf16 kernels:
+#   int4 (decoder 4-bit groups of 32, int8 LM head): logits relative error 0.0071-0.0378 (mean
+#     0.0146), top-1 equal on 22/22; greedy equal to HF's for all 32 tokens on 5/22 prompts,
+#     mean agreement 22.1 tokens, worst 0 (one near-tie prompt).
+#   int8 (one scale per output row, LM head too): relative error 0.0106-0.0591 (mean 0.0276),
+#     top-1 22/22; greedy all 32 on 4/22, mean 20.5, worst 1. int8 is the less accurate of the
+#     two here: int4 groups of 32 reproduce the Q4_1 file's own weights, int8 per row does not.
+#   (Also measured, not adopted: a 4-bit LM head, error 0.026-0.076, top-1 19/22, greedy mean
+#   7.4: see bench/README.md.)
+# Bounds: 1.5-2x the worst relative error; top-1 on all but one prompt; greedy mean at least
+# half of what was measured (a single near-tie shifts a divergence point by many tokens).
+BOUNDS = {  # mode -> (max logits relative error, min mean greedy agreement in tokens)
+    "int4": (0.06, 11.0),
+    "int8": (0.09, 10.0),
+}
+LAYER_TYPES = {"int4": Int4Linear, "int8": Int8Linear}
+
+
+@pytest.fixture(scope="module", params=["int4", "int8"])
+def quant_engine(request, tokenizer):
+    cfg = EngineConfig(num_threads=2, weight_quantization=request.param,
+                       cache=CacheConfig(num_blocks=256),
+                       scheduler=SchedulerConfig(max_num_batched_tokens=512))
+    engine = LLMEngine(cfg, tokenizer=tokenizer)
+    engine.mode = request.param
+    return engine
 
 
 @pytest.fixture(scope="module")
-def int4_engine(tokenizer):
-    cfg = EngineConfig(num_threads=2, weight_quantization="int4",
-                       cache=CacheConfig(num_blocks=256),
-                       scheduler=SchedulerConfig(max_num_batched_tokens=512))
-    return LLMEngine(cfg, tokenizer=tokenizer)
+def hf_greedy_tokens(hf_model, chat_prompt_ids) -> list[list[int]]:
+    """HF's own greedy continuation of every prompt (float32, KV-cached ``generate``)."""
+    out = []
+    for ids in chat_prompt_ids:
+        with torch.inference_mode():
+            seq = hf_model.generate(torch.tensor([ids]), do_sample=False,
+                                    max_new_tokens=GREEDY_TOKENS, min_new_tokens=GREEDY_TOKENS,
+                                    pad_token_id=0)
+        out.append(seq[0, len(ids):].tolist())
+    return out
 
 
 def last_logits(engine: LLMEngine, ids: list[int]) -> torch.Tensor:
-    """Next-token logits after ``ids``: one prefill step through the engine's own model."""
-    engine.add_request("probe", ids, SamplingParams(temperature=0.0, max_tokens=1))
-    inp = build_model_input(engine.scheduler.schedule(), engine.kv_cache.block_size)
-    attn = TorchAttentionBackend()
-    attn.plan(inp.metadata)
-    hidden = engine.model(inp.input_ids, inp.positions, engine.kv_cache.layers, attn)
-    logits = engine.model.compute_logits(hidden[-1:])[0]
-    engine.abort("probe")
-    return logits
+    """Next-token logits after ``ids``: what the engine's own LM head computes for the prompt's
+    last token when the engine runs it (a forward hook, so no dependence on runner internals)."""
+    seen: list[torch.Tensor] = []
+    hook = engine.model.lm_head.register_forward_hook(lambda m, a, out: seen.append(out))
+    try:
+        engine.add_request("probe", ids, SamplingParams(temperature=0.0, max_tokens=1))
+        while engine.has_unfinished():
+            engine.step()
+    finally:
+        hook.remove()
+    assert len(seen) == 1, f"LM head called {len(seen)} times for one prefill"
+    return seen[0][-1].float()
 
 
-def test_int4_logits_close_to_hf_float32(int4_engine, hf_model, chat_prompt_ids):
-    assert isinstance(int4_engine.model.layers[0].qkv, Int4Linear)
-    assert isinstance(int4_engine.model.lm_head, Int8Linear)
+def greedy(engine: LLMEngine, prompts: list[list[int]], n: int) -> list[list[int]]:
+    params = SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True)
+    for i, ids in enumerate(prompts):
+        engine.add_request(f"greedy-{i}", ids, params)
+    tokens: dict[str, list[int]] = {f"greedy-{i}": [] for i in range(len(prompts))}
+    while engine.has_unfinished():
+        for out in engine.step():
+            tokens[out.request_id].extend(out.new_token_ids)
+    return [tokens[f"greedy-{i}"] for i in range(len(prompts))]
+
+
+def agreement(a: list[int], b: list[int]) -> int:
+    """Number of leading tokens equal in ``a`` and ``b``."""
+    return next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y),
+                min(len(a), len(b)))
+
+
+def test_logits_close_to_hf_float32(quant_engine, hf_model, chat_prompt_ids):
+    model = quant_engine.model
+    layer_type = LAYER_TYPES[quant_engine.mode]
+    assert isinstance(model.layers[0].qkv, layer_type)
+    assert isinstance(model.layers[-1].down, layer_type)
+    assert isinstance(model.lm_head, Int8Linear)  # int8 LM head in both modes
     errors, agree = [], 0
     for ids in chat_prompt_ids:
         with torch.no_grad():
             ref = hf_model(torch.tensor([ids])).logits[0, -1].double()
-        got = last_logits(int4_engine, ids).double()
+        got = last_logits(quant_engine, ids).double()
         errors.append(((got - ref).norm() / ref.norm()).item())
         agree += int(got.argmax() == ref.argmax())
-    assert max(errors) < LOGITS_REL_TOL, errors
+    print(f"{quant_engine.mode}: logits rel err {min(errors):.4f}-{max(errors):.4f} "
+          f"(mean {sum(errors) / len(errors):.4f}), top-1 {agree}/{len(chat_prompt_ids)}")
+    assert max(errors) < BOUNDS[quant_engine.mode][0], errors
     assert agree >= len(chat_prompt_ids) - 1, f"top-1 equal on {agree}/{len(chat_prompt_ids)}"
-    assert int4_engine.num_free_blocks == int4_engine.block_manager.num_blocks
+    assert quant_engine.num_free_blocks == quant_engine.block_manager.num_blocks
 
 
-def test_int4_engine_generates_and_frees_every_block(int4_engine, chat_prompt_ids):
-    params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
-    for i, ids in enumerate(chat_prompt_ids[:6]):
-        int4_engine.add_request(f"g{i}", ids, params)
-    counts: dict[str, int] = {}
-    while int4_engine.has_unfinished():
-        for out in int4_engine.step():
-            counts[out.request_id] = counts.get(out.request_id, 0) + len(out.new_token_ids)
-    assert counts == {f"g{i}": 12 for i in range(6)}
-    assert int4_engine.num_free_blocks == int4_engine.block_manager.num_blocks
+def test_greedy_agrees_with_hf_float32(quant_engine, chat_prompt_ids, hf_greedy_tokens):
+    """Batched greedy decode (all 22 prompts at once, so the packed decode kernels and the dense
+    prefill path both run) against HF's float32 greedy tokens."""
+    got = greedy(quant_engine, chat_prompt_ids, GREEDY_TOKENS)
+    lengths = [agreement(g, r) for g, r in zip(got, hf_greedy_tokens, strict=True)]
+    mean = sum(lengths) / len(lengths)
+    print(f"{quant_engine.mode}: greedy agreement {lengths} mean {mean:.1f}, "
+          f"full {sum(n == GREEDY_TOKENS for n in lengths)}/{len(lengths)}")
+    assert all(len(g) == GREEDY_TOKENS for g in got)
+    assert mean >= BOUNDS[quant_engine.mode][1], lengths
+    assert quant_engine.num_free_blocks == quant_engine.block_manager.num_blocks
 
 
 def test_unknown_weight_quantization_is_rejected():
