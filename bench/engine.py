@@ -38,13 +38,19 @@ from pathlib import Path
 import torch
 
 from scission.bench.cli_main import bench_main
-from scission.bench.engine_runners import RunnerSpec, llama_cpp_available, make_runner
+from scission.bench.engine_runners import (
+    QUANTIZED_DTYPES,
+    RunnerSpec,
+    llama_cpp_available,
+    make_runner,
+)
 from scission.bench.prompts import PromptBuilder, load_tokenizer
 
 logger = logging.getLogger(__name__)
 
 ENGINES = ("scission", "hf", "llama.cpp")
-DTYPES = ("float32", "bfloat16", "int4")  # int4: scission only (float32 + int4 weights)
+# int4 / int8: scission only (float32 activations, weight-only quantized linears)
+DTYPES = ("float32", "bfloat16", *QUANTIZED_DTYPES)
 
 
 @dataclass(frozen=True)
@@ -163,7 +169,7 @@ def run_all(cfg: EngineBenchConfig, builder: PromptBuilder) -> tuple[list[Measur
             for n in cfg.engines
             if n != "llama.cpp" or (dtype == cfg.dtypes[0] and "llama.cpp" not in notes)
         ]
-        if dtype == "int4":  # scission's weight-only int4 path; HF has no such CPU mode here
+        if dtype in QUANTIZED_DTYPES:  # scission's weight-only paths; HF has no such CPU mode
             names = [n for n in names if n == "scission"]
         runners = [make_runner(name, runner_spec(cfg), dtype) for name in names]
         results.extend(bench_runners(runners, cfg, builder))
@@ -322,8 +328,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--dtype",
         type=_csv(str),
         default="float32,bfloat16",
-        help="comma list of torch dtypes for scission and HF; int4 = scission only, float32 "
-        "activations with int4 weight-only linears (EngineConfig.weight_quantization)",
+        help="comma list of torch dtypes for scission and HF; int4 / int8 = scission only, "
+        "float32 activations with weight-only quantized linears "
+        "(EngineConfig.weight_quantization)",
     )
     parser.add_argument(
         "--engines",

@@ -21,6 +21,9 @@ import torch
 
 logger = logging.getLogger(__name__)
 
+# Bench dtypes that mean float32 activations with weight-only quantized linears (scission only).
+QUANTIZED_DTYPES = ("int4", "int8")
+
 
 @dataclass(frozen=True)
 class RunnerSpec:
@@ -44,8 +47,8 @@ class ScissionRunner:
         self.engine = LLMEngine(
             EngineConfig(
                 model_path=spec.model_path,
-                dtype="float32" if dtype == "int4" else dtype,
-                weight_quantization="int4" if dtype == "int4" else "none",
+                dtype="float32" if dtype in QUANTIZED_DTYPES else dtype,
+                weight_quantization=dtype if dtype in QUANTIZED_DTYPES else "none",
                 num_threads=spec.threads,
                 # No prefix caching: repeats of the same prompt must recompute it.
                 cache=CacheConfig(enable_prefix_caching=False),

