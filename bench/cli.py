@@ -38,3 +38,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                                     "in a running cluster")
     kv_transfer.add_arguments(kvt)
     kvt.set_defaults(func=kv_transfer.run)
+    from scission.bench import soak
+
+    sk = bench_sub.add_parser("soak", help="a cluster under load for minutes, a fault every "
+                                           "minute: served/failed/hung, RSS, blocks at the end")
+    soak.add_arguments(sk)
+    sk.set_defaults(func=soak.run)
