@@ -7,9 +7,9 @@ import argparse
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
-    """Add ``bench serve|engine|side-by-side|elastic|images|kv-transfer`` under the
-    ``scission`` subparsers ``sub``."""
-    from scission.bench import elastic, images, kv_transfer, side_by_side
+    """Add ``bench serve|engine|side-by-side|elastic|images|kv-transfer|worker-vs-engine``
+    under the ``scission`` subparsers ``sub``."""
+    from scission.bench import elastic, images, kv_transfer, side_by_side, worker_vs_engine
     from scission.bench import engine as bench_engine
     from scission.bench import serve as bench_serve
 
@@ -44,3 +44,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                                            "minute: served/failed/hung, RSS, blocks at the end")
     soak.add_arguments(sk)
     sk.set_defaults(func=soak.run)
+    wve = bench_sub.add_parser("worker-vs-engine",
+                               help="the same requests through the engine alone and one worker: "
+                                    "decode TPOT vs step time")
+    worker_vs_engine.add_arguments(wve)
+    wve.set_defaults(func=worker_vs_engine.run_cli)
