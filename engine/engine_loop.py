@@ -3,6 +3,16 @@
 Handlers ``call(fn)`` to run a function on the loop thread (the engine is single-threaded)
 and read a request's ``RequestOutput`` deltas from its own queue. Between steps the loop
 runs periodic hooks (KV notifications, held-block timeouts, KV events, stats).
+
+Settling: a streaming handler ``ack``s each output once gRPC has sent it. After a step the
+loop waits (at most ``settle_timeout_s``) until every acking stream that got an output has
+acked, so the handlers' per-token Python (chunk, send, completion) runs between steps
+instead of inside the next one. Inside a step it cost more than its CPU time: the engine
+thread gives up the GIL at every torch op and, when every core runs a torch thread, waits
+to get it back from a handler thread that the scheduler has preempted (the worker's decode
+step measured 1.26x the engine alone's at batch 8, 2 threads on 2 cores;
+``bench/worker_vs_engine.py``). A stream that misses the deadline is not waited for again
+until it acks (a client that stops reading costs one timeout, not one per step).
 """
 
 from __future__ import annotations
@@ -33,15 +43,23 @@ class StreamClosedError(RuntimeError):
 
 
 class EngineLoop:
-    def __init__(self, engine: LLMEngine, idle_wait_s: float = 0.05) -> None:
+    def __init__(self, engine: LLMEngine, idle_wait_s: float = 0.05,
+                 settle_timeout_s: float = 0.01) -> None:
         self.engine = engine
         self.idle_wait_s = idle_wait_s
+        self.settle_timeout_s = settle_timeout_s
         self._commands: queue.SimpleQueue[tuple[Callable[[], object], Future]] = queue.SimpleQueue()
         # request_id -> its output queue; written by handler threads (open/close) and the
         # loop thread, under the lock
         self._outputs: dict[str, queue.SimpleQueue[RequestOutput]] = {}
         self._streams_lock = threading.Lock()
         self._hooks: list[Callable[[], None]] = []
+        # Settling (module docstring), under _acked: streams that ack; those that got an
+        # output this step and have not acked it; those that missed a deadline
+        self._acked = threading.Condition(threading.Lock())
+        self._acking: set[queue.SimpleQueue[RequestOutput]] = set()
+        self._unacked: set[queue.SimpleQueue[RequestOutput]] = set()
+        self._lagging: set[queue.SimpleQueue[RequestOutput]] = set()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
         self.num_steps = 0
@@ -108,6 +126,22 @@ class EngineLoop:
     def close_stream(self, request_id: str, q: queue.SimpleQueue[RequestOutput]) -> None:
         """Forget the stream ``q`` of ``request_id``; no-op if the id now has another one."""
         self._take_stream(request_id, q)
+        with self._acked:
+            for streams in (self._acking, self._unacked, self._lagging):
+                streams.discard(q)
+            if not self._unacked:
+                self._acked.notify()
+
+    def ack(self, q: queue.SimpleQueue[RequestOutput]) -> None:
+        """The handler of stream ``q`` has passed on the last output it took (gRPC sent it).
+        A stream that acks once is waited for after each step that gives it an output
+        (module docstring); one that never acks (a unary call) never is."""
+        with self._acked:
+            self._acking.add(q)
+            self._unacked.discard(q)
+            self._lagging.discard(q)
+            if not self._unacked:
+                self._acked.notify()
 
     def abort(self, request_id: str, q: queue.SimpleQueue[RequestOutput] | None = None) -> bool:
         """Abort wherever the request is; its stream gets a final ABORT output. With ``q``,
@@ -155,6 +189,7 @@ class EngineLoop:
                 self._guarded(hook)
             if self.engine.has_unfinished():
                 self._step()
+                self._settle()
 
     def _drain_commands(self, block: bool) -> None:
         try:
@@ -188,9 +223,22 @@ class EngineLoop:
         for out in outputs:
             q = self._outputs.get(out.request_id)
             if q is not None:
+                if q in self._acking:  # read here, written by ack(): a stale answer only
+                    with self._acked:  # skips or adds one wait (bounded by the timeout)
+                        if q not in self._lagging:
+                            self._unacked.add(q)
                 q.put(out)
                 if out.finish_reason is not None:
                     self._take_stream(out.request_id, q)
+
+    def _settle(self) -> None:
+        """Wait until the acking streams have passed on this step's outputs, at most
+        ``settle_timeout_s``; those still unacked then are not waited for until they ack."""
+        with self._acked:
+            if self._unacked and not self._acked.wait_for(lambda: not self._unacked,
+                                                          self.settle_timeout_s):
+                self._lagging |= self._unacked
+                self._unacked.clear()
 
     def _guarded(self, hook: Callable[[], None]) -> None:
         try:

@@ -64,7 +64,7 @@ def stream_request(loop: EngineLoop, request_id: str, add: Callable[[], object],
     ``q``: the stream already claimed for it (``claim_stream``), else claimed here; ``undo``
     as in ``start_request``. A caller that goes away (cancel, deadline) aborts the request,
     freeing its blocks. A request evicted by a drain ends the call with UNAVAILABLE (the
-    router migrates it).
+    router migrates it). Each chunk is ``ack``ed once sent (``EngineLoop`` settling).
     """
     q = claim_stream(loop, request_id, context) if q is None else q
     start_request(loop, request_id, q, add, context, undo)
@@ -80,6 +80,7 @@ def stream_request(loop: EngineLoop, request_id: str, add: Callable[[], object],
                               f"worker draining: request {request_id} migrates")
             finished = out.finish_reason is not None
             yield output_to_chunk(out, first)
+            loop.ack(q)  # gRPC sent it (it resumes us once the send completed): next step
             first = False
     finally:
         if not finished:
