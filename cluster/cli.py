@@ -65,6 +65,11 @@ def _cluster_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--ray-address", default=None, help="join this Ray cluster (default: local)")
     g.add_argument("--lease-ttl-s", type=int, default=5,
                    help="worker lease TTL: a dead worker leaves discovery within this")
+    g.add_argument("--kv-checksums", action="store_true",
+                   help="prefill workers put an XXH3-64 checksum per KV block in each transfer "
+                        "handle and decode workers check them after the READ; a mismatch "
+                        "recomputes the prompt locally and is counted (costs a hash of the "
+                        "prompt's KV on both sides)")
     g.add_argument("--max-worker-restarts", type=int, default=3,
                    help="times Ray restarts a worker whose process died (-1 = forever); the "
                         "restarted worker loads the model and registers again")

@@ -62,7 +62,7 @@ def cluster_config(args: argparse.Namespace) -> ClusterConfig:
         planner_mode=PlannerMode(args.planner), slo_ttft_ms=args.slo_ttft_ms,
         slo_tpot_ms=args.slo_tpot_ms, max_workers=args.max_workers,
         drain_deadline_s=args.drain_deadline_s, planner_interval_s=args.planner_interval_s,
-        control_metrics_port=args.control_metrics_port)
+        control_metrics_port=args.control_metrics_port, kv_checksums=args.kv_checksums)
 
 
 def _abspath(path: str | None) -> str | None:

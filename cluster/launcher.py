@@ -48,6 +48,7 @@ class ClusterConfig:
     registry_prefix: str = "/scission"
     lease_ttl_s: int = 5
     hold_timeout_s: float = 30.0
+    kv_checksums: bool = False  # WorkerConfig.kv_checksums: verify every KV transfer
     threads_per_worker: int | None = None  # None = cores / workers
     # Pin each worker process to its own disjoint set of cores (``assign_cpus``; one core
     # each with 2 cores and 2 workers), applied before torch starts its threads.
@@ -341,7 +342,7 @@ class LocalCluster:
                               lease_ttl_s=cfg.lease_ttl_s, hold_timeout_s=cfg.hold_timeout_s,
                               max_restarts=cfg.max_worker_restarts, threads=threads,
                               cpu_sets=cpu_sets, name_suffix=str(os.getpid()),
-                              cluster_token=self.cluster_token)
+                              cluster_token=self.cluster_token, kv_checksums=cfg.kv_checksums)
 
 
 def worker_stub(endpoint: str, cluster_token: str):

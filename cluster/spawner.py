@@ -31,6 +31,7 @@ class WorkerTemplate:
     cpu_sets: tuple[tuple[int, ...], ...] = ()  # pin_cpus: used in turn by spawn order
     name_suffix: str = ""  # Ray actor names: scission-{worker_id}-{suffix}
     cluster_token: str = field(default="", repr=False)  # worker/cluster_auth.py
+    kv_checksums: bool = False  # WorkerConfig.kv_checksums
 
 
 class WorkerSpawner:
@@ -59,7 +60,8 @@ class WorkerSpawner:
         engine = dataclasses.replace(t.engine, num_threads=t.threads)
         config = WorkerConfig(worker_id=worker_id, role=role, engine=engine, etcd=t.etcd,
                               host=t.host, registry=t.registry, lease_ttl_s=t.lease_ttl_s,
-                              hold_timeout_s=t.hold_timeout_s, cluster_token=t.cluster_token)
+                              hold_timeout_s=t.hold_timeout_s, cluster_token=t.cluster_token,
+                              kv_checksums=t.kv_checksums)
         actor = WorkerActor.options(name=f"scission-{worker_id}-{t.name_suffix}",
                                     max_restarts=t.max_restarts).remote(config, cpu_ids)
         logger.info("starting worker %s", worker_id)

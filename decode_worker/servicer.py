@@ -27,6 +27,7 @@ from scission.kv_transfer.handle import (
     KVNotificationKind,
     TransferHandle,
 )
+from scission.kv_transfer.integrity import mismatched_blocks
 from scission.proto.scission.internal.v1 import worker_pb2 as pb
 from scission.registry.workers import WorkerInfo
 from scission.worker.convert import sampling_from_proto
@@ -42,6 +43,7 @@ class DecodeServicer(BaseWorkerServicer):
         super().__init__(runtime)
         self.pulled: OrderedDict[str, list[int]] = OrderedDict()  # rid -> local blocks (recent)
         self.num_pull_failures = 0
+        self.num_kv_checksum_mismatches = 0  # pulls whose blocks did not match the handle's
         self.quarantine = KVQuarantine()  # loop thread only
         self._key = transfer_key(runtime.config.cluster_token)  # verifies transfer handles
         self.loop.add_hook(self._end_quarantine)
@@ -152,6 +154,16 @@ class DecodeServicer(BaseWorkerServicer):
             else:
                 self.loop.call(lambda: self.engine.free_reserved(rid, blocks))
             return False
+        if handle.block_checksums:
+            bad = mismatched_blocks(handle.block_checksums, self.engine.kv_cache.layers, blocks)
+            if bad:  # the READ is complete: the blocks can be reused at once
+                self.num_pull_failures += 1
+                self.num_kv_checksum_mismatches += 1
+                logger.error("KV pull for %s from %s: %d of %d blocks fail their checksum "
+                             "(first at block %d); recomputing", handle.request_id,
+                             handle.prefill_worker_id, len(bad), len(blocks), bad[0])
+                self.loop.call(lambda: self.engine.free_reserved(rid, blocks))
+                return False
         self.pulled[handle.request_id] = list(blocks)
         while len(self.pulled) > 256:
             self.pulled.popitem(last=False)

@@ -24,7 +24,8 @@ from scission.kv_transfer.codec import BYTES, INT, INT_TUPLE, STR, pack_message,
 logger = logging.getLogger(__name__)
 
 # Bump on any change of these messages' fields or meaning (vLLM NIXL_CONNECTOR_VERSION).
-KV_TRANSFER_VERSION = 3  # 2: hold_id in TransferHandle and KVNotification; 3: its mac
+KV_TRANSFER_VERSION = 4  # 2: hold_id in TransferHandle and KVNotification; 3: its mac;
+# 4: block_checksums
 
 # Per-layer cache layout: ``[num_blocks, block_size, num_kv_heads, head_dim]``.
 KV_LAYOUT_NHD = "NHD"
@@ -67,6 +68,9 @@ class TransferHandle(Signed):
     # This hold of the request's blocks on the prefill worker (one incarnation of the
     # request_id there); a Release or PULL_DONE naming another hold leaves it. 0 = unnamed.
     hold_id: int = 0
+    # XXH3-64 of each block's KV (``kv_transfer/integrity.py``), in block order, when the
+    # prefill worker runs with ``kv_checksums``; () = none (the reader checks nothing).
+    block_checksums: tuple[int, ...] = ()
     # HMAC of every other field with the cluster's key (``kv_transfer.capability``): the
     # handle is a capability only the prefill worker could mint. b"" = unsigned (no key).
     mac: bytes = b""
@@ -75,11 +79,13 @@ class TransferHandle(Signed):
     _SCHEMA = {
         "version": INT, "request_id": STR, "prefill_worker_id": STR, "incarnation": INT,
         "agent_name": STR, "block_ids": INT_TUPLE, "num_tokens": INT, "block_size": INT,
-        "dtype": STR, "layout": STR, "hold_id": INT, "mac": BYTES,
+        "dtype": STR, "layout": STR, "hold_id": INT, "block_checksums": INT_TUPLE,
+        "mac": BYTES,
     }  # fmt: skip
 
     def __post_init__(self) -> None:
         _to_int_tuple(self, "block_ids")
+        _to_int_tuple(self, "block_checksums")
         k = self._KIND
         _require(self.version == KV_TRANSFER_VERSION, k, f"unsupported version {self.version}")
         _require(bool(self.request_id), k, "empty request_id")
@@ -100,6 +106,8 @@ class TransferHandle(Signed):
         _require(bool(self.dtype), k, "empty dtype")
         _require(self.layout in SUPPORTED_LAYOUTS, k, f"unsupported layout {self.layout!r}")
         _require(self.hold_id >= 0, k, f"negative hold_id {self.hold_id}")
+        _require(len(self.block_checksums) in (0, len(self.block_ids)), k,
+                 f"{len(self.block_checksums)} checksums for {len(self.block_ids)} blocks")
 
     @property
     def num_blocks(self) -> int:

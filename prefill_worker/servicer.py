@@ -19,6 +19,7 @@ from scission.engine.engine_loop import MIGRATE, wait_output
 from scission.engine.request import InvalidRequestError
 from scission.kv_transfer.capability import transfer_key
 from scission.kv_transfer.handle import KVNotification, TransferHandle
+from scission.kv_transfer.integrity import block_checksums
 from scission.proto.scission.internal.v1 import worker_pb2 as pb
 from scission.worker.convert import sampling_from_proto
 from scission.worker.embedding_pull import image_inputs
@@ -111,6 +112,9 @@ class PrefillServicer(BaseWorkerServicer):
             block_ids=tuple(block_ids[:n]), num_tokens=num_tokens,
             block_size=rt.engine.kv_cache.block_size, dtype=rt.config.engine.dtype,
             hold_id=hold_id,
+            # Held blocks are not written again until released: hashing off the loop is safe.
+            block_checksums=block_checksums(rt.engine.kv_cache.layers, block_ids[:n])
+            if rt.config.kv_checksums else (),
         ).signed(self._key)
 
     def _release_pulled(self) -> None:

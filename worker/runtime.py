@@ -72,6 +72,9 @@ class WorkerConfig:
     # decode: wait this long for free KV blocks for a pulled prompt before RESOURCE_EXHAUSTED
     # (a full cache frees blocks as running requests finish; 5 s turned overload into failures)
     kv_reserve_timeout_s: float = 60.0
+    # prefill: one checksum per block in each transfer handle, checked by the decode worker
+    # after its READ (kv_transfer/integrity.py; a mismatch = a failed pull, counted)
+    kv_checksums: bool = False
     stats_interval_s: float = 0.5
     request_timeout_s: float = 600.0
     grpc_max_workers: int = 128
@@ -237,6 +240,8 @@ class WorkerRuntime:
             num_notifications_dropped_total=self.num_notifications_dropped + getattr(
                 self.servicer, "num_notifications_dropped", 0),
             num_quarantined_blocks=self.servicer.num_quarantined_blocks,
+            num_kv_checksum_mismatches_total=getattr(self.servicer,
+                                                     "num_kv_checksum_mismatches", 0),
         )
 
     def _drain_kv_events(self) -> None:

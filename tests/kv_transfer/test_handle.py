@@ -77,7 +77,17 @@ def test_roundtrip_is_identity(factory: Any) -> None:
     msg = factory()
     decoded = type(msg).from_bytes(msg.to_bytes())
     assert decoded == msg
-    assert decoded.version == KV_TRANSFER_VERSION == 3
+    assert decoded.version == KV_TRANSFER_VERSION == 4
+
+
+def test_block_checksums_roundtrip_as_unsigned_64_bit_and_count_checked() -> None:
+    """XXH3-64 values use all 64 bits; one per block or none."""
+    sums = (0, (1 << 64) - 1, 1 << 63, 12345)
+    handle = TransferHandle.from_bytes(make_handle(block_checksums=list(sums)).to_bytes())
+    assert handle.block_checksums == sums
+    assert make_handle().block_checksums == ()
+    with pytest.raises(ValueError, match="3 checksums for 4 blocks"):
+        make_handle(block_checksums=(1, 2, 3))
 
 
 def test_handle_fields_and_derived_values() -> None:
