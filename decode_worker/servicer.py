@@ -44,6 +44,8 @@ class DecodeServicer(BaseWorkerServicer):
         self.pulled: OrderedDict[str, list[int]] = OrderedDict()  # rid -> local blocks (recent)
         self.num_pull_failures = 0
         self.num_kv_checksum_mismatches = 0  # pulls whose blocks did not match the handle's
+        self.num_kv_blocks_pulled = 0  # blocks READ from prefill workers
+        self.num_kv_blocks_reused = 0  # prompt blocks this worker's prefix cache already held
         self.quarantine = KVQuarantine()  # loop thread only
         self._key = transfer_key(runtime.config.cluster_token)  # verifies transfer handles
         self.loop.add_hook(self._end_quarantine)
@@ -77,12 +79,12 @@ class DecodeServicer(BaseWorkerServicer):
         mm = image_inputs(self.runtime, request.images, prompt, False, context)
         q = claim_stream(self.loop, rid, context)  # a duplicate id reserves nothing
         try:
-            blocks = self._reserve(rid, len(prompt), context)
+            blocks, num_cached = self._reserve(rid, prompt, mm, context)
         except BaseException:
             self.loop.close_stream(rid, q)
             raise
         first = request.first_token_id
-        if self._pull(handle, rid, blocks):
+        if self._pull(handle, rid, blocks, num_cached):
             add = lambda: self.engine.add_prefilled_request(rid, prompt, first, params, blocks,  # noqa: E731
                                                             mm_inputs=mm)
             undo = lambda: self.loop.call(lambda: self.engine.free_reserved(rid, blocks))  # noqa: E731
@@ -119,30 +121,33 @@ class DecodeServicer(BaseWorkerServicer):
                           "transfer_handle: num_tokens/block_size do not match this request")
         return handle
 
-    def _reserve(self, rid: str, num_tokens: int, context) -> list[int]:
-        """Blocks for the pulled prompt, waiting while the cache is full: running requests
-        finish and free theirs (an overload queues here rather than failing), up to
+    def _reserve(self, rid: str, prompt: list[int], mm, context) -> tuple[list[int], int]:
+        """Blocks for the pulled prompt and how many leading ones this worker's prefix cache
+        already holds (those are not pulled), waiting while the cache is full: running
+        requests finish and free theirs (an overload queues here rather than failing), up to
         ``WorkerConfig.kv_reserve_timeout_s``, then RESOURCE_EXHAUSTED. If the prefill
         worker's hold ran out meanwhile, the pull fails and the prompt is recomputed here."""
         deadline = time.monotonic() + self.runtime.config.kv_reserve_timeout_s
         while True:
-            blocks = self.loop.call(lambda: self.engine.reserve_blocks(rid, num_tokens))
-            if blocks is not None:
-                return blocks
+            reserved = self.loop.call(lambda: self.engine.reserve_prompt_blocks(rid, prompt, mm))
+            if reserved is not None:
+                return reserved
             if time.monotonic() > deadline or not context.is_active():
                 context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                              f"no free KV blocks for {num_tokens} prompt tokens")
+                              f"no free KV blocks for {len(prompt)} prompt tokens")
             time.sleep(0.05)
 
-    def _pull(self, handle: TransferHandle, rid: str, blocks: list[int]) -> bool:
-        """NIXL READ of the handle's blocks into ``blocks``; False on any transfer failure,
-        with ``blocks`` freed, or quarantined if the READ timed out (it may still land)."""
+    def _pull(self, handle: TransferHandle, rid: str, blocks: list[int], num_cached: int) -> bool:
+        """NIXL READ of the handle's blocks after the first ``num_cached`` (already here)
+        into ``blocks[num_cached:]``; False on any transfer failure, with ``blocks`` freed, or
+        quarantined if the READ timed out (it may still land)."""
         note = KVNotification(kind=KVNotificationKind.PULL_DONE, request_id=handle.request_id,
                               incarnation=handle.incarnation, hold_id=handle.hold_id).to_bytes()
         try:
             self._ensure_peer(handle)
-            self.runtime.agent.read_blocks(handle.agent_name, list(handle.block_ids), blocks,
-                                           note, timeout_s=self.runtime.config.kv_pull_timeout_s)
+            self.runtime.agent.read_blocks(handle.agent_name, list(handle.block_ids[num_cached:]),
+                                           blocks[num_cached:], note,
+                                           timeout_s=self.runtime.config.kv_pull_timeout_s)
         except (KVTransferError, LookupError, ValueError) as e:
             self.num_pull_failures += 1
             logger.warning("KV pull for %s from %s failed: %s", handle.request_id,
@@ -154,14 +159,18 @@ class DecodeServicer(BaseWorkerServicer):
             else:
                 self.loop.call(lambda: self.engine.free_reserved(rid, blocks))
             return False
+        self.num_kv_blocks_pulled += len(blocks) - num_cached
+        self.num_kv_blocks_reused += num_cached
         if handle.block_checksums:
-            bad = mismatched_blocks(handle.block_checksums, self.engine.kv_cache.layers, blocks)
+            bad = mismatched_blocks(handle.block_checksums[num_cached:],
+                                    self.engine.kv_cache.layers, blocks[num_cached:])
             if bad:  # the READ is complete: the blocks can be reused at once
                 self.num_pull_failures += 1
                 self.num_kv_checksum_mismatches += 1
                 logger.error("KV pull for %s from %s: %d of %d blocks fail their checksum "
                              "(first at block %d); recomputing", handle.request_id,
-                             handle.prefill_worker_id, len(bad), len(blocks), bad[0])
+                             handle.prefill_worker_id, len(bad), len(blocks) - num_cached,
+                             num_cached + bad[0])
                 self.loop.call(lambda: self.engine.free_reserved(rid, blocks))
                 return False
         self.pulled[handle.request_id] = list(blocks)

@@ -57,16 +57,19 @@ class BlockManager:
     def num_cached_blocks(self) -> int:
         return len(self._cached)
 
-    def cached_prefix(self, token_ids: list[int], mm_inputs: Sequence[MMInput] = ()) -> list[int]:
+    def cached_prefix(self, token_ids: list[int], mm_inputs: Sequence[MMInput] = (),
+                      max_blocks: int | None = None) -> list[int]:
         """Block ids holding the longest cached prefix of ``token_ids``.
 
-        At most ``(len(token_ids) - 1) // block_size`` blocks: the last prompt token is always
-        computed so the model produces logits for it. ``mm_inputs``: the request's images,
-        whose hashes key the blocks they overlap.
+        At most ``max_blocks``, by default ``(len(token_ids) - 1) // block_size`` blocks: the
+        last prompt token is always computed so the model produces logits for it (a decode
+        worker receiving a prompt's KV needs no logits and may take every full block).
+        ``mm_inputs``: the request's images, whose hashes key the blocks they overlap.
         """
         if not self.enable_prefix_caching:
             return []
-        max_blocks = (len(token_ids) - 1) // self.block_size
+        if max_blocks is None:
+            max_blocks = (len(token_ids) - 1) // self.block_size
         hashes = hash_prompt_blocks(self.hash_seed, token_ids[: max_blocks * self.block_size],
                                     self.block_size, (), self._extra_keys(mm_inputs, max_blocks))
         hit: list[int] = []

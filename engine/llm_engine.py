@@ -6,7 +6,8 @@ requests from gRPC handlers. Roles use it differently:
 - colocated: ``add_request`` and step until finished (chunked prefill mixed with decode);
 - prefill: ``add_request(hold_kv=True)``; after the first token the request finishes but
   its blocks stay pinned in ``held`` until ``release`` (a decode worker pulled them);
-- decode: ``reserve_blocks`` for the prompt, KV arrives over NIXL, then
+- decode: ``reserve_prompt_blocks`` for the prompt (a prefix already cached here is
+  referenced, not pulled), the rest of the KV arrives over NIXL, then
   ``add_prefilled_request`` joins the running batch without running the prompt.
 """
 
@@ -131,6 +132,25 @@ class LLMEngine:
         if self.block_manager.allocate(request_id, table, num_tokens) is None:
             return None
         return table
+
+    def reserve_prompt_blocks(self, request_id: str, prompt_token_ids: list[int],
+                              mm_inputs: Sequence[MMInput] = ()) -> tuple[list[int], int] | None:
+        """Decode role: blocks for a prompt whose KV is pulled from a prefill worker. The
+        longest prefix of full blocks this worker's prefix cache already holds is taken from
+        it (referenced, not copied); only the blocks after it need pulling.
+
+        Returns:
+            ``(block_table, num_cached_blocks)``: ``block_table[:num_cached_blocks]`` already
+            hold the prompt's KV; None = not enough free blocks (nothing changes).
+        """
+        bs = self.kv_cache.block_size
+        prefix = self.block_manager.cached_prefix(prompt_token_ids, mm_inputs,
+                                                  max_blocks=len(prompt_token_ids) // bs)
+        table: list[int] = []
+        if self.block_manager.allocate(request_id, table, len(prompt_token_ids),
+                                       prefix) is None:
+            return None
+        return table, len(prefix)
 
     def free_reserved(self, request_id: str, block_ids: list[int]) -> None:
         self.block_manager.free(request_id, list(block_ids))

@@ -242,6 +242,8 @@ class WorkerRuntime:
             num_quarantined_blocks=self.servicer.num_quarantined_blocks,
             num_kv_checksum_mismatches_total=getattr(self.servicer,
                                                      "num_kv_checksum_mismatches", 0),
+            num_kv_blocks_pulled_total=getattr(self.servicer, "num_kv_blocks_pulled", 0),
+            num_kv_blocks_reused_total=getattr(self.servicer, "num_kv_blocks_reused", 0),
         )
 
     def _drain_kv_events(self) -> None:

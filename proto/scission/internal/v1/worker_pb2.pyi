@@ -169,7 +169,7 @@ class StatsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class WorkerStats(_message.Message):
-    __slots__ = ("worker_id", "role", "num_blocks", "num_free_blocks", "num_running", "num_waiting", "num_held", "queued_prefill_tokens", "num_prompt_tokens_computed", "kv_usage", "num_steps_total", "step_ms_total", "num_prefill_tokens_total", "num_decode_tokens_total", "last_step_ms", "last_num_decode_requests", "last_num_prefill_tokens", "num_encode_waiting", "num_images_encoded_total", "num_embedding_cache_hits_total", "num_embedding_pages", "num_free_embedding_pages", "num_quarantined_blocks", "num_notifications_dropped_total", "num_kv_checksum_mismatches_total")
+    __slots__ = ("worker_id", "role", "num_blocks", "num_free_blocks", "num_running", "num_waiting", "num_held", "queued_prefill_tokens", "num_prompt_tokens_computed", "kv_usage", "num_steps_total", "step_ms_total", "num_prefill_tokens_total", "num_decode_tokens_total", "last_step_ms", "last_num_decode_requests", "last_num_prefill_tokens", "num_encode_waiting", "num_images_encoded_total", "num_embedding_cache_hits_total", "num_embedding_pages", "num_free_embedding_pages", "num_quarantined_blocks", "num_notifications_dropped_total", "num_kv_checksum_mismatches_total", "num_kv_blocks_pulled_total", "num_kv_blocks_reused_total")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
     NUM_BLOCKS_FIELD_NUMBER: _ClassVar[int]
@@ -195,6 +195,8 @@ class WorkerStats(_message.Message):
     NUM_QUARANTINED_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     NUM_NOTIFICATIONS_DROPPED_TOTAL_FIELD_NUMBER: _ClassVar[int]
     NUM_KV_CHECKSUM_MISMATCHES_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    NUM_KV_BLOCKS_PULLED_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    NUM_KV_BLOCKS_REUSED_TOTAL_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     role: str
     num_blocks: int
@@ -220,4 +222,6 @@ class WorkerStats(_message.Message):
     num_quarantined_blocks: int
     num_notifications_dropped_total: int
     num_kv_checksum_mismatches_total: int
-    def __init__(self, worker_id: _Optional[str] = ..., role: _Optional[str] = ..., num_blocks: _Optional[int] = ..., num_free_blocks: _Optional[int] = ..., num_running: _Optional[int] = ..., num_waiting: _Optional[int] = ..., num_held: _Optional[int] = ..., queued_prefill_tokens: _Optional[int] = ..., num_prompt_tokens_computed: _Optional[int] = ..., kv_usage: _Optional[float] = ..., num_steps_total: _Optional[int] = ..., step_ms_total: _Optional[float] = ..., num_prefill_tokens_total: _Optional[int] = ..., num_decode_tokens_total: _Optional[int] = ..., last_step_ms: _Optional[float] = ..., last_num_decode_requests: _Optional[int] = ..., last_num_prefill_tokens: _Optional[int] = ..., num_encode_waiting: _Optional[int] = ..., num_images_encoded_total: _Optional[int] = ..., num_embedding_cache_hits_total: _Optional[int] = ..., num_embedding_pages: _Optional[int] = ..., num_free_embedding_pages: _Optional[int] = ..., num_quarantined_blocks: _Optional[int] = ..., num_notifications_dropped_total: _Optional[int] = ..., num_kv_checksum_mismatches_total: _Optional[int] = ...) -> None: ...
+    num_kv_blocks_pulled_total: int
+    num_kv_blocks_reused_total: int
+    def __init__(self, worker_id: _Optional[str] = ..., role: _Optional[str] = ..., num_blocks: _Optional[int] = ..., num_free_blocks: _Optional[int] = ..., num_running: _Optional[int] = ..., num_waiting: _Optional[int] = ..., num_held: _Optional[int] = ..., queued_prefill_tokens: _Optional[int] = ..., num_prompt_tokens_computed: _Optional[int] = ..., kv_usage: _Optional[float] = ..., num_steps_total: _Optional[int] = ..., step_ms_total: _Optional[float] = ..., num_prefill_tokens_total: _Optional[int] = ..., num_decode_tokens_total: _Optional[int] = ..., last_step_ms: _Optional[float] = ..., last_num_decode_requests: _Optional[int] = ..., last_num_prefill_tokens: _Optional[int] = ..., num_encode_waiting: _Optional[int] = ..., num_images_encoded_total: _Optional[int] = ..., num_embedding_cache_hits_total: _Optional[int] = ..., num_embedding_pages: _Optional[int] = ..., num_free_embedding_pages: _Optional[int] = ..., num_quarantined_blocks: _Optional[int] = ..., num_notifications_dropped_total: _Optional[int] = ..., num_kv_checksum_mismatches_total: _Optional[int] = ..., num_kv_blocks_pulled_total: _Optional[int] = ..., num_kv_blocks_reused_total: _Optional[int] = ...) -> None: ...

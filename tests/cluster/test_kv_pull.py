@@ -1,7 +1,10 @@
-"""KV integrity checks (``--kv-checksums``, kv_transfer/integrity.py) on a real 1 prefill +
-1 decode cluster: handles carry one checksum per block, which equal an independent XXH3 of
-the decode worker's pulled KV; a corrupted transfer is detected, counted, recomputed, and the
-request still gives the engine-alone tokens with every block free afterwards."""
+"""The KV pull on a real 1 prefill + 1 decode cluster with ``--kv-checksums``:
+
+- integrity (kv_transfer/integrity.py): served requests pass their checksums; a corrupted
+  transfer is detected, counted, recomputed, and still gives the engine-alone tokens;
+- pull only what is missing: a decode worker whose prefix cache holds the start of a prompt
+  pulls exactly the other blocks (counted), and the tokens are the engine-alone ones.
+"""
 
 from __future__ import annotations
 
@@ -11,7 +14,9 @@ import pytest
 from serving_helpers import run_concurrently, token_request, wait_until
 
 from scission.cluster.launcher import ClusterConfig, LocalCluster, worker_stub
-from scission.engine.config import CacheConfig, EngineConfig
+from scission.engine.config import CacheConfig, EngineConfig, SchedulerConfig
+from scission.engine.llm_engine import LLMEngine
+from scission.engine.request import SamplingParams
 from scission.kv_transfer.capability import transfer_key
 from scission.kv_transfer.handle import TransferHandle
 from scission.proto.scission.internal.v1 import worker_pb2 as wpb
@@ -87,4 +92,52 @@ def test_a_corrupted_transfer_is_detected_and_recomputed(cluster, stubs, chat_pr
     # Recomputed: prompt tokens ran through the decode worker's model (a pulled prompt runs
     # none; its prefix cache may hold the shared chat preamble).
     assert after.num_prompt_tokens_computed > before.num_prompt_tokens_computed
+    wait_until(lambda: all_free(stubs), 30)
+
+
+def decode_directly(stubs, rid: str, ids: list[int]) -> list[int]:
+    """Prefill on prefill-0, then Decode on decode-0 with its handle: the greedy tokens."""
+    resp = stubs["prefill-0"].Prefill(wpb.PrefillRequest(
+        request_id=rid, prompt_token_ids=ids, sampling=SAMPLING), timeout=60)
+    chunks = stubs["decode-0"].Decode(wpb.DecodeRequest(
+        request_id=rid, prompt_token_ids=ids, first_token_id=resp.first_token_id,
+        sampling=SAMPLING, transfer_handle=resp.transfer_handle), timeout=120)
+    return [resp.first_token_id] + [t for c in chunks for t in c.token_ids]
+
+
+def test_a_decode_worker_pulls_only_the_blocks_it_lacks(stubs, tokenizer, chat_prompt_ids):
+    """a (7 blocks) is pulled whole but for blocks already cached (the chat preamble of
+    earlier tests); b shares a's first 4 full blocks then differs: exactly its other blocks
+    are pulled; c is a's 6 full blocks: nothing is pulled. Tokens = the engine alone's, no
+    prompt token recomputed."""
+    base = [t for ids in chat_prompt_ids[8:12] for t in ids]
+    assert len(base) >= 100
+    a = base[:100]  # 6 full blocks + 4 tokens
+    b = base[:64] + [t for ids in chat_prompt_ids[12:14] for t in ids][5:42]  # 4 shared, 7 in all
+    c = base[:96]  # exactly a's 6 full blocks
+    assert b[64:80] != a[64:80] and len(b) == 101
+    engine = LLMEngine(EngineConfig(num_threads=1, cache=CacheConfig(num_blocks=64),
+                                    scheduler=SchedulerConfig(max_num_batched_tokens=512)),
+                       tokenizer=tokenizer)
+    params = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
+    for name, ids in (("a", a), ("b", b), ("c", c)):
+        engine.add_request(name, ids, params)
+    ref: dict[str, list[int]] = {"a": [], "b": [], "c": []}
+    while engine.has_unfinished():
+        for o in engine.step():
+            ref[o.request_id].extend(o.new_token_ids)
+    counts = {}
+    for rid, ids in (("pull-a", a), ("pull-b", b), ("pull-c", c)):  # in order: each leaves
+        before = stats(stubs, "decode-0")                          # its full blocks cached
+        assert decode_directly(stubs, rid, ids) == ref[rid[-1]], rid
+        after = stats(stubs, "decode-0")
+        counts[rid[-1]] = (after.num_kv_blocks_pulled_total - before.num_kv_blocks_pulled_total,
+                           after.num_kv_blocks_reused_total - before.num_kv_blocks_reused_total)
+        assert after.num_prompt_tokens_computed == before.num_prompt_tokens_computed  # no recompute
+        assert after.num_kv_checksum_mismatches_total == before.num_kv_checksum_mismatches_total
+    assert sum(counts["a"]) == 7
+    assert counts["b"] == (7 - 4, 4)
+    assert counts["c"] == (0, 6)
+    # Nothing pulled for c, yet its hold on the prefill worker is released (the notification
+    # goes without a READ).
     wait_until(lambda: all_free(stubs), 30)
