@@ -51,6 +51,9 @@ logger = logging.getLogger(__name__)
 ENGINES = ("scission", "hf", "llama.cpp")
 # int4 / int8: scission only (float32 activations, weight-only quantized linears)
 DTYPES = ("float32", "bfloat16", *QUANTIZED_DTYPES)
+# "<dtype>+graph": scission only, graph mode (EngineConfig.enforce_eager=False, engine/compile.py)
+GRAPH_DTYPES = tuple(f"{d}+graph" for d in ("float32", "bfloat16"))
+DTYPES += GRAPH_DTYPES
 
 
 @dataclass(frozen=True)
@@ -169,7 +172,7 @@ def run_all(cfg: EngineBenchConfig, builder: PromptBuilder) -> tuple[list[Measur
             for n in cfg.engines
             if n != "llama.cpp" or (dtype == cfg.dtypes[0] and "llama.cpp" not in notes)
         ]
-        if dtype in QUANTIZED_DTYPES:  # scission's weight-only paths; HF has no such CPU mode
+        if dtype in QUANTIZED_DTYPES + GRAPH_DTYPES:  # scission-only modes
             names = [n for n in names if n == "scission"]
         runners = [make_runner(name, runner_spec(cfg), dtype) for name in names]
         results.extend(bench_runners(runners, cfg, builder))

@@ -44,9 +44,11 @@ class ScissionRunner:
         from scission.engine.llm_engine import LLMEngine
 
         self.dtype = dtype
+        graph, dtype = dtype.endswith("+graph"), dtype.removesuffix("+graph")  # graph mode
         self.engine = LLMEngine(
             EngineConfig(
                 model_path=spec.model_path,
+                enforce_eager=not graph,
                 dtype="float32" if dtype in QUANTIZED_DTYPES else dtype,
                 weight_quantization=dtype if dtype in QUANTIZED_DTYPES else "none",
                 num_threads=spec.threads,

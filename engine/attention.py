@@ -131,6 +131,11 @@ class TorchAttentionBackend(AttentionBackend):
             pos = torch.arange(metadata.seq_lens_host[r])
             self._extend_slots.append(table[r, pos // bs] * bs + pos % bs)
 
+    @property
+    def metadata(self) -> AttentionMetadata | None:
+        """The planned batch (graph mode reads it to run decode attention in its graphs)."""
+        return self._md
+
     def run(self, q, k, v, k_cache, v_cache, scale):
         md = self._md
         assert md is not None, "plan() must be called before run()"

@@ -103,6 +103,9 @@ class EngineConfig:
     weight_quantization: str = "none"
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    # True = plain eager forward; False = graph mode (engine/compile.py: torch.compile of the
+    # dense parts between attention calls, compiled at start, cache on disk). Unquantized only.
+    enforce_eager: bool = True
 
     def __post_init__(self) -> None:
         if self.dtype not in ("float32", "bfloat16", "float16"):

@@ -104,6 +104,10 @@ class LLMEngine:
         self.scheduler = Scheduler(config.scheduler, self.block_manager)
         attn = make_attention_backend(config.attention_backend, config.device)
         self.runner = ModelRunner(self.model, self.kv_cache, attn)
+        if not config.enforce_eager:  # graph mode: compile now, not on the first request
+            from scission.engine.compile import enable_graph_mode
+
+            enable_graph_mode(self.model, self.kv_cache, attn)
         self.requests: dict[str, Request] = {}
         self.held: dict[str, Request] = {}  # prefill role: finished, blocks pinned
         self._detok: dict[str, IncrementalDetokenizer] = {}

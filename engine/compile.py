@@ -1,0 +1,266 @@
+"""Graph mode: the decoder's dense parts compiled with ``torch.compile``, attention left eager.
+
+Piecewise, as vLLM's piecewise CUDA-graph compile: the paged-cache attention (``attn.run``,
+whose Python plans per batch) stays outside the graphs; everything between two attention calls
+is one compiled function, so a forward is ``first -> attn -> mid -> attn -> ... -> last``::
+
+    first(h)        rms_norm -> qkv -> rope                                     -> q, k, v
+    mid(o, h)       o_proj -> +h, rms_norm -> gate_up -> silu * up -> down
+                    -> +h, next layer's rms_norm -> qkv -> rope                   -> q, k, v, h
+    last(o, h)      o_proj -> +h, rms_norm -> MLP -> +h, final rms_norm            -> hidden
+
+Pure-decode steps on CPU go further: the attention read is inside the graphs too
+(``mid_decode``: attention of layer i, then ``mid``), written as gather + multiply + sum over
+``kv_slots [n, L]`` so inductor fuses the gather into the reductions and reads the paged cache
+in place (the eager backend copies every request's blocks per layer); only the K/V write
+(``index_copy_``) runs between the graphs. ``SCISSION_GRAPH_DECODE_ATTN=0`` turns that off.
+
+The weights are arguments, not constants, so one compiled graph serves every layer (same
+shapes and dtypes pass the same guards). On CPU (inductor's C++ backend) the token dimension is
+dynamic (``maybe_mark_dynamic``): one graph for decode batches and prefill chunks of any
+size, no padding (dynamo still specializes a size-1 batch, so single-stream decode gets its
+own static graph). The elementwise chains (RMSNorm + residual, rope, silu * up) become one
+fused C++ loop each; the matmuls stay in the BLAS library.
+
+On CUDA the same pieces are compiled with ``mode="reduce-overhead"`` (CUDA graphs), which need
+static shapes: decode batches are padded to ``CUDA_GRAPH_BUCKETS`` by the caller of
+``pad_tokens``. That path is not exercised on this CPU-only machine.
+
+Compiled artifacts go to inductor's on-disk FX graph cache under ``cache_dir()`` (env
+``SCISSION_CACHE_DIR``, default ``~/.cache/scission``), so a second start skips the C++ builds.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from scission.engine.model import KVCaches, LlamaForCausalLM, add_rms_norm, apply_rope, rms_norm
+
+logger = logging.getLogger(__name__)
+
+CUDA_GRAPH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
+
+
+def cache_dir() -> Path:
+    """Scission's cache folder (``$SCISSION_CACHE_DIR`` or ``~/.cache/scission``)."""
+    return Path(os.environ.get("SCISSION_CACHE_DIR", Path.home() / ".cache" / "scission"))
+
+
+def use_disk_cache() -> None:
+    """Point inductor's caches at ``cache_dir()/inductor`` unless the user chose a folder."""
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_dir() / "inductor"))
+
+
+def pad_tokens(num_tokens: int, buckets: tuple[int, ...] = CUDA_GRAPH_BUCKETS) -> int:
+    """Smallest bucket >= num_tokens, or num_tokens itself past the largest bucket."""
+    for b in buckets:
+        if b >= num_tokens:
+            return b
+    return num_tokens
+
+
+def _pieces(model: LlamaForCausalLM):
+    """The three graph pieces as pure functions of (activations, weights)."""
+    cfg = model.cfg
+    nh, nkv, hd, eps = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.rms_norm_eps
+    q_size, kv_size = nh * hd, nkv * hd
+
+    def qkv_rope(x, cos, sin, qkv_w, qkv_b):
+        qkv = F.linear(x, qkv_w, qkv_b)
+        qk = apply_rope(qkv[:, : q_size + kv_size].view(-1, nh + nkv, hd), cos, sin)
+        v = qkv[:, q_size + kv_size :].reshape(-1, nkv, hd)
+        return qk[:, :nh], qk[:, nh:], v
+
+    def mlp_block(o, h, o_w, post_w, gate_up_w, down_w):
+        x, h = add_rms_norm(F.linear(o.reshape(-1, q_size), o_w), h, post_w, eps)
+        gate, up = F.linear(x, gate_up_w).chunk(2, dim=-1)
+        return F.linear(F.silu(gate) * up, down_w), h
+
+    def first(h, cos, sin, in_w, qkv_w, qkv_b):
+        return qkv_rope(rms_norm(h, in_w, eps), cos, sin, qkv_w, qkv_b)
+
+    def mid(o, h, cos, sin, o_w, post_w, gate_up_w, down_w, in_w, qkv_w, qkv_b):
+        m, h = mlp_block(o, h, o_w, post_w, gate_up_w, down_w)
+        x, h = add_rms_norm(m, h, in_w, eps)
+        q, k, v = qkv_rope(x, cos, sin, qkv_w, qkv_b)
+        return q, k, v, h
+
+    def last(o, h, o_w, post_w, gate_up_w, down_w, norm_w):
+        m, h = mlp_block(o, h, o_w, post_w, gate_up_w, down_w)
+        return add_rms_norm(m, h, norm_w, eps)[0]
+
+    gqa, scale = nh // nkv, 1.0 / math.sqrt(hd)
+
+    def decode_attention(q, k_cache, v_cache, kv_slots, kv_bias):
+        """q [n, H, D]; kv_slots [n, L] cache slots of each row's context (padding: any
+        slot), kv_bias [n, L] 0 / -inf. Written as gather + multiply + sum so inductor fuses
+        the gather into the reductions (the cache rows are read in place, never copied)."""
+        n = q.shape[0]
+        k = k_cache.view(-1, nkv, hd)[kv_slots]  # [n, L, H_kv, D]
+        v = v_cache.view(-1, nkv, hd)[kv_slots]
+        qf = q.reshape(n, 1, nkv, gqa, hd).float()  # float32 math, as SDPA accumulates
+        s = (qf * k[:, :, :, None, :].float()).sum(-1) * scale + kv_bias[:, :, None, None]
+        p = torch.softmax(s, dim=1)  # [n, L, H_kv, gqa]
+        o = (p[..., None] * v[:, :, :, None, :].float()).sum(1)
+        return o.to(q.dtype).reshape(n, nh, hd)
+
+    def mid_decode(q, k_cache, v_cache, kv_slots, kv_bias, h, cos, sin, *weights):
+        return mid(decode_attention(q, k_cache, v_cache, kv_slots, kv_bias), h, cos, sin,
+                   *weights)
+
+    def last_decode(q, k_cache, v_cache, kv_slots, kv_bias, h, *weights):
+        return last(decode_attention(q, k_cache, v_cache, kv_slots, kv_bias), h, *weights)
+
+    return first, mid, last, mid_decode, last_decode
+
+
+def compilable(model: LlamaForCausalLM) -> bool:
+    """Plain ``nn.Linear`` decoder layers (not quantized modules): the pieces read ``.weight``."""
+    return all(type(getattr(layer, n)) is torch.nn.Linear
+               for layer in model.layers for n in ("qkv", "o_proj", "gate_up", "down"))
+
+
+def _mark_tokens_dynamic(*tensors: torch.Tensor) -> None:
+    for t in tensors:
+        torch._dynamo.maybe_mark_dynamic(t, 0)
+
+
+class CompiledDecoder:
+    """``forward_embeds`` of a ``LlamaForCausalLM`` through compiled pieces (module docstring).
+
+    Compiles lazily on the first call of each shape; ``warmup`` compiles ahead of serving.
+    """
+
+    def __init__(self, model: LlamaForCausalLM) -> None:
+        assert compilable(model), "graph mode needs unquantized nn.Linear layers"
+        use_disk_cache()
+        self.model = model
+        self.cuda = next(model.parameters()).is_cuda
+        opts = dict(fullgraph=True, dynamic=False if self.cuda else None,
+                    mode="reduce-overhead" if self.cuda else None)
+        (self.first, self.mid, self.last, self.mid_decode, self.last_decode) = (
+            torch.compile(f, **opts) for f in _pieces(model))
+        # CPU pure-decode steps: attention inside the graphs (reads the cache in place).
+        self.fuse_decode_attention = not self.cuda and os.environ.get(
+            "SCISSION_GRAPH_DECODE_ATTN", "1") == "1"
+        self.compile_s = 0.0  # wall time of warmup() calls
+
+    def forward_embeds(self, h: torch.Tensor, positions: torch.Tensor, kv_caches: KVCaches,
+                       attn) -> torch.Tensor:
+        """Same contract as ``LlamaForCausalLM.forward_embeds``: h [num_tokens, hidden]."""
+        m = self.model
+        n = h.shape[0]
+        if self.cuda:  # CUDA graphs: static shapes, decode batches padded to a bucket
+            padded = pad_tokens(n)
+            if padded > CUDA_GRAPH_BUCKETS[-1]:
+                return m.forward_embeds(h, positions, kv_caches, attn)
+            torch.compiler.cudagraph_mark_step_begin()
+            h = F.pad(h, (0, 0, 0, padded - n))
+            positions = F.pad(positions, (0, padded - n))
+        cos, sin = m.rope_cos[positions], m.rope_sin[positions]
+        mark = _mark_tokens_dynamic if not self.cuda else (lambda *_: None)
+        mark(h, cos, sin)
+        md = getattr(attn, "metadata", None)
+        if self.fuse_decode_attention and md is not None and md.is_pure_decode:
+            return self._decode_forward(h, cos, sin, kv_caches, md)
+        layers = m.layers
+        q, k, v = self.first(h, cos, sin, layers[0].input_norm, layers[0].qkv.weight,
+                             layers[0].qkv.bias)
+        for i, (layer, kv) in enumerate(zip(layers, kv_caches, strict=True)):
+            o = attn.run(q[:n], k[:n], v[:n], kv[0], kv[1], layer.scale)
+            if o.shape[0] != h.shape[0]:
+                o = F.pad(o, (0, 0, 0, 0, 0, h.shape[0] - o.shape[0]))
+            mark(o)
+            w = (layer.o_proj.weight, layer.post_norm, layer.gate_up.weight, layer.down.weight)
+            if i + 1 < len(layers):
+                nxt = layers[i + 1]
+                q, k, v, h = self.mid(o, h, cos, sin, *w, nxt.input_norm, nxt.qkv.weight,
+                                      nxt.qkv.bias)
+            else:
+                h = self.last(o, h, *w, m.norm)
+        return h[:n]
+
+    def _decode_forward(self, h, cos, sin, kv_caches: KVCaches, md) -> torch.Tensor:
+        """Pure decode on CPU: per layer one compiled call (attention + dense) and the K/V
+        write (index_copy) between calls."""
+        m, layers = self.model, self.model.layers
+        bs, n = md.block_size, h.shape[0]
+        pos = torch.arange(md.max_seq_len)
+        table = md.block_table.to(torch.int64)
+        kv_slots = table[:, pos // bs] * bs + pos % bs  # [n, L]
+        kv_bias = torch.zeros(n, md.max_seq_len)  # float32
+        kv_bias.masked_fill_(pos[None, :] >= md.seq_lens[:, None], float("-inf"))
+        _mark_tokens_dynamic(kv_slots, kv_bias)
+        torch._dynamo.maybe_mark_dynamic(kv_slots, 1)
+        torch._dynamo.maybe_mark_dynamic(kv_bias, 1)
+        slots = md.slot_mapping
+        q, k, v = self.first(h, cos, sin, layers[0].input_norm, layers[0].qkv.weight,
+                             layers[0].qkv.bias)
+        for i, (layer, (kc, vc)) in enumerate(zip(layers, kv_caches, strict=True)):
+            kc.view(-1, *kc.shape[2:]).index_copy_(0, slots, k)
+            vc.view(-1, *vc.shape[2:]).index_copy_(0, slots, v)
+            w = (layer.o_proj.weight, layer.post_norm, layer.gate_up.weight, layer.down.weight)
+            if i + 1 < len(layers):
+                nxt = layers[i + 1]
+                q, k, v, h = self.mid_decode(q, kc, vc, kv_slots, kv_bias, h, cos, sin, *w,
+                                             nxt.input_norm, nxt.qkv.weight, nxt.qkv.bias)
+            else:
+                h = self.last_decode(q, kc, vc, kv_slots, kv_bias, h, *w, m.norm)
+        return h
+
+    def warmup(self, run_step, sizes: tuple[int, ...]) -> float:
+        """Compile ahead: ``run_step(num_tokens)`` runs one forward of that many tokens for
+        each size. Returns (and adds to ``compile_s``) the wall seconds it took."""
+        start = time.perf_counter()
+        for s in sizes:
+            run_step(s)
+        took = time.perf_counter() - start
+        self.compile_s += took
+        logger.info("graph mode: compiled for token counts %s in %.1f s (cache %s)", sizes,
+                    took, os.environ.get("TORCHINDUCTOR_CACHE_DIR"))
+        return took
+
+
+def enable_graph_mode(model: LlamaForCausalLM, kv_cache, attn,
+                      warmup_tokens: tuple[int, ...] = (1, 2)) -> CompiledDecoder | None:
+    """Install a ``CompiledDecoder`` on ``model`` and compile it now (one forward per entry of
+    ``warmup_tokens``: 1 = the static single-token graph, 2 = the dynamic graph every larger
+    batch uses). Returns None (model stays eager) for quantized models.
+
+    The warm-up forwards write garbage K/V into block 0 and then zero it again, so call this
+    before any request holds blocks.
+    """
+    if not compilable(model):
+        logger.warning("graph mode skipped: quantized linears run eager")
+        return None
+    from scission.engine.attention import AttentionMetadata
+
+    compiled = CompiledDecoder(model)
+    model.compiled = compiled
+    bs = kv_cache.block_size
+    device = kv_cache.tensor.device
+
+    def run_step(n: int) -> None:
+        i32 = dict(dtype=torch.int32, device=device)
+        md = AttentionMetadata(
+            cu_seqlens_q=torch.arange(n + 1, **i32), seq_lens=torch.full((n,), 2, **i32),
+            block_table=torch.zeros(n, 1, **i32),
+            slot_mapping=torch.ones(n, dtype=torch.int64, device=device), max_seqlen_q=1,
+            max_seq_len=2, block_size=bs, query_lens=(1,) * n, seq_lens_host=(2,) * n,
+            slots_all_valid=True)
+        attn.plan(md)
+        ids = torch.zeros(n, dtype=torch.int64, device=device)
+        with torch.inference_mode():
+            model(ids, torch.ones_like(ids), kv_cache.layers, attn)
+
+    compiled.warmup(run_step, warmup_tokens)
+    with torch.inference_mode():
+        kv_cache.tensor[:, :, 0].zero_()
+    return compiled
