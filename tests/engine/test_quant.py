@@ -10,6 +10,7 @@ from torch import nn
 from scission.engine.quant import (
     Int4Linear,
     Int8Linear,
+    RescoredInt4Head,
     dequantize_int4_groupwise,
     quantize_int4_groupwise,
     quantize_int8_per_channel,
@@ -143,11 +144,34 @@ def test_quantize_model_replaces_every_linear_and_counts_decode_bytes(mode):
     for layer in model.layers:
         assert all(isinstance(getattr(layer, a), decoder_type)
                    for a in ("qkv", "o_proj", "gate_up", "down"))
-    assert isinstance(model.lm_head, Int8Linear)  # int8 LM head in both modes
-    # int8: N*K codes + 2 bytes of scale per row; int4: N*K/2 + 4 bytes per group of 32.
+    assert isinstance(model.lm_head, RescoredInt4Head if mode == "int4" else Int8Linear)
+    # int8: N*K codes + 2 bytes of scale per row; int4: N*K/2 + 4 bytes per group of 32 (the
+    # rescored head's decode read is its 4-bit pass).
     per_linear = {"int4": lambda n, k: n * k // 2 + 4 * n * k // 32,
                   "int8": lambda n, k: n * k + 2 * n}[mode]
-    shapes = [(96, 64), (64, 64), (128, 64), (64, 64)] * 2
-    assert read_bytes == sum(per_linear(n, k) for n, k in shapes) + 160 * 64 + 2 * 160
+    shapes = [(96, 64), (64, 64), (128, 64), (64, 64)] * 2 + [(160, 64)]
+    assert read_bytes == sum(per_linear(n, k) for n, k in shapes)
     with pytest.raises(ValueError, match="weight quantization"):
         quantize_model(_TinyModel(), "int3")
+
+
+@pytest.mark.parametrize("batch", [1, 6, 70])  # 70 > INT4_MAX_PACKED_ROWS: dense 4-bit pass
+def test_rescored_head_top_k_from_int8_rest_from_int4(batch):
+    gen = torch.Generator().manual_seed(batch)
+    lin = nn.Linear(64, 160, bias=False)
+    with torch.no_grad():
+        lin.weight.copy_(torch.randn(160, 64, generator=gen))
+    head = RescoredInt4Head(lin, top_k=8)
+    x = torch.randn(batch, 64, generator=gen)
+    coarse = head.coarse(x)
+    out = head(x)
+    idx = coarse.topk(8, dim=-1).indices
+    w8 = head.weight_int8.double() * head.scales.double()[:, None]
+    ref8 = x.to(torch.bfloat16).double() @ w8.T  # the int8 rows, bf16-rounded inputs
+    assert torch.allclose(out.gather(1, idx).double(), ref8.gather(1, idx), rtol=1e-5, atol=1e-5)
+    rest = torch.ones_like(out, dtype=torch.bool).scatter_(1, idx, False)
+    assert torch.equal(out[rest], coarse[rest])
+    # The rescored argmax is the int8 head's wherever that token made the 4-bit top 8.
+    in_top = (idx == ref8.argmax(-1, keepdim=True)).any(-1)
+    assert in_top.all()
+    assert torch.equal(out.argmax(-1), ref8.argmax(-1))

@@ -9,26 +9,28 @@ import torch
 
 from scission.engine.config import CacheConfig, EngineConfig, SchedulerConfig
 from scission.engine.llm_engine import LLMEngine
-from scission.engine.quant import Int4Linear, Int8Linear
+from scission.engine.quant import Int4Linear, Int8Linear, RescoredInt4Head
 from scission.engine.request import SamplingParams
 
 GREEDY_TOKENS = 32
 # Measured over the 22 test prompts (2026-11-30), float32 activations into bf16 kernels:
-#   int4 (decoder 4-bit groups of 32, int8 LM head): logits relative error 0.0071-0.0378 (mean
-#     0.0146), top-1 equal on 22/22; greedy equal to HF's for all 32 tokens on 5/22 prompts,
-#     mean agreement 22.1 tokens, worst 0 (one near-tie prompt).
+#   int4 (decoder 4-bit groups of 32; LM head 4-bit with its top 64 logits per row recomputed
+#     from int8 weights): logits relative error 0.0258-0.0760 (mean 0.0428: the whole-vocabulary
+#     norm is dominated by the 4-bit tail), top-1 equal on 22/22; greedy equal to HF's for all
+#     32 tokens on 5/22 prompts, mean agreement 22.0 tokens, worst 0 (one near-tie prompt).
+#     With a plain int8 head instead: error 0.0071-0.0378, top-1 22/22, greedy mean 22.1; with
+#     a plain 4-bit head: error 0.026-0.076, top-1 19/22, greedy mean 7.4 (bench/README.md).
 #   int8 (one scale per output row, LM head too): relative error 0.0106-0.0591 (mean 0.0276),
 #     top-1 22/22; greedy all 32 on 4/22, mean 20.5, worst 1. int8 is the less accurate of the
 #     two here: int4 groups of 32 reproduce the Q4_1 file's own weights, int8 per row does not.
-#   (Also measured, not adopted: a 4-bit LM head, error 0.026-0.076, top-1 19/22, greedy mean
-#   7.4: see bench/README.md.)
-# Bounds: 1.5-2x the worst relative error; top-1 on all but one prompt; greedy mean at least
+# Bounds: ~1.5x the worst relative error; top-1 on all but one prompt; greedy mean at least
 # half of what was measured (a single near-tie shifts a divergence point by many tokens).
 BOUNDS = {  # mode -> (max logits relative error, min mean greedy agreement in tokens)
-    "int4": (0.06, 11.0),
+    "int4": (0.11, 11.0),
     "int8": (0.09, 10.0),
 }
 LAYER_TYPES = {"int4": Int4Linear, "int8": Int8Linear}
+HEAD_TYPES = {"int4": RescoredInt4Head, "int8": Int8Linear}
 
 
 @pytest.fixture(scope="module", params=["int4", "int8"])
@@ -91,7 +93,7 @@ def test_logits_close_to_hf_float32(quant_engine, hf_model, chat_prompt_ids):
     layer_type = LAYER_TYPES[quant_engine.mode]
     assert isinstance(model.layers[0].qkv, layer_type)
     assert isinstance(model.layers[-1].down, layer_type)
-    assert isinstance(model.lm_head, Int8Linear)  # int8 LM head in both modes
+    assert isinstance(model.lm_head, HEAD_TYPES[quant_engine.mode])
     errors, agree = [], 0
     for ids in chat_prompt_ids:
         with torch.no_grad():
