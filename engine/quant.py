@@ -6,7 +6,8 @@ head; embeddings, norms, attention and the KV cache are unchanged:
 
 - ``"int4"``: 4-bit integers with one bfloat16 scale and zero per group of ``INT4_GROUP_SIZE``
   input channels, through torch's packed CPU kernel ``_weight_int4pack_mm_for_cpu``; the LM
-  head as int8 (below): ~95 MB read per step.
+  head the same, with its top 64 logits per row recomputed from int8 weights
+  (``RescoredInt4Head``): ~84 MB read per step.
 - ``"int8"``: int8 with one bfloat16 scale per output row (symmetric), through
   ``_weight_int8pack_mm`` (~135 MB read per step).
 
