@@ -7,12 +7,14 @@ runs periodic hooks (KV notifications, held-block timeouts, KV events, stats).
 Settling: a streaming handler ``ack``s each output once gRPC has sent it. After a step the
 loop waits (at most ``settle_timeout_s``) until every acking stream that got an output has
 acked, so the handlers' per-token Python (chunk, send, completion) runs between steps
-instead of inside the next one. Inside a step it cost more than its CPU time: the engine
-thread gives up the GIL at every torch op and, when every core runs a torch thread, waits
-to get it back from a handler thread that the scheduler has preempted (the worker's decode
-step measured 1.26x the engine alone's at batch 8, 2 threads on 2 cores;
-``bench/worker_vs_engine.py``). A stream that misses the deadline is not waited for again
-until it acks (a client that stops reading costs one timeout, not one per step).
+instead of inside the next one, where it likely costs more than its CPU time: the engine
+thread gives up the GIL at every torch op and, when every core runs a torch thread, may wait
+to get it back from a handler thread that the scheduler preempted (the worker's decode step
+measured 1.18-1.26x the engine alone's at batch 8, 2 threads on 2 cores, with ~1 % of the
+CPU in other threads; after this change 1.06x, within that benchmark's noise:
+``bench/worker_vs_engine.py``, bench/README.md "Worker vs engine alone"). A stream that
+misses the deadline is not waited for again until it acks (a client that stops reading
+costs one timeout, not one per step).
 """
 
 from __future__ import annotations
