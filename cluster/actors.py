@@ -179,13 +179,16 @@ class ControllerActor:
         from scission.cluster.controller import Controller
         from scission.cluster.spawner import WorkerSpawner
         from scission.registry.directory import WorkerDirectory
+        from scission.registry.etcd_retry import retry_etcd
         from scission.registry.pools import PoolStore
         from scission.registry.signing import record_key
         from scission.registry.workers import connect
 
         self.etcd = connect(template.etcd)
         self.directory = WorkerDirectory(self.etcd, template.registry,
-                                         record_key=record_key(template.cluster_token)).start()
+                                         record_key=record_key(template.cluster_token))
+        # A Ray restart of this actor during an etcd outage waits for etcd (bounded).
+        retry_etcd(self.directory.start, "controller: worker directory", 60.0)
         self.store = PoolStore(self.etcd, template.registry)
         self.controller = Controller(config, WorkerSpawner(template), self.store, self.directory)
         self.planner: PlannerLoop | None = None

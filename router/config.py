@@ -80,6 +80,9 @@ class RouterConfig:
     metrics_port: int | None = None  # Prometheus endpoint (0 = any free port); None = off
     metrics_host: str = "127.0.0.1"
     kv_lag_probe_interval_s: float = 1.0  # metrics: how often the index lag is measured
+    # Starting while etcd is away (a Ray restart of the router during an outage): keep trying
+    # to load the directory and the indexes for this long, then fail.
+    etcd_wait_s: float = 60.0
     # Live SLO metrics (router/slo.py): a request attains when TTFT <= slo_ttft_ms and TPOT
     # <= slo_tpot_ms; aggregates over the last slo_window_s, put in etcd every
     # slo_publish_interval_s (registry/slo_publisher.py).

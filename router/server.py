@@ -23,6 +23,7 @@ from scission.engine.tokenizer import Tokenizer, default_model_path, load_tokeni
 from scission.proto.scission.v1 import generation_pb2 as pb
 from scission.proto.scission.v1 import generation_pb2_grpc as pb_grpc
 from scission.registry.directory import WorkerDirectory
+from scission.registry.etcd_retry import retry_etcd
 from scission.registry.kv_index import EMBEDDING_DIR
 from scission.registry.kv_index_watch import KVIndexWatcher
 from scission.registry.signing import record_key
@@ -341,10 +342,10 @@ class RouterServer:
 
     def start(self) -> RouterServer:
         cfg = self.config
-        self.directory.start()
-        self.kv_watcher.start()
+        retry_etcd(self.directory.start, "router: worker directory", cfg.etcd_wait_s)
+        retry_etcd(self.kv_watcher.start, "router: KV index", cfg.etcd_wait_s)
         if self.embedding_watcher is not None:
-            self.embedding_watcher.start()
+            retry_etcd(self.embedding_watcher.start, "router: embedding index", cfg.etcd_wait_s)
         if cfg.metrics_port is not None:
             guarded = not cfg.auth_exempt_metrics  # then the same key and TLS as the doors
             self.metrics_port = self.metrics.serve(
