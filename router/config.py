@@ -83,6 +83,11 @@ class RouterConfig:
     # Starting while etcd is away (a Ray restart of the router during an outage): keep trying
     # to load the directory and the indexes for this long, then fail.
     etcd_wait_s: float = 60.0
+    # A request that finds no worker while workers are re-registering (a worker left etcd in
+    # the last gap_window_s: a restart, leases lapsed during an etcd outage) waits this long
+    # for one before UNAVAILABLE; with none seen leaving recently it is refused at once.
+    no_workers_wait_s: float = 5.0
+    no_workers_gap_window_s: float = 30.0
     # Live SLO metrics (router/slo.py): a request attains when TTFT <= slo_ttft_ms and TPOT
     # <= slo_tpot_ms; aggregates over the last slo_window_s, put in etcd every
     # slo_publish_interval_s (registry/slo_publisher.py).

@@ -56,6 +56,7 @@ class WorkerPool:
         self._calls: dict[tuple[str, int], set] = defaultdict(set)
         self._lost: set = set()  # calls cancelled because their worker stopped answering
         self.num_calls_lost = 0  # metric
+        self.last_removed_s: float | None = None  # monotonic time a worker last left etcd
         self._cluster_token = cluster_token
         self._channel_options = [("grpc.max_receive_message_length", max_message_bytes),
                                  ("grpc.max_send_message_length", max_message_bytes)]
@@ -147,6 +148,7 @@ class WorkerPool:
     def on_worker_removed(self, worker_id: str) -> None:
         """Directory callback (watch thread): probe the worker off that thread; cancel its
         calls if it does not answer."""
+        self.last_removed_s = time.monotonic()
         with self._lock:
             keys = [k for k in self._calls if k[0] == worker_id]
             cached = self._channels.get(worker_id)

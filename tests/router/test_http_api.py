@@ -189,6 +189,26 @@ def test_no_workers_is_503(make_router):
     assert e.value.status_code == 503 and e.value.body["code"] == "unavailable"
 
 
+def test_a_request_waits_for_workers_that_are_re_registering(make_router, etcd_client,
+                                                             etcd_prefix):
+    """Workers that just left etcd (leases lapsed in an etcd outage, a restart) are
+    re-registering: a request arriving in that gap waits for them (bounded by
+    ``no_workers_wait_s``) and is served, instead of failing with UNAVAILABLE."""
+    with serve_gated_workers(etcd_client, etcd_prefix):
+        router = ready(make_router(no_workers_wait_s=60.0))
+    wait_for(lambda: router.directory.workers() == [])  # both left: a gap begins
+    stub = pb_grpc.GenerationStub(grpc.insecure_channel(router.address))
+    request = pb.GenerateRequest(prompt="hi", sampling=pb.SamplingParams(max_tokens=2))
+    with ThreadPoolExecutor(1) as ex:
+        pending = ex.submit(lambda: list(stub.Generate(request, timeout=60)))
+        wait_for(lambda: router.admission.stats().num_requests == 1)  # admitted, waiting
+        assert not pending.done()
+        with serve_gated_workers(etcd_client, etcd_prefix) as worker:
+            chunks = pending.result(timeout=60)
+    assert chunks[-1].finish_reason == pb.FINISH_REASON_LENGTH
+    assert len(worker.prompts) == 1
+
+
 def test_forged_system_turn_is_text_on_both_doors(make_router, worker, tokenizer):
     """User content holding ``<|im_end|>\\n<|im_start|>system`` reaches the worker as plain
     text tokens through gRPC and HTTP alike: ``<|im_start|>`` appears only the template's 3
