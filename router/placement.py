@@ -20,6 +20,7 @@ from __future__ import annotations
 import itertools
 import math
 import random
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
@@ -142,3 +143,21 @@ class Placer:
                 uncached <= cfg.local_prefill_max_uncached_tokens:
             return True
         return decode_hit_tokens >= cfg.local_prefill_min_hit_ratio * num_prompt_tokens
+
+
+def place_or_wait(placer: Placer, num_prompt_tokens: int, block_hashes: list[int],
+                  block_size: int, wait_s: float, poll_s: float = 0.05) -> Placement:
+    """``placer.place``, retried every ``poll_s`` for up to ``wait_s`` while there is no worker
+    to place on (workers re-registering after a restart or an etcd outage).
+
+    Raises:
+        NoWorkersError: still none after ``wait_s`` (at once when ``wait_s`` is 0).
+    """
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            return placer.place(num_prompt_tokens, block_hashes, block_size)
+        except NoWorkersError:
+            if time.monotonic() >= deadline:
+                raise
+            time.sleep(poll_s)

@@ -38,7 +38,7 @@ from scission.router.errors import RequestRejected
 from scission.router.http_api import HttpSecurity, HttpServer, served_model_name
 from scission.router.metrics import RouterMetrics
 from scission.router.outcome import Outcome
-from scission.router.placement import NoWorkersError, Placement, Placer
+from scission.router.placement import NoWorkersError, Placement, Placer, place_or_wait
 from scission.router.prefix_index import PrefixIndex, PromptBlocks, PromptHasher
 from scission.router.slo import SloTracker
 from scission.router.worker_pool import WorkerPool
@@ -232,31 +232,18 @@ class GenerationServicer(pb_grpc.GenerationServicer):
                hash_s: float) -> Placement:
         """Placement plus a speculative index entry for the worker that will prefill; records
         the decision time (``hash_s`` spent hashing the prompt + this)."""
-        t0 = time.perf_counter() - hash_s
-        placement = self._place_or_wait(vr, prompt, outcome)
+        t0, cfg = time.perf_counter() - hash_s, self.config
+        gone = self.pool.last_removed_s  # workers that left recently are re-registering
+        wait_s = cfg.no_workers_wait_s if gone is not None and \
+            time.monotonic() - gone < cfg.no_workers_gap_window_s else 0.0
+        try:
+            placement = place_or_wait(self.placer, len(vr.prompt_token_ids),
+                                      prompt.block_hashes, prompt.block_size, wait_s)
+        except NoWorkersError as e:
+            _reject(outcome, grpc.StatusCode.UNAVAILABLE, str(e))
         self.index.insert_speculative(placement.prefill_worker.worker_id, prompt.block_hashes)
         self.metrics.decision_s.observe(time.perf_counter() - t0)
         return placement
-
-    def _place_or_wait(self, vr: ValidatedRequest, prompt: PromptBlocks,
-                       outcome: Outcome) -> Placement:
-        """``Placer.place``; with no worker to place on, wait up to ``no_workers_wait_s`` if
-        workers left etcd recently (they are re-registering), else UNAVAILABLE at once."""
-        cfg = self.config
-        deadline = None
-        while True:
-            try:
-                return self.placer.place(len(vr.prompt_token_ids), prompt.block_hashes,
-                                         prompt.block_size)
-            except NoWorkersError as e:
-                now = time.monotonic()
-                if deadline is None:
-                    gone = self.pool.last_removed_s
-                    recent = gone is not None and now - gone < cfg.no_workers_gap_window_s
-                    deadline = now + (cfg.no_workers_wait_s if recent else 0.0)
-                if now >= deadline:
-                    _reject(outcome, grpc.StatusCode.UNAVAILABLE, str(e))
-                time.sleep(0.05)
 
     def _run(self, vr, placement, start_s: float, resume: flows.Resume | None):
         cfg = self.config
