@@ -112,7 +112,7 @@ class WorkerActor:
     def kv_token_bytes(self, block_ids: list[int], num_tokens: int) -> bytes:
         """K and V bytes of the first ``num_tokens`` token slots of ``block_ids`` (all layers)."""
         assert self.runtime is not None, "worker not started"
-        cache = self.runtime.engine.kv_cache.tensor  # [L, 2, N, bs, H, D]
+        cache = self.runtime.engine.kv_cache.layer_major()  # [L, 2, N, bs, H, D]
         sel = cache.index_select(2, torch.tensor(block_ids, dtype=torch.int64))
         flat = sel.reshape(sel.shape[0], 2, -1, *sel.shape[4:])[:, :, :num_tokens]
         return flat.contiguous().view(torch.uint8).numpy().tobytes()

@@ -70,24 +70,44 @@ class AttentionBackend(abc.ABC):
         ...
 
 
+def cache_rows(cache: torch.Tensor) -> torch.Tensor | None:
+    """``cache`` ``[num_blocks, block_size, H_kv, D]`` as ``[num_blocks * block_size, H_kv, D]``
+    (row = slot) when its blocks are adjacent in memory (``KVLayout.LAYER_MAJOR``); None
+    when they are strided (``BLOCK_MAJOR``: the view does not exist)."""
+    if cache.stride(0) != cache.shape[1] * cache.stride(1):
+        return None
+    return cache.view(-1, *cache.shape[2:])
+
+
+def gather_slots(cache: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+    """Rows ``cache[slot // block_size, slot % block_size]`` for int64 ``slots`` of any shape:
+    ``[*slots.shape, H_kv, D]`` (a copy), for either KV layout."""
+    rows = cache_rows(cache)
+    if rows is not None:
+        return rows[slots]
+    block_size = cache.shape[1]
+    return cache[slots // block_size, slots % block_size]
+
+
 def write_kv(
     k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
     slot_mapping: torch.Tensor, all_valid: bool = False,
 ) -> None:
     """Scatter new K/V rows into the cache; slots of -1 are skipped (``all_valid``: the
-    caller knows there are none, so no boolean mask and ``nonzero``)."""
-    k_flat = k_cache.view(-1, *k_cache.shape[2:])  # [num_blocks * block_size, H_kv, D]
-    v_flat = v_cache.view(-1, *v_cache.shape[2:])
-    if all_valid:
-        k_flat.index_copy_(0, slot_mapping, k)
-        v_flat.index_copy_(0, slot_mapping, v)
-        return
-    keep = slot_mapping >= 0
-    slots = slot_mapping[keep]
-    if slots.numel() == 0:
-        return
-    k_flat.index_copy_(0, slots, k[keep])
-    v_flat.index_copy_(0, slots, v[keep])
+    caller knows there are none, so no boolean mask and ``nonzero``). Either KV layout."""
+    if not all_valid:
+        keep = slot_mapping >= 0
+        slot_mapping = slot_mapping[keep]
+        if slot_mapping.numel() == 0:
+            return
+        k, v = k[keep], v[keep]
+    for new, cache in ((k, k_cache), (v, v_cache)):
+        rows = cache_rows(cache)  # [num_blocks * block_size, H_kv, D]
+        if rows is not None:
+            rows.index_copy_(0, slot_mapping, new)
+        else:  # block-major: (block, offset) index pairs
+            bs = cache.shape[1]
+            cache.index_put_((slot_mapping // bs, slot_mapping % bs), new)
 
 
 class TorchAttentionBackend(AttentionBackend):
@@ -142,8 +162,6 @@ class TorchAttentionBackend(AttentionBackend):
         write_kv(k, v, k_cache, v_cache, md.slot_mapping, md.slots_all_valid)
         if not self._extend_rows:  # pure decode: row r of q is request r's token
             return self._decode(q, k_cache, v_cache, scale)
-        k_flat = k_cache.view(-1, *k_cache.shape[2:])
-        v_flat = v_cache.view(-1, *v_cache.shape[2:])
         out = torch.empty_like(q)
         gqa = q.shape[1] // k.shape[1]
         if self._decode_rows:
@@ -152,8 +170,8 @@ class TorchAttentionBackend(AttentionBackend):
         for r, slots in zip(self._extend_rows, self._extend_slots, strict=True):
             s, end = int(md.cu_seqlens_q[r]), md.query_lens[r]
             q_r = q[s : s + end].transpose(0, 1).unsqueeze(0)  # [1, H, q_len, D]
-            k_r = k_flat[slots].transpose(0, 1).unsqueeze(0)  # [1, H_kv, L, D]
-            v_r = v_flat[slots].transpose(0, 1).unsqueeze(0)
+            k_r = gather_slots(k_cache, slots).transpose(0, 1).unsqueeze(0)  # [1, H_kv, L, D]
+            v_r = gather_slots(v_cache, slots).transpose(0, 1).unsqueeze(0)
             mask = _offset_causal_mask(end, len(slots), q.device)
             out[s : s + end] = _sdpa(q_r, k_r, v_r, mask, scale, gqa)[0].transpose(0, 1)
         return out
@@ -168,10 +186,14 @@ class TorchAttentionBackend(AttentionBackend):
         num_kv_heads = k_cache.shape[2]
         gqa = num_heads // num_kv_heads
         qf = q.view(n, num_kv_heads, gqa, head_dim)  # head h -> kv head h // gqa
-        if self._decode_contig is not None:  # batch of one, consecutive blocks: a view
+        if self._decode_contig is not None:  # batch of one, consecutive blocks
+            # layer-major: a view of the cache; block-major: the blocks are strided, so
+            # reshape copies them (as index_select would)
             first, length = self._decode_contig
-            k = k_cache.view(-1, num_kv_heads, head_dim)[first : first + length][None]
-            v = v_cache.view(-1, num_kv_heads, head_dim)[first : first + length][None]
+            bs = k_cache.shape[1]
+            blocks = slice(first // bs, -(-(first + length) // bs))
+            k = k_cache[blocks].reshape(-1, num_kv_heads, head_dim)[:length][None]
+            v = v_cache[blocks].reshape(-1, num_kv_heads, head_dim)[:length][None]
             mask = None
         else:
             k = k_cache.index_select(0, self._decode_blocks).view(n, -1, num_kv_heads, head_dim)

@@ -41,6 +41,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from scission.engine.attention import gather_slots, write_kv
 from scission.engine.model import KVCaches, LlamaForCausalLM, add_rms_norm, apply_rope, rms_norm
 
 logger = logging.getLogger(__name__)
@@ -103,8 +104,8 @@ def _pieces(model: LlamaForCausalLM):
         slot), kv_bias [n, L] 0 / -inf. Written as gather + multiply + sum so inductor fuses
         the gather into the reductions (the cache rows are read in place, never copied)."""
         n = q.shape[0]
-        k = k_cache.view(-1, nkv, hd)[kv_slots]  # [n, L, H_kv, D]
-        v = v_cache.view(-1, nkv, hd)[kv_slots]
+        k = gather_slots(k_cache, kv_slots)  # [n, L, H_kv, D]
+        v = gather_slots(v_cache, kv_slots)
         qf = q.reshape(n, 1, nkv, gqa, hd).float()  # float32 math, as SDPA accumulates
         s = (qf * k[:, :, :, None, :].float()).sum(-1) * scale + kv_bias[:, :, None, None]
         p = torch.softmax(s, dim=1)  # [n, L, H_kv, gqa]
@@ -204,8 +205,7 @@ class CompiledDecoder:
         q, k, v = self.first(h, cos, sin, layers[0].input_norm, layers[0].qkv.weight,
                              layers[0].qkv.bias)
         for i, (layer, (kc, vc)) in enumerate(zip(layers, kv_caches, strict=True)):
-            kc.view(-1, *kc.shape[2:]).index_copy_(0, slots, k)
-            vc.view(-1, *vc.shape[2:]).index_copy_(0, slots, v)
+            write_kv(k, v, kc, vc, slots, all_valid=True)
             w = (layer.o_proj.weight, layer.post_norm, layer.gate_up.weight, layer.down.weight)
             if i + 1 < len(layers):
                 nxt = layers[i + 1]
@@ -262,5 +262,5 @@ def enable_graph_mode(model: LlamaForCausalLM, kv_cache, attn,
 
     compiled.warmup(run_step, warmup_tokens)
     with torch.inference_mode():
-        kv_cache.tensor[:, :, 0].zero_()
+        kv_cache.zero_block(0)
     return compiled

@@ -13,6 +13,21 @@ from dataclasses import dataclass, field
 import torch
 
 
+class KVLayout(enum.Enum):
+    """Memory order of the paged KV cache (``engine/kv_cache.py``; both expose per-layer
+    ``[num_blocks, block_size, num_kv_heads, head_dim]`` views).
+
+    ``LAYER_MAJOR``: ``[num_layers, 2, num_blocks, ...]``: a layer's K (or V) cache is one
+    contiguous tensor; a run of blocks is ``2 * num_layers`` byte ranges.
+    ``BLOCK_MAJOR``: ``[num_blocks, num_layers, 2, ...]``: one block's K and V of every layer
+    are one byte range, so a KV transfer needs one descriptor per run of blocks
+    (``bench/README.md`` "KV transfer"); per-layer views are strided over blocks.
+    """
+
+    LAYER_MAJOR = "layer_major"
+    BLOCK_MAJOR = "block_major"
+
+
 class AttentionBackendKind(enum.Enum):
     """Which attention implementation runs over the paged KV cache."""
 
@@ -67,8 +82,11 @@ class CacheConfig:
     kv_cache_bytes: int = 512 * 1024**2
     num_blocks: int | None = None
     enable_prefix_caching: bool = True
+    kv_layout: KVLayout = KVLayout.LAYER_MAJOR
 
     def __post_init__(self) -> None:
+        if not isinstance(self.kv_layout, KVLayout):  # a CLI / config string: "block_major"
+            object.__setattr__(self, "kv_layout", KVLayout(self.kv_layout))
         if self.block_size <= 0 or self.block_size & (self.block_size - 1):
             raise ValueError(f"block_size must be a positive power of two, got {self.block_size}")
         if self.num_blocks is not None and self.num_blocks <= 0:

@@ -98,7 +98,7 @@ class LLMEngine:
         cache = config.cache
         num_blocks = num_blocks_for(model_cfg, cache, config.torch_dtype)
         self.kv_cache = KVCache(model_cfg, num_blocks, cache.block_size, config.torch_dtype,
-                                config.device)
+                                config.device, cache.kv_layout)
         self.block_manager = BlockManager(num_blocks, cache.block_size,
                                           hash_seed(model_cfg.model_id), cache.enable_prefix_caching)
         self.scheduler = Scheduler(config.scheduler, self.block_manager)
