@@ -13,12 +13,16 @@ child does not outlive this process:
 
 ``supervise()`` makes it a service: a watcher thread restarts a server that died on the same
 ports and data dir (``scission up`` runs its etcd so; its clients reconnect by themselves).
+
+``EmbeddedEtcdConfig(tls=True)`` (``scission up --embedded-etcd-tls``): ``start()`` makes a
+private CA, a server and a client certificate in ``{root}/tls`` (``cluster/etcd_tls.py``) and
+etcd serves only https with client certificates required; ``client_config()`` is what its
+clients need. A restart by the supervisor keeps the same certificates.
 """
 
 from __future__ import annotations
 
 import ctypes
-import json
 import logging
 import os
 import shutil
@@ -28,14 +32,14 @@ import sys
 import tempfile
 import threading
 import time
-import urllib.error
-import urllib.request
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
+from scission.cluster.etcd_tls import EtcdTlsFiles, health_opener, is_healthy, write_etcd_tls
+from scission.registry.etcd_client import EtcdClientConfig
 from scission.worker.ports import find_free_port
 
 logger = logging.getLogger(__name__)
@@ -43,6 +47,7 @@ logger = logging.getLogger(__name__)
 _PR_SET_PDEATHSIG = 1
 _LOG_NAME = "etcd.log"
 _DATA_SUBDIR = "etcd-data"
+_TLS_SUBDIR = "tls"
 _PORT_ATTEMPTS = 3
 _HEALTH_POLL_S = 0.05
 _MAX_RESTART_WAIT_S = 5.0  # backoff cap between failed restarts
@@ -61,6 +66,8 @@ class EmbeddedEtcdConfig:
     stop_timeout_s: float = 5.0
     etcd_binary: str | None = None  # None = next to sys.executable, then PATH
     unsafe_no_fsync: bool = False  # etcd --unsafe-no-fsync: faster, not crash-safe (tests only)
+    # https only, client certificates required; certificates made at start() in {root}/tls
+    tls: bool = False
 
     def __post_init__(self) -> None:
         for port in (self.client_port, self.peer_port):
@@ -130,19 +137,6 @@ def _cleanup(
     logger.info("etcd pid %d stopped (exit code %s)", proc.pid, proc.returncode)
 
 
-# Loopback health checks must not go through an http_proxy from the environment.
-_DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-
-
-def _is_healthy(client_url: str) -> bool:
-    try:
-        with _DIRECT.open(f"{client_url}/health", timeout=0.5) as response:
-            body = json.loads(response.read())
-    except (urllib.error.URLError, OSError, ValueError):
-        return False
-    return isinstance(body, dict) and body.get("health") == "true"
-
-
 def _log_tail(path: Path, num_bytes: int = 2000) -> str:
     try:
         data = path.read_bytes()
@@ -167,6 +161,7 @@ class EmbeddedEtcd:
         self._lock = threading.Lock()  # a (re)launch and stop() never interleave
         self._stopping = threading.Event()
         self._supervisor: threading.Thread | None = None
+        self._tls: EtcdTlsFiles | None = None
         self.num_restarts = 0  # by the supervisor
 
     @property
@@ -178,7 +173,18 @@ class EmbeddedEtcd:
 
     @property
     def client_url(self) -> str:
-        return f"http://{self.endpoint}"
+        return f"{'https' if self.config.tls else 'http'}://{self.endpoint}"
+
+    @property
+    def tls_files(self) -> EtcdTlsFiles | None:
+        """The certificates of a TLS server (None without TLS, or before start)."""
+        return self._tls
+
+    def client_config(self) -> EtcdClientConfig:
+        """What a client needs: the endpoint and, with TLS, the CA and client certificate."""
+        if self._tls is None:
+            return EtcdClientConfig(endpoints=(self.endpoint,))
+        return self._tls.client_config((self.endpoint,))
 
     @property
     def pid(self) -> int:
@@ -210,6 +216,8 @@ class EmbeddedEtcd:
         owned = self.config.data_dir is None
         root = Path(tempfile.mkdtemp(prefix="scission-etcd-") if owned else self.config.data_dir)
         root.mkdir(parents=True, exist_ok=True)
+        if self.config.tls:
+            self._tls = write_etcd_tls(root / _TLS_SUBDIR, [self.config.host])
         auto_ports = self.config.client_port is None or self.config.peer_port is None
         attempts = _PORT_ATTEMPTS if auto_ports else 1
         for attempt in range(1, attempts + 1):
@@ -226,6 +234,8 @@ class EmbeddedEtcd:
                 logger.warning("etcd exited at startup (attempt %d), new ports: %s", attempt, exc)
                 if owned:
                     root = Path(tempfile.mkdtemp(prefix="scission-etcd-"))
+                    if self._tls is not None:
+                        self._tls = write_etcd_tls(root / _TLS_SUBDIR, [self.config.host])
             except TimeoutError:
                 self.stop()
                 raise
@@ -281,8 +291,9 @@ class EmbeddedEtcd:
     def _launch(self, binary: str) -> None:
         cfg, root = self.config, self._root
         assert root is not None and self._client_port and self._peer_port, "ports and root"
-        client_url = f"http://{cfg.host}:{self._client_port}"
-        peer_url = f"http://{cfg.host}:{self._peer_port}"
+        scheme = "https" if self._tls is not None else "http"
+        client_url = f"{scheme}://{cfg.host}:{self._client_port}"
+        peer_url = f"{scheme}://{cfg.host}:{self._peer_port}"
         args = [
             binary,
             *("--name", cfg.name, "--data-dir", str(root / _DATA_SUBDIR)),
@@ -293,6 +304,8 @@ class EmbeddedEtcd:
         ]
         if cfg.unsafe_no_fsync:
             args.append("--unsafe-no-fsync")
+        if self._tls is not None:
+            args += self._tls.server_args()
         log_file = open(root / _LOG_NAME, "ab")  # closed by _cleanup
         proc = subprocess.Popen(
             args,
@@ -312,10 +325,11 @@ class EmbeddedEtcd:
     def _wait_healthy(self, client_url: str) -> None:
         assert self._proc is not None, "_wait_healthy before launch"
         deadline = time.monotonic() + self.config.startup_timeout_s
+        opener = health_opener(self._tls)
         while time.monotonic() < deadline:
             if self._proc.poll() is not None:
                 raise _EarlyExit(f"exit code {self._proc.returncode}: {_log_tail(self.log_path)}")
-            if _is_healthy(client_url):
+            if is_healthy(client_url, opener):
                 return
             time.sleep(_HEALTH_POLL_S)
         raise TimeoutError(

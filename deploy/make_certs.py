@@ -25,76 +25,16 @@ production, a certificate manager (cert-manager, your PKI) can issue the same fi
 from __future__ import annotations
 
 import argparse
-import datetime
-import ipaddress
 import logging
 import secrets
 from pathlib import Path
 
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from scission.cluster.certs import CLIENT_AUTH, SERVER_AUTH, issue, make_ca, pem_cert, pem_key
+from scission.cluster.certs import write_private as _write_private
 
 logger = logging.getLogger(__name__)
 
 ETCD_MEMBERS = 3  # deploy/k8s/etcd.yaml: the StatefulSet's replicas
-
-
-def _name(common_name: str) -> x509.Name:
-    return x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "scission"),
-                      x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
-
-
-def _pem_key(key: ec.EllipticCurvePrivateKey) -> bytes:
-    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                             serialization.NoEncryption())
-
-
-def _san(names: list[str]) -> x509.SubjectAlternativeName:
-    entries: list[x509.GeneralName] = []
-    for name in names:
-        try:
-            entries.append(x509.IPAddress(ipaddress.ip_address(name)))
-        except ValueError:
-            entries.append(x509.DNSName(name))
-    return x509.SubjectAlternativeName(entries)
-
-
-def make_ca(days: int) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
-    key = ec.generate_private_key(ec.SECP256R1())
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (x509.CertificateBuilder().subject_name(_name("scission CA"))
-            .issuer_name(_name("scission CA")).public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(minutes=5))
-            .not_valid_after(now + datetime.timedelta(days=days))
-            .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-            .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True,
-                                         crl_sign=True, content_commitment=False,
-                                         key_encipherment=False, data_encipherment=False,
-                                         key_agreement=False, encipher_only=False,
-                                         decipher_only=False), critical=True)
-            .sign(key, hashes.SHA256()))
-    return key, cert
-
-
-def issue(ca_key: ec.EllipticCurvePrivateKey, ca_cert: x509.Certificate, common_name: str,
-          names: list[str], usages: list[x509.ObjectIdentifier], days: int
-          ) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
-    """A leaf certificate for ``common_name`` with ``names`` as SANs (none for a client)."""
-    key = ec.generate_private_key(ec.SECP256R1())
-    now = datetime.datetime.now(datetime.UTC)
-    builder = (x509.CertificateBuilder().subject_name(_name(common_name))
-               .issuer_name(ca_cert.subject).public_key(key.public_key())
-               .serial_number(x509.random_serial_number())
-               .not_valid_before(now - datetime.timedelta(minutes=5))
-               .not_valid_after(now + datetime.timedelta(days=days))
-               .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-               .add_extension(x509.ExtendedKeyUsage(usages), critical=False))
-    if names:
-        builder = builder.add_extension(_san(names), critical=False)
-    return key, builder.sign(ca_key, hashes.SHA256())
 
 
 def etcd_names(namespace: str) -> list[str]:
@@ -117,15 +57,13 @@ def _write_secret_dir(out: Path, name: str, files: dict[str, bytes]) -> None:
     folder = out / name
     folder.mkdir(parents=True, exist_ok=True)
     for key, data in files.items():
-        path = folder / key
-        path.write_bytes(data)
-        path.chmod(0o600)
+        _write_private(folder / key, data)
 
 
 def make_all(out: Path, namespace: str, router_sans: list[str], days: int) -> None:
     ca_key, ca_cert = make_ca(days)
-    ca_pem = ca_cert.public_bytes(serialization.Encoding.PEM)
-    server, client = ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH
+    ca_pem = pem_cert(ca_cert)
+    server, client = SERVER_AUTH, CLIENT_AUTH
     leaves = {
         "scission-etcd-tls": issue(ca_key, ca_cert, "scission-etcd", etcd_names(namespace),
                                    [server, client], days),
@@ -134,12 +72,11 @@ def make_all(out: Path, namespace: str, router_sans: list[str], days: int) -> No
                                      router_names(namespace, router_sans), [server], days),
     }
     for secret, (key, cert) in leaves.items():
-        _write_secret_dir(out, secret, {"ca.crt": ca_pem, "tls.key": _pem_key(key),
-                                        "tls.crt": cert.public_bytes(serialization.Encoding.PEM)})
+        _write_secret_dir(out, secret, {"ca.crt": ca_pem, "tls.key": pem_key(key),
+                                        "tls.crt": pem_cert(cert)})
     _write_secret_dir(out, "scission-api-keys",
                       {"keys.txt": f"sk-{secrets.token_urlsafe(32)}\n".encode()})
-    (out / "ca.key").write_bytes(_pem_key(ca_key))
-    (out / "ca.key").chmod(0o600)
+    _write_private(out / "ca.key", pem_key(ca_key))
     logger.warning("wrote %s: %s, ca.key", out, ", ".join([*leaves, "scission-api-keys"]))
 
 

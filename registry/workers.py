@@ -4,9 +4,10 @@ Keys (all of a worker's keys are under its lease, so a dead worker vanishes with
     {prefix}/workers/{worker_id} -> WorkerInfo.to_bytes()         (msgpack, typed, versioned)
     {prefix}/stats/{worker_id}   -> WorkerStatsRecord.to_bytes()  (periodic load stats)
 
-python3-etcd3 0.13 quirks handled here:
-- ``Etcd3Client`` blacklists its only endpoint for 300 s after one UNAVAILABLE error (then raises
-  ``ValueError('Trying to use a failed node')`` although etcd is back): see ``connect()``.
+The etcd client itself (``EtcdClientConfig``, ``connect``: TLS, user/password, endpoint
+failover) lives in ``registry/etcd_client.py`` and is re-exported here.
+
+python3-etcd3 0.13 quirk handled here:
 - ``etcd3.watch.Watcher`` dies with ``NameError: six`` when its stream fails, leaving its
   iterators blocked forever: ``WorkerDirectory`` follows the raw ``etcdrpc.WatchStub`` stream
   through ``etcd_watch.WatchLoop`` (shared with the KV-block index).
@@ -20,12 +21,16 @@ import logging
 import threading
 import typing
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import etcd3
-import grpc
 
+from scission.registry.etcd_client import (  # noqa: F401 (re-exported)
+    EtcdClientConfig,
+    connect,
+    etcd_config_from_files,
+)
 from scission.registry.etcd_watch import ETCD_ERRORS
 from scission.registry.etcd_watch import describe_etcd_error as _describe
 from scission.registry.records import _R, Record
@@ -106,85 +111,6 @@ class WorkerStatsRecord(Record):
             raise ValueError(f"stats counts must be >= 0: {self}")
         if not 0.0 <= self.kv_usage <= 1.0 or self.step_ms_mean < 0:
             raise ValueError(f"kv_usage in [0, 1] and step_ms_mean >= 0 required: {self}")
-
-
-@dataclass(frozen=True)
-class EtcdClientConfig:
-    endpoints: tuple[str, ...] = ("127.0.0.1:2379",)  # "host:port"; a list is accepted
-    timeout_s: float = 5.0  # per unary RPC
-    endpoint_retry_s: float = 0.5  # a failed endpoint is skipped this long (Etcd3Client: 300 s)
-    keepalive_s: float = 10.0  # gRPC ping interval (etcd refuses < 5 s): finds a dead etcd
-    max_reconnect_backoff_s: float = 2.0  # reconnect soon after an etcd restart (gRPC: 120 s)
-    use_http_proxy: bool = False  # honour http(s)_proxy env vars (gRPC's default) for etcd
-    # TLS (PEM bytes, not paths: the config travels through Ray to workers on other nodes).
-    # ca_pem set = TLS, the server checked against it; cert_pem + key_pem = a client
-    # certificate (etcd's --client-cert-auth: only holders of one signed by its CA connect).
-    ca_pem: bytes = field(default=b"", repr=False)
-    cert_pem: bytes = field(default=b"", repr=False)
-    key_pem: bytes = field(default=b"", repr=False)
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "endpoints", tuple(self.endpoints))
-        if bool(self.cert_pem) != bool(self.key_pem) or (self.cert_pem and not self.ca_pem):
-            raise ValueError("an etcd client certificate needs its key and the CA (ca_pem)")
-        if not self.endpoints or not all(_split_endpoint(e) for e in self.endpoints):
-            raise ValueError(f"etcd endpoints must be host:port, got {self.endpoints!r}")
-        if self.timeout_s <= 0 or self.endpoint_retry_s < 0 or self.keepalive_s < 5:
-            raise ValueError("timeout_s > 0, endpoint_retry_s >= 0, keepalive_s >= 5 required")
-        if self.max_reconnect_backoff_s <= 0:
-            raise ValueError("max_reconnect_backoff_s must be > 0")
-
-
-def etcd_config_from_files(endpoints, ca_file: str | None = None,
-                           cert_file: str | None = None,
-                           key_file: str | None = None) -> EtcdClientConfig:
-    """An ``EtcdClientConfig`` with the PEMs read from files (``--etcd-cacert/--etcd-cert/
-    --etcd-key``); no files = plaintext.
-
-    Raises:
-        ValueError: a file cannot be read, or a certificate without its key or CA.
-    """
-    pems = {}
-    for name, path in (("ca_pem", ca_file), ("cert_pem", cert_file), ("key_pem", key_file)):
-        if path:
-            try:
-                pems[name] = open(path, "rb").read()
-            except OSError as e:
-                raise ValueError(f"etcd TLS file {path!r}: {e.strerror}") from None
-    return EtcdClientConfig(endpoints=tuple(endpoints), **pems)
-
-
-def _split_endpoint(endpoint: str) -> tuple[str, int] | None:
-    host, _, port = endpoint.rpartition(":")
-    return (host, int(port)) if host and port.isdigit() else None
-
-
-def connect(config: EtcdClientConfig) -> etcd3.MultiEndpointEtcd3Client:
-    """An etcd client that recovers after etcd outages; makes no RPC. TLS (and a client
-    certificate) when the config carries PEMs, else an insecure channel.
-
-    Returns the base class of ``etcd3.Etcd3Client`` (same API) built with ``endpoint_retry_s``
-    instead of Etcd3Client's fixed 300 s blacklist, and failover across ``endpoints``.
-    """
-    backoff_ms = int(config.max_reconnect_backoff_s * 1000)
-    options = [
-        ("grpc.keepalive_time_ms", int(config.keepalive_s * 1000)),
-        ("grpc.keepalive_timeout_ms", int(config.timeout_s * 1000)),
-        ("grpc.initial_reconnect_backoff_ms", min(1000, backoff_ms)),
-        ("grpc.max_reconnect_backoff_ms", backoff_ms),
-        ("grpc.enable_http_proxy", int(config.use_http_proxy)),
-    ]
-    creds = None
-    if config.ca_pem:
-        creds = grpc.ssl_channel_credentials(root_certificates=config.ca_pem,
-                                             private_key=config.key_pem or None,
-                                             certificate_chain=config.cert_pem or None)
-    endpoints = [
-        etcd3.Endpoint(host, port, secure=creds is not None, creds=creds,
-                       time_retry=config.endpoint_retry_s, opts=options)
-        for host, port in map(_split_endpoint, config.endpoints)  # type: ignore[misc]
-    ]
-    return etcd3.MultiEndpointEtcd3Client(endpoints, timeout=config.timeout_s, failover=True)
 
 
 @dataclass(frozen=True)
