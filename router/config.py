@@ -32,8 +32,14 @@ class PlacementConfig:
     local_prefill_max_uncached_tokens: int = 0  # 0 = never prefill locally because short
     local_prefill_min_hit_ratio: float = 1.1  # > 1 = never prefill locally because cached
     speculative_ttl_s: float = 2.0
+    # KV_AWARE decode choice: the worker holding the longest prefix of the prompt, among
+    # those running at most this many requests more than the least loaded one (-1 = never
+    # prefer a prefix holder; 0 = only among the least loaded).
+    decode_prefix_max_running_gap: int = 4
 
     def __post_init__(self) -> None:
+        if self.decode_prefix_max_running_gap < -1:
+            raise ValueError("decode_prefix_max_running_gap must be >= -1")
         if self.prefill_load_scale < 0 or self.temperature < 0 or self.speculative_ttl_s < 0:
             raise ValueError("placement parameters must be >= 0")
         if self.local_prefill_max_uncached_tokens < 0 or self.local_prefill_min_hit_ratio < 0:

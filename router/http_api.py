@@ -57,7 +57,7 @@ from scission.router.openai_types import (
 )
 
 if TYPE_CHECKING:
-    from scission.router.server import GenerationServicer
+    from scission.router.generation import GenerationServicer
 
 logger = logging.getLogger(__name__)
 

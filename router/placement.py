@@ -1,8 +1,12 @@
 """Placement: filter -> score -> pick (llm-d's scheduler pipeline; DESIGN: Placement).
 
 Filter: ``WorkerPool.workers(role)`` (registered, not draining, not suspect). The decode worker
-is chosen first (most free KV blocks, then fewest running requests); then the prefill worker by
-cost (lower is better), in tokens plus blocks::
+is chosen first: most free KV blocks, then fewest running requests; under ``KV_AWARE`` the one
+holding the longest prefix of the prompt among those running at most
+``decode_prefix_max_running_gap`` requests more than the least loaded decode worker and with
+free blocks for the rest of the prompt (SGLang's cache-aware router: prefix match unless the
+load is imbalanced), since it then pulls only the blocks it lacks and keeps one copy of the
+shared ones. Then the prefill worker by cost (lower is better), in tokens plus blocks::
 
     cost = prefill_load_scale * max(queued_prefill_tokens + new_prompt_tokens
                                     - cached_prefix_tokens, 0) + decode_blocks_in_use
@@ -110,7 +114,7 @@ class Placer:
                 raise NoWorkersError("no decode or colocated worker is registered")
             best = self._pick(colocated, num_prompt_tokens, cached, WorkerRole.COLOCATED)
             return Placement(best, None, cached(best))
-        decode = max(decoders, key=self._decode_score)
+        decode = self._pick_decode(decoders, num_prompt_tokens, block_size, cached)
         if self._prefill_locally(num_prompt_tokens, cached(decode)):
             return Placement(decode, None, cached(decode))
         prefill = self._pick(prefillers, num_prompt_tokens, cached, WorkerRole.PREFILL)
@@ -123,6 +127,25 @@ class Placer:
         if not workers:
             raise NoWorkersError("no decode or colocated worker left to migrate to")
         return Placement(max(workers, key=self._decode_score), None, 0)
+
+    def _pick_decode(self, decoders: list[WorkerInfo], num_prompt_tokens: int, block_size: int,
+                     cached: Callable[[WorkerInfo], int]) -> WorkerInfo:
+        """The decode worker (module docstring): the prefix holder when the load allows."""
+        gap = self.cfg.decode_prefix_max_running_gap
+        if self.prefix_match is None or gap < 0 or not any(cached(w) for w in decoders):
+            return max(decoders, key=self._decode_score)
+        loads = {w.worker_id: self.pool.load(w) for w in decoders}
+        least = min(load.num_running for load in loads.values())
+        need = -(-num_prompt_tokens // block_size)
+
+        def fits(w: WorkerInfo) -> bool:
+            load = loads[w.worker_id]
+            return load.num_running - least <= gap and \
+                load.num_free_blocks >= need - cached(w) // block_size
+        eligible = [w for w in decoders if fits(w) and cached(w)]
+        if not eligible:
+            return max(decoders, key=self._decode_score)
+        return max(eligible, key=lambda w: (cached(w), self._decode_score(w)))
 
     def _decode_score(self, w: WorkerInfo) -> tuple[int, int]:
         load = self.pool.load(w)

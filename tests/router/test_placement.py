@@ -180,3 +180,44 @@ def test_policy_must_be_an_enum():
     """Routing policies are enums, never strings."""
     with pytest.raises(ValueError, match="RoutingPolicy"):
         PlacementConfig(policy="kv-aware")  # type: ignore[arg-type]
+
+
+def test_kv_aware_decode_prefers_the_worker_holding_the_prefix():
+    """d1 holds 3 of the prompt's 5 blocks: it gets the request over d0's extra free blocks;
+    the deeper hit wins among holders (d2: 4 blocks)."""
+    loads = {"d0": make_load(free=90), "d1": make_load(free=60, running=2), "p0": make_load()}
+    assert make_placer(loads, {"d1": 3}).place(80, [1, 2, 3, 4, 5], BLOCK_SIZE) \
+        .decode.worker_id == "d1"
+    loads["d2"] = make_load(free=50, running=1)
+    placement = make_placer(loads, {"d1": 3, "d2": 4}).place(80, [1, 2, 3, 4, 5], BLOCK_SIZE)
+    assert placement.decode.worker_id == "d2" and placement.prefill.worker_id == "p0"
+
+
+def test_decode_prefix_preference_yields_to_load_and_memory():
+    """The holder runs 5 more requests than d0 (gap 4): least loaded rule; with gap 5 it
+    wins. A holder without free blocks for the rest of the prompt (5 - 3 = 2 > 1) never does;
+    -1 turns the preference off; round-robin never uses hits."""
+    hits = {"d1": 3}
+    busy = {"d0": make_load(running=1), "d1": make_load(running=6), "p0": make_load()}
+    assert make_placer(busy, hits).place(80, [1, 2, 3, 4, 5], BLOCK_SIZE) \
+        .decode.worker_id == "d0"
+    assert make_placer(busy, hits, decode_prefix_max_running_gap=5).place(
+        80, [1, 2, 3, 4, 5], BLOCK_SIZE).decode.worker_id == "d1"
+    full = {"d0": make_load(free=10), "d1": make_load(free=1), "p0": make_load()}
+    assert make_placer(full, hits).place(80, [1, 2, 3, 4, 5], BLOCK_SIZE) \
+        .decode.worker_id == "d0"
+    idle = {"d0": make_load(free=90), "d1": make_load(free=60), "p0": make_load()}
+    assert make_placer(idle, hits, decode_prefix_max_running_gap=-1).place(
+        80, [1, 2, 3, 4, 5], BLOCK_SIZE).decode.worker_id == "d0"
+    assert make_placer(idle, hits, policy=RoutingPolicy.ROUND_ROBIN).place(
+        80, [1, 2, 3, 4, 5], BLOCK_SIZE).decode.worker_id == "d0"
+
+
+def test_conditional_disaggregation_reads_the_chosen_prefix_holder():
+    """With a 0.75 hit-ratio threshold, d1 holding 4 of a 65-token prompt's blocks (64/65)
+    is chosen and prefills locally; d0 (more free blocks, no hit) would have sent it away."""
+    loads = {"d0": make_load(free=99), "d1": make_load(free=50), "p0": make_load()}
+    placement = make_placer(loads, {"d1": 4}, local_prefill_min_hit_ratio=0.75).place(
+        65, [1, 2, 3, 4], BLOCK_SIZE)
+    assert placement.decode.worker_id == "d1" and placement.prefill is None
+    assert placement.cached_prefix_tokens == 64
