@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!scission/internal/v1/worker.proto\x12\x14scission.internal.v1\"\xb1\x01\n\x0eSamplingParams\x12\x13\n\x0btemperature\x18\x01 \x01(\x02\x12\r\n\x05top_k\x18\x02 \x01(\x05\x12\r\n\x05top_p\x18\x03 \x01(\x02\x12\x10\n\x08has_seed\x18\x04 \x01(\x08\x12\x0c\n\x04seed\x18\x05 \x01(\x04\x12\x12\n\nmax_tokens\x18\x06 \x01(\r\x12\x0c\n\x04stop\x18\x07 \x03(\t\x12\x16\n\x0estop_token_ids\x18\x08 \x03(\x05\x12\x12\n\nignore_eos\x18\t \x01(\x08\"X\n\x08ImageRef\x12\x0e\n\x06offset\x18\x01 \x01(\r\x12\x0e\n\x06length\x18\x02 \x01(\r\x12\x12\n\nimage_hash\x18\x03 \x01(\x0c\x12\x18\n\x10\x65mbedding_handle\x18\x04 \x01(\x0c\"\xa6\x01\n\x0ePrefillRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\x05\x12\x36\n\x08sampling\x18\x03 \x01(\x0b\x32$.scission.internal.v1.SamplingParams\x12.\n\x06images\x18\x04 \x03(\x0b\x32\x1e.scission.internal.v1.ImageRef\"\xa1\x01\n\x0fPrefillResponse\x12\x16\n\x0e\x66irst_token_id\x18\x01 \x01(\x05\x12\x17\n\x0ftransfer_handle\x18\x02 \x01(\x0c\x12\x15\n\rcached_tokens\x18\x03 \x01(\r\x12\x10\n\x08\x66inished\x18\x04 \x01(\x08\x12\x15\n\rfinish_reason\x18\x05 \x01(\t\x12\x0c\n\x04text\x18\x06 \x01(\t\x12\x0f\n\x07hold_id\x18\x07 \x01(\x04\"P\n\x0eReleaseRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x19\n\x11\x65mbedding_pin_ids\x18\x02 \x03(\t\x12\x0f\n\x07hold_id\x18\x03 \x01(\x04\"#\n\x0fReleaseResponse\x12\x10\n\x08released\x18\x01 \x01(\x08\"\xd6\x01\n\rDecodeRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\x05\x12\x16\n\x0e\x66irst_token_id\x18\x03 \x01(\x05\x12\x36\n\x08sampling\x18\x04 \x01(\x0b\x32$.scission.internal.v1.SamplingParams\x12\x17\n\x0ftransfer_handle\x18\x05 \x01(\x0c\x12.\n\x06images\x18\x06 \x03(\x0b\x32\x1e.scission.internal.v1.ImageRef\"\xc1\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\x05\x12\x36\n\x08sampling\x18\x03 \x01(\x0b\x32$.scission.internal.v1.SamplingParams\x12\x18\n\x10output_token_ids\x18\x04 \x03(\x05\x12.\n\x06images\x18\x05 \x03(\x0b\x32\x1e.scission.internal.v1.ImageRef\"2\n\rEncodeRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05image\x18\x02 \x01(\x0c\"|\n\x0e\x45ncodeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\x12\n\nimage_hash\x18\x02 \x01(\x0c\x12\x16\n\x0enum_embeddings\x18\x03 \x01(\r\x12\x18\n\x10\x65mbedding_handle\x18\x04 \x01(\x0c\x12\x11\n\tcache_hit\x18\x05 \x01(\x08\"j\n\nTokenChunk\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x15\n\rfinish_reason\x18\x03 \x01(\t\x12\x15\n\rcached_tokens\x18\x04 \x01(\r\x12\r\n\x05\x65rror\x18\x05 \x01(\t\"\"\n\x0c\x41\x62ortRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\" \n\rAbortResponse\x12\x0f\n\x07\x61\x62orted\x18\x01 \x01(\x08\"\x0e\n\x0cStatsRequest\"\x98\x06\n\x0bWorkerStats\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0c\n\x04role\x18\x02 \x01(\t\x12\x12\n\nnum_blocks\x18\x03 \x01(\r\x12\x17\n\x0fnum_free_blocks\x18\x04 \x01(\r\x12\x13\n\x0bnum_running\x18\x05 \x01(\r\x12\x13\n\x0bnum_waiting\x18\x06 \x01(\r\x12\x10\n\x08num_held\x18\x07 \x01(\r\x12\x1d\n\x15queued_prefill_tokens\x18\x08 \x01(\x04\x12\"\n\x1anum_prompt_tokens_computed\x18\t \x01(\x04\x12\x10\n\x08kv_usage\x18\n \x01(\x01\x12\x17\n\x0fnum_steps_total\x18\x0b \x01(\x04\x12\x15\n\rstep_ms_total\x18\x0c \x01(\x01\x12 \n\x18num_prefill_tokens_total\x18\r \x01(\x04\x12\x1f\n\x17num_decode_tokens_total\x18\x0e \x01(\x04\x12\x14\n\x0clast_step_ms\x18\x0f \x01(\x01\x12 \n\x18last_num_decode_requests\x18\x10 \x01(\r\x12\x1f\n\x17last_num_prefill_tokens\x18\x11 \x01(\r\x12\x1a\n\x12num_encode_waiting\x18\x12 \x01(\r\x12 \n\x18num_images_encoded_total\x18\x13 \x01(\x04\x12&\n\x1enum_embedding_cache_hits_total\x18\x14 \x01(\x04\x12\x1b\n\x13num_embedding_pages\x18\x15 \x01(\r\x12 \n\x18num_free_embedding_pages\x18\x16 \x01(\r\x12\x1e\n\x16num_quarantined_blocks\x18\x17 \x01(\r\x12\'\n\x1fnum_notifications_dropped_total\x18\x18 \x01(\x04\x12(\n num_kv_checksum_mismatches_total\x18\x19 \x01(\x04\x12\"\n\x1anum_kv_blocks_pulled_total\x18\x1a \x01(\x04\x12\"\n\x1anum_kv_blocks_reused_total\x18\x1b \x01(\x04\x32\xdc\x04\n\x06Worker\x12V\n\x07Prefill\x12$.scission.internal.v1.PrefillRequest\x1a%.scission.internal.v1.PrefillResponse\x12V\n\x07Release\x12$.scission.internal.v1.ReleaseRequest\x1a%.scission.internal.v1.ReleaseResponse\x12Q\n\x06\x44\x65\x63ode\x12#.scission.internal.v1.DecodeRequest\x1a .scission.internal.v1.TokenChunk0\x01\x12U\n\x08Generate\x12%.scission.internal.v1.GenerateRequest\x1a .scission.internal.v1.TokenChunk0\x01\x12S\n\x06\x45ncode\x12#.scission.internal.v1.EncodeRequest\x1a$.scission.internal.v1.EncodeResponse\x12P\n\x05\x41\x62ort\x12\".scission.internal.v1.AbortRequest\x1a#.scission.internal.v1.AbortResponse\x12Q\n\x08GetStats\x12\".scission.internal.v1.StatsRequest\x1a!.scission.internal.v1.WorkerStatsb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!scission/internal/v1/worker.proto\x12\x14scission.internal.v1\"\xb1\x01\n\x0eSamplingParams\x12\x13\n\x0btemperature\x18\x01 \x01(\x02\x12\r\n\x05top_k\x18\x02 \x01(\x05\x12\r\n\x05top_p\x18\x03 \x01(\x02\x12\x10\n\x08has_seed\x18\x04 \x01(\x08\x12\x0c\n\x04seed\x18\x05 \x01(\x04\x12\x12\n\nmax_tokens\x18\x06 \x01(\r\x12\x0c\n\x04stop\x18\x07 \x03(\t\x12\x16\n\x0estop_token_ids\x18\x08 \x03(\x05\x12\x12\n\nignore_eos\x18\t \x01(\x08\"X\n\x08ImageRef\x12\x0e\n\x06offset\x18\x01 \x01(\r\x12\x0e\n\x06length\x18\x02 \x01(\r\x12\x12\n\nimage_hash\x18\x03 \x01(\x0c\x12\x18\n\x10\x65mbedding_handle\x18\x04 \x01(\x0c\"\xbf\x01\n\x0ePrefillRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\x05\x12\x36\n\x08sampling\x18\x03 \x01(\x0b\x32$.scission.internal.v1.SamplingParams\x12.\n\x06images\x18\x04 \x03(\x0b\x32\x1e.scission.internal.v1.ImageRef\x12\x17\n\x0fpipeline_secret\x18\x05 \x01(\x0c\"\xa1\x01\n\x0fPrefillResponse\x12\x16\n\x0e\x66irst_token_id\x18\x01 \x01(\x05\x12\x17\n\x0ftransfer_handle\x18\x02 \x01(\x0c\x12\x15\n\rcached_tokens\x18\x03 \x01(\r\x12\x10\n\x08\x66inished\x18\x04 \x01(\x08\x12\x15\n\rfinish_reason\x18\x05 \x01(\t\x12\x0c\n\x04text\x18\x06 \x01(\t\x12\x0f\n\x07hold_id\x18\x07 \x01(\x04\"P\n\x0eReleaseRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x19\n\x11\x65mbedding_pin_ids\x18\x02 \x03(\t\x12\x0f\n\x07hold_id\x18\x03 \x01(\x04\"#\n\x0fReleaseResponse\x12\x10\n\x08released\x18\x01 \x01(\x08\"\x8a\x02\n\rDecodeRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\x05\x12\x16\n\x0e\x66irst_token_id\x18\x03 \x01(\x05\x12\x36\n\x08sampling\x18\x04 \x01(\x0b\x32$.scission.internal.v1.SamplingParams\x12\x17\n\x0ftransfer_handle\x18\x05 \x01(\x0c\x12.\n\x06images\x18\x06 \x03(\x0b\x32\x1e.scission.internal.v1.ImageRef\x12\x32\n\x08pipeline\x18\x07 \x01(\x0b\x32 .scission.internal.v1.KVPipeline\"@\n\nKVPipeline\x12\x19\n\x11prefill_worker_id\x18\x01 \x01(\t\x12\x17\n\x0fpipeline_secret\x18\x02 \x01(\x0c\"B\n\x13WatchPrefillRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x17\n\x0fpipeline_secret\x18\x02 \x01(\x0c\"\x93\x01\n\x0fPrefillProgress\x12\x17\n\x0ftransfer_handle\x18\x01 \x01(\x0c\x12\r\n\x05\x66inal\x18\x02 \x01(\x08\x12\x16\n\x0e\x66irst_token_id\x18\x03 \x01(\x05\x12\x10\n\x08\x66inished\x18\x04 \x01(\x08\x12\x15\n\rfinish_reason\x18\x05 \x01(\t\x12\x17\n\x0fnum_preemptions\x18\x06 \x01(\r\"\xc1\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\x05\x12\x36\n\x08sampling\x18\x03 \x01(\x0b\x32$.scission.internal.v1.SamplingParams\x12\x18\n\x10output_token_ids\x18\x04 \x03(\x05\x12.\n\x06images\x18\x05 \x03(\x0b\x32\x1e.scission.internal.v1.ImageRef\"2\n\rEncodeRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05image\x18\x02 \x01(\x0c\"|\n\x0e\x45ncodeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\x12\n\nimage_hash\x18\x02 \x01(\x0c\x12\x16\n\x0enum_embeddings\x18\x03 \x01(\r\x12\x18\n\x10\x65mbedding_handle\x18\x04 \x01(\x0c\x12\x11\n\tcache_hit\x18\x05 \x01(\x08\"j\n\nTokenChunk\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x15\n\rfinish_reason\x18\x03 \x01(\t\x12\x15\n\rcached_tokens\x18\x04 \x01(\r\x12\r\n\x05\x65rror\x18\x05 \x01(\t\"\"\n\x0c\x41\x62ortRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\" \n\rAbortResponse\x12\x0f\n\x07\x61\x62orted\x18\x01 \x01(\x08\"\x0e\n\x0cStatsRequest\"\xbe\x06\n\x0bWorkerStats\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0c\n\x04role\x18\x02 \x01(\t\x12\x12\n\nnum_blocks\x18\x03 \x01(\r\x12\x17\n\x0fnum_free_blocks\x18\x04 \x01(\r\x12\x13\n\x0bnum_running\x18\x05 \x01(\r\x12\x13\n\x0bnum_waiting\x18\x06 \x01(\r\x12\x10\n\x08num_held\x18\x07 \x01(\r\x12\x1d\n\x15queued_prefill_tokens\x18\x08 \x01(\x04\x12\"\n\x1anum_prompt_tokens_computed\x18\t \x01(\x04\x12\x10\n\x08kv_usage\x18\n \x01(\x01\x12\x17\n\x0fnum_steps_total\x18\x0b \x01(\x04\x12\x15\n\rstep_ms_total\x18\x0c \x01(\x01\x12 \n\x18num_prefill_tokens_total\x18\r \x01(\x04\x12\x1f\n\x17num_decode_tokens_total\x18\x0e \x01(\x04\x12\x14\n\x0clast_step_ms\x18\x0f \x01(\x01\x12 \n\x18last_num_decode_requests\x18\x10 \x01(\r\x12\x1f\n\x17last_num_prefill_tokens\x18\x11 \x01(\r\x12\x1a\n\x12num_encode_waiting\x18\x12 \x01(\r\x12 \n\x18num_images_encoded_total\x18\x13 \x01(\x04\x12&\n\x1enum_embedding_cache_hits_total\x18\x14 \x01(\x04\x12\x1b\n\x13num_embedding_pages\x18\x15 \x01(\r\x12 \n\x18num_free_embedding_pages\x18\x16 \x01(\r\x12\x1e\n\x16num_quarantined_blocks\x18\x17 \x01(\r\x12\'\n\x1fnum_notifications_dropped_total\x18\x18 \x01(\x04\x12(\n num_kv_checksum_mismatches_total\x18\x19 \x01(\x04\x12\"\n\x1anum_kv_blocks_pulled_total\x18\x1a \x01(\x04\x12\"\n\x1anum_kv_blocks_reused_total\x18\x1b \x01(\x04\x12$\n\x1cnum_kv_pipelined_reads_total\x18\x1c \x01(\x04\x32\xc0\x05\n\x06Worker\x12V\n\x07Prefill\x12$.scission.internal.v1.PrefillRequest\x1a%.scission.internal.v1.PrefillResponse\x12V\n\x07Release\x12$.scission.internal.v1.ReleaseRequest\x1a%.scission.internal.v1.ReleaseResponse\x12\x62\n\x0cWatchPrefill\x12).scission.internal.v1.WatchPrefillRequest\x1a%.scission.internal.v1.PrefillProgress0\x01\x12Q\n\x06\x44\x65\x63ode\x12#.scission.internal.v1.DecodeRequest\x1a .scission.internal.v1.TokenChunk0\x01\x12U\n\x08Generate\x12%.scission.internal.v1.GenerateRequest\x1a .scission.internal.v1.TokenChunk0\x01\x12S\n\x06\x45ncode\x12#.scission.internal.v1.EncodeRequest\x1a$.scission.internal.v1.EncodeResponse\x12P\n\x05\x41\x62ort\x12\".scission.internal.v1.AbortRequest\x1a#.scission.internal.v1.AbortResponse\x12Q\n\x08GetStats\x12\".scission.internal.v1.StatsRequest\x1a!.scission.internal.v1.WorkerStatsb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,31 +36,37 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_IMAGEREF']._serialized_start=239
   _globals['_IMAGEREF']._serialized_end=327
   _globals['_PREFILLREQUEST']._serialized_start=330
-  _globals['_PREFILLREQUEST']._serialized_end=496
-  _globals['_PREFILLRESPONSE']._serialized_start=499
-  _globals['_PREFILLRESPONSE']._serialized_end=660
-  _globals['_RELEASEREQUEST']._serialized_start=662
-  _globals['_RELEASEREQUEST']._serialized_end=742
-  _globals['_RELEASERESPONSE']._serialized_start=744
-  _globals['_RELEASERESPONSE']._serialized_end=779
-  _globals['_DECODEREQUEST']._serialized_start=782
-  _globals['_DECODEREQUEST']._serialized_end=996
-  _globals['_GENERATEREQUEST']._serialized_start=999
-  _globals['_GENERATEREQUEST']._serialized_end=1192
-  _globals['_ENCODEREQUEST']._serialized_start=1194
-  _globals['_ENCODEREQUEST']._serialized_end=1244
-  _globals['_ENCODERESPONSE']._serialized_start=1246
-  _globals['_ENCODERESPONSE']._serialized_end=1370
-  _globals['_TOKENCHUNK']._serialized_start=1372
-  _globals['_TOKENCHUNK']._serialized_end=1478
-  _globals['_ABORTREQUEST']._serialized_start=1480
-  _globals['_ABORTREQUEST']._serialized_end=1514
-  _globals['_ABORTRESPONSE']._serialized_start=1516
-  _globals['_ABORTRESPONSE']._serialized_end=1548
-  _globals['_STATSREQUEST']._serialized_start=1550
-  _globals['_STATSREQUEST']._serialized_end=1564
-  _globals['_WORKERSTATS']._serialized_start=1567
-  _globals['_WORKERSTATS']._serialized_end=2359
-  _globals['_WORKER']._serialized_start=2362
-  _globals['_WORKER']._serialized_end=2966
+  _globals['_PREFILLREQUEST']._serialized_end=521
+  _globals['_PREFILLRESPONSE']._serialized_start=524
+  _globals['_PREFILLRESPONSE']._serialized_end=685
+  _globals['_RELEASEREQUEST']._serialized_start=687
+  _globals['_RELEASEREQUEST']._serialized_end=767
+  _globals['_RELEASERESPONSE']._serialized_start=769
+  _globals['_RELEASERESPONSE']._serialized_end=804
+  _globals['_DECODEREQUEST']._serialized_start=807
+  _globals['_DECODEREQUEST']._serialized_end=1073
+  _globals['_KVPIPELINE']._serialized_start=1075
+  _globals['_KVPIPELINE']._serialized_end=1139
+  _globals['_WATCHPREFILLREQUEST']._serialized_start=1141
+  _globals['_WATCHPREFILLREQUEST']._serialized_end=1207
+  _globals['_PREFILLPROGRESS']._serialized_start=1210
+  _globals['_PREFILLPROGRESS']._serialized_end=1357
+  _globals['_GENERATEREQUEST']._serialized_start=1360
+  _globals['_GENERATEREQUEST']._serialized_end=1553
+  _globals['_ENCODEREQUEST']._serialized_start=1555
+  _globals['_ENCODEREQUEST']._serialized_end=1605
+  _globals['_ENCODERESPONSE']._serialized_start=1607
+  _globals['_ENCODERESPONSE']._serialized_end=1731
+  _globals['_TOKENCHUNK']._serialized_start=1733
+  _globals['_TOKENCHUNK']._serialized_end=1839
+  _globals['_ABORTREQUEST']._serialized_start=1841
+  _globals['_ABORTREQUEST']._serialized_end=1875
+  _globals['_ABORTRESPONSE']._serialized_start=1877
+  _globals['_ABORTRESPONSE']._serialized_end=1909
+  _globals['_STATSREQUEST']._serialized_start=1911
+  _globals['_STATSREQUEST']._serialized_end=1925
+  _globals['_WORKERSTATS']._serialized_start=1928
+  _globals['_WORKERSTATS']._serialized_end=2758
+  _globals['_WORKER']._serialized_start=2761
+  _globals['_WORKER']._serialized_end=3465
 # @@protoc_insertion_point(module_scope)

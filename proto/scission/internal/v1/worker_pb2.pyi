@@ -41,16 +41,18 @@ class ImageRef(_message.Message):
     def __init__(self, offset: _Optional[int] = ..., length: _Optional[int] = ..., image_hash: _Optional[bytes] = ..., embedding_handle: _Optional[bytes] = ...) -> None: ...
 
 class PrefillRequest(_message.Message):
-    __slots__ = ("request_id", "prompt_token_ids", "sampling", "images")
+    __slots__ = ("request_id", "prompt_token_ids", "sampling", "images", "pipeline_secret")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
     IMAGES_FIELD_NUMBER: _ClassVar[int]
+    PIPELINE_SECRET_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     prompt_token_ids: _containers.RepeatedScalarFieldContainer[int]
     sampling: SamplingParams
     images: _containers.RepeatedCompositeFieldContainer[ImageRef]
-    def __init__(self, request_id: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., images: _Optional[_Iterable[_Union[ImageRef, _Mapping]]] = ...) -> None: ...
+    pipeline_secret: bytes
+    def __init__(self, request_id: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., images: _Optional[_Iterable[_Union[ImageRef, _Mapping]]] = ..., pipeline_secret: _Optional[bytes] = ...) -> None: ...
 
 class PrefillResponse(_message.Message):
     __slots__ = ("first_token_id", "transfer_handle", "cached_tokens", "finished", "finish_reason", "text", "hold_id")
@@ -87,20 +89,54 @@ class ReleaseResponse(_message.Message):
     def __init__(self, released: _Optional[bool] = ...) -> None: ...
 
 class DecodeRequest(_message.Message):
-    __slots__ = ("request_id", "prompt_token_ids", "first_token_id", "sampling", "transfer_handle", "images")
+    __slots__ = ("request_id", "prompt_token_ids", "first_token_id", "sampling", "transfer_handle", "images", "pipeline")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     FIRST_TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
     TRANSFER_HANDLE_FIELD_NUMBER: _ClassVar[int]
     IMAGES_FIELD_NUMBER: _ClassVar[int]
+    PIPELINE_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     prompt_token_ids: _containers.RepeatedScalarFieldContainer[int]
     first_token_id: int
     sampling: SamplingParams
     transfer_handle: bytes
     images: _containers.RepeatedCompositeFieldContainer[ImageRef]
-    def __init__(self, request_id: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., first_token_id: _Optional[int] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., transfer_handle: _Optional[bytes] = ..., images: _Optional[_Iterable[_Union[ImageRef, _Mapping]]] = ...) -> None: ...
+    pipeline: KVPipeline
+    def __init__(self, request_id: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., first_token_id: _Optional[int] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., transfer_handle: _Optional[bytes] = ..., images: _Optional[_Iterable[_Union[ImageRef, _Mapping]]] = ..., pipeline: _Optional[_Union[KVPipeline, _Mapping]] = ...) -> None: ...
+
+class KVPipeline(_message.Message):
+    __slots__ = ("prefill_worker_id", "pipeline_secret")
+    PREFILL_WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    PIPELINE_SECRET_FIELD_NUMBER: _ClassVar[int]
+    prefill_worker_id: str
+    pipeline_secret: bytes
+    def __init__(self, prefill_worker_id: _Optional[str] = ..., pipeline_secret: _Optional[bytes] = ...) -> None: ...
+
+class WatchPrefillRequest(_message.Message):
+    __slots__ = ("request_id", "pipeline_secret")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    PIPELINE_SECRET_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    pipeline_secret: bytes
+    def __init__(self, request_id: _Optional[str] = ..., pipeline_secret: _Optional[bytes] = ...) -> None: ...
+
+class PrefillProgress(_message.Message):
+    __slots__ = ("transfer_handle", "final", "first_token_id", "finished", "finish_reason", "num_preemptions")
+    TRANSFER_HANDLE_FIELD_NUMBER: _ClassVar[int]
+    FINAL_FIELD_NUMBER: _ClassVar[int]
+    FIRST_TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
+    FINISHED_FIELD_NUMBER: _ClassVar[int]
+    FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
+    NUM_PREEMPTIONS_FIELD_NUMBER: _ClassVar[int]
+    transfer_handle: bytes
+    final: bool
+    first_token_id: int
+    finished: bool
+    finish_reason: str
+    num_preemptions: int
+    def __init__(self, transfer_handle: _Optional[bytes] = ..., final: _Optional[bool] = ..., first_token_id: _Optional[int] = ..., finished: _Optional[bool] = ..., finish_reason: _Optional[str] = ..., num_preemptions: _Optional[int] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
     __slots__ = ("request_id", "prompt_token_ids", "sampling", "output_token_ids", "images")
@@ -169,7 +205,7 @@ class StatsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class WorkerStats(_message.Message):
-    __slots__ = ("worker_id", "role", "num_blocks", "num_free_blocks", "num_running", "num_waiting", "num_held", "queued_prefill_tokens", "num_prompt_tokens_computed", "kv_usage", "num_steps_total", "step_ms_total", "num_prefill_tokens_total", "num_decode_tokens_total", "last_step_ms", "last_num_decode_requests", "last_num_prefill_tokens", "num_encode_waiting", "num_images_encoded_total", "num_embedding_cache_hits_total", "num_embedding_pages", "num_free_embedding_pages", "num_quarantined_blocks", "num_notifications_dropped_total", "num_kv_checksum_mismatches_total", "num_kv_blocks_pulled_total", "num_kv_blocks_reused_total")
+    __slots__ = ("worker_id", "role", "num_blocks", "num_free_blocks", "num_running", "num_waiting", "num_held", "queued_prefill_tokens", "num_prompt_tokens_computed", "kv_usage", "num_steps_total", "step_ms_total", "num_prefill_tokens_total", "num_decode_tokens_total", "last_step_ms", "last_num_decode_requests", "last_num_prefill_tokens", "num_encode_waiting", "num_images_encoded_total", "num_embedding_cache_hits_total", "num_embedding_pages", "num_free_embedding_pages", "num_quarantined_blocks", "num_notifications_dropped_total", "num_kv_checksum_mismatches_total", "num_kv_blocks_pulled_total", "num_kv_blocks_reused_total", "num_kv_pipelined_reads_total")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
     NUM_BLOCKS_FIELD_NUMBER: _ClassVar[int]
@@ -197,6 +233,7 @@ class WorkerStats(_message.Message):
     NUM_KV_CHECKSUM_MISMATCHES_TOTAL_FIELD_NUMBER: _ClassVar[int]
     NUM_KV_BLOCKS_PULLED_TOTAL_FIELD_NUMBER: _ClassVar[int]
     NUM_KV_BLOCKS_REUSED_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    NUM_KV_PIPELINED_READS_TOTAL_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     role: str
     num_blocks: int
@@ -224,4 +261,5 @@ class WorkerStats(_message.Message):
     num_kv_checksum_mismatches_total: int
     num_kv_blocks_pulled_total: int
     num_kv_blocks_reused_total: int
-    def __init__(self, worker_id: _Optional[str] = ..., role: _Optional[str] = ..., num_blocks: _Optional[int] = ..., num_free_blocks: _Optional[int] = ..., num_running: _Optional[int] = ..., num_waiting: _Optional[int] = ..., num_held: _Optional[int] = ..., queued_prefill_tokens: _Optional[int] = ..., num_prompt_tokens_computed: _Optional[int] = ..., kv_usage: _Optional[float] = ..., num_steps_total: _Optional[int] = ..., step_ms_total: _Optional[float] = ..., num_prefill_tokens_total: _Optional[int] = ..., num_decode_tokens_total: _Optional[int] = ..., last_step_ms: _Optional[float] = ..., last_num_decode_requests: _Optional[int] = ..., last_num_prefill_tokens: _Optional[int] = ..., num_encode_waiting: _Optional[int] = ..., num_images_encoded_total: _Optional[int] = ..., num_embedding_cache_hits_total: _Optional[int] = ..., num_embedding_pages: _Optional[int] = ..., num_free_embedding_pages: _Optional[int] = ..., num_quarantined_blocks: _Optional[int] = ..., num_notifications_dropped_total: _Optional[int] = ..., num_kv_checksum_mismatches_total: _Optional[int] = ..., num_kv_blocks_pulled_total: _Optional[int] = ..., num_kv_blocks_reused_total: _Optional[int] = ...) -> None: ...
+    num_kv_pipelined_reads_total: int
+    def __init__(self, worker_id: _Optional[str] = ..., role: _Optional[str] = ..., num_blocks: _Optional[int] = ..., num_free_blocks: _Optional[int] = ..., num_running: _Optional[int] = ..., num_waiting: _Optional[int] = ..., num_held: _Optional[int] = ..., queued_prefill_tokens: _Optional[int] = ..., num_prompt_tokens_computed: _Optional[int] = ..., kv_usage: _Optional[float] = ..., num_steps_total: _Optional[int] = ..., step_ms_total: _Optional[float] = ..., num_prefill_tokens_total: _Optional[int] = ..., num_decode_tokens_total: _Optional[int] = ..., last_step_ms: _Optional[float] = ..., last_num_decode_requests: _Optional[int] = ..., last_num_prefill_tokens: _Optional[int] = ..., num_encode_waiting: _Optional[int] = ..., num_images_encoded_total: _Optional[int] = ..., num_embedding_cache_hits_total: _Optional[int] = ..., num_embedding_pages: _Optional[int] = ..., num_free_embedding_pages: _Optional[int] = ..., num_quarantined_blocks: _Optional[int] = ..., num_notifications_dropped_total: _Optional[int] = ..., num_kv_checksum_mismatches_total: _Optional[int] = ..., num_kv_blocks_pulled_total: _Optional[int] = ..., num_kv_blocks_reused_total: _Optional[int] = ..., num_kv_pipelined_reads_total: _Optional[int] = ...) -> None: ...

@@ -44,6 +44,11 @@ class WorkerStub:
                 request_serializer=scission_dot_internal_dot_v1_dot_worker__pb2.ReleaseRequest.SerializeToString,
                 response_deserializer=scission_dot_internal_dot_v1_dot_worker__pb2.ReleaseResponse.FromString,
                 _registered_method=True)
+        self.WatchPrefill = channel.unary_stream(
+                '/scission.internal.v1.Worker/WatchPrefill',
+                request_serializer=scission_dot_internal_dot_v1_dot_worker__pb2.WatchPrefillRequest.SerializeToString,
+                response_deserializer=scission_dot_internal_dot_v1_dot_worker__pb2.PrefillProgress.FromString,
+                _registered_method=True)
         self.Decode = channel.unary_stream(
                 '/scission.internal.v1.Worker/Decode',
                 request_serializer=scission_dot_internal_dot_v1_dot_worker__pb2.DecodeRequest.SerializeToString,
@@ -84,6 +89,15 @@ class WorkerServicer:
 
     def Release(self, request, context):
         """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def WatchPrefill(self, request, context):
+        """Prefill role, pipelined KV hand-off: the KV of a prompt being prefilled, published per
+        engine step as its blocks fill (partial handles), then the final handle and first token.
+        The caller must quote the PrefillRequest's pipeline_secret.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -136,6 +150,11 @@ def add_WorkerServicer_to_server(servicer, server):
                     servicer.Release,
                     request_deserializer=scission_dot_internal_dot_v1_dot_worker__pb2.ReleaseRequest.FromString,
                     response_serializer=scission_dot_internal_dot_v1_dot_worker__pb2.ReleaseResponse.SerializeToString,
+            ),
+            'WatchPrefill': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchPrefill,
+                    request_deserializer=scission_dot_internal_dot_v1_dot_worker__pb2.WatchPrefillRequest.FromString,
+                    response_serializer=scission_dot_internal_dot_v1_dot_worker__pb2.PrefillProgress.SerializeToString,
             ),
             'Decode': grpc.unary_stream_rpc_method_handler(
                     servicer.Decode,
@@ -217,6 +236,33 @@ class Worker:
             '/scission.internal.v1.Worker/Release',
             scission_dot_internal_dot_v1_dot_worker__pb2.ReleaseRequest.SerializeToString,
             scission_dot_internal_dot_v1_dot_worker__pb2.ReleaseResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchPrefill(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/scission.internal.v1.Worker/WatchPrefill',
+            scission_dot_internal_dot_v1_dot_worker__pb2.WatchPrefillRequest.SerializeToString,
+            scission_dot_internal_dot_v1_dot_worker__pb2.PrefillProgress.FromString,
             options,
             channel_credentials,
             insecure,
