@@ -9,6 +9,9 @@ from importlib.metadata import entry_points
 
 from scission.cluster import commands, planner_cli, pools_cli
 from scission.cluster.client import API_KEY_ENV
+from scission.cluster.etcd_args import add_embedded_etcd_args
+from scission.cluster.etcd_args import add_etcd_args as _etcd_args
+from scission.cluster.etcd_args import add_etcd_client_args as _etcd_tls_args
 from scission.registry.pools import PlannerMode
 from scission.router.config import RoutingPolicy
 from scission.router.images import SUPPORTED_IMAGE_FORMATS
@@ -62,6 +65,7 @@ def _cluster_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--etcd-endpoints", default="",
                    help="comma-separated host:port of an existing etcd (default: embedded)")
     _etcd_tls_args(g)
+    add_embedded_etcd_args(g)
     g.add_argument("--ray-address", default=None, help="join this Ray cluster (default: local)")
     g.add_argument("--lease-ttl-s", type=int, default=5,
                    help="worker lease TTL: a dead worker leaves discovery within this")
@@ -264,28 +268,6 @@ PLANNER_EPILOG = """modes: off = no decisions; advisory = decide and record deci
 reasons, change nothing; auto = decide and write targets / flips (never during an operator's
 hold). pause / resume stop and restart decisions without changing the mode.
 """
-
-
-def _etcd_args(p: argparse.ArgumentParser, inherited: bool = False) -> None:
-    """--etcd-endpoints / --prefix. ``inherited``: on a subcommand of a parser that has them
-    too; its defaults are suppressed so ``pools --prefix P scale ...`` keeps P."""
-    default = argparse.SUPPRESS if inherited else None
-    g = p.add_argument_group("etcd")
-    g.add_argument("--etcd-endpoints", default=default if inherited else "",
-                   help="comma-separated host:port (default: from `scission up`)")
-    g.add_argument("--prefix", default=default,
-                   help="registry key prefix (default: from `scission up`, else /scission)")
-    _etcd_tls_args(g, default)
-
-
-def _etcd_tls_args(g, default=None) -> None:
-    """TLS to etcd (PEM files); without them the connection is plaintext."""
-    g.add_argument("--etcd-cacert", default=default, metavar="PEM",
-                   help="CA that signed etcd's server certificate: speak TLS to etcd")
-    g.add_argument("--etcd-cert", default=default, metavar="PEM",
-                   help="client certificate for etcd's --client-cert-auth (with --etcd-key)")
-    g.add_argument("--etcd-key", default=default, metavar="PEM",
-                   help="the client certificate's private key")
 
 
 def _json_arg(p: argparse.ArgumentParser, inherited: bool = False) -> None:

@@ -19,10 +19,15 @@ from scission.cluster.shutdown import (
     request_stop,
     stop_cluster,
 )
-from scission.cluster.state import DEFAULT_STATE_FILE, ClusterState, StopRequest, etcd_tls_files
+from scission.cluster.state import (
+    DEFAULT_STATE_FILE,
+    ClusterState,
+    StopRequest,
+    etcd_client_config,
+    etcd_tls_files,
+)
 from scission.engine.config import CacheConfig, EngineConfig, SchedulerConfig
 from scission.registry.pools import PlannerMode
-from scission.registry.workers import etcd_config_from_files
 from scission.router.auth import load_api_keys
 from scission.router.config import PlacementConfig, RouterConfig, RoutingPolicy
 
@@ -46,14 +51,16 @@ def cluster_config(args: argparse.Namespace) -> ClusterConfig:
                           enable_prefix_caching=not args.no_prefix_caching),
         scheduler=SchedulerConfig(max_num_batched_tokens=args.max_batched_tokens))
     endpoints = tuple(e for e in args.etcd_endpoints.split(",") if e)
-    tls_files = etcd_tls_files(args)
-    if tls_files and not endpoints:
-        raise ValueError("--etcd-cacert/--etcd-cert/--etcd-key are for an external etcd: "
-                         "pass --etcd-endpoints too (the embedded etcd speaks plaintext)")
-    etcd_tls = etcd_config_from_files(endpoints or ("127.0.0.1:2379",), *tls_files) \
-        if tls_files else None
+    external = etcd_tls_files(args) or getattr(args, "etcd_user", None)
+    if external and not endpoints:
+        raise ValueError("--etcd-cacert/--etcd-cert/--etcd-key/--etcd-user are for an external "
+                         "etcd: pass --etcd-endpoints too (for TLS to the embedded etcd: "
+                         "--embedded-etcd-tls)")
+    if endpoints and getattr(args, "embedded_etcd_tls", False):
+        raise ValueError("--embedded-etcd-tls is for the embedded etcd: drop --etcd-endpoints")
     return ClusterConfig(
-        etcd_tls=etcd_tls,
+        etcd_tls=etcd_client_config(args, endpoints, None) if external else None,
+        embedded_etcd_tls=getattr(args, "embedded_etcd_tls", False),
         num_prefill=args.prefill, num_decode=args.decode, num_colocated=args.colocated,
         num_encode=args.encode, engine=engine, router=_router_config(args),
         etcd_endpoints=endpoints, ray_address=args.ray_address, lease_ttl_s=args.lease_ttl_s,
@@ -118,9 +125,7 @@ def up(args: argparse.Namespace) -> int:
     stop = StopSignal().install()  # LocalCluster keeps these across ray.init (not Ray's)
     cluster = _start(cfg)
     stop.serving = True
-    endpoints = list(cfg.etcd_endpoints) or [cluster.etcd.endpoint]
-    ClusterState(os.getpid(), cluster.router_address, endpoints, cfg.registry_prefix,
-                 max_workers=cluster.max_workers, etcd_tls_files=etcd_tls_files(args)).write()
+    _state(args, cfg, cluster).write()
     scheme = "https" if cfg.router.tls else "http"
     http = (f"\nscission OpenAI-compatible HTTP on {scheme}://{cluster.router_http_address}/v1"
             if cluster.router_http_address else "")
@@ -140,6 +145,21 @@ def up(args: argparse.Namespace) -> int:
     result = judge(report)
     print(f"scission: {result.message}", file=sys.stderr, flush=True)
     return 0 if result.ok else 1
+
+
+def _state(args: argparse.Namespace, cfg: ClusterConfig, cluster: LocalCluster) -> ClusterState:
+    """What later commands on this host need: the etcd endpoints and client credentials
+    (paths: the embedded etcd's client certificate, or the external etcd's files and user)."""
+    etcd = cluster.etcd
+    tls = etcd.tls_files if etcd is not None else None
+    password_file = getattr(args, "etcd_password_file", None)
+    return ClusterState(os.getpid(), cluster.router_address,
+                        list(cfg.etcd_endpoints) or [etcd.endpoint], cfg.registry_prefix,
+                        max_workers=cluster.max_workers,
+                        etcd_tls_files=tls.client_files() if tls else etcd_tls_files(args),
+                        etcd_user=getattr(args, "etcd_user", None) or "",
+                        etcd_password_file=os.path.abspath(password_file) if password_file
+                        else "")
 
 
 def down(args: argparse.Namespace) -> int:
@@ -217,8 +237,7 @@ def status(args: argparse.Namespace) -> int:
         return _fail("no etcd endpoint: pass --etcd-endpoints or start one with `scission up`")
     prefix = args.prefix or (state.registry_prefix if state else "/scission")
     try:
-        etcd = etcd_config_from_files(endpoints, *(etcd_tls_files(args) or (
-            state.etcd_tls_files if state else [])))
+        etcd = etcd_client_config(args, endpoints, state)
     except ValueError as e:
         return _fail(str(e))
     return print_status(etcd, prefix, args.json)

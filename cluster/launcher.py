@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import ray
 
 from scission.cluster.controller import ControllerConfig
-from scission.cluster.etcd_server import EmbeddedEtcd
+from scission.cluster.etcd_server import EmbeddedEtcd, EmbeddedEtcdConfig
 from scission.cluster.planner.core import PlannerConfig
 from scission.cluster.spawner import WorkerTemplate
 from scission.engine.config import EngineConfig
@@ -42,8 +42,12 @@ class ClusterConfig:
     engine: EngineConfig = field(default_factory=EngineConfig)
     router: RouterConfig = field(default_factory=RouterConfig)
     etcd_endpoints: tuple[str, ...] = ()  # empty = start an embedded etcd
-    # TLS to that external etcd (``registry.workers.etcd_config_from_files``); None = plain
+    # TLS and/or user/password to that external etcd (``state.etcd_client_config``);
+    # None = plaintext, no user
     etcd_tls: EtcdClientConfig | None = field(default=None, repr=False)
+    # The embedded etcd serves only TLS with client certificates (certificates made at start;
+    # every component gets the client one): ``EmbeddedEtcdConfig.tls``
+    embedded_etcd_tls: bool = False
     ray_address: str | None = None  # None = start a local Ray
     registry_prefix: str = "/scission"
     lease_ttl_s: int = 5
@@ -172,10 +176,13 @@ class LocalCluster:
         if not endpoints:
             # Supervised: restarted on the same port and data dir if it dies (workers and the
             # router reconnect; their leases and registrations survive in the data dir).
-            self.etcd = EmbeddedEtcd().start().supervise()
-            endpoints = (self.etcd.endpoint,)
-        self._etcd_cfg = EtcdClientConfig(endpoints=endpoints) if cfg.etcd_tls is None or \
-            not cfg.etcd_endpoints else dataclasses.replace(cfg.etcd_tls, endpoints=endpoints)
+            etcd_cfg = EmbeddedEtcdConfig(tls=cfg.embedded_etcd_tls)
+            self.etcd = EmbeddedEtcd(etcd_cfg).start().supervise()
+            self._etcd_cfg = self.etcd.client_config()
+        elif cfg.etcd_tls is not None:
+            self._etcd_cfg = dataclasses.replace(cfg.etcd_tls, endpoints=endpoints)
+        else:
+            self._etcd_cfg = EtcdClientConfig(endpoints=endpoints)
         from scission.cluster.actors import ControllerActor, RouterActor
 
         self.controller = ControllerActor.remote(self._controller_config(), self._template(),

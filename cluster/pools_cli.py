@@ -44,7 +44,7 @@ from scission.cluster.pools_targets import (
     targets_text,
     update_targets,
 )
-from scission.cluster.state import ClusterState, etcd_tls_files
+from scission.cluster.state import ClusterState, etcd_client_config
 from scission.registry.directory import WorkerDirectory
 from scission.registry.etcd_watch import ETCD_ERRORS, describe_etcd_error
 from scission.registry.metrics import SCOPE_CLUSTER
@@ -62,7 +62,6 @@ from scission.registry.workers import (
     WorkerInfo,
     WorkerRole,
     connect,
-    etcd_config_from_files,
 )
 
 logger = logging.getLogger(__name__)
@@ -131,12 +130,11 @@ def open_conn(args: argparse.Namespace) -> Conn:
     if not endpoints:
         raise CliError("no etcd endpoint: pass --etcd-endpoints or start one with `scission up`")
     prefix = args.prefix or (state.registry_prefix if state else DEFAULT_PREFIX)
-    tls = state.etcd_tls_files if state else []
     same = state is not None and state.etcd_endpoints == endpoints \
         and state.registry_prefix.rstrip("/") == prefix.rstrip("/")
     try:
         registry = RegistryConfig(prefix=prefix)
-        client = connect(etcd_config_from_files(endpoints, *(etcd_tls_files(args) or tls)))
+        client = connect(etcd_client_config(args, endpoints, state))
     except ValueError as exc:
         raise CliError(str(exc)) from exc
     return Conn(client, registry, PoolStore(client, registry),

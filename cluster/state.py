@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from scission.cluster.procs import pid_alive
+from scission.registry.etcd_client import EtcdClientConfig, etcd_config_from_files
 
 DEFAULT_STATE_FILE = Path(os.environ.get("SCISSION_STATE_FILE",
                                          Path.home() / ".scission" / "cluster.json"))
@@ -27,9 +28,14 @@ class ClusterState:
     etcd_endpoints: list[str]
     registry_prefix: str
     max_workers: int | None = None  # the worker budget (`up --max-workers` or its default)
-    # An external etcd's TLS files (`up --etcd-cacert/--etcd-cert/--etcd-key`): the paths,
-    # for later commands on this host; [] = plaintext.
+    # etcd's TLS files [ca, cert, key] for later commands on this host: an external etcd's
+    # (`up --etcd-cacert/--etcd-cert/--etcd-key`) or the embedded one's client certificate
+    # (`up --embedded-etcd-tls`); [] = plaintext.
     etcd_tls_files: list[str] = field(default_factory=list)
+    # `up --etcd-user` and the path of its --etcd-password-file ("" = $SCISSION_ETCD_PASSWORD);
+    # never the password itself.
+    etcd_user: str = ""
+    etcd_password_file: str = ""
 
     def write(self, path: Path = DEFAULT_STATE_FILE) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -113,3 +119,19 @@ def etcd_tls_files(args) -> list[str]:
     """[ca, cert, key] from --etcd-cacert/--etcd-cert/--etcd-key ([] when none is given)."""
     files = [getattr(args, n, None) or "" for n in ("etcd_cacert", "etcd_cert", "etcd_key")]
     return [os.path.abspath(f) if f else "" for f in files] if any(files) else []
+
+
+def etcd_client_config(args, endpoints, state: ClusterState | None) -> EtcdClientConfig:
+    """The etcd client config of a CLI command: TLS files and user from the flags, else from
+    the state file of ``scission up``; the password from --etcd-password-file (or the state's
+    file), else ``$SCISSION_ETCD_PASSWORD``.
+
+    Raises:
+        ValueError: a file cannot be read, a user without a password, ...
+    """
+    tls = etcd_tls_files(args) or (state.etcd_tls_files if state else [])
+    user = getattr(args, "etcd_user", None) or (state.etcd_user if state else "")
+    password_file = getattr(args, "etcd_password_file", None) or (
+        state.etcd_password_file if state and user == state.etcd_user else "")
+    return etcd_config_from_files(endpoints, *tls, user=user or "",
+                                  password_file=password_file or None)
