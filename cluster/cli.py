@@ -80,6 +80,9 @@ def _cluster_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--worker-host", default="auto",
                    help="address workers bind: auto = 127.0.0.1 on a Ray started here, 0.0.0.0 "
                         "(registered in etcd under the node's IP) when joining --ray-address")
+    g.add_argument("--worker-resource", action="append", default=[], metavar="ROLE=NAME[:N]",
+                   help="each ROLE worker asks Ray for N (default 1) of the custom resource NAME: "
+                        "it runs only on nodes started with it (ray start --resources); repeatable")
     g.add_argument("--max-router-restarts", type=int, default=3,
                    help="times Ray restarts the router if its process died (-1 = forever); it "
                         "comes back on the same address, streams in flight are lost")

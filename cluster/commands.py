@@ -28,6 +28,7 @@ from scission.cluster.state import (
 )
 from scission.engine.config import CacheConfig, EngineConfig, SchedulerConfig
 from scission.registry.pools import PlannerMode
+from scission.registry.workers import WorkerRole
 from scission.router.auth import load_api_keys
 from scission.router.config import PlacementConfig, RouterConfig, RoutingPolicy
 
@@ -69,7 +70,27 @@ def cluster_config(args: argparse.Namespace) -> ClusterConfig:
         planner_mode=PlannerMode(args.planner), slo_ttft_ms=args.slo_ttft_ms,
         slo_tpot_ms=args.slo_tpot_ms, max_workers=args.max_workers,
         drain_deadline_s=args.drain_deadline_s, planner_interval_s=args.planner_interval_s,
-        control_metrics_port=args.control_metrics_port, kv_checksums=args.kv_checksums)
+        control_metrics_port=args.control_metrics_port, kv_checksums=args.kv_checksums,
+        worker_resources=worker_resources(args.worker_resource))
+
+
+def worker_resources(items: list[str]) -> dict[WorkerRole, dict[str, float]]:
+    """``--worker-resource`` values: ``["decode=big_mem", "prefill=fast:0.5"]`` ->
+    ``{DECODE: {"big_mem": 1.0}, PREFILL: {"fast": 0.5}}``. Raises ValueError on a bad item
+    (unknown role, no name, an amount that is not a number > 0)."""
+    out: dict[WorkerRole, dict[str, float]] = {}
+    for item in items:
+        role_value, _, spec = item.partition("=")
+        name, _, amount = spec.partition(":")
+        try:
+            role, value = WorkerRole(role_value.strip()), float(amount or 1)
+        except ValueError:
+            role, value = None, 0.0
+        if role is None or not name.strip() or not value > 0:
+            raise ValueError(f"--worker-resource {item!r}: expected ROLE=NAME[:N], ROLE one of "
+                             f"{', '.join(r.value for r in WorkerRole)}, N > 0")
+        out.setdefault(role, {})[name.strip()] = value
+    return out
 
 
 def _abspath(path: str | None) -> str | None:

@@ -14,6 +14,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from scission.cluster.controller import ControllerConfig
 from scission.cluster.etcd_server import EmbeddedEtcd, EmbeddedEtcdConfig
@@ -68,6 +69,12 @@ class ClusterConfig:
     # 0.0.0.0 (advertising the node's IP) when joining one (``ray_address``, possibly
     # multi-node); or an explicit address.
     worker_host: str = "auto"
+    # Ray custom resources every worker of a role asks for (``--worker-resource``): a node
+    # started with ``ray start --resources '{"NAME": N}'`` hosts at most N such workers, a
+    # node without NAME none (e.g. decode only on the large-memory nodes; KubeRay: a worker
+    # group's ``rayStartParams.resources``). Applied at spawn; a role flip keeps the process
+    # where it runs. Empty = Ray places workers anywhere.
+    worker_resources: dict[WorkerRole, dict[str, float]] = field(default_factory=dict)
     # Elastic pools (cluster/controller.py, cluster/planner/): the planner's mode, its SLOs
     # (also the router's), the worker budget (None = Ray's CPUs / threads per worker), and how
     # long a drain waits before migrating what still runs. (An operator hold's length is the
@@ -95,6 +102,8 @@ class ClusterConfig:
             raise ValueError("need at least one prefill and one decode worker, or --colocated K")
         if not (self.slo_ttft_ms > 0 and self.slo_tpot_ms > 0 and self.planner_interval_s > 0):
             raise ValueError("--slo-ttft-ms, --slo-tpot-ms and --planner-interval-s must be > 0")
+        if any(a <= 0 for r in self.worker_resources.values() for a in r.values()):
+            raise ValueError(f"worker resource amounts must be > 0: {self.worker_resources}")
         if self.drain_deadline_s < 0:
             raise ValueError(f"--drain-deadline-s must be >= 0, got {self.drain_deadline_s}")
         if self.max_workers is not None and self.max_workers < sum(self.pools.values()):
@@ -185,9 +194,13 @@ class LocalCluster:
             self._etcd_cfg = EtcdClientConfig(endpoints=endpoints)
         from scission.cluster.actors import ControllerActor, RouterActor
 
-        self.controller = ControllerActor.remote(self._controller_config(), self._template(),
-                                                 self._planner_config(), cfg.planner_mode,
-                                                 cfg.control_metrics_port, cfg.router.host)
+        # The router binds cfg.router.host, an address of this machine: it and the
+        # controller run on this (the driver's) node, also when joining a multi-node Ray.
+        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(),
+                                              soft=False)
+        self.controller = ControllerActor.options(scheduling_strategy=here).remote(
+            self._controller_config(), self._template(), self._planner_config(),
+            cfg.planner_mode, cfg.control_metrics_port, cfg.router.host)
         initial = PoolTargets(prefill=cfg.pools.get(WorkerRole.PREFILL, 0),
                               decode=cfg.pools.get(WorkerRole.DECODE, 0),
                               colocated=cfg.pools.get(WorkerRole.COLOCATED, 0),
@@ -206,8 +219,8 @@ class LocalCluster:
                                          or cfg.engine.model_path,  # tokenizer, processor
                                          registry=RegistryConfig(prefix=cfg.registry_prefix),
                                          slo_ttft_ms=cfg.slo_ttft_ms, slo_tpot_ms=cfg.slo_tpot_ms)
-        self.router = RouterActor.options(max_restarts=cfg.max_router_restarts).remote(
-            router_cfg)
+        self.router = RouterActor.options(max_restarts=cfg.max_router_restarts,
+                                          scheduling_strategy=here).remote(router_cfg)
         self.router_address = ray.get(self.router.start.remote(), timeout=cfg.start_timeout_s)
         if http_port is not None:
             self.router_http_address = f"{cfg.router.host}:{http_port}"
@@ -349,7 +362,8 @@ class LocalCluster:
                               lease_ttl_s=cfg.lease_ttl_s, hold_timeout_s=cfg.hold_timeout_s,
                               max_restarts=cfg.max_worker_restarts, threads=threads,
                               cpu_sets=cpu_sets, name_suffix=str(os.getpid()),
-                              cluster_token=self.cluster_token, kv_checksums=cfg.kv_checksums)
+                              cluster_token=self.cluster_token, kv_checksums=cfg.kv_checksums,
+                              resources=cfg.worker_resources)
 
 
 def worker_stub(endpoint: str, cluster_token: str):

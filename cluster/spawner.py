@@ -32,6 +32,8 @@ class WorkerTemplate:
     name_suffix: str = ""  # Ray actor names: scission-{worker_id}-{suffix}
     cluster_token: str = field(default="", repr=False)  # worker/cluster_auth.py
     kv_checksums: bool = False  # WorkerConfig.kv_checksums
+    # role -> Ray custom resources each of its workers asks for (ClusterConfig.worker_resources)
+    resources: dict[WorkerRole, dict[str, float]] = field(default_factory=dict)
 
 
 class WorkerSpawner:
@@ -62,7 +64,9 @@ class WorkerSpawner:
                               host=t.host, registry=t.registry, lease_ttl_s=t.lease_ttl_s,
                               hold_timeout_s=t.hold_timeout_s, cluster_token=t.cluster_token,
                               kv_checksums=t.kv_checksums)
+        placement = {"resources": t.resources[role]} if t.resources.get(role) else {}
         actor = WorkerActor.options(name=f"scission-{worker_id}-{t.name_suffix}",
-                                    max_restarts=t.max_restarts).remote(config, cpu_ids)
+                                    max_restarts=t.max_restarts, **placement).remote(config,
+                                                                                     cpu_ids)
         logger.info("starting worker %s", worker_id)
         return worker_id, actor, actor.start.remote()
