@@ -3,10 +3,54 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 
 from scission.cluster.client import GenerationResult, connect, generate
+from scission.cluster.launcher import ClusterConfig, LocalCluster, worker_stub
+from scission.proto.scission.internal.v1 import worker_pb2 as wpb
 from scission.proto.scission.v1 import generation_pb2 as pb
+from scission.registry.directory import WorkerDirectory
+from scission.registry.workers import EtcdClientConfig, RegistryConfig
+from scission.registry.workers import connect as etcd_connect
+
+
+@contextmanager
+def running_cluster(config: ClusterConfig) -> Iterator[LocalCluster]:
+    """A started ``LocalCluster``, stopped on exit (also after a failed start)."""
+    cluster = LocalCluster(config)
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+@contextmanager
+def cluster_directory(cluster: LocalCluster) -> Iterator[WorkerDirectory]:
+    """A started ``WorkerDirectory`` on the cluster's etcd and registry prefix."""
+    client = etcd_connect(EtcdClientConfig(endpoints=(cluster.etcd.endpoint,)))
+    with WorkerDirectory(client, RegistryConfig(prefix=cluster.config.registry_prefix)) as d:
+        yield d
+
+
+def worker_stats(cluster: LocalCluster, directory: WorkerDirectory,
+                 worker_id: str) -> wpb.WorkerStats:
+    """``GetStats`` of one registered worker, over its internal API with the cluster token."""
+    stub = worker_stub(directory.get(worker_id).endpoint, cluster.cluster_token)
+    return stub.GetStats(wpb.StatsRequest(), timeout=5)
+
+
+def all_blocks_free(cluster: LocalCluster, directory: WorkerDirectory) -> bool:
+    """Every registered worker (at least one) has all its KV blocks free and nothing held,
+    running or waiting."""
+    workers = directory.workers()
+    for w in workers:
+        s = worker_stats(cluster, directory, w.worker_id)
+        if s.num_free_blocks != s.num_blocks or s.num_held or s.num_running or s.num_waiting:
+            return False
+    return bool(workers)
 
 
 def token_request(ids: list[int], max_tokens: int, **sampling) -> pb.GenerateRequest:

@@ -13,15 +13,18 @@ import grpc
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from serving_helpers import run_concurrently, token_request, wait_until
+from serving_helpers import (
+    all_blocks_free,
+    cluster_directory,
+    run_concurrently,
+    running_cluster,
+    token_request,
+    wait_until,
+)
 
-from scission.cluster.launcher import ClusterConfig, LocalCluster, worker_stub
+from scission.cluster.launcher import ClusterConfig
 from scission.engine.config import CacheConfig, EngineConfig
-from scission.proto.scission.internal.v1 import worker_pb2 as wpb
 from scission.proto.scission.v1 import generation_pb2 as pb
-from scission.registry.directory import WorkerDirectory
-from scission.registry.workers import EtcdClientConfig, RegistryConfig
-from scission.registry.workers import connect as etcd_connect
 
 VOCAB_SIZE = 49152  # SmolLM2
 ALLOWED = {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.OUT_OF_RANGE}
@@ -32,14 +35,10 @@ OUTCOMES: collections.Counter[str] = collections.Counter()  # "served" or a stat
 
 @pytest.fixture(scope="module")
 def cluster():
-    c = LocalCluster(ClusterConfig(num_prefill=1, num_decode=1, threads_per_worker=1,
-                                   hold_timeout_s=60,
-                                   engine=EngineConfig(cache=CacheConfig(num_blocks=256))))
-    try:
-        c.start()
+    with running_cluster(ClusterConfig(num_prefill=1, num_decode=1, threads_per_worker=1,
+                                       hold_timeout_s=60,
+                                       engine=EngineConfig(cache=CacheConfig(num_blocks=256)))) as c:
         yield c
-    finally:
-        c.stop()
 
 
 @pytest.fixture(scope="module")
@@ -168,17 +167,8 @@ def test_after_fuzzing_every_block_is_free_and_tokens_are_exact(cluster, generat
     n, err = generate_raw(pb.GenerateRequest(prompt="hi").SerializeToString()
                           + _field(5, _field(6, b"\xff\xfe")))
     assert err is not None and err.code() == grpc.StatusCode.INVALID_ARGUMENT, err
-    client = etcd_connect(EtcdClientConfig(endpoints=(cluster.etcd.endpoint,)))
-    with WorkerDirectory(client, RegistryConfig(prefix=cluster.config.registry_prefix)) as d:
-        def all_free() -> bool:
-            for w in d.workers():
-                s = worker_stub(w.endpoint, cluster.cluster_token).GetStats(
-                    wpb.StatsRequest(), timeout=5)
-                if s.num_free_blocks != s.num_blocks or s.num_held or s.num_running:
-                    return False
-            return bool(d.workers())
-
-        wait_until(all_free, 60)
+    with cluster_directory(cluster) as d:
+        wait_until(lambda: all_blocks_free(cluster, d), 60)
     results = run_concurrently(cluster.router_address,
                                [token_request(ids, 8) for ids in chat_prompt_ids[:4]], 4)
     for i, res in enumerate(results):

@@ -13,16 +13,21 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import openai
 import pytest
-from serving_helpers import run_concurrently, token_request, wait_until
+from serving_helpers import (
+    all_blocks_free,
+    cluster_directory,
+    run_concurrently,
+    running_cluster,
+    token_request,
+    wait_until,
+)
 
 from scission.cluster.client import connect, generate, make_request
-from scission.cluster.launcher import ClusterConfig, LocalCluster
+from scission.cluster.launcher import ClusterConfig
 from scission.cluster.launcher import worker_stub as launcher_worker_stub
 from scission.engine.config import CacheConfig, EngineConfig
 from scission.proto.scission.internal.v1 import worker_pb2 as wpb
-from scission.registry.directory import WorkerDirectory
 from scission.registry.workers import EtcdClientConfig, RegistryConfig
-from scission.registry.workers import connect as etcd_connect
 from scission.router.config import RouterConfig
 from scission.router.server import RouterServer
 
@@ -36,18 +41,13 @@ def cluster():
     cfg = ClusterConfig(num_prefill=1, num_decode=1, lease_ttl_s=3, threads_per_worker=1,
                         hold_timeout_s=60, router=RouterConfig(http_port=0),
                         engine=EngineConfig(cache=CacheConfig(num_blocks=256)))
-    c = LocalCluster(cfg)
-    try:
-        c.start()
+    with running_cluster(cfg) as c:
         yield c
-    finally:
-        c.stop()
 
 
 @pytest.fixture(scope="module")
 def directory(cluster):
-    client = etcd_connect(EtcdClientConfig(endpoints=(cluster.etcd.endpoint,)))
-    with WorkerDirectory(client, RegistryConfig(prefix=cluster.config.registry_prefix)) as d:
+    with cluster_directory(cluster) as d:
         yield d
 
 
@@ -60,15 +60,6 @@ def client(cluster) -> openai.OpenAI:
 @pytest.fixture(scope="module")
 def model(client) -> str:
     return client.models.list().data[0].id
-
-
-def all_blocks_free(cluster, directory) -> bool:
-    for w in directory.workers():
-        stub = launcher_worker_stub(w.endpoint, cluster.cluster_token)
-        s = stub.GetStats(wpb.StatsRequest(), timeout=5)
-        if s.num_free_blocks != s.num_blocks or s.num_held or s.num_running or s.num_waiting:
-            return False
-    return True
 
 
 def _stream_chat(client, model: str, prompt: str):

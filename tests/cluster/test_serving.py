@@ -9,19 +9,24 @@ from concurrent.futures import ThreadPoolExecutor
 import grpc
 import pytest
 import ray
-from serving_helpers import run_concurrently, token_request, wait_until
+from serving_helpers import (
+    all_blocks_free,
+    cluster_directory,
+    run_concurrently,
+    running_cluster,
+    token_request,
+    wait_until,
+)
 
 from scission.cluster.client import connect, generate
-from scission.cluster.launcher import ClusterConfig, LocalCluster
+from scission.cluster.launcher import ClusterConfig
 from scission.cluster.launcher import worker_stub as launcher_worker_stub
 from scission.engine.config import CacheConfig, EngineConfig
 from scission.kv_transfer.handle import TransferHandle
 from scission.proto.scission.internal.v1 import worker_pb2 as wpb
 from scission.proto.scission.internal.v1 import worker_pb2_grpc as wpb_grpc
 from scission.proto.scission.v1 import generation_pb2 as pb
-from scission.registry.directory import WorkerDirectory
-from scission.registry.workers import EtcdClientConfig, RegistryConfig, WorkerRole
-from scission.registry.workers import connect as etcd_connect
+from scission.registry.workers import WorkerRole
 
 LEASE_TTL_S = 3
 NUM_BLOCKS = 384
@@ -32,31 +37,18 @@ def cluster():
     cfg = ClusterConfig(num_prefill=2, num_decode=1, lease_ttl_s=LEASE_TTL_S,
                         threads_per_worker=1, hold_timeout_s=60,
                         engine=EngineConfig(cache=CacheConfig(num_blocks=NUM_BLOCKS)))
-    c = LocalCluster(cfg)
-    try:
-        c.start()
+    with running_cluster(cfg) as c:
         yield c
-    finally:
-        c.stop()
 
 
 @pytest.fixture(scope="module")
 def directory(cluster):
-    client = etcd_connect(EtcdClientConfig(endpoints=(cluster.etcd.endpoint,)))
-    with WorkerDirectory(client, RegistryConfig(prefix=cluster.config.registry_prefix)) as d:
+    with cluster_directory(cluster) as d:
         yield d
 
 
 def worker_stub(cluster, directory, worker_id: str) -> wpb_grpc.WorkerStub:
     return launcher_worker_stub(directory.get(worker_id).endpoint, cluster.cluster_token)
-
-
-def all_blocks_free(cluster, directory) -> bool:
-    for w in directory.workers():
-        s = worker_stub(cluster, directory, w.worker_id).GetStats(wpb.StatsRequest(), timeout=5)
-        if s.num_free_blocks != s.num_blocks or s.num_held or s.num_running or s.num_waiting:
-            return False
-    return True
 
 
 def test_cluster_tokens_equal_engine_alone(cluster, chat_prompt_ids, engine_reference):
