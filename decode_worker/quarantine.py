@@ -1,8 +1,10 @@
-"""Blocks a timed-out KV pull may still write into, kept out of allocation.
+"""Blocks a failed or timed-out KV pull may still write into, kept out of allocation.
 
 A NIXL READ that times out is cancelled locally, but with a transport served by the peer's
 progress (UCX tcp) the peer may still complete it later and write into the destination
-blocks (``KVTransferTimeoutError``). Those blocks must not go to another request until the
+blocks (``KVTransferTimeoutError``). A READ that failed is no safer: NIXL reports the first
+of its requests that failed while others may still be in flight, and a failure does not say
+whether the peer died. Those blocks must not go to another request until the
 transfer is known dead: the peer was disconnected from our agent (``remove_peer``), which
 happens when its incarnation leaves the directory or the quarantine has lasted
 ``max_s``. Only then are they freed. All methods run on the engine loop thread; the
@@ -22,7 +24,7 @@ class QuarantinedPull:
     request_id: str
     prefill_worker_id: str  # whose registration tells whether the peer still lives
     block_ids: tuple[int, ...]  # local blocks the READ targeted
-    since_s: float  # monotonic time of the timeout
+    since_s: float  # monotonic time of the failure or timeout
 
 
 class KVQuarantine:
@@ -37,7 +39,7 @@ class KVQuarantine:
         self._by_peer.setdefault(agent_name, []).append(pull)
         self.num_blocks += len(pull.block_ids)
         self.num_blocks_total += len(pull.block_ids)
-        logger.warning("KV pull of %s from %s timed out: %d block(s) quarantined until the "
+        logger.warning("KV pull of %s from %s failed: %d block(s) quarantined until the "
                        "peer is disconnected (%d in quarantine)", pull.request_id, agent_name,
                        len(pull.block_ids), self.num_blocks)
 

@@ -3,9 +3,9 @@
 ``Decode``: reserve blocks, one-sided NIXL READ of the prefill worker's blocks into them
 (the READ's notification tells prefill to release), then join the running batch without
 running the prompt through the model. If the pull fails, the request is either recomputed
-locally (prompt + first token, the default) or failed with UNAVAILABLE. A pull that timed
-out leaves its blocks in quarantine (``decode_worker/quarantine.py``) until the prefill peer
-is disconnected: NIXL may still write into them.
+locally (prompt + first token, the default) or failed with UNAVAILABLE. A READ that failed
+or timed out leaves its blocks in quarantine (``decode_worker/quarantine.py``) until the
+prefill peer is disconnected: NIXL may still write into them.
 ``Generate``: prompt in, tokens out on this worker (colocated mode, or local prefill).
 """
 
@@ -17,9 +17,11 @@ from collections import OrderedDict
 
 import grpc
 
+from scission.decode_worker.fault_points import FaultPoints
+from scission.decode_worker.pipelined_pull import PipelinedPull
 from scission.decode_worker.quarantine import KVQuarantine, QuarantinedPull
 from scission.engine.request import InvalidRequestError
-from scission.kv_transfer.agent import KVTransferError, KVTransferTimeoutError
+from scission.kv_transfer.agent import KVTransferError
 from scission.kv_transfer.capability import transfer_key
 from scission.kv_transfer.handle import (
     KVLayoutDescriptor,
@@ -48,7 +50,9 @@ class DecodeServicer(BaseWorkerServicer):
         self.num_kv_blocks_reused = 0  # prompt blocks this worker's prefix cache already held
         self.quarantine = KVQuarantine()  # loop thread only
         self._key = transfer_key(runtime.config.cluster_token)  # verifies transfer handles
+        self._faults = FaultPoints.from_env()  # tests only: tests/faults/test_death_during_pull
         self.loop.add_hook(self._end_quarantine)
+        self._pipelined = PipelinedPull(self)  # Decode with a pipeline: pipelined_pull.py
 
     def close(self) -> None:
         """Role flip away from decode: disconnect the quarantined peers, free their blocks."""
@@ -59,6 +63,10 @@ class DecodeServicer(BaseWorkerServicer):
     @property
     def num_quarantined_blocks(self) -> int:
         return self.quarantine.num_blocks
+
+    @property
+    def num_kv_pipelined_reads(self) -> int:
+        return self._pipelined.num_reads
 
     def Generate(self, request: pb.GenerateRequest, context):
         rid, prompt = request.request_id, list(request.prompt_token_ids)
@@ -73,6 +81,9 @@ class DecodeServicer(BaseWorkerServicer):
                                   self.runtime.config.request_timeout_s)
 
     def Decode(self, request: pb.DecodeRequest, context):
+        if request.HasField("pipeline"):  # pipelined hand-off (pipelined_pull.py)
+            yield from self._pipelined.decode(request, context)
+            return
         rid, prompt = request.request_id, list(request.prompt_token_ids)
         params = self._params(request.sampling, context)
         handle = self._checked_handle(request, context)
@@ -139,12 +150,17 @@ class DecodeServicer(BaseWorkerServicer):
 
     def _pull(self, handle: TransferHandle, rid: str, blocks: list[int], num_cached: int) -> bool:
         """NIXL READ of the handle's blocks after the first ``num_cached`` (already here)
-        into ``blocks[num_cached:]``; False on any transfer failure, with ``blocks`` freed, or
-        quarantined if the READ timed out (it may still land)."""
+        into ``blocks[num_cached:]``; False on any failure, with ``blocks`` freed, or
+        quarantined if NIXL failed or timed out: the READ may have been posted, and until
+        the peer is known dead (``_end_quarantine``) it may still land."""
         note = KVNotification(kind=KVNotificationKind.PULL_DONE, request_id=handle.request_id,
                               incarnation=handle.incarnation, hold_id=handle.hold_id).to_bytes()
+        reading = False  # the READ may have been posted
         try:
             self._ensure_peer(handle)
+            self._faults.reach("decode.pull", {"request_id": rid, "worker_id": self.runtime.config
+                                .worker_id, "prefill_worker_id": handle.prefill_worker_id})
+            reading = True
             self.runtime.agent.read_blocks(handle.agent_name, list(handle.block_ids[num_cached:]),
                                            blocks[num_cached:], note,
                                            timeout_s=self.runtime.config.kv_pull_timeout_s)
@@ -152,7 +168,10 @@ class DecodeServicer(BaseWorkerServicer):
             self.num_pull_failures += 1
             logger.warning("KV pull for %s from %s failed: %s", handle.request_id,
                            handle.prefill_worker_id, e)
-            if isinstance(e, KVTransferTimeoutError):
+            # A NIXL error is not proof the READ is dead: one of its requests failed, others
+            # may be in flight (checkXfer reports the first error). A dead peer's quarantine
+            # ends within its lease TTL, when its incarnation leaves the directory.
+            if reading and isinstance(e, KVTransferError):
                 pull = QuarantinedPull(rid, handle.prefill_worker_id, tuple(blocks),
                                        time.monotonic())
                 self.loop.call(lambda: self.quarantine.add(handle.agent_name, pull))
