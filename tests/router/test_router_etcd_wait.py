@@ -4,10 +4,10 @@ etcd with backoff instead of failing for good, then serves its directory from et
 from __future__ import annotations
 
 import logging
-import threading
-import time
 
-from scission.cluster.etcd_server import EmbeddedEtcd, EmbeddedEtcdConfig
+from etcd_wait_helpers import etcd_not_started, start_in_background, wait_for
+
+from scission.cluster.etcd_server import EmbeddedEtcd
 from scission.registry.workers import (
     EtcdClientConfig,
     RegistryConfig,
@@ -18,31 +18,19 @@ from scission.registry.workers import (
 from scission.registry.workers import connect as etcd_connect
 from scission.router.config import RouterConfig
 from scission.router.server import RouterServer
-from scission.worker.ports import find_free_port
 
 
 def test_router_started_while_etcd_is_away_loads_the_directory_once_it_is_back(tmp_path,
                                                                                 caplog):
-    etcd_cfg = EmbeddedEtcdConfig(data_dir=str(tmp_path / "etcd"), client_port=find_free_port(),
-                                  peer_port=find_free_port(), unsafe_no_fsync=True)
-    endpoint = f"127.0.0.1:{etcd_cfg.client_port}"
+    etcd_cfg, endpoint = etcd_not_started(tmp_path)
     registry = RegistryConfig(prefix="/router-etcd-wait")
     router = RouterServer(RouterConfig(etcd=EtcdClientConfig(endpoints=(endpoint,), timeout_s=2.0),
                                        registry=registry, etcd_wait_s=60.0, port=0))
-    errors: list[BaseException] = []
-
-    def start() -> None:
-        try:
-            router.start()
-        except BaseException as e:  # reported by the assertions below
-            errors.append(e)
-
     caplog.set_level(logging.WARNING, logger="scission.registry.etcd_retry")
-    starter = threading.Thread(target=start)
-    starter.start()
+    starter, errors = start_in_background(router.start)
     etcd = registration = None
     try:
-        assert _wait(lambda: "etcd unreachable" in caplog.text or errors, 30) and not errors, \
+        assert wait_for(lambda: "etcd unreachable" in caplog.text or errors, 30) and not errors, \
             errors
         etcd = EmbeddedEtcd(etcd_cfg).start()
         client = etcd_connect(EtcdClientConfig(endpoints=(endpoint,)))
@@ -53,7 +41,7 @@ def test_router_started_while_etcd_is_away_loads_the_directory_once_it_is_back(t
             model_id="m", started_at_s=0.0), ttl_s=30)
         starter.join(60)
         assert not starter.is_alive() and not errors, errors
-        assert _wait(lambda: [w.worker_id for w in router.directory.workers()] == ["decode-0"],
+        assert wait_for(lambda: [w.worker_id for w in router.directory.workers()] == ["decode-0"],
                      30)
     finally:
         starter.join(90)
@@ -63,12 +51,3 @@ def test_router_started_while_etcd_is_away_loads_the_directory_once_it_is_back(t
             registration.deregister()
         if etcd is not None:
             etcd.stop()
-
-
-def _wait(predicate, timeout_s: float) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.05)
-    return True
