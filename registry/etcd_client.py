@@ -17,6 +17,7 @@ import etcd3
 import grpc
 
 from scission.registry.etcd_auth import EtcdTokenAuth
+from scission.registry.etcd_failover import FailoverEtcdClient
 
 ETCD_PASSWORD_ENV = "SCISSION_ETCD_PASSWORD"  # the etcd user's password, if no file is given
 
@@ -112,7 +113,8 @@ def connect(config: EtcdClientConfig) -> etcd3.MultiEndpointEtcd3Client:
     first call.
 
     Returns the base class of ``etcd3.Etcd3Client`` (same API) built with ``endpoint_retry_s``
-    instead of Etcd3Client's fixed 300 s blacklist, and failover across ``endpoints``.
+    instead of Etcd3Client's fixed 300 s blacklist, and failover across ``endpoints`` that
+    leaves a failed endpoint at once (``etcd_failover.FailoverEtcdClient``).
     """
     backoff_ms = int(config.max_reconnect_backoff_s * 1000)
     options = [
@@ -137,4 +139,4 @@ def connect(config: EtcdClientConfig) -> etcd3.MultiEndpointEtcd3Client:
             auth = EtcdTokenAuth(endpoint.channel, config.user, config.password,
                                  config.timeout_s)
             endpoint.channel = grpc.intercept_channel(endpoint.channel, auth)
-    return etcd3.MultiEndpointEtcd3Client(endpoints, timeout=config.timeout_s, failover=True)
+    return FailoverEtcdClient(endpoints, timeout=config.timeout_s, failover=True)
