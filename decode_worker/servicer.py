@@ -18,6 +18,7 @@ from collections import OrderedDict
 import grpc
 
 from scission.decode_worker.fault_points import FaultPoints
+from scission.decode_worker.pipelined_pull import PipelinedPull
 from scission.decode_worker.quarantine import KVQuarantine, QuarantinedPull
 from scission.engine.request import InvalidRequestError
 from scission.kv_transfer.agent import KVTransferError
@@ -51,6 +52,7 @@ class DecodeServicer(BaseWorkerServicer):
         self._key = transfer_key(runtime.config.cluster_token)  # verifies transfer handles
         self._faults = FaultPoints.from_env()  # tests only: tests/faults/test_death_during_pull
         self.loop.add_hook(self._end_quarantine)
+        self._pipelined = PipelinedPull(self)  # Decode with a pipeline: pipelined_pull.py
 
     def close(self) -> None:
         """Role flip away from decode: disconnect the quarantined peers, free their blocks."""
@@ -61,6 +63,10 @@ class DecodeServicer(BaseWorkerServicer):
     @property
     def num_quarantined_blocks(self) -> int:
         return self.quarantine.num_blocks
+
+    @property
+    def num_kv_pipelined_reads(self) -> int:
+        return self._pipelined.num_reads
 
     def Generate(self, request: pb.GenerateRequest, context):
         rid, prompt = request.request_id, list(request.prompt_token_ids)
@@ -75,6 +81,9 @@ class DecodeServicer(BaseWorkerServicer):
                                   self.runtime.config.request_timeout_s)
 
     def Decode(self, request: pb.DecodeRequest, context):
+        if request.HasField("pipeline"):  # pipelined hand-off (pipelined_pull.py)
+            yield from self._pipelined.decode(request, context)
+            return
         rid, prompt = request.request_id, list(request.prompt_token_ids)
         params = self._params(request.sampling, context)
         handle = self._checked_handle(request, context)

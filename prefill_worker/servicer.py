@@ -20,6 +20,7 @@ from scission.engine.request import InvalidRequestError
 from scission.kv_transfer.capability import transfer_key
 from scission.kv_transfer.handle import KVNotification, TransferHandle
 from scission.kv_transfer.integrity import block_checksums
+from scission.prefill_worker.progress import PrefillProgressHub
 from scission.proto.scission.internal.v1 import worker_pb2 as pb
 from scission.worker.convert import sampling_from_proto
 from scission.worker.embedding_pull import image_inputs
@@ -38,13 +39,31 @@ class PrefillServicer(BaseWorkerServicer):
         self._key = transfer_key(runtime.config.cluster_token)  # signs transfer handles
         self.loop.add_hook(self._release_pulled)
         self.loop.add_hook(self._release_expired)
+        self.progress = PrefillProgressHub(runtime, self._key)  # pipelined hand-offs
 
     def close(self) -> None:
         """Role flip away from prefill: stop the hooks (held KV was released by the drain)."""
         self.loop.remove_hook(self._release_pulled)
         self.loop.remove_hook(self._release_expired)
+        self.progress.close()
 
     def Prefill(self, request: pb.PrefillRequest, context) -> pb.PrefillResponse:
+        """With ``pipeline_secret``, the KV is also published as it is computed, and the
+        answer becomes the final message of its ``WatchPrefill`` (``progress.py``)."""
+        pipe = self.progress.open(request.request_id, request.pipeline_secret)
+        try:
+            resp = self._prefill(request, context)
+        except BaseException:
+            self.progress.fail(pipe, grpc.StatusCode.ABORTED,
+                               f"prefill of {request.request_id} ended without a first token")
+            raise
+        self.progress.finish(pipe, resp)
+        return resp
+
+    def WatchPrefill(self, request: pb.WatchPrefillRequest, context):
+        yield from self.progress.watch(request, context)
+
+    def _prefill(self, request: pb.PrefillRequest, context) -> pb.PrefillResponse:
         rid, prompt = request.request_id, list(request.prompt_token_ids)
         try:
             params = sampling_from_proto(request.sampling)

@@ -80,6 +80,9 @@ class RoleServicer(pb_grpc.WorkerServicer):
     def Release(self, request, context):
         return self._unary("Release", request, context)
 
+    def WatchPrefill(self, request, context):
+        return self._stream("WatchPrefill", request, context)
+
     def Decode(self, request, context):
         return self._stream("Decode", request, context)
 

@@ -244,6 +244,7 @@ class WorkerRuntime:
                                                      "num_kv_checksum_mismatches", 0),
             num_kv_blocks_pulled_total=getattr(self.servicer, "num_kv_blocks_pulled", 0),
             num_kv_blocks_reused_total=getattr(self.servicer, "num_kv_blocks_reused", 0),
+            num_kv_pipelined_reads_total=getattr(self.servicer, "num_kv_pipelined_reads", 0),
         )
 
     def _drain_kv_events(self) -> None:
