@@ -74,6 +74,10 @@ def _cluster_args(p: argparse.ArgumentParser) -> None:
                         "handle and decode workers check them after the READ; a mismatch "
                         "recomputes the prompt locally and is counted (costs a hash of the "
                         "prompt's KV on both sides)")
+    g.add_argument("--kv-pipelining", action="store_true",
+                   help="pipelined KV hand-off: the decode worker pulls each piece of a prompt's "
+                        "KV while the prefill computes the rest, instead of all of it after "
+                        "(bench/README.md 'Pipelined hand-off')")
     g.add_argument("--max-worker-restarts", type=int, default=3,
                    help="times Ray restarts a worker whose process died (-1 = forever); the "
                         "restarted worker loads the model and registers again")

@@ -117,7 +117,8 @@ def _router_config(args: argparse.Namespace) -> RouterConfig:
                         max_image_pixels=args.max_image_pixels, image_formats=args.image_formats,
                         max_message_bytes=args.max_message_bytes,
                         placement=PlacementConfig(policy=RoutingPolicy(args.routing_policy)),
-                        slo_ttft_ms=args.slo_ttft_ms, slo_tpot_ms=args.slo_tpot_ms)
+                        slo_ttft_ms=args.slo_ttft_ms, slo_tpot_ms=args.slo_tpot_ms,
+                        kv_pipelining=args.kv_pipelining)
 
 
 def _start(cfg: ClusterConfig) -> LocalCluster:

@@ -72,6 +72,9 @@ class RouterConfig:
     prefill_timeout_s: float = 120.0
     request_timeout_s: float = 600.0
     max_message_bytes: int = 4 * 1024**2  # gRPC send/receive (router and its worker channels)
+    # Pipelined KV hand-off (router/flows.py ``_pipelined``): Decode is called with Prefill
+    # and pulls each piece of KV as it is computed, instead of all of it after the prefill.
+    kv_pipelining: bool = False
     # Sent with every call to a worker (worker/cluster_auth.py); set by ``scission up``.
     cluster_token: str = field(default="", repr=False)
     max_concurrent_rpcs: int = 1024  # gRPC server threads; also the HTTP door's

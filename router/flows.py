@@ -1,10 +1,16 @@
 """How one request runs once placed: disaggregated (prefill -> NIXL -> decode) or on one
 worker (colocated / local prefill). Both yield public ``GenerateResponse`` chunks; the
-last one carries ``finish_reason`` and ``Usage``."""
+last one carries ``finish_reason`` and ``Usage``.
+
+Disaggregated, the Decode call goes out after the Prefill returned (the KV is pulled then),
+or, with ``pipelining`` (``RouterConfig.kv_pipelining``), together with the Prefill: the
+decode worker pulls the KV piece by piece while it is computed (``_pipelined``)."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import secrets
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -147,12 +153,13 @@ def run_local(vr: ValidatedRequest, placement: Placement, pool: WorkerPool, star
 
 def run_disaggregated(vr: ValidatedRequest, placement: Placement, pool: WorkerPool,
                       start_s: float, prefill_timeout_s: float, timeout_s: float,
-                      repick: Callable[[], Placement] | None = None
+                      repick: Callable[[], Placement] | None = None, pipelining: bool = False
                       ) -> Iterator[pb.GenerateResponse]:
     """Prefill on ``placement.prefill``, then decode where the KV is pulled. ``repick``
     (``Placer.place_decode``) replaces the decode worker chosen at placement when it stopped
     serving while the prompt was prefilled (drained, flipped to another role, failed): the
-    KV is pulled by the new one, nothing is recomputed."""
+    KV is pulled by the new one, nothing is recomputed. ``pipelining``: the decode worker
+    pulls while the prompt is prefilled (``_pipelined``; no re-pick: it is already called)."""
     pre = placement.prefill
     assert pre is not None, "disaggregated flow needs a prefill worker"
     track = UsageTracker.of(vr, start_s, pre.worker_id, placement.decode.worker_id)
@@ -161,8 +168,12 @@ def run_disaggregated(vr: ValidatedRequest, placement: Placement, pool: WorkerPo
     # decode pool.
     pool.begin(track.decode_worker)
     try:
-        yield from _prefill_then_decode(vr, pre, placement.decode, pool, track,
-                                        prefill_timeout_s, timeout_s, repick)
+        if pipelining:
+            yield from _pipelined(vr, pre, placement.decode, pool, track, prefill_timeout_s,
+                                  timeout_s)
+        else:
+            yield from _prefill_then_decode(vr, pre, placement.decode, pool, track,
+                                            prefill_timeout_s, timeout_s, repick)
     finally:
         pool.end(track.decode_worker)
 
@@ -196,26 +207,16 @@ def _prefill_then_decode(vr: ValidatedRequest, pre, dec, pool: WorkerPool,
                          repick: Callable[[], Placement] | None
                          ) -> Iterator[pb.GenerateResponse]:
     first = _prefill(vr, pre, pool, prefill_timeout_s)
-    track.cached_tokens = first.cached_tokens
-    track.add(1)
-    resp = pb.GenerateResponse(request_id=vr.client_request_id,
-                               token_ids=[first.first_token_id], text=first.text)
+    resp = _first_response(vr, first, track)
     if first.finished:  # nothing held on the prefill worker
-        resp.finish_reason = finish_to_proto(first.finish_reason)
-        resp.usage.CopyFrom(track.usage())
         yield resp
         return
     done, call = False, None
     try:
         yield resp  # the client may already be gone: GeneratorExit here releases below
         dec = _recheck_decode(vr, dec, pool, repick, track)
-        req = wpb.DecodeRequest(request_id=vr.request_id, prompt_token_ids=vr.prompt_token_ids,
-                                first_token_id=first.first_token_id,
-                                sampling=sampling_to_proto(vr.params),
-                                transfer_handle=first.transfer_handle,
-                                images=[wpb.ImageRef(offset=r.offset, length=r.length,
-                                                     image_hash=r.image_hash)
-                                        for r in vr.image_refs])  # keys only: KV is pulled
+        req = _decode_request(vr, first_token_id=first.first_token_id,
+                              transfer_handle=first.transfer_handle)
         call = pool.stub(dec).Decode(req, timeout=timeout_s)
         with pool.tracked(dec, call):
             yield from stream_chunks(vr, call, track, lambda: pool.was_lost(call))
@@ -227,13 +228,71 @@ def _prefill_then_decode(vr: ValidatedRequest, pre, dec, pool: WorkerPool,
             _release(pool, pre, vr.request_id, first.hold_id)
 
 
-def _prefill(vr: ValidatedRequest, pre, pool: WorkerPool, timeout_s: float) -> wpb.PrefillResponse:
+def _pipelined(vr: ValidatedRequest, pre, dec, pool: WorkerPool, track: UsageTracker,
+               prefill_timeout_s: float, timeout_s: float) -> Iterator[pb.GenerateResponse]:
+    """Prefill and Decode called together: the decode worker watches the prefill (with a
+    secret only this attempt's two calls know) and pulls each piece of KV as it is computed
+    (``decode_worker/pipelined_pull.py``). The first token is streamed when the Prefill
+    returns, then Decode's chunks. A failed Prefill cancels the Decode (FlowError: retry); a
+    failed Decode releases the hold and the request migrates as in the plain flow."""
+    secret = secrets.token_bytes(16)
+    req = _decode_request(vr, pipeline=wpb.KVPipeline(prefill_worker_id=pre.worker_id,
+                                                      pipeline_secret=secret))
+    calls: list = []
+    first, done = None, False
+    with contextlib.ExitStack() as tracked:
+        def start_decode() -> None:
+            calls.append(pool.stub(dec).Decode(req, timeout=timeout_s))
+            tracked.enter_context(pool.tracked(dec, calls[0]))
+
+        try:
+            first = _prefill(vr, pre, pool, prefill_timeout_s, secret, start_decode)
+            yield _first_response(vr, first, track)
+            if not first.finished:  # else nothing is held, and Decode is cancelled below
+                yield from stream_chunks(vr, calls[0], track, lambda: pool.was_lost(calls[0]))
+            done = True
+        finally:
+            for call in calls:
+                call.cancel()  # no-op when finished; frees its reserved blocks otherwise
+            if not done and first is not None and not first.finished:
+                _release(pool, pre, vr.request_id, first.hold_id)
+
+
+def _first_response(vr: ValidatedRequest, first: wpb.PrefillResponse,
+                    track: UsageTracker) -> pb.GenerateResponse:
+    """The first token's response (with finish reason and usage if it ended the request)."""
+    track.cached_tokens = first.cached_tokens
+    track.add(1)
+    resp = pb.GenerateResponse(request_id=vr.client_request_id,
+                               token_ids=[first.first_token_id], text=first.text)
+    if first.finished:
+        resp.finish_reason = finish_to_proto(first.finish_reason)
+        resp.usage.CopyFrom(track.usage())
+    return resp
+
+
+def _decode_request(vr: ValidatedRequest, **kv) -> wpb.DecodeRequest:
+    """``kv``: the first token and transfer handle, or the pipeline."""
+    return wpb.DecodeRequest(request_id=vr.request_id, prompt_token_ids=vr.prompt_token_ids,
+                             sampling=sampling_to_proto(vr.params),
+                             images=[wpb.ImageRef(offset=r.offset, length=r.length,
+                                                  image_hash=r.image_hash)
+                                     for r in vr.image_refs],  # keys only: KV is pulled
+                             **kv)
+
+
+def _prefill(vr: ValidatedRequest, pre, pool: WorkerPool, timeout_s: float,
+             pipeline_secret: bytes = b"", on_sent: Callable[[], None] = lambda: None
+             ) -> wpb.PrefillResponse:
+    """The Prefill call's answer; ``on_sent()`` runs once it is sent (pipelining: Decode)."""
     n = len(vr.prompt_token_ids)
     req = wpb.PrefillRequest(request_id=vr.request_id, prompt_token_ids=vr.prompt_token_ids,
-                             sampling=sampling_to_proto(vr.params), images=vr.image_refs)
+                             sampling=sampling_to_proto(vr.params), images=vr.image_refs,
+                             pipeline_secret=pipeline_secret)
     pool.begin(pre.worker_id, n)
     try:
         future = pool.stub(pre).Prefill.future(req, timeout=timeout_s)
+        on_sent()
         with pool.tracked(pre, future):
             return future.result()
     except grpc.FutureCancelledError:  # the pool's: the worker stopped answering

@@ -236,7 +236,7 @@ class GenerationServicer(pb_grpc.GenerationServicer):
         if placement.disaggregated and resume is None:
             return flows.run_disaggregated(vr, placement, self.pool, start_s,
                                            cfg.prefill_timeout_s, cfg.request_timeout_s,
-                                           self.placer.place_decode)
+                                           self.placer.place_decode, cfg.kv_pipelining)
         return flows.run_local(vr, placement, self.pool, start_s, cfg.request_timeout_s, resume)
 
 
