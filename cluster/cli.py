@@ -12,6 +12,7 @@ from scission.cluster.client import API_KEY_ENV
 from scission.cluster.etcd_args import add_embedded_etcd_args
 from scission.cluster.etcd_args import add_etcd_args as _etcd_args
 from scission.cluster.etcd_args import add_etcd_client_args as _etcd_tls_args
+from scission.engine.config import CacheConfig, KVLayout
 from scission.registry.pools import PlannerMode
 from scission.router.config import RoutingPolicy
 from scission.router.images import SUPPORTED_IMAGE_FORMATS
@@ -56,6 +57,10 @@ def _cluster_args(p: argparse.ArgumentParser) -> None:
                         "float32 after a few dozen (CPU only; accuracy in bench/README.md)")
     g.add_argument("--kv-cache-mb", type=int, default=512, help="KV cache per worker, MiB")
     g.add_argument("--block-size", type=int, default=16, help="tokens per KV block")
+    g.add_argument("--kv-layout", choices=[k.value for k in KVLayout],
+                   default=CacheConfig.kv_layout.value,
+                   help="KV cache memory order (engine/kv_cache.py): block_major = one NIXL "
+                        "descriptor per run of blocks (bench/README.md 'KV transfer')")
     g.add_argument("--max-batched-tokens", type=int, default=1024,
                    help="token budget per engine step (chunked prefill)")
     g.add_argument("--threads-per-worker", type=int, default=None,

@@ -26,7 +26,7 @@ from scission.cluster.state import (
     etcd_client_config,
     etcd_tls_files,
 )
-from scission.engine.config import CacheConfig, EngineConfig, SchedulerConfig
+from scission.engine.config import CacheConfig, EngineConfig, KVLayout, SchedulerConfig
 from scission.registry.pools import PlannerMode
 from scission.registry.workers import WorkerRole
 from scission.router.auth import load_api_keys
@@ -49,7 +49,8 @@ def cluster_config(args: argparse.Namespace) -> ClusterConfig:
     engine = EngineConfig(
         model_path=args.model, dtype=args.dtype, weight_quantization=args.weight_quantization,
         cache=CacheConfig(block_size=args.block_size, kv_cache_bytes=args.kv_cache_mb * 2**20,
-                          enable_prefix_caching=not args.no_prefix_caching),
+                          enable_prefix_caching=not args.no_prefix_caching,
+                          kv_layout=KVLayout(args.kv_layout)),
         scheduler=SchedulerConfig(max_num_batched_tokens=args.max_batched_tokens))
     endpoints = tuple(e for e in args.etcd_endpoints.split(",") if e)
     external = etcd_tls_files(args) or getattr(args, "etcd_user", None)

@@ -3,9 +3,15 @@
 Pure functions (torch + numpy, no NIXL) so they are unit-testable without agents.
 
 A worker's cache is ``kv_caches: list[(k_cache, v_cache)]``, one pair per layer, each
-``[num_blocks, block_size, num_kv_heads, head_dim]`` (``NHD``), contiguous, on CPU. The
-tensors may be separate allocations or views into one big tensor; registration merges
-adjacent ones into as few regions as possible.
+``[num_blocks, block_size, num_kv_heads, head_dim]`` (``NHD``) with dims 1..3 dense, on CPU,
+in one of two layouts (``engine/kv_cache.py``):
+
+- layer-major (``KV_LAYOUT_NHD``): every tensor contiguous. They may be separate allocations
+  or views into one big tensor; registration merges adjacent ones into as few regions as
+  possible. A run of blocks is one descriptor per layer and K/V.
+- block-major (``KV_LAYOUT_BLOCK_NHD``): strided views of one
+  ``[num_blocks, num_layers, 2, block_size, num_kv_heads, head_dim]`` tensor. One region; a
+  run of blocks is one descriptor.
 """
 
 from __future__ import annotations
@@ -17,7 +23,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from scission.kv_transfer.handle import KV_LAYOUT_NHD, KVLayoutDescriptor
+from scission.kv_transfer.handle import KV_LAYOUT_BLOCK_NHD, KV_LAYOUT_NHD, KVLayoutDescriptor
 
 logger = logging.getLogger(__name__)
 
@@ -54,9 +60,39 @@ def _check_kv_caches(kv_caches: KVCaches) -> tuple[torch.Size, torch.dtype]:
                     f"{where}: shape {tuple(t.shape)} {t.dtype}, expected {tuple(shape)} {dtype} "
                     "[num_blocks, block_size, num_kv_heads, head_dim]"
                 )
-            if not t.is_contiguous():
-                raise ValueError(f"{where}: must be contiguous")
+            if not _inner_dense(t):
+                raise ValueError(f"{where}: dims 1..3 must be dense")
     return shape, dtype
+
+
+def _inner_dense(t: torch.Tensor) -> bool:
+    _, block_size, heads, head_dim = t.shape
+    return t.stride(3) == 1 and t.stride(2) == head_dim and t.stride(1) == heads * head_dim
+
+
+def kv_layout_of(kv_caches: KVCaches) -> str:
+    """``KV_LAYOUT_BLOCK_NHD`` if the pairs are the per-layer views of one block-major tensor
+    (block stride ``2 * num_layers`` blocks' worth, ``K_0 V_0 K_1 ...`` back to back in a
+    block), ``KV_LAYOUT_NHD`` if every tensor is contiguous.
+
+    Raises:
+        ValueError: neither (e.g. a sliced or transposed cache), or bad shapes (as
+            ``describe_kv_caches``).
+    """
+    shape, _ = _check_kv_caches(kv_caches)
+    elems = shape[1] * shape[2] * shape[3]  # one block of one layer's K (or V)
+    nbytes = elems * kv_caches[0][0].element_size()
+    base = kv_caches[0][0].data_ptr()
+    block_major = all(
+        t.stride(0) == 2 * len(kv_caches) * elems and t.data_ptr() == base + (2 * i + j) * nbytes
+        for i, pair in enumerate(kv_caches) for j, t in enumerate(pair)
+    )
+    if block_major:
+        return KV_LAYOUT_BLOCK_NHD
+    if all(t.is_contiguous() for pair in kv_caches for t in pair):
+        return KV_LAYOUT_NHD
+    raise ValueError("kv_caches are neither contiguous per layer (layer-major) nor the "
+                     "per-layer views of one block-major tensor")
 
 
 def _intervals(kv_caches: KVCaches) -> list[tuple[int, int]]:
@@ -73,9 +109,12 @@ def _intervals(kv_caches: KVCaches) -> list[tuple[int, int]]:
 
 
 def describe_kv_caches(agent_name: str, kv_caches: KVCaches) -> KVLayoutDescriptor:
-    """Validate ``kv_caches`` and describe them for remote readers."""
+    """Validate ``kv_caches`` and describe them for remote readers (layout detected by
+    ``kv_layout_of``; raises ``ValueError`` as it does)."""
     shape, dtype = _check_kv_caches(kv_caches)
-    _intervals(kv_caches)
+    layout = kv_layout_of(kv_caches)
+    if layout == KV_LAYOUT_NHD:
+        _intervals(kv_caches)
     num_blocks, block_size, num_kv_heads, head_dim = shape
     element_size = kv_caches[0][0].element_size()
     return KVLayoutDescriptor(
@@ -86,7 +125,7 @@ def describe_kv_caches(agent_name: str, kv_caches: KVCaches) -> KVLayoutDescript
         num_kv_heads=num_kv_heads,
         head_dim=head_dim,
         dtype=dtype_name(dtype),
-        layout=KV_LAYOUT_NHD,
+        layout=layout,
         bytes_per_block=block_size * num_kv_heads * head_dim * element_size,
         k_base_addrs=tuple(k.data_ptr() for k, _ in kv_caches),
         v_base_addrs=tuple(v.data_ptr() for _, v in kv_caches),
@@ -96,8 +135,12 @@ def describe_kv_caches(agent_name: str, kv_caches: KVCaches) -> KVLayoutDescript
 def registration_regions(kv_caches: KVCaches) -> list[tuple[int, int]]:
     """``(addr, num_bytes)`` regions covering all caches, adjacent tensors merged.
 
-    Per-layer views of one big contiguous tensor collapse to a single region.
+    Per-layer views of one big contiguous tensor collapse to a single region; a block-major
+    cache is one region.
     """
+    if kv_layout_of(kv_caches) == KV_LAYOUT_BLOCK_NHD:
+        k0 = kv_caches[0][0]
+        return [(k0.data_ptr(), k0.shape[0] * k0.stride(0) * k0.element_size())]
     regions: list[list[int]] = []
     for start, end in _intervals(kv_caches):
         if regions and regions[-1][1] == start:
@@ -155,13 +198,23 @@ def run_descriptors(
 ) -> np.ndarray:
     """NIXL descriptor rows ``(addr, num_bytes, dev_id=0)`` for block runs in ``layout``.
 
-    Rows are ordered ``layer-major, K then V, then run``; the local and remote lists of a
-    transfer are built with the same ``counts`` so row ``i`` of one matches row ``i`` of
-    the other.
+    Layer-major (``NHD``): rows are ordered ``layer-major, K then V, then run``, each
+    ``count * bytes_per_block`` bytes. Block-major (``BLOCK_NHD``): one row per run,
+    ``k_base_addrs[0] + start * block_stride_bytes``, ``count * block_stride_bytes`` bytes
+    (every layer's K and V of those blocks). The local and remote lists of a transfer are
+    built with the same ``counts`` (and layout) so row ``i`` of one matches row ``i`` of the
+    other.
 
     Returns:
-        shape: ``[2 * num_layers * len(starts), 3]``, uint64.
+        shape: ``[2 * num_layers * len(starts), 3]`` (``NHD``) or ``[len(starts), 3]``
+        (``BLOCK_NHD``), uint64.
     """
+    if layout.is_block_major:
+        stride = np.uint64(layout.block_stride_bytes)
+        descs = np.zeros((len(counts), 3), dtype=np.uint64)
+        descs[:, 0] = np.uint64(layout.k_base_addrs[0]) + np.asarray(starts, np.uint64) * stride
+        descs[:, 1] = np.asarray(counts, dtype=np.uint64) * stride
+        return descs
     bpb = np.uint64(layout.bytes_per_block)
     # bases: [2 * num_layers], (k_0, v_0, k_1, v_1, ...)
     bases = np.array(

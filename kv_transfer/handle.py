@@ -27,9 +27,17 @@ logger = logging.getLogger(__name__)
 KV_TRANSFER_VERSION = 4  # 2: hold_id in TransferHandle and KVNotification; 3: its mac;
 # 4: block_checksums
 
-# Per-layer cache layout: ``[num_blocks, block_size, num_kv_heads, head_dim]``.
+# Cache layouts (``engine.config.KVLayout``); per layer ``[num_blocks, block_size,
+# num_kv_heads, head_dim]`` either way.
+# NHD: layer-major, each layer's K (and V) cache contiguous: a block run = 2 * num_layers ranges.
 KV_LAYOUT_NHD = "NHD"
-SUPPORTED_LAYOUTS = (KV_LAYOUT_NHD,)
+# BLOCK_NHD: block-major, ``[num_blocks, num_layers, 2, block_size, num_kv_heads, head_dim]``:
+# a block's K and V of every layer are one range, so a block run = one range.
+KV_LAYOUT_BLOCK_NHD = "BLOCK_NHD"
+# Blocks move byte-wise only between equal layouts (``KVLayoutDescriptor.check_compatible``).
+# A v4 worker rejects BLOCK_NHD through this check, so the message shapes (and the version)
+# did not change with it.
+SUPPORTED_LAYOUTS = (KV_LAYOUT_NHD, KV_LAYOUT_BLOCK_NHD)
 
 
 def _require(cond: bool, kind: str, msg: str) -> None:
@@ -126,9 +134,14 @@ class TransferHandle(Signed):
 class KVLayoutDescriptor:
     """A worker's registered KV cache memory, as a remote reader needs it.
 
-    Layer ``l``'s K cache for block ``b`` starts at ``k_base_addrs[l] + b * bytes_per_block``
-    (same for V) and spans ``bytes_per_block`` bytes; the caches are ``NHD`` and
-    contiguous, so a run of consecutive block ids is one contiguous byte range.
+    Layer ``l``'s K cache for block ``b`` starts at ``k_base_addrs[l] + b *
+    block_stride_bytes`` (same for V) and spans ``bytes_per_block`` bytes. ``NHD``
+    (layer-major): ``block_stride_bytes == bytes_per_block``, so a run of consecutive block
+    ids is one byte range per layer and K/V. ``BLOCK_NHD`` (block-major): a block holds
+    ``K_0 V_0 K_1 V_1 ...`` back to back (``v_base_addrs[l] = k_base_addrs[l] +
+    bytes_per_block``, ``k_base_addrs[l + 1] = v_base_addrs[l] + bytes_per_block``) and
+    ``block_stride_bytes == 2 * num_layers * bytes_per_block``, so a run of consecutive
+    blocks is ONE byte range from ``k_base_addrs[0]``.
     Addresses are virtual addresses in the owning process, valid only together with the
     NIXL agent metadata of the same incarnation.
     """
@@ -173,11 +186,28 @@ class KVLayoutDescriptor:
             addrs = getattr(self, name)
             _require(len(addrs) == self.num_layers, k, f"{name} has {len(addrs)} entries")
             _require(all(a > 0 for a in addrs), k, f"{name} has a null address")
+        if self.is_block_major:  # one block = K_0 V_0 K_1 V_1 ... back to back
+            bpb = self.bytes_per_block
+            _require(all(v == kb + bpb for kb, v in zip(self.k_base_addrs, self.v_base_addrs,
+                                                         strict=True))
+                     and all(kn == v + bpb for v, kn in zip(self.v_base_addrs,
+                                                            self.k_base_addrs[1:], strict=False)),
+                     k, "BLOCK_NHD addresses are not K_0 V_0 K_1 ... back to back")
 
     @property
     def bytes_per_layer_cache(self) -> int:
         """Bytes of one layer's K (or V) cache."""
         return self.num_blocks * self.bytes_per_block
+
+    @property
+    def is_block_major(self) -> bool:
+        return self.layout == KV_LAYOUT_BLOCK_NHD
+
+    @property
+    def block_stride_bytes(self) -> int:
+        """Bytes from block ``b`` to block ``b + 1`` of one layer's K (or V) cache."""
+        return 2 * self.num_layers * self.bytes_per_block if self.is_block_major \
+            else self.bytes_per_block
 
     def check_compatible(self, other: KVLayoutDescriptor) -> None:
         """Raise ``ValueError`` if blocks of ``other`` cannot be copied byte-wise into ours."""
@@ -187,9 +217,11 @@ class KVLayoutDescriptor:
             if getattr(self, n) != getattr(other, n)
         ]
         if diffs:
+            hint = (" (the workers' CacheConfig.kv_layout differ: run every worker with the "
+                    "same --kv-layout)" if self.layout != other.layout else "")
             raise ValueError(
                 f"KV layout of {other.agent_name!r} is incompatible with {self.agent_name!r}: "
-                + "; ".join(diffs)
+                + "; ".join(diffs) + hint
             )
 
     def to_bytes(self) -> bytes:
@@ -249,6 +281,7 @@ class KVNotification:
 
 
 __all__ = [
+    "KV_LAYOUT_BLOCK_NHD",
     "KV_LAYOUT_NHD",
     "KV_TRANSFER_VERSION",
     "KVLayoutDescriptor",

@@ -130,7 +130,7 @@ class PrefillServicer(BaseWorkerServicer):
             incarnation=rt.info.incarnation if rt.info else 0, agent_name=rt.agent.name,
             block_ids=tuple(block_ids[:n]), num_tokens=num_tokens,
             block_size=rt.engine.kv_cache.block_size, dtype=rt.config.engine.dtype,
-            hold_id=hold_id,
+            layout=rt.agent.layout().layout, hold_id=hold_id,
             # Held blocks are not written again until released: hashing off the loop is safe.
             block_checksums=block_checksums(rt.engine.kv_cache.layers, block_ids[:n])
             if rt.config.kv_checksums else (),

@@ -34,6 +34,9 @@ class CacheSpec:
     head_dim: int = 8
     dtype: str = "float32"
     one_tensor: bool = False  # per-layer views into one big tensor instead of 2L tensors
+    # Block-major (KVLayout.BLOCK_MAJOR): strided per-layer views of one
+    # [num_blocks, num_layers, 2, ...] tensor, same values as the layer-major cache of the seed.
+    block_major: bool = False
     # Image embedding pages registered next to the KV cache (0 = none).
     embedding_pages: int = 0
     page_tokens: int = 4
@@ -50,6 +53,9 @@ def make_kv_caches(spec: CacheSpec, seed: int) -> list[tuple[torch.Tensor, torch
     # data: [num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim]
     shape = (spec.num_layers, 2, spec.num_blocks, spec.block_size, spec.num_kv_heads, spec.head_dim)
     data = (torch.rand(shape, generator=g) + 0.5).to(getattr(torch, spec.dtype))
+    if spec.block_major:  # [num_blocks, num_layers, 2, ...] memory, same values
+        blocks = data.permute(2, 0, 1, 3, 4, 5).contiguous()
+        return [(blocks[:, layer, 0], blocks[:, layer, 1]) for layer in range(spec.num_layers)]
     if spec.one_tensor:
         return [(data[layer, 0], data[layer, 1]) for layer in range(spec.num_layers)]
     return [(data[layer, 0].clone(), data[layer, 1].clone()) for layer in range(spec.num_layers)]

@@ -11,11 +11,13 @@ import torch
 from scission.kv_transfer.descriptors import (
     BlockRun,
     describe_kv_caches,
+    kv_layout_of,
     merge_block_runs,
     registration_regions,
     run_descriptors,
     validate_block_ids,
 )
+from scission.kv_transfer.handle import KV_LAYOUT_BLOCK_NHD, KV_LAYOUT_NHD
 from scission.kv_transfer.ucx import HOST_ONLY_UCX_TLS, configure_ucx_env
 
 logger = logging.getLogger(__name__)
@@ -116,6 +118,58 @@ def test_run_descriptors_rows() -> None:
     ]  # fmt: skip
     assert descs.dtype == np.uint64
     assert [tuple(int(x) for x in row) for row in descs] == expected
+
+
+def block_major_caches(num_layers: int = 3) -> tuple[torch.Tensor, list]:
+    """``[num_blocks, num_layers, 2, block_size, H, D]`` float32 and its per-layer views."""
+    big = torch.zeros((SHAPE[0], num_layers, 2, *SHAPE[1:]), dtype=torch.float32)
+    return big, [(big[:, layer, 0], big[:, layer, 1]) for layer in range(num_layers)]
+
+
+def test_block_major_layout_and_one_region() -> None:
+    """Strided per-layer views of one block-major tensor are recognised as BLOCK_NHD:
+    per-layer addresses K_0 V_0 K_1 ... one block apart, a block stride of 2L blocks' worth,
+    and the whole tensor is one registration region."""
+    big, caches = block_major_caches()
+    bpb = 4 * 2 * 8 * 4  # block_size * H * D * float32
+    layout = describe_kv_caches("w:1", caches)
+    assert (layout.layout, layout.bytes_per_block, layout.block_stride_bytes) == (
+        KV_LAYOUT_BLOCK_NHD, bpb, 6 * bpb)
+    base = big.data_ptr()
+    assert layout.k_base_addrs == (base, base + 2 * bpb, base + 4 * bpb)
+    assert layout.v_base_addrs == (base + bpb, base + 3 * bpb, base + 5 * bpb)
+    assert registration_regions(caches) == [(base, big.numel() * 4)]
+    assert kv_layout_of(view_caches()[1]) == kv_layout_of(separate_caches()) == KV_LAYOUT_NHD
+
+
+def test_block_major_descriptors_one_per_merged_run() -> None:
+    """A fragmented block list in block-major: one row per run merged on both sides, at
+    base + start * (2L * bpb), count * 2L * bpb bytes long (hand-computed); the local and
+    remote lists have the same row count and lengths."""
+    remote_big, remote = block_major_caches()
+    local_big, local = block_major_caches()
+    runs = merge_block_runs([9, 3, 4, 5, 1], [0, 7, 8, 9, 2])  # 3 runs: (1->2), (3..5->7..9), (9->0)
+    assert len(runs) == 3
+    rdescs = run_descriptors(describe_kv_caches("r", remote), [r.remote_start for r in runs],
+                             [r.num_blocks for r in runs])
+    ldescs = run_descriptors(describe_kv_caches("l", local), [r.local_start for r in runs],
+                             [r.num_blocks for r in runs])
+    stride = 2 * 3 * 256  # K and V of 3 layers, bpb = 4 * 2 * 8 * 4 B
+    rb, lb = remote_big.data_ptr(), local_big.data_ptr()
+    assert [tuple(int(x) for x in row) for row in rdescs] == [
+        (rb + 1 * stride, 1 * stride, 0), (rb + 3 * stride, 3 * stride, 0),
+        (rb + 9 * stride, 1 * stride, 0)]
+    assert [tuple(int(x) for x in row) for row in ldescs] == [
+        (lb + 2 * stride, 1 * stride, 0), (lb + 7 * stride, 3 * stride, 0),
+        (lb + 0 * stride, 1 * stride, 0)]
+
+
+def test_neither_layout_is_refused() -> None:
+    """Per-layer tensors that are neither contiguous nor block-major views (here every other
+    block of a layer-major cache) are refused, not described wrongly."""
+    big, _ = view_caches()
+    with pytest.raises(ValueError, match="neither contiguous per layer"):
+        describe_kv_caches("w:1", [(big[i, 0, ::2], big[i, 1, ::2]) for i in range(3)])
 
 
 def test_validate_block_ids() -> None:

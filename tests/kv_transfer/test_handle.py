@@ -9,6 +9,7 @@ import msgpack
 import pytest
 
 from scission.kv_transfer.handle import (
+    KV_LAYOUT_BLOCK_NHD,
     KV_TRANSFER_VERSION,
     KVLayoutDescriptor,
     KVNotification,
@@ -212,3 +213,20 @@ def test_a_signed_handle_verifies_and_any_change_breaks_it() -> None:
     assert not decoded.verify(transfer_key("another-cluster"))
     assert transfer_key("") == b"" and make_handle().verify(b"")
     assert not decoded.verify(b"")
+
+
+def test_block_major_layout_roundtrip_and_refused_against_layer_major() -> None:
+    """A BLOCK_NHD layout (K_0 V_0 K_1 V_1 back to back in a block) round-trips with its
+    block stride of 2L blocks; addresses not in that order are refused; a layer-major
+    (NHD) peer is incompatible, with the layouts and the --kv-layout hint in the error."""
+    bpb, base = 16 * 8 * 128 * 2, 0x7F0000000000
+    block = make_layout(layout=KV_LAYOUT_BLOCK_NHD, k_base_addrs=(base, base + 2 * bpb),
+                        v_base_addrs=(base + bpb, base + 3 * bpb))
+    assert KVLayoutDescriptor.from_bytes(block.to_bytes()) == block
+    assert block.block_stride_bytes == 4 * bpb and make_layout().block_stride_bytes == bpb
+    with pytest.raises(ValueError, match="back to back"):
+        make_layout(layout=KV_LAYOUT_BLOCK_NHD)  # per-layer addresses far apart
+    with pytest.raises(ValueError, match="layout: 'NHD' != 'BLOCK_NHD'.*--kv-layout"):
+        make_layout().check_compatible(block)
+    handle = make_handle(layout=KV_LAYOUT_BLOCK_NHD)
+    assert TransferHandle.from_bytes(handle.to_bytes()).layout == KV_LAYOUT_BLOCK_NHD

@@ -38,3 +38,22 @@ def test_one_flipped_byte_is_found_in_its_block_only():
         mismatched_blocks(expected[:2], layers, ids)
     with pytest.raises(IndexError):
         block_checksums(layers, [6])
+
+
+def test_checksums_equal_in_both_kv_layouts():
+    """The same values in a layer-major and a block-major KVCache hash alike (checksums
+    cover each block's bytes per layer, K then V, whatever the memory order), so a
+    checksum minted on one layout verifies on the other's copy of the data."""
+    from scission.engine.config import KVLayout, ModelConfig
+    from scission.engine.kv_cache import KVCache
+
+    model = ModelConfig(vocab_size=1, hidden_size=16, intermediate_size=1, num_layers=3,
+                        num_heads=2, num_kv_heads=2, head_dim=8, rope_theta=1.0,
+                        rms_norm_eps=1e-5, max_position_embeddings=1)
+    layer, block = (KVCache(model, 6, 4, torch.bfloat16, layout=lay) for lay in KVLayout)
+    src = torch.randn(layer.tensor.shape, generator=torch.Generator().manual_seed(1))
+    layer.layer_major().copy_(src)
+    block.layer_major().copy_(src)
+    ids = [4, 0, 5]
+    assert block_checksums(block.layers, ids) == block_checksums(layer.layers, ids)
+    assert block.block_bytes(ids) == layer.block_bytes(ids)

@@ -239,3 +239,42 @@ def test_read_pages_byte_equal_and_notifies(spawn_peers: PeerFactory) -> None:
     assert [EmbeddingNotification.from_bytes(m) for _, m in notifs] == [aborted]
     bad = prefill.call("read_pages", encoder.name, [8], [0], b"", 10.0)
     assert bad[:2] == ("error", "ValueError")  # page id out of range, nothing posted
+
+
+def test_block_major_read_byte_equal(spawn_peers: PeerFactory) -> None:
+    """Block-major caches on both sides (KVLayout.BLOCK_MAJOR: one descriptor per merged
+    run, every layer's K and V in it): decode's local blocks equal prefill's source blocks
+    byte for byte in every layer, every other block is untouched, and the notification
+    arrives once."""
+    prefill, decode = spawn_peers(
+        ("prefill-bm:7", CacheSpec(block_major=True), PREFILL_SEED),
+        ("decode-bm:8", CacheSpec(block_major=True), DECODE_SEED),
+    )
+    assert decode.add_peer(prefill)[0] == "ok"
+    result = decode.call("read", prefill.name, REMOTE_IDS, LOCAL_IDS, notif_bytes("req-bm"), 20.0)
+    assert result[0] == "ok", result
+    status, blocks, _ = decode.call("cache_bytes")
+    assert status == "ok"
+    assert blocks == expected_decode_blocks(prefill, decode, REMOTE_IDS, LOCAL_IDS)
+    initial = cache_block_bytes(make_kv_caches(decode.spec, decode.seed))
+    assert all(blocks[-1][loc] != initial[-1][loc] for loc in LOCAL_IDS)  # last layer's V too
+    status, notifs, _ = prefill.call("poll_notifs", 20.0)
+    assert [KVNotification.from_bytes(msg) for _, msg in notifs] == [
+        KVNotification.from_bytes(notif_bytes("req-bm"))]
+
+
+def test_layer_major_decode_refuses_block_major_prefill(spawn_peers: PeerFactory) -> None:
+    """A layer-major decode worker cannot copy a block-major prefill's blocks byte-wise:
+    add_peer raises ValueError naming the layouts (the decode worker's pull fails and it
+    recomputes the prompt), and no READ can be posted to that peer."""
+    prefill, decode = spawn_peers(
+        ("prefill-bm:9", CacheSpec(block_major=True), PREFILL_SEED),
+        ("decode-lm:10", CacheSpec(), DECODE_SEED),
+    )
+    status, kind, msg, _ = decode.add_peer(prefill)
+    assert (status, kind) == ("error", "ValueError")
+    assert "layout: 'NHD' != 'BLOCK_NHD'" in msg and "--kv-layout" in msg, msg
+    result = decode.call("read", prefill.name, [0], [0], b"", 5.0)
+    assert result[:2] == ("error", "KVTransferError"), result
+    status, blocks, _ = decode.call("cache_bytes")
+    assert blocks == cache_block_bytes(make_kv_caches(decode.spec, decode.seed))
