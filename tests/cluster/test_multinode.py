@@ -62,8 +62,9 @@ class TwoNodes:
 
 
 def _ray_env() -> dict[str, str]:
-    """Both nodes and the driver: one Ray auth token (Ray 2.5x enables token auth on a
-    head by default), and UCX on TCP over the nodes' interface only."""
+    """Both nodes and the driver: one Ray auth token (Ray 2.60's head turned token auth on
+    here, and refused a joining node without it), and UCX on TCP over the nodes' interface
+    only (on one host UCX would otherwise read the KV with cma, off the network)."""
     return dict(os.environ, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(32),
                 RAY_USAGE_STATS_ENABLED="0", UCX_TLS="tcp,self", UCX_NET_DEVICES=IFACE,
                 SCISSION_LOG_LEVEL="INFO")
