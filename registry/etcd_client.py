@@ -123,6 +123,9 @@ def connect(config: EtcdClientConfig) -> etcd3.MultiEndpointEtcd3Client:
         ("grpc.initial_reconnect_backoff_ms", min(1000, backoff_ms)),
         ("grpc.max_reconnect_backoff_ms", backoff_ms),
         ("grpc.enable_http_proxy", int(config.use_http_proxy)),
+        # gRPC shares connections between channels to the same address in a process; a
+        # client must never ride on one that another config (another certificate) opened.
+        ("grpc.use_local_subchannel_pool", 1),
     ]
     creds = None
     if config.ca_pem:
