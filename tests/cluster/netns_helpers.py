@@ -138,13 +138,18 @@ class NetnsNodes:
         return len(killed)
 
     def destroy(self) -> None:
-        """Kill everything in both namespaces, delete them and the bridge (idempotent)."""
+        """Kill everything in both namespaces, delete them and the bridge (idempotent); every
+        step is tried, then a TimeoutError of ``kill_node`` (processes left) is raised."""
+        errors: list[TimeoutError] = []
         for ns in (self.head, self.node):
             try:
                 self.kill_node(ns)
-            finally:
-                _run(self.ip, "netns", "del", ns)
+            except TimeoutError as e:
+                errors.append(e)
+            _run(self.ip, "netns", "del", ns)
         _run(self.ip, "link", "del", self.bridge)
+        if errors:
+            raise errors[0]
 
     def _must(self, *args: str) -> None:
         res = _run(self.ip, *args)
