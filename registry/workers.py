@@ -151,7 +151,7 @@ class WorkerRegistration:
         self._config = config if config is not None else RegistryConfig()
         self._key = record_key  # signs every record written (registry/signing.py)
         self._on_new_incarnation = on_new_incarnation
-        self._lock = threading.Lock()  # guards the fields below; serializes our etcd writes
+        self._lock = threading.Lock()  # guards the fields below; serializes lease/info writes
         self._info: WorkerInfo | None = None  # as registered (incarnation = current lease)
         self._stats: WorkerStatsRecord | None = None  # last stats, re-put on re-register
         self._ttl_s = 0
@@ -237,8 +237,12 @@ class WorkerRegistration:
             if self._info is None:
                 raise RuntimeError("update_stats before register")
             self._stats = record = sign_record(record, self._key)
-            key = self._config.stats_prefix + self._info.worker_id
-            self._client.put(key, record.to_bytes(), lease=self._info.incarnation)
+            key, lease = self._config.stats_prefix + self._info.worker_id, self._info.incarnation
+        # Not under the lock: a put sent while etcd elects a leader waits out its whole timeout
+        # (5 s), and the keepalive, stuck behind it, let a 3 s lease lapse
+        # (tests/faults/test_etcd_leader_loss.py). A put racing a re-registration fails or
+        # lands under the old lease; the next one (stats_interval_s) uses the new lease.
+        self._client.put(key, record.to_bytes(), lease=lease)
 
     def set_draining(self, draining: bool) -> WorkerInfo:
         """Re-put the info with ``draining`` under the same lease (same incarnation); returns it.

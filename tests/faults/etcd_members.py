@@ -3,11 +3,13 @@
 ``cluster.etcd_server.EmbeddedEtcd`` runs one member; this starts ``n`` of the same binary
 with ``--initial-cluster`` naming all of them, can SIGKILL one and restart it on its ports
 and data dir (it rejoins from its own WAL), and finds the leader through the maintenance
-API (``Status``: the responding member's id and the leader's id).
+API (``Status``: the responding member's id and the leader's id), which it can also hand to
+a chosen member (``MoveLeader``).
 """
 
 from __future__ import annotations
 
+import os
 import shutil
 import signal
 import subprocess
@@ -110,6 +112,49 @@ class EtcdMembers:
             return None
         (lead,) = leaders
         return next((m for m in self.members if ids.get(m.name, (None,))[0] == lead), None)
+
+    def num_clients(self, m: Member) -> int:
+        """Established TCP connections to ``m``'s client port from this host (client side,
+        ``/proc/net/tcp{,6}``), etcd's own left out: how many etcd clients use ``m`` now."""
+        port = f":{m.client_port:04X}"
+        rows = [line.split() for table in ("/proc/net/tcp", "/proc/net/tcp6")  # v4-mapped
+                for line in Path(table).read_text().splitlines()[1:]]
+        own = self._socket_inodes()  # etcd's gateway dials its own client port: not a client
+        return sum(1 for r in rows if r[2].endswith(port) and r[3] == "01" and r[9] not in own)
+
+    def _socket_inodes(self) -> set[str]:
+        inodes = set()
+        for m in self.members:
+            if m.proc is None or m.proc.poll() is not None:
+                continue
+            fds = Path(f"/proc/{m.proc.pid}/fd")
+            for fd in fds.iterdir():
+                try:
+                    target = os.readlink(fd)
+                except OSError:  # closed meanwhile
+                    continue
+                if target.startswith("socket:["):
+                    inodes.add(target[len("socket:["):-1])
+        return inodes
+
+    def move_leader(self, to: Member, timeout_s: float = 30.0) -> None:
+        """Hand leadership to ``to`` (etcd's MoveLeader, sent to the current leader)."""
+        leader = self.leader()
+        assert leader is not None, "no leader"
+        if leader is to:
+            return
+        target = self.status(to)
+        assert target is not None, f"{to.name} does not answer"
+        client = self.client(leader)
+        try:
+            client.maintenancestub.MoveLeader(
+                etcdrpc.MoveLeaderRequest(targetID=target.header.member_id), timeout_s)
+        finally:
+            client.close()
+        deadline = time.monotonic() + timeout_s
+        while self.leader() is not to:
+            assert time.monotonic() < deadline, f"{to.name} did not become leader"
+            time.sleep(0.1)
 
     def kill(self, m: Member) -> None:
         assert m.proc is not None, f"{m.name} is not running"

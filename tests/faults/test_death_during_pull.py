@@ -142,7 +142,9 @@ def test_prefill_worker_killed_while_a_decode_worker_pulls_from_it(
             w = directory.get(victim)
             return num > 0 and w is not None and w.incarnation == before.incarnation
 
-        wait_for(quarantined_while_registered, LEASE_TTL_S, "the failed READ's blocks "
+        # Polled until the dead incarnation leaves (then it can no longer hold): the window
+        # is at least 2 s (a keepalive per TTL / 3), the timeout only bounds a failure.
+        wait_for(quarantined_while_registered, LEASE_TTL_S + 5, "the failed READ's blocks "
                  "quarantined while the dead prefill worker is registered")
         results = load.results()
     print(check_outcomes(results, fault_reference, max_failed=0))
