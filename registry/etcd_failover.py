@@ -3,11 +3,12 @@
 ``etcd3.MultiEndpointEtcd3Client`` marks the endpoint of a call that failed with
 UNAVAILABLE / DEADLINE_EXCEEDED / INTERNAL as failed for ``time_retry`` seconds, but keeps it
 as the current endpoint: it moves to another one only if the *next* call comes while the mark
-still holds. Our callers retry after an etcd error no sooner than the mark lasts
+still holds. Our loops retry after an etcd error no sooner than the mark lasts
 (``RegistryConfig.retry_interval_s`` = ``EtcdClientConfig.endpoint_retry_s`` = 0.5 s: lease
-keepalives, watch resyncs, ``retry_etcd``), so a client whose member died went back to it
-forever: its worker's lease lapsed although two members of three served
-(``tests/faults/test_etcd_leader_loss.py`` reproduces it: 0 of 16 reads in 8 s).
+keepalives, watch resyncs, ``retry_etcd``), so a client that only such a loop uses went back
+to a dead member forever (``tests/faults/test_etcd_leader_loss.py``: 0 of 16 reads in 8 s).
+A client shared by several threads usually escapes, when one of them calls inside the mark
+(the cluster's leader-loss test passes without this class), but only by timing.
 
 ``FailoverEtcdClient`` moves to the next endpoint (in the configured order) at the failure
 itself; the failed one is still skipped for ``time_retry``. With one endpoint it behaves as
