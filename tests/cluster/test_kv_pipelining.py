@@ -4,6 +4,7 @@ whose engine steps are 64 tokens (prompts span several prefill chunks):
 - tokens equal the engine alone's under concurrent load, and pieces of KV were pulled
   before their prefill finished (``num_kv_pipelined_reads_total``);
 - a wrong pipeline secret is refused and leaves the prefill it names alone;
+- a prefill preempted after pieces were pulled is read again whole (its blocks were freed);
 - cancellation before the prefill starts, mid-prefill after a partial pull, and after the
   first token, and the prefill worker killed mid-prefill: no KV block stays held, reserved
   or quarantined on either side, and the cluster serves on.
@@ -12,6 +13,7 @@ whose engine steps are 64 tokens (prompts span several prefill chunks):
 from __future__ import annotations
 
 import json
+import random
 import threading
 from pathlib import Path
 
@@ -37,13 +39,16 @@ from scission.router.config import RouterConfig
 
 NEW_TOKENS = 8
 CHUNK_TOKENS = 64
+NUM_BLOCKS = 256
+# A prompt no other test uses (random plain tokens): the preemption test's request.
+PREEMPTED_IDS = [random.Random(13).randrange(100, 40000) for _ in range(800)]
 SAMPLING = wpb.SamplingParams(temperature=0.0, top_p=1.0, max_tokens=NEW_TOKENS,
                               ignore_eos=True)
 
 
 @pytest.fixture(scope="module")
 def cluster():
-    engine = EngineConfig(cache=CacheConfig(num_blocks=512),
+    engine = EngineConfig(cache=CacheConfig(num_blocks=NUM_BLOCKS),
                           scheduler=SchedulerConfig(max_num_batched_tokens=CHUNK_TOKENS))
     with running_cluster(ClusterConfig(num_prefill=1, num_decode=1, threads_per_worker=1,
                                        engine=engine, router=RouterConfig(kv_pipelining=True),
@@ -72,13 +77,13 @@ def long_prompts(tokenizer) -> list[list[int]]:
 @pytest.fixture(scope="module")
 def reference(tokenizer, long_prompts, chat_prompt_ids) -> dict[int, list[int]]:
     """The engine alone's greedy tokens: ``long_prompts[i]`` for i in 0-3 and 6 (key i),
-    ``chat_prompt_ids[i]`` for i in 0-3 (key -1 - i)."""
+    ``chat_prompt_ids[i]`` for i in 0-3 (key -1 - i), ``PREEMPTED_IDS`` (key 100)."""
     engine = LLMEngine(EngineConfig(num_threads=1, cache=CacheConfig(num_blocks=512),
                                     scheduler=SchedulerConfig(max_num_batched_tokens=512)),
                        tokenizer=tokenizer)
     params = SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, ignore_eos=True)
     prompts = {i: long_prompts[i] for i in (0, 1, 2, 3, 6)}
-    prompts |= {-1 - i: chat_prompt_ids[i] for i in range(4)}
+    prompts |= {-1 - i: chat_prompt_ids[i] for i in range(4)} | {100: PREEMPTED_IDS}
     for key, ids in prompts.items():
         engine.add_request(str(key), ids, params)
     out: dict[str, list[int]] = {str(key): [] for key in prompts}
@@ -151,6 +156,41 @@ def test_a_wrong_secret_is_refused_and_the_prefill_goes_on(cluster, directory, l
     first = prefill.result()
     assert [first.first_token_id] + [t for c in chunks for t in c.token_ids] == \
         reference[2][:NEW_TOKENS]
+    wait_until(lambda: no_block_held(cluster, directory), 30)
+
+
+def test_a_preempted_prefill_is_read_again(cluster, directory, reference):
+    """A held prefill (Y) leaves the prefill worker room for half of the pipelined prompt X:
+    X's first pieces are pulled, then X cannot grow and is preempted (its blocks freed) and
+    waits until Y is released. The decode worker reads X again whole (more blocks READ than
+    X lacks), and the tokens are the engine alone's."""
+    pre, bs = stub(cluster, directory, "prefill-0"), 16
+    x_blocks = -(-len(PREEMPTED_IDS) // bs)
+    free = worker_stats(cluster, directory, "prefill-0").num_free_blocks
+    y_ids = [random.Random(17).randrange(100, 40000)
+             for _ in range((free - x_blocks // 2) * bs - bs // 2)]
+    y = pre.Prefill.future(wpb.PrefillRequest(request_id="pp-y", prompt_token_ids=y_ids,
+                                              sampling=SAMPLING), timeout=300)
+    wait_until(lambda: worker_stats(cluster, directory, "prefill-0").num_running == 1, 60,
+               0.02)
+    dec_before = worker_stats(cluster, directory, "decode-0")
+    x = _prefill(cluster, directory, "pp-x", PREEMPTED_IDS, b"p" * 16)
+    call = _decode(cluster, directory, "pp-x", PREEMPTED_IDS, b"p" * 16)
+    y_hold = y.result().hold_id
+
+    def x_preempted_after_a_piece() -> bool:
+        pre_s = worker_stats(cluster, directory, "prefill-0")
+        return pre_s.num_waiting == 1 and pre_s.num_held == 1 and \
+            pipelined_reads(cluster, directory) > dec_before.num_kv_pipelined_reads_total
+
+    wait_until(x_preempted_after_a_piece, 120, 0.05)
+    pre.Release(wpb.ReleaseRequest(request_id="pp-y", hold_id=y_hold), timeout=10)
+    tokens = [t for c in call for t in c.token_ids]
+    assert [x.result().first_token_id] + tokens == reference[100][:NEW_TOKENS]
+    dec = worker_stats(cluster, directory, "decode-0")
+    reused = dec.num_kv_blocks_reused_total - dec_before.num_kv_blocks_reused_total
+    pulled = dec.num_kv_blocks_pulled_total - dec_before.num_kv_blocks_pulled_total
+    assert pulled > x_blocks - reused
     wait_until(lambda: no_block_held(cluster, directory), 30)
 
 
