@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from scission.bench.cli_main import bench_main, report
-from scission.bench.kv_transfer_shapes import PATTERNS, KVShape
+from scission.bench.kv_transfer_shapes import KV_LAYOUTS, PATTERNS, KVShape
 
 logger = logging.getLogger(__name__)
 
@@ -43,6 +43,7 @@ class KVTransferBenchConfig:
     prompt_tokens: tuple[int, ...] = (256, 1024, 4096, 16384)
     dtypes: tuple[str, ...] = ("float32", "bfloat16")
     patterns: tuple[str, ...] = PATTERNS
+    kv_layouts: tuple[str, ...] = ("layer_major",)  # KVShape.kv_layout, one pair each
     warmup: int = 2
     repeats: int = 20  # up to 1k tokens; fewer for longer prompts (repeats_for)
     min_repeats: int = 5
@@ -57,6 +58,8 @@ class KVTransferBenchConfig:
     def __post_init__(self) -> None:
         if not self.prompt_tokens or min(self.prompt_tokens) < 1:
             raise ValueError(f"prompt_tokens must be positive: {self.prompt_tokens}")
+        if set(self.kv_layouts) - set(KV_LAYOUTS) or not self.kv_layouts:
+            raise ValueError(f"kv_layouts must be among {KV_LAYOUTS}: {self.kv_layouts}")
         if set(self.patterns) - set(PATTERNS):
             raise ValueError(f"patterns must be among {PATTERNS}: {self.patterns}")
         if self.warmup < 0 or self.min_repeats < 1 or self.repeats < self.min_repeats:
@@ -72,10 +75,11 @@ def _default_model_kv() -> tuple[int, int, int, str]:
     return model.num_layers, model.num_kv_heads, model.head_dim, model.model_id
 
 
-def model_kv_shape(dtype: str, block_size: int = 16) -> tuple[KVShape, str]:
+def model_kv_shape(dtype: str, block_size: int = 16,
+                   kv_layout: str = "layer_major") -> tuple[KVShape, str]:
     """The default model's KV geometry (from its checkpoint) and its model id."""
     num_layers, num_kv_heads, head_dim, model_id = _default_model_kv()
-    return KVShape(num_layers, num_kv_heads, head_dim, block_size, dtype), model_id
+    return KVShape(num_layers, num_kv_heads, head_dim, block_size, dtype, kv_layout), model_id
 
 
 def machine() -> dict[str, Any]:
@@ -96,11 +100,11 @@ def run_pairs(cfg: KVTransferBenchConfig) -> list[dict[str, Any]]:
     from scission.bench.kv_transfer_reader import METHODS
 
     pairs = []
-    jobs = [(d, "cma", None, METHODS) for d in cfg.dtypes]
+    jobs = [(d, lay, "cma", None, METHODS) for d in cfg.dtypes for lay in cfg.kv_layouts]
     if cfg.tcp_transport:  # NIXL over UCX tcp only (the references do not depend on UCX)
-        jobs.append((cfg.dtypes[0], "tcp", "tcp,self", ("nixl",)))
-    for dtype, transport, tls, methods in jobs:
-        shape, model_id = model_kv_shape(dtype)
+        jobs += [(cfg.dtypes[0], lay, "tcp", "tcp,self", ("nixl",)) for lay in cfg.kv_layouts]
+    for dtype, layout, transport, tls, methods in jobs:
+        shape, model_id = model_kv_shape(dtype, kv_layout=layout)
         pcfg = PairConfig(shape=shape, prompt_tokens=cfg.prompt_tokens, patterns=cfg.patterns,
                           methods=methods, warmup=cfg.warmup, repeats=cfg.repeats,
                           min_repeats=cfg.min_repeats, threads=cfg.threads, ucx_tls=tls,
@@ -108,7 +112,8 @@ def run_pairs(cfg: KVTransferBenchConfig) -> list[dict[str, Any]]:
         logger.info("pair %s over UCX %s: %s", dtype, transport, shape)
         load_before, t0 = os.getloadavg()[0], time.monotonic()
         result = run_pair(pcfg)
-        pairs.append({"dtype": dtype, "transport": transport, "model_id": model_id,
+        pairs.append({"dtype": dtype, "kv_layout": layout, "transport": transport,
+                      "model_id": model_id,
                       "shape": asdict(shape), "duration_s": time.monotonic() - t0,
                       "loadavg_1m": [load_before, os.getloadavg()[0]], **result})
     return pairs
@@ -158,6 +163,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", type=lambda s: tuple(s.split(",")), default=d.dtypes,
                    help="KV dtypes of the pairs (comma-separated)")
     p.add_argument("--patterns", type=lambda s: tuple(s.split(",")), default=d.patterns)
+    p.add_argument("--kv-layouts", type=lambda s: tuple(s.split(",")), default=d.kv_layouts,
+                   help=f"comma-separated, among {KV_LAYOUTS}: one pair per layout")
     p.add_argument("--warmup", type=int, default=d.warmup)
     p.add_argument("--repeats", type=int, default=d.repeats)
     p.add_argument("--min-repeats", type=int, default=d.min_repeats)
@@ -176,6 +183,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     cfg = KVTransferBenchConfig(
         prompt_tokens=args.prompt_tokens, dtypes=args.dtype, patterns=args.patterns,
+        kv_layouts=args.kv_layouts,
         warmup=args.warmup, repeats=args.repeats, min_repeats=args.min_repeats,
         threads=args.threads, tcp_transport=args.tcp_transport, handoff=args.handoff,
         handoff_tokens=args.handoff_tokens, handoff_requests=args.handoff_requests,

@@ -60,7 +60,7 @@ class PairConfig:
 def allocate_cache(shape: KVShape, num_blocks: int):
     """A ``KVCache`` of the engine (the real layout) for ``shape``; zeros, pages not yet
     touched."""
-    from scission.engine.config import ModelConfig
+    from scission.engine.config import KVLayout, ModelConfig
     from scission.engine.kv_cache import KVCache
 
     # Only the KV geometry matters to KVCache; the rest of ModelConfig is inert here.
@@ -69,22 +69,25 @@ def allocate_cache(shape: KVShape, num_blocks: int):
                         num_heads=shape.num_kv_heads, num_kv_heads=shape.num_kv_heads,
                         head_dim=shape.head_dim, rope_theta=1.0, rms_norm_eps=1e-5,
                         max_position_embeddings=1)
-    return KVCache(model, num_blocks, shape.block_size, getattr(torch, shape.dtype))
+    return KVCache(model, num_blocks, shape.block_size, getattr(torch, shape.dtype),
+                   layout=KVLayout(shape.kv_layout))
 
 
 def fill_random(cache, seed: int) -> None:
     """Values in [0.5, 1.5), layer by layer (no full-size temporary); touches every page."""
     g = torch.Generator().manual_seed(seed)
-    for layer in range(cache.tensor.shape[0]):
-        src = torch.rand(cache.tensor[layer].shape, generator=g) + 0.5
-        cache.tensor[layer].copy_(src)
+    layers = cache.layer_major()  # [L, 2, N, bs, H, D], a view in either layout
+    for layer in range(layers.shape[0]):
+        src = torch.rand(layers[layer].shape, generator=g) + 0.5
+        layers[layer].copy_(src)
 
 
 def blocks_checksum(cache, block_ids: list[int]) -> float:
     """Float64 sum of the blocks ``block_ids`` (in that order) over every layer, K and V."""
     idx = torch.tensor(block_ids, dtype=torch.int64)
-    return sum(float(cache.tensor[layer].index_select(1, idx).double().sum())
-               for layer in range(cache.tensor.shape[0]))
+    layers = cache.layer_major()
+    return sum(float(layers[layer].index_select(1, idx).double().sum())
+               for layer in range(layers.shape[0]))
 
 
 def _serve_tcp(server: socket.socket, flat: memoryview) -> None:

@@ -200,7 +200,8 @@ class Reader:
 
     def _prepare_lists(self) -> tuple[Any, Any]:
         """Prepared lists over every block of every layer's K and V, on both sides
-        (row ``t * cache_blocks + b`` = tensor ``t`` (K0, V0, K1, ...), block ``b``)."""
+        (layer-major: row ``t * cache_blocks + b`` = tensor ``t`` (K0, V0, K1, ...), block
+        ``b``; block-major: row ``b`` = block ``b``, all layers)."""
         from scission.kv_transfer.descriptors import run_descriptors
 
         if self.prepped is None:
@@ -219,8 +220,10 @@ class Reader:
     def _nixl_prepped(self, remote_ids: list[int], local_ids: list[int]) -> dict[str, float]:
         local_side, remote_side = self._prepare_lists()
         t0 = time.monotonic()
-        nb, tensors = self.cfg.cache_blocks, 2 * self.cfg.shape.num_layers
-        base = (np.arange(tensors, dtype=np.int32) * nb)[:, None]  # [2 * num_layers, 1]
+        nb = self.cfg.cache_blocks
+        # rows per block: 2 * num_layers (layer-major), 1 (block-major: a block is one row)
+        tensors = 1 if self.local_layout.is_block_major else 2 * self.cfg.shape.num_layers
+        base = (np.arange(tensors, dtype=np.int32) * nb)[:, None]  # [tensors, 1]
         local_idx = (base + np.asarray(local_ids, dtype=np.int32)[None, :]).reshape(-1)
         remote_idx = (base + np.asarray(remote_ids, dtype=np.int32)[None, :]).reshape(-1)
         t1 = time.monotonic()

@@ -24,7 +24,7 @@ def pair_rows(pair: dict[str, Any]) -> list[dict[str, Any]]:
     for cell in pair["cells"]:
         nixl = cell["methods"].get("nixl")
         row = {"dtype": pair["dtype"], "transport": pair["transport"],
-               "num_tokens": cell["num_tokens"], "pattern": cell["pattern"],
+               "kv_layout": pair.get("kv_layout", "layer_major"), "num_tokens": cell["num_tokens"], "pattern": cell["pattern"],
                "mib": cell["bytes"] / 2**20, "descriptors": cell["descriptors"]}
         for method in cell["methods"]:
             row[f"{method}_ms"] = _ms(cell, method)
@@ -44,13 +44,13 @@ def _fmt(v: Any, spec: str) -> str:
 
 
 def format_pair_table(rows: Sequence[dict[str, Any]]) -> str:
-    head = ("| dtype | transport | tokens | pattern | MiB | descs | NIXL READ p50 / p90 ms | NIXL GB/s "
+    head = ("| dtype | layout | transport | tokens | pattern | MiB | descs | NIXL READ p50 / p90 ms | NIXL GB/s "
             "| memcpy GB/s | memcpy same pieces GB/s | torch copy GB/s | TCP GB/s "
             "| NIXL / memcpy | NIXL / same pieces | NIXL / TCP | prepped ms | notif ms |")
-    lines = [head, "|" + "---|" * 17]
+    lines = [head, "|" + "---|" * 18]
     for r in rows:
         lines.append("| " + " | ".join([
-            r["dtype"], r["transport"], str(r["num_tokens"]), r["pattern"], f"{r['mib']:.1f}",
+            r["dtype"], r["kv_layout"], r["transport"], str(r["num_tokens"]), r["pattern"], f"{r['mib']:.1f}",
             str(r["descriptors"]),
             f"{_fmt(r.get('nixl_ms'), '.2f')} / {_fmt(r.get('nixl_p90_ms'), '.2f')}",
             _fmt(r.get("nixl_gbps"), ".2f"), _fmt(r.get("memcpy_gbps"), ".2f"),
@@ -69,6 +69,7 @@ def phase_rows(pair: dict[str, Any]) -> list[dict[str, Any]]:
             if method in cell["methods"]:
                 m = cell["methods"][method]
                 rows.append({"dtype": pair["dtype"], "transport": pair["transport"],
+                             "kv_layout": pair.get("kv_layout", "layer_major"),
                              "num_tokens": cell["num_tokens"], "pattern": cell["pattern"],
                              "method": method, "descriptors": cell["descriptors"],
                              **{p: m[p]["median_ms"] for p in ("plan", "prep", "xfer", "release",
@@ -121,18 +122,19 @@ def format_handoff_table(rows: Sequence[dict[str, Any]]) -> str:
 
 def plot_bandwidth(rows: Sequence[dict[str, Any]], path: Path) -> Path:
     """GB/s vs prompt length: NIXL (solid), memcpy / same pieces / TCP (dashed, dotted),
-    one panel per (dtype, pattern)."""
-    panels = sorted({(r["dtype"], r["pattern"]) for r in rows})
+    one panel per (dtype, KV layout, pattern)."""
+    panels = sorted({(r["dtype"], r["kv_layout"], r["pattern"]) for r in rows})
     fig = Figure(figsize=(5.2 * len(panels), 4.2))
     FigureCanvasAgg(fig)
     series = [("nixl", "NIXL READ", "-o"), ("nixl_prepped", "NIXL prepped", "-^"),
               ("memcpy", "memcpy (1 piece)", "--s"), ("memcpy_layout", "memcpy (same pieces)", "--d"),
               ("torch_copy", "torch copy_", ":x"), ("tcp", "TCP loopback", ":v")]
-    for i, (dtype, pattern) in enumerate(panels):
+    for i, (dtype, layout, pattern) in enumerate(panels):
         ax = fig.add_subplot(1, len(panels), i + 1)
         for transport in sorted({r["transport"] for r in rows}):
-            sel = sorted((r for r in rows if (r["dtype"], r["pattern"], r["transport"])
-                          == (dtype, pattern, transport)), key=lambda r: r["num_tokens"])
+            sel = sorted((r for r in rows if (r["dtype"], r["kv_layout"], r["pattern"],
+                                              r["transport"]) == (dtype, layout, pattern, transport)),
+                         key=lambda r: r["num_tokens"])
             for key, label, style in series:
                 pts = [(r["num_tokens"], r[f"{key}_gbps"]) for r in sel if f"{key}_gbps" in r]
                 if not pts or (transport != "cma" and not key.startswith("nixl")):
@@ -142,7 +144,7 @@ def plot_bandwidth(rows: Sequence[dict[str, Any]], path: Path) -> Path:
         ax.set_xscale("log", base=2)
         ax.set_xlabel("prompt tokens")
         ax.set_ylabel("GB/s")
-        ax.set_title(f"{dtype}, {pattern} blocks")
+        ax.set_title(f"{dtype}, {layout}, {pattern} blocks", fontsize=9)
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=7)
     fig.tight_layout()

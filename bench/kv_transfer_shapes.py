@@ -2,7 +2,8 @@
 repeat counts and latency statistics (no NIXL, no processes; unit-tested).
 
 A worker's cache is ``[num_layers, 2 (K, V), num_blocks, block_size, num_kv_heads, head_dim]``
-(``engine/kv_cache.py``); a prompt of ``n`` tokens occupies ``ceil(n / block_size)`` blocks in
+(``engine/kv_cache.py``, layer-major; block-major puts a block's K and V of every layer in one
+range: one descriptor per run); a prompt of ``n`` tokens occupies ``ceil(n / block_size)`` blocks in
 every layer's K and V, and a READ moves whole blocks::
 
     layer 0 K: [blk a][blk a+1]...    layer 0 V: [blk a][blk a+1]...    ... layer L-1 V
@@ -25,6 +26,8 @@ _ELEMENT_SIZE = {"float32": 4, "bfloat16": 2, "float16": 2}
 # cache after churn: the block manager frees in reverse order; 2 * num_layers * num_blocks
 # descriptors).
 PATTERNS = ("contiguous", "fragmented")
+# engine.config.KVLayout values (strings here: this module imports no scission code).
+KV_LAYOUTS = ("layer_major", "block_major")
 
 
 @dataclass(frozen=True)
@@ -36,8 +39,11 @@ class KVShape:
     head_dim: int
     block_size: int
     dtype: str  # "float32" | "bfloat16" | "float16"
+    kv_layout: str = "layer_major"  # engine.config.KVLayout value: "layer_major" | "block_major"
 
     def __post_init__(self) -> None:
+        if self.kv_layout not in KV_LAYOUTS:
+            raise ValueError(f"kv_layout must be one of {KV_LAYOUTS}, got {self.kv_layout!r}")
         if self.dtype not in _ELEMENT_SIZE:
             raise ValueError(f"dtype must be one of {sorted(_ELEMENT_SIZE)}, got {self.dtype!r}")
         if min(self.num_layers, self.num_kv_heads, self.head_dim, self.block_size) < 1:
@@ -65,8 +71,9 @@ class KVShape:
         return 2 * self.num_layers * self.num_blocks(num_tokens) * self.bytes_per_block
 
     def num_descriptors(self, num_runs: int) -> int:
-        """Descriptors per side for ``num_runs`` block runs (one per layer, K/V and run)."""
-        return 2 * self.num_layers * num_runs
+        """Descriptors per side for ``num_runs`` block runs: one per layer, K/V and run
+        (layer-major), one per run (block-major)."""
+        return num_runs if self.kv_layout == "block_major" else 2 * self.num_layers * num_runs
 
 
 def block_ids(pattern: str, num_blocks: int, cache_blocks: int,
