@@ -82,7 +82,9 @@ class CacheConfig:
     kv_cache_bytes: int = 512 * 1024**2
     num_blocks: int | None = None
     enable_prefix_caching: bool = True
-    kv_layout: KVLayout = KVLayout.LAYER_MAJOR
+    # Block-major by measurement (bench/README.md "KV layout"): fragmented pulls 2.7-3.1x
+    # faster at >= 4k tokens, engine steps within 0.5-2.1 % of layer-major.
+    kv_layout: KVLayout = KVLayout.BLOCK_MAJOR
 
     def __post_init__(self) -> None:
         if not isinstance(self.kv_layout, KVLayout):  # a CLI / config string: "block_major"
