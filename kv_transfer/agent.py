@@ -88,9 +88,9 @@ class KVTransferAgent:
         name: unique NIXL agent name; include the incarnation (e.g.
             ``f"{worker_id}:{lease_id}"``) so a restarted worker never reuses a name.
         kv_caches: per-layer ``(k_cache, v_cache)``, each
-            ``[num_blocks, block_size, num_kv_heads, head_dim]``, CPU, contiguous, same
-            shape and dtype. The agent keeps references; the memory stays registered
-            until ``close()``.
+            ``[num_blocks, block_size, num_kv_heads, head_dim]``, CPU, layer- or block-major
+            (``descriptors.kv_layout_of``). The agent keeps references; the memory stays
+            registered until ``close()``.
         progress_timeout_ms: longest NIXL's UCX progress thread sleeps between events
             (see ``nixl_progress``); 0 = NIXL's default busy polling, which costs a core.
         embedding_pages: optional image embedding pages ``[num_pages, page_tokens, hidden]``
@@ -208,10 +208,10 @@ class KVTransferAgent:
         """READ ``remote_block_ids`` of every layer's K and V into ``local_block_ids``.
 
         Block ``remote_block_ids[i]`` of the peer lands in ``local_block_ids[i]``. Runs
-        consecutive on both sides become one descriptor per layer and K/V. Blocks until
-        the READ completes. On success the peer receives ``notify_msg`` (the READ's NIXL
-        notification; with no blocks, a standalone one); an empty ``notify_msg`` sends
-        nothing.
+        consecutive on both sides become one descriptor (block-major; layer-major: one per
+        layer and K/V). Blocks until the READ completes. On success the peer receives
+        ``notify_msg`` (the READ's NIXL notification; with no blocks, a standalone one); an
+        empty ``notify_msg`` sends nothing.
 
         Raises:
             ValueError: block ids out of range, lengths differ, duplicate local ids,
