@@ -24,6 +24,7 @@ from serving_helpers import (
 from scission.cluster.launcher import ClusterConfig, worker_stub
 from scission.engine.config import CacheConfig, EngineConfig
 from scission.kv_transfer.handle import (
+    KV_LAYOUT_NHD,
     KVLayoutDescriptor,
     KVNotification,
     KVNotificationKind,
@@ -95,8 +96,14 @@ def test_a_forged_kv_notification_frees_nothing(cluster, directory, chat_prompt_
     handle = TransferHandle.from_bytes(resp.transfer_handle)
     info = directory.get("prefill-0")
     layout = KVLayoutDescriptor.from_bytes(info.kv_layout)
-    shape = (1, layout.block_size, layout.num_kv_heads, layout.head_dim)
-    caches = [(torch.zeros(shape), torch.zeros(shape)) for _ in range(layout.num_layers)]
+    # One block in the prefill worker's layout (a peer of another layout is refused).
+    cache = torch.zeros(1, layout.num_layers, 2, layout.block_size, layout.num_kv_heads,
+                        layout.head_dim)
+    if layout.layout == KV_LAYOUT_NHD:
+        cache = cache.permute(1, 2, 0, 3, 4, 5).contiguous()  # [L, 2, 1, ...]
+        caches = [(cache[i, 0], cache[i, 1]) for i in range(layout.num_layers)]
+    else:
+        caches = [(cache[:, i, 0], cache[:, i, 1]) for i in range(layout.num_layers)]
     dropped = worker_stats(cluster, directory, "prefill-0").num_notifications_dropped_total
     with KVTransferAgent("intruder:1", caches) as intruder:
         intruder.add_peer(info.agent_name, info.agent_metadata,
