@@ -87,8 +87,9 @@ def _cluster_args(p: argparse.ArgumentParser) -> None:
                    help="times Ray restarts a worker whose process died (-1 = forever); the "
                         "restarted worker loads the model and registers again")
     g.add_argument("--worker-host", default="auto",
-                   help="address workers bind: auto = 127.0.0.1 on a Ray started here, 0.0.0.0 "
-                        "(registered in etcd under the node's IP) when joining --ray-address")
+                   help="address workers bind: auto = 127.0.0.1 on a Ray started here, the "
+                        "node's IP (node) when joining --ray-address; 0.0.0.0 = every "
+                        "interface, registered in etcd under the node's IP")
     g.add_argument("--worker-resource", action="append", default=[], metavar="ROLE=NAME[:N]",
                    help="each ROLE worker asks Ray for N (default 1) of the custom resource NAME: "
                         "it runs only on nodes started with it (ray start --resources); repeatable")

@@ -26,7 +26,7 @@ from scission.registry.pools import PlannerMode, PoolStore, PoolTargets, TargetW
 from scission.registry.workers import EtcdClientConfig, RegistryConfig, WorkerRole, connect
 from scission.router.config import RouterConfig
 from scission.worker.cluster_auth import new_cluster_token
-from scission.worker.ports import find_free_port
+from scission.worker.ports import NODE_HOST, find_free_port
 
 logger = logging.getLogger(__name__)
 _DRAIN_POLL_S = 0.2
@@ -66,8 +66,9 @@ class ClusterConfig:
     # so a restarted router serves on the same address. Streams in flight are lost.
     max_router_restarts: int = 3
     # Where workers bind their gRPC server: "auto" = 127.0.0.1 on a Ray cluster started here,
-    # 0.0.0.0 (advertising the node's IP) when joining one (``ray_address``, possibly
-    # multi-node); or an explicit address.
+    # the node's IP ("node", ``worker/ports.NODE_HOST``) when joining one (``ray_address``,
+    # possibly multi-node): only the address peers must reach; or an explicit address
+    # (0.0.0.0 = every interface, registered under the node's IP).
     worker_host: str = "auto"
     # Ray custom resources every worker of a role asks for (``--worker-resource``): a node
     # started with ``ray start --resources '{"NAME": N}'`` hosts at most N such workers, a
@@ -356,7 +357,7 @@ class LocalCluster:
                                              self._threads_per_worker())
         host = cfg.worker_host
         if host == "auto":
-            host = "127.0.0.1" if cfg.ray_address is None else "0.0.0.0"
+            host = "127.0.0.1" if cfg.ray_address is None else NODE_HOST
         return WorkerTemplate(engine=cfg.engine, etcd=self._etcd_cfg, host=host,
                               registry=RegistryConfig(prefix=cfg.registry_prefix),
                               lease_ttl_s=cfg.lease_ttl_s, hold_timeout_s=cfg.hold_timeout_s,

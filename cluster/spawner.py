@@ -23,7 +23,7 @@ class WorkerTemplate:
     engine: EngineConfig
     etcd: EtcdClientConfig
     registry: RegistryConfig
-    host: str  # bind address (127.0.0.1, or 0.0.0.0 on a multi-node Ray)
+    host: str  # bind address (127.0.0.1, or "node" = the node's IP on a multi-node Ray)
     lease_ttl_s: int
     hold_timeout_s: float
     max_restarts: int  # Ray restarts of a crashed worker (-1 = forever)

@@ -22,6 +22,17 @@ def find_free_port(host: str = "127.0.0.1") -> int:
 
 
 _WILDCARD_HOSTS = ("0.0.0.0", "::", "[::]", "")
+NODE_HOST = "node"  # bind this Ray node's IP (multi-node: not every interface)
+
+
+def bind_host(host: str) -> str:
+    """The address to bind for ``host``: this node's IP as Ray reports it for ``NODE_HOST``
+    (the address other Ray nodes reach this one at), else ``host`` itself."""
+    if host != NODE_HOST:
+        return host
+    import ray
+
+    return ray.util.get_node_ip_address()
 
 
 def advertised_host(bind_host: str) -> str:

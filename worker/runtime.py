@@ -43,7 +43,7 @@ from scission.worker.encode_service import (
 )
 from scission.worker.lifecycle import DrainResult, RoleServicer
 from scission.worker.metrics import MAX_PUBLISHED_STEPS, WorkerMetrics, stats_record
-from scission.worker.ports import advertised_host
+from scission.worker.ports import advertised_host, bind_host
 
 logger = logging.getLogger(__name__)
 ServicerFor = Callable[[WorkerRole], Callable[["WorkerRuntime"], "BaseWorkerServicer"]]
@@ -57,7 +57,9 @@ class WorkerConfig:
     etcd: EtcdClientConfig = field(default_factory=EtcdClientConfig)
     registry: RegistryConfig = field(default_factory=RegistryConfig)
     kv_index: KVIndexConfig = field(default_factory=KVIndexConfig)
-    host: str = "127.0.0.1"  # bind address; 0.0.0.0 = all interfaces (multi-node)
+    # Bind address; "node" (``ports.NODE_HOST``) = this Ray node's IP (multi-node), 0.0.0.0 =
+    # all interfaces.
+    host: str = "127.0.0.1"
     port: int = 0  # 0 = any free port
     # Address registered in etcd for the router and peers; None = ``host``, or this node's IP
     # when ``host`` is a wildcard (``worker/ports.advertised_host``).
@@ -142,8 +144,9 @@ class WorkerRuntime:
         pb_grpc.add_WorkerServicer_to_server(self.role_servicer, self.server)
         self.health = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
-        self.port = self.server.add_insecure_port(f"{config.host}:{config.port}")
-        self.endpoint = f"{config.advertise_host or advertised_host(config.host)}:{self.port}"
+        self.host = bind_host(config.host)
+        self.port = self.server.add_insecure_port(f"{self.host}:{config.port}")
+        self.endpoint = f"{config.advertise_host or advertised_host(self.host)}:{self.port}"
         self.info: WorkerInfo | None = None
         self._stop = threading.Event()
         self.metrics = WorkerMetrics(config.worker_id, self.engine.step_metrics, self.stats)
@@ -157,7 +160,7 @@ class WorkerRuntime:
         wait_s, wid = self.config.etcd_wait_s, self.config.worker_id
         retry_etcd(self.directory.start, f"worker {wid}: directory", wait_s)
         if self.config.metrics_port is not None:
-            self.metrics_port = self.metrics.serve(self.config.host, self.config.metrics_port)
+            self.metrics_port = self.metrics.serve(self.host, self.config.metrics_port)
         self._started_at_s = self.role_since_s = time.time()
         retry_etcd(self.register, f"worker {wid}: registration", wait_s)
         self.kv_publisher.start()

@@ -115,6 +115,15 @@ class NetnsNodes:
                                     stderr=subprocess.STDOUT, env=env, start_new_session=True,
                                     **kwargs)
 
+    def listen_addresses(self, ns: str, port: int) -> list[str]:
+        """The local addresses TCP sockets in ``ns`` listen on at ``port`` (``ss -ltn``),
+        IPv4-mapped IPv6 ones (``[::ffff:a.b.c.d]``, how gRPC binds) as IPv4."""
+        res = _run(self.ip, "netns", "exec", ns, "ss", "-Hltn", f"sport = :{port}")
+        hosts = (line.split()[3].rsplit(":", 1)[0] for line in res.stdout.splitlines()
+                 if line.strip())
+        return sorted(h.removeprefix("[::ffff:").removesuffix("]") if h.startswith("[::ffff:")
+                      else h for h in hosts)
+
     def pids(self, ns: str) -> list[int]:
         """Every process living in ``ns`` now."""
         res = _run(self.ip, "netns", "pids", ns)

@@ -159,6 +159,10 @@ def test_workers_on_both_nodes_and_kv_crosses_nodes(two_nodes, chat_prompt_ids,
     assert prefill_hosts == sorted([head_ip, node_ip])
     assert c.host_of("decode-0") == head_ip
     on_node = {w.worker_id for w in c.directory.workers() if c.host_of(w.worker_id) == node_ip}
+    # Bound to its node's address only (issue 11: bind only what peers must reach).
+    [node_prefill] = on_node
+    port = int(c.directory.get(node_prefill).endpoint.rsplit(":", 1)[1])
+    assert nodes.listen_addresses(nodes.node, port) == [node_ip]
     crossed = 0
     for i in range(4):
         before = c.pulled("decode-0")
