@@ -32,14 +32,18 @@ class PlacementConfig:
     local_prefill_max_uncached_tokens: int = 0  # 0 = never prefill locally because short
     local_prefill_min_hit_ratio: float = 1.1  # > 1 = never prefill locally because cached
     speculative_ttl_s: float = 2.0
-    # KV_AWARE decode choice: the worker holding the longest prefix of the prompt, among
-    # those running at most this many requests more than the least loaded one (-1 = never
+    # KV_AWARE decode choice: the worker holding the longest prefix of the prompt, if that
+    # prefix is at least ``decode_prefix_min_hit_ratio`` of the prompt (a conversation's
+    # earlier turns, not just a shared system preamble), among the workers running at most
+    # ``decode_prefix_max_running_gap`` requests more than the least loaded one (-1 = never
     # prefer a prefix holder; 0 = only among the least loaded).
     decode_prefix_max_running_gap: int = 4
+    decode_prefix_min_hit_ratio: float = 0.5
 
     def __post_init__(self) -> None:
-        if self.decode_prefix_max_running_gap < -1:
-            raise ValueError("decode_prefix_max_running_gap must be >= -1")
+        if self.decode_prefix_max_running_gap < -1 or self.decode_prefix_min_hit_ratio < 0:
+            raise ValueError("decode_prefix_max_running_gap >= -1 and "
+                             "decode_prefix_min_hit_ratio >= 0 required")
         if self.prefill_load_scale < 0 or self.temperature < 0 or self.speculative_ttl_s < 0:
             raise ValueError("placement parameters must be >= 0")
         if self.local_prefill_max_uncached_tokens < 0 or self.local_prefill_min_hit_ratio < 0:

@@ -2,11 +2,13 @@
 
 Filter: ``WorkerPool.workers(role)`` (registered, not draining, not suspect). The decode worker
 is chosen first: most free KV blocks, then fewest running requests; under ``KV_AWARE`` the one
-holding the longest prefix of the prompt among those running at most
+holding the longest prefix of the prompt, when that prefix is at least
+``decode_prefix_min_hit_ratio`` of the prompt, among those running at most
 ``decode_prefix_max_running_gap`` requests more than the least loaded decode worker and with
 free blocks for the rest of the prompt (SGLang's cache-aware router: prefix match unless the
 load is imbalanced), since it then pulls only the blocks it lacks and keeps one copy of the
-shared ones. Then the prefill worker by cost (lower is better), in tokens plus blocks::
+shared ones. The ratio keeps a short preamble every prompt shares (a chat template's system
+turn) from drawing all requests to the workers that served one. Then the prefill worker by cost (lower is better), in tokens plus blocks::
 
     cost = prefill_load_scale * max(queued_prefill_tokens + new_prompt_tokens
                                     - cached_prefix_tokens, 0) + decode_blocks_in_use
@@ -132,7 +134,9 @@ class Placer:
                      cached: Callable[[WorkerInfo], int]) -> WorkerInfo:
         """The decode worker (module docstring): the prefix holder when the load allows."""
         gap = self.cfg.decode_prefix_max_running_gap
-        if self.prefix_match is None or gap < 0 or not any(cached(w) for w in decoders):
+        min_hit = max(self.cfg.decode_prefix_min_hit_ratio * num_prompt_tokens, 1)
+        if self.prefix_match is None or gap < 0 or \
+                not any(cached(w) >= min_hit for w in decoders):
             return max(decoders, key=self._decode_score)
         loads = {w.worker_id: self.pool.load(w) for w in decoders}
         least = min(load.num_running for load in loads.values())
@@ -142,7 +146,7 @@ class Placer:
             load = loads[w.worker_id]
             return load.num_running - least <= gap and \
                 load.num_free_blocks >= need - cached(w) // block_size
-        eligible = [w for w in decoders if fits(w) and cached(w)]
+        eligible = [w for w in decoders if cached(w) >= min_hit and fits(w)]
         if not eligible:
             return max(decoders, key=self._decode_score)
         return max(eligible, key=lambda w: (cached(w), self._decode_score(w)))

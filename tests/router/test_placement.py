@@ -221,3 +221,13 @@ def test_conditional_disaggregation_reads_the_chosen_prefix_holder():
         65, [1, 2, 3, 4], BLOCK_SIZE)
     assert placement.decode.worker_id == "d1" and placement.prefill is None
     assert placement.cached_prefix_tokens == 64
+
+
+def test_a_short_shared_preamble_does_not_draw_decode():
+    """d1 holds 1 block (16 of 80 tokens, 0.2 < 0.5), say a chat template's system turn every
+    prompt shares: the usual rule (most free blocks) picks d0; at ratio 0.2 d1 wins."""
+    loads = {"d0": make_load(free=90), "d1": make_load(free=60), "p0": make_load()}
+    assert make_placer(loads, {"d1": 1}).place(80, [1, 2, 3, 4, 5], BLOCK_SIZE) \
+        .decode.worker_id == "d0"
+    assert make_placer(loads, {"d1": 1}, decode_prefix_min_hit_ratio=0.2).place(
+        80, [1, 2, 3, 4, 5], BLOCK_SIZE).decode.worker_id == "d1"
