@@ -41,12 +41,19 @@ PROMPT = list(range(100, 120))  # 20 tokens: 2 blocks of 16
 
 def peer_main(name: str, out_q, stop) -> None:
     """A NIXL agent over a cache shaped like the tiny model's (2 layers of [8, 16, 2, 16]
-    float32); announces its metadata and layout, then idles until ``stop``."""
+    float32) in the default KV layout (the decode worker's: a peer of another layout is
+    refused); announces its metadata and layout, then idles until ``stop``."""
     import torch
 
+    from scission.engine.config import CacheConfig, KVLayout
     from scission.kv_transfer.agent import KVTransferAgent
 
-    caches = [(torch.ones(8, 16, 2, 16), torch.ones(8, 16, 2, 16)) for _ in range(2)]
+    cache = torch.ones(8, 2, 2, 16, 2, 16)  # [blocks, layers, K/V, block_size, heads, dim]
+    if CacheConfig().kv_layout is KVLayout.LAYER_MAJOR:
+        cache = cache.permute(1, 2, 0, 3, 4, 5).contiguous()
+        caches = [(cache[i, 0], cache[i, 1]) for i in range(2)]
+    else:
+        caches = [(cache[:, i, 0], cache[:, i, 1]) for i in range(2)]
     agent = KVTransferAgent(name, caches)
     out_q.put((agent.metadata(), agent.layout().to_bytes()))
     stop.wait(300)
