@@ -46,8 +46,9 @@ def all_blocks_free(cluster: LocalCluster, directory: WorkerDirectory) -> bool:
     """Every registered worker (at least one) has all its KV blocks free and nothing held,
     running or waiting."""
     workers = directory.workers()
-    for w in workers:
-        s = worker_stats(cluster, directory, w.worker_id)
+    for w in workers:  # the listed records: a worker may leave the directory meanwhile
+        s = worker_stub(w.endpoint, cluster.cluster_token).GetStats(wpb.StatsRequest(),
+                                                                     timeout=5)
         if s.num_free_blocks != s.num_blocks or s.num_held or s.num_running or s.num_waiting:
             return False
     return bool(workers)

@@ -11,11 +11,10 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import ray
-from serving_helpers import token_request, wait_until
+from serving_helpers import all_blocks_free, token_request, wait_until
 
 from scission.cluster.client import GenerationResult, connect, generate
-from scission.cluster.launcher import LocalCluster, worker_stub
-from scission.proto.scission.internal.v1 import worker_pb2 as wpb
+from scission.cluster.launcher import LocalCluster
 from scission.registry.directory import WorkerDirectory
 
 # What a request may fail with when a fault made it unavoidable; anything else (INTERNAL,
@@ -73,18 +72,9 @@ def check_outcomes(results: list[tuple[GenerationResult, float]], reference: lis
     return counts
 
 
-def all_free(cluster: LocalCluster, directory: WorkerDirectory) -> bool:
-    workers = directory.workers()
-    for w in workers:
-        s = worker_stub(w.endpoint, cluster.cluster_token).GetStats(wpb.StatsRequest(),
-                                                                     timeout=5)
-        if s.num_free_blocks != s.num_blocks or s.num_held or s.num_running or s.num_waiting:
-            return False
-    return bool(workers)
-
 
 def wait_all_free(cluster: LocalCluster, directory: WorkerDirectory, timeout_s: float = 90):
-    wait_until(lambda: all_free(cluster, directory), timeout_s, interval_s=0.5)
+    wait_until(lambda: all_blocks_free(cluster, directory), timeout_s, interval_s=0.5)
 
 
 def worker_pid(cluster: LocalCluster, worker_id: str) -> int:

@@ -21,16 +21,13 @@ from pathlib import Path
 import pytest
 import ray
 from faults import NEW_TOKENS, check_outcomes, start_load, wait_all_free, wait_for, worker_pid
-from serving_helpers import run_concurrently, token_request
+from serving_helpers import cluster_directory, run_concurrently, running_cluster, token_request
 
-from scission.cluster.launcher import ClusterConfig, LocalCluster, worker_stub
+from scission.cluster.launcher import ClusterConfig, worker_stub
 from scission.cluster.procs import pid_alive
 from scission.decode_worker.fault_points import ENV_VAR
 from scission.engine.config import CacheConfig, EngineConfig
 from scission.proto.scission.internal.v1 import worker_pb2 as wpb
-from scission.registry.directory import WorkerDirectory
-from scission.registry.workers import EtcdClientConfig, RegistryConfig
-from scission.registry.workers import connect as etcd_connect
 
 LEASE_TTL_S = 3
 # Far beyond every wait here: a hold freed in this test was released (Release or the pull's
@@ -74,20 +71,15 @@ def fault_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def cluster(fault_dir):
-    c = LocalCluster(ClusterConfig(num_prefill=2, num_decode=2, lease_ttl_s=LEASE_TTL_S,
-                                   threads_per_worker=1, hold_timeout_s=HOLD_TIMEOUT_S,
-                                   engine=EngineConfig(cache=CacheConfig(num_blocks=256))))
-    try:
-        c.start()
+    with running_cluster(ClusterConfig(num_prefill=2, num_decode=2, lease_ttl_s=LEASE_TTL_S,
+                                       threads_per_worker=1, hold_timeout_s=HOLD_TIMEOUT_S,
+                                       engine=EngineConfig(cache=CacheConfig(num_blocks=256)))) as c:
         yield c
-    finally:
-        c.stop()
 
 
 @pytest.fixture(scope="module")
 def directory(cluster):
-    client = etcd_connect(EtcdClientConfig(endpoints=(cluster.etcd.endpoint,)))
-    with WorkerDirectory(client, RegistryConfig(prefix=cluster.config.registry_prefix)) as d:
+    with cluster_directory(cluster) as d:
         yield d
 
 

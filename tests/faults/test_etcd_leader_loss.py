@@ -13,9 +13,9 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 from etcd_members import EtcdMembers, Member
 from faults import NEW_TOKENS, check_outcomes, start_load, wait_all_free, wait_for
-from serving_helpers import run_concurrently, token_request, wait_until
+from serving_helpers import run_concurrently, running_cluster, token_request, wait_until
 
-from scission.cluster.launcher import ClusterConfig, LocalCluster
+from scission.cluster.launcher import ClusterConfig
 from scission.engine.config import CacheConfig, EngineConfig
 from scission.registry.directory import WorkerDirectory
 from scission.registry.etcd_watch import ETCD_ERRORS
@@ -41,14 +41,10 @@ def members():
 
 @pytest.fixture(scope="module")
 def cluster(members):
-    c = LocalCluster(ClusterConfig(num_prefill=1, num_decode=1, lease_ttl_s=LEASE_TTL_S,
-                                   threads_per_worker=1, etcd_endpoints=members.endpoints,
-                                   engine=EngineConfig(cache=CacheConfig(num_blocks=256))))
-    try:
-        c.start()
+    with running_cluster(ClusterConfig(num_prefill=1, num_decode=1, lease_ttl_s=LEASE_TTL_S,
+                                       threads_per_worker=1, etcd_endpoints=members.endpoints,
+                                       engine=EngineConfig(cache=CacheConfig(num_blocks=256)))) as c:
         yield c
-    finally:
-        c.stop()
 
 
 def test_a_client_leaves_a_killed_member():

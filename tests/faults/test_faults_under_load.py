@@ -28,35 +28,28 @@ from faults import (
     wait_for,
     worker_pid,
 )
-from serving_helpers import run_concurrently, token_request
+from serving_helpers import cluster_directory, run_concurrently, running_cluster, token_request
 
 from scission.cluster.client import connect
-from scission.cluster.launcher import ClusterConfig, LocalCluster, worker_stub
+from scission.cluster.launcher import ClusterConfig, worker_stub
 from scission.engine.config import CacheConfig, EngineConfig
 from scission.proto.scission.internal.v1 import worker_pb2 as wpb
-from scission.registry.directory import WorkerDirectory
-from scission.registry.workers import EtcdClientConfig, RegistryConfig, WorkerRole
-from scission.registry.workers import connect as etcd_connect
+from scission.registry.workers import WorkerRole
 
 LEASE_TTL_S = 3
 
 
 @pytest.fixture(scope="module")
 def cluster():
-    c = LocalCluster(ClusterConfig(num_prefill=2, num_decode=2, lease_ttl_s=LEASE_TTL_S,
-                                   threads_per_worker=1, hold_timeout_s=60,
-                                   engine=EngineConfig(cache=CacheConfig(num_blocks=256))))
-    try:
-        c.start()
+    with running_cluster(ClusterConfig(num_prefill=2, num_decode=2, lease_ttl_s=LEASE_TTL_S,
+                                       threads_per_worker=1, hold_timeout_s=60,
+                                       engine=EngineConfig(cache=CacheConfig(num_blocks=256)))) as c:
         yield c
-    finally:
-        c.stop()
 
 
 @pytest.fixture(scope="module")
 def directory(cluster):
-    client = etcd_connect(EtcdClientConfig(endpoints=(cluster.etcd.endpoint,)))
-    with WorkerDirectory(client, RegistryConfig(prefix=cluster.config.registry_prefix)) as d:
+    with cluster_directory(cluster) as d:
         yield d
 
 
