@@ -39,8 +39,7 @@ from scission.kv_transfer.integrity import mismatched_blocks
 from scission.proto.scission.internal.v1 import worker_pb2 as pb
 from scission.proto.scission.internal.v1 import worker_pb2_grpc as pb_grpc
 from scission.worker.cluster_auth import with_cluster_token
-from scission.worker.embedding_pull import image_inputs
-from scission.worker.stream import claim_stream, stream_request
+from scission.worker.stream import stream_request
 
 if TYPE_CHECKING:
     from scission.decode_worker.servicer import DecodeServicer
@@ -63,15 +62,8 @@ class PipelinedPull:
         self._stubs: dict[str, pb_grpc.WorkerStub] = {}  # prefill endpoint -> stub
 
     def decode(self, request: pb.DecodeRequest, context) -> Iterator[pb.TokenChunk]:
-        s, rid, prompt = self.s, request.request_id, list(request.prompt_token_ids)
-        params = s._params(request.sampling, context)
-        mm = image_inputs(s.runtime, request.images, prompt, False, context)
-        q = claim_stream(s.loop, rid, context)  # a duplicate id reserves nothing
-        try:
-            blocks, num_cached = s._reserve(rid, prompt, mm, context)
-        except BaseException:
-            s.loop.close_stream(rid, q)
-            raise
+        s = self.s
+        rid, prompt, params, mm, q, blocks, num_cached = s._admit(request, context)
         pull = _Pull(self, request, blocks, num_cached)
         try:
             final = pull.run(context)

@@ -84,16 +84,8 @@ class DecodeServicer(BaseWorkerServicer):
         if request.HasField("pipeline"):  # pipelined hand-off (pipelined_pull.py)
             yield from self._pipelined.decode(request, context)
             return
-        rid, prompt = request.request_id, list(request.prompt_token_ids)
-        params = self._params(request.sampling, context)
         handle = self._checked_handle(request, context)
-        mm = image_inputs(self.runtime, request.images, prompt, False, context)
-        q = claim_stream(self.loop, rid, context)  # a duplicate id reserves nothing
-        try:
-            blocks, num_cached = self._reserve(rid, prompt, mm, context)
-        except BaseException:
-            self.loop.close_stream(rid, q)
-            raise
+        rid, prompt, params, mm, q, blocks, num_cached = self._admit(request, context)
         first = request.first_token_id
         if self._pull(handle, rid, blocks, num_cached):
             add = lambda: self.engine.add_prefilled_request(rid, prompt, first, params, blocks,  # noqa: E731
@@ -111,6 +103,24 @@ class DecodeServicer(BaseWorkerServicer):
                                   self.runtime.config.request_timeout_s, q, undo)
 
     # -- helpers -----------------------------------------------------------------------
+    def _admit(self, request: pb.DecodeRequest, context):
+        """A Decode's common start: sampling params, image inputs, the stream claimed for the
+        request id (a duplicate reserves nothing), and its prompt blocks (``_reserve``).
+
+        Returns:
+            ``(rid, prompt, params, mm_inputs, queue, block_ids, num_cached_blocks)``.
+        """
+        rid, prompt = request.request_id, list(request.prompt_token_ids)
+        params = self._params(request.sampling, context)
+        mm = image_inputs(self.runtime, request.images, prompt, False, context)
+        q = claim_stream(self.loop, rid, context)
+        try:
+            blocks, num_cached = self._reserve(rid, prompt, mm, context)
+        except BaseException:
+            self.loop.close_stream(rid, q)
+            raise
+        return rid, prompt, params, mm, q, blocks, num_cached
+
     def _params(self, m: pb.SamplingParams, context):
         try:
             return sampling_from_proto(m)
