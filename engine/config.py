@@ -119,7 +119,8 @@ class EngineConfig:
     attention_backend: AttentionBackendKind = AttentionBackendKind.AUTO
     num_threads: int | None = None  # torch intra-op threads; None = torch default
     # "none" | "int4" | "int8": weight-only quantized decoder linears + LM head (engine/quant.py,
-    # CPU; int4 = 4-bit groups of 32, int8 = one scale per output row)
+    # CPU; int4 = 4-bit groups of 32, int8 = one scale per output row); "w8a8": int8 weights per
+    # row and int8 activations per token through an int32 GEMM (engine/quant_w8a8.py, CPU)
     weight_quantization: str = "none"
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
@@ -130,8 +131,8 @@ class EngineConfig:
     def __post_init__(self) -> None:
         if self.dtype not in ("float32", "bfloat16", "float16"):
             raise ValueError(f"dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
-        if self.weight_quantization not in ("none", "int4", "int8"):
-            raise ValueError(f"weight_quantization must be none, int4 or int8, "
+        if self.weight_quantization not in ("none", "int4", "int8", "w8a8"):
+            raise ValueError(f"weight_quantization must be none, int4, int8 or w8a8, "
                              f"got {self.weight_quantization!r}")
 
     @property

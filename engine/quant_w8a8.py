@@ -1,0 +1,210 @@
+"""W8A8 linears: int8 weights per output channel, int8 activations per token, int32 GEMM.
+
+``EngineConfig.weight_quantization="w8a8"`` (``engine/quant.py: quantize_model``) replaces
+every decoder linear and the LM head by ``W8A8Linear``. Unlike the weight-only modes (whose
+kernels dequantize weights to bfloat16 and multiply in floating point), both GEMM operands are
+int8 and the product accumulates in int32 through ``torch._int_mm`` (oneDNN's VNNI int8 GEMM
+on CPU), for the compute-bound cases: prefill chunks and batched decode.
+
+Scheme (SmoothQuant's "W8A8 per-token dynamic" baseline, Xiao et al. 2023; LLM.int8()'s
+vector-wise quantization without its outlier split, Dettmers et al. 2022; vLLM's
+compressed-tensors ``W8A8 int8`` scheme with dynamic per-token activation scales)::
+
+    weights, once:         s_w[n] = max_k |W[n, k]| / 127,  W_q = round(W / s_w[:, None])
+    activations, per call: s_x[m] = max_k |x[m, k]| / 127,  q1 = round(x / s_x[:, None])
+    one term:   y[m, n] = (q1 @ W_q^T)[m, n] * s_w[n] * s_x[m]  (+ bias[n])
+
+One term is not accurate enough on SmolLM2-135M: its decoder inputs have outlier channels
+(a row's max is 10-27x its RMS), so per-token int8 costs 1.6-2.7 % per linear against
+0.7-0.9 % for int8 weights with bfloat16 activations, and the whole model flips top-1 on 5 of
+the 22 test prompts (logits relative error 0.038-0.183 vs HF float32). Static SmoothQuant
+smoothing (alpha 0.5, calibrated on other text) did not fix it (13/22). So ``W8A8Linear``
+defaults to two int8 terms per activation: the rounding residual, in units of ``s_x / F``::
+
+    q2 = round((x - q1 * s_x) / (s_x / F)),  |q2| <= F / 2
+    y = ((q1 @ W_q^T) * F + q2 @ W_q^T) * s_w * s_x / F     (one _int_mm of 2M rows)
+
+with ``F = residual_factor_for(K)`` (128 for K = 576, 64 for K = 1536) so that the combined
+sum stays exact in int32. The activation error drops F-fold and the weight rounding is what
+remains: top-1 22/22, error 0.011-0.078 (tests/engine/test_quant_engine.py; int8 weight-only
+mode: 0.011-0.059). It costs a GEMM of twice the rows (bench/README.md "W8A8").
+
+LM head: the same two-term ``W8A8Linear`` (top-1 22/22, error 0.011-0.078 mean 0.031, greedy
+agreement mean 21.8 of 32 tokens). Measured against it: a one-term head with its top 64
+logits per row recomputed from the int8 weights with float32 activations
+(``W8A8RescoredHead``, ``head_mode="w8a8-rescored"``): top-1 22/22, the same greedy tokens,
+error 0.018-0.105 mean 0.038 (the one-term tail), 0.75 vs 1.25 ms at 1 row but no faster at
+8 or 32 rows; a plain one-term head: 21/22.
+
+Codes are symmetric in ``[-127, 127]``; rounding is round-half-to-even; all scales are float32.
+The int32 sums are exact and every other step is elementwise within one row of ``x``: a
+request's output row depends only on its own activations, never on its batch-mates'
+(bitwise; ``tests/engine/test_quant_w8a8.py``). ``torch._int_mm`` on CPU (torch 2.13) takes
+any ``M >= 1`` and any ``K``, ``N`` (the CUDA kernel's ``M > 16`` and multiple-of-8 rules do
+not apply; checked exact for M in 1..512), and a transposed view of the contiguous ``[N, K]``
+codes as its ``[K, N]`` operand runs as fast as a contiguous copy: no padding, no fallback.
+On x86 without VNNI, oneDNN's ``vpmaddubsw`` path could saturate int16 partial sums; the unit
+test's exact reference would catch it (this machine has AVX512-VNNI).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from scission.engine.quant import quantize_int8_per_channel
+
+W8A8_MAX_IN_FEATURES = (2**31 - 1) // (127 * 127)  # 133,144: int32 accumulation cannot overflow
+RESCORE_TOP_K = 64
+_MIN_SCALE = torch.finfo(torch.float32).tiny  # all-zero rows: scale > 0, codes 0, output 0
+
+
+def residual_factor_for(in_features: int) -> int:
+    """The largest power of two ``F <= 128`` with ``|acc1 * F + acc2|`` inside int32 for
+    ``in_features`` (``|acc1| <= K * 127^2``, ``|acc2| <= K * 127 * (F / 2 + 1)``).
+
+    Raises:
+        ValueError: ``in_features`` so large that not even ``F = 2`` fits.
+    """
+    f = 128
+    while f >= 2 and in_features * 127 * (127 * f + f // 2 + 1) > 2**31 - 1:
+        f //= 2
+    if f < 2:
+        raise ValueError(f"in_features {in_features}: two-term int8 activations overflow int32")
+    return f
+
+
+def quantize_per_token(x: torch.Tensor, residual_factor: int = 0
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric dynamic int8 quantization of each row of ``x``, in one or two int8 terms.
+
+    Args:
+        x: ``[M, K]`` any float dtype (computed in float32).
+        residual_factor: 0 = one term, ``x ≈ q1 * s``; ``F > 0`` = also the rounding residual
+            in units of ``s / F``: ``x ≈ q1 * s + q2 * s / F``, ``|q2| <= F / 2`` (F times less
+            activation error).
+    Returns:
+        ``(codes, scales)``: codes int8 in ``[-127, 127]``, ``[M, K]`` (one term) or ``[2M, K]``
+        (``q1`` rows then ``q2`` rows); scales ``[M, 1]`` float32: ``s`` (one term) or
+        ``s / F`` (two terms). An all-zero row gets ``s = finfo(float32).tiny`` and codes 0.
+        Non-finite values give NaN outputs downstream (not checked).
+    """
+    xf = x.float()
+    scales = (xf.abs().amax(dim=-1, keepdim=True) / 127).clamp(min=_MIN_SCALE)  # [M, 1]
+    q1 = torch.round(xf / scales).clamp(-127, 127)  # [M, K], float32
+    if not residual_factor:
+        return q1.to(torch.int8), scales
+    scales_r = scales / residual_factor
+    q2 = torch.round((xf - q1 * scales) / scales_r).clamp(-127, 127)
+    return torch.cat([q1, q2]).to(torch.int8), scales_r
+
+
+def w8a8_linear(x: torch.Tensor, weight_int8: torch.Tensor, weight_scales: torch.Tensor,
+                bias: torch.Tensor | None, residual_factor: int = 0) -> torch.Tensor:
+    """``x @ W^T (+ bias)`` in W8A8 (module docstring), a pure function of its arguments.
+
+    Args:
+        x: ``[M, K]`` any float dtype, ``M >= 1``.
+        weight_int8: ``[N, K]`` int8 codes, contiguous.
+        weight_scales: ``[N]`` float32.
+        bias: ``[N]`` float32 or None.
+        residual_factor: ``quantize_per_token``'s; two terms run one GEMM of ``2M`` rows and
+            combine ``acc1 * F + acc2`` in int32 (exact: ``residual_factor_for``).
+    Returns:
+        ``[M, N]`` in ``x.dtype``.
+    """
+    m = x.shape[0]
+    codes, s_x = quantize_per_token(x, residual_factor)
+    acc = torch._int_mm(codes, weight_int8.t())  # [M or 2M, N] int32, exact
+    if residual_factor:
+        acc = torch.add(acc[m:], acc[:m], alpha=residual_factor)  # [M, N] int32, exact
+    y = torch.mul(acc, weight_scales).mul_(s_x)  # int32 * float32 -> float32 [M, N]
+    if bias is not None:
+        y = y.add_(bias)
+    return y.to(x.dtype)
+
+
+class W8A8Linear(nn.Module):
+    """``y = x @ W^T (+ bias)`` with int8 weights (one float32 scale per output row) and
+    per-token dynamic int8 activations through ``torch._int_mm`` (module docstring).
+
+    Args:
+        linear: the float layer (weight ``[N, K]``, optional bias ``[N]``), on CPU.
+        terms: int8 terms per activation: 2 (default; ``q1`` + the rounding residual, see the
+            module docstring) or 1 (plain per-token int8, faster, less accurate).
+
+    Input ``[..., in_features]`` of any float dtype, any number of rows (1 included); output
+    ``[..., out_features]`` in the input dtype. One code path for every batch size: decode and
+    prefill use the same kernel and the same weights (no dense copy).
+
+    Graph-mode protocol (``engine/compile.py``): ``graph_args()`` returns the tensors and
+    ``graph_linear(x2d, *graph_args())`` computes ``forward(x2d)`` from them alone.
+
+    Raises:
+        ValueError: ``terms`` not 1 or 2; ``in_features`` too large for exact int32 sums
+            (``> W8A8_MAX_IN_FEATURES`` for one term, ``> 66,052`` for two); not on CPU.
+    """
+
+    def __init__(self, linear: nn.Linear, terms: int = 2) -> None:
+        super().__init__()
+        n, k = linear.weight.shape
+        if terms not in (1, 2):
+            raise ValueError(f"terms must be 1 or 2, got {terms}")
+        self.residual_factor = residual_factor_for(k) if terms == 2 else 0
+        if k > W8A8_MAX_IN_FEATURES:
+            raise ValueError(f"in_features {k} > {W8A8_MAX_IN_FEATURES}: the int32 sum of "
+                             f"int8 products could overflow")
+        if linear.weight.device.type != "cpu":
+            raise ValueError("W8A8 linears run on CPU only")
+        codes, scales = quantize_int8_per_channel(linear.weight)
+        self.out_features, self.in_features = n, k
+        self.register_buffer("weight_int8", codes)  # [N, K] int8, contiguous
+        self.register_buffer("weight_scales", scales)  # [N] float32
+        bias = None if linear.bias is None else linear.bias.detach().float().clone()
+        self.register_buffer("bias", bias)  # [N] float32 or None
+
+    def graph_args(self) -> tuple[torch.Tensor | None, ...]:
+        """``(weight_int8 [N, K] int8, weight_scales [N] float32, bias [N] float32 | None)``."""
+        return self.weight_int8, self.weight_scales, self.bias
+
+    def graph_linear(self, x: torch.Tensor, *args: torch.Tensor | None) -> torch.Tensor:
+        """``x``: ``[M, K]``; ``args`` = ``graph_args()``. Returns ``[M, N]`` in ``x.dtype``;
+        reads no tensor of ``self`` (traceable by ``torch.compile(fullgraph=True)``)."""
+        return w8a8_linear(x, *args, self.residual_factor)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x if x.dim() == 2 else x.reshape(-1, self.in_features)
+        y = self.graph_linear(flat, *self.graph_args())
+        return y if x.dim() == 2 else y.reshape(*x.shape[:-1], self.out_features)
+
+    def decode_read_bytes(self) -> int:
+        """Weight bytes a call reads: int8 codes + float32 scales (+ bias)."""
+        return sum(t.numel() * t.element_size() for t in self.graph_args() if t is not None)
+
+
+class W8A8RescoredHead(W8A8Linear):
+    """LM head: W8A8 logits for the whole vocabulary, then each row's ``top_k`` highest
+    recomputed from the same int8 weights with float32 activations (no activation rounding)
+    and written over the W8A8 values, as ``engine/quant.py: RescoredInt4Head`` does for int4.
+
+    Input ``[..., in_features]`` any float dtype; output ``[..., out_features]`` same dtype.
+    Raises ``ValueError`` as ``W8A8Linear``, and for a linear with a bias.
+    """
+
+    def __init__(self, linear: nn.Linear, top_k: int = RESCORE_TOP_K, terms: int = 1) -> None:
+        if linear.bias is not None:
+            raise ValueError("W8A8RescoredHead has no bias")
+        super().__init__(linear, terms)
+        self.top_k = min(top_k, self.out_features)
+
+    def graph_linear(self, x: torch.Tensor, *args: torch.Tensor | None) -> torch.Tensor:
+        weight_int8, weight_scales, _ = args
+        logits = w8a8_linear(x, *args, self.residual_factor)  # [M, V], x.dtype
+        idx = logits.topk(self.top_k, dim=-1).indices  # [M, k]
+        w = weight_int8[idx].float()  # [M, k, K]
+        fine = torch.bmm(w, x.float()[:, :, None])[..., 0] * weight_scales[idx]  # [M, k]
+        return logits.scatter(1, idx, fine.to(logits.dtype))
+
+    def decode_read_bytes(self) -> int:
+        """The W8A8 pass; the rescored rows add ``top_k * in_features`` bytes per row."""
+        return super().decode_read_bytes()
