@@ -11,7 +11,11 @@ row count ``M`` (1, 8, 32 = decode batch sizes), the time of one ``y = x @ W^T``
   input channels with a bf16 scale and zero each, packed with ``inner_k_tiles`` 1/2/8; bf16
   activations);
 - ``fbgemm-dyn-int8``: ``quantized.linear_dynamic`` (int8 weights, activations quantized to
-  uint8 per call, float32 in and out: a different accuracy class, measured for reference).
+  uint8 per call, float32 in and out: a different accuracy class, measured for reference);
+- ``w8a8`` / ``w8a8-t1``: ``engine/quant_w8a8.py: w8a8_linear`` (int8 weights per row, float32
+  activations quantized per token to two / one int8 terms, ``torch._int_mm``, float32 out):
+  the ``"w8a8"`` mode's linears (two terms) and the faster, less accurate one-term variant.
+  Their times include the per-call activation quantization and the int32 -> float32 epilogue.
 
 Kernel times take activations already in the kernel's dtype; ``+cast`` rows add the float32
 -> bf16 -> float32 conversions a float32 model pays per call. Each shape cycles through enough
@@ -51,7 +55,7 @@ SHAPES = {"qkv": (960, 576), "o_proj": (576, 576), "gate_up": (3072, 576), "down
 NUM_LAYERS = 30
 CACHE_DEFEAT_BYTES = 96 << 20  # > 32 MiB L3: each call reads its weights from DRAM
 SCHEMES = ("fp32", "bf16", "int8", "int4-g32-t1", "int4-g32-t2", "int4-g32-t8", "int4-g64-t2",
-           "fbgemm-dyn-int8")
+           "fbgemm-dyn-int8", "w8a8", "w8a8-t1")
 
 Matmul = Callable[[torch.Tensor], torch.Tensor]
 
@@ -86,6 +90,13 @@ def make_matmul(scheme: str, n: int, k: int, gen: torch.Generator) -> tuple[Matm
         packed = torch.ops.quantized.linear_prepack(qw, None)
         return (lambda x: torch.ops.quantized.linear_dynamic(x, packed)), n * k + 8 * n, \
             torch.float32
+    if scheme in ("w8a8", "w8a8-t1"):
+        from scission.engine.quant_w8a8 import residual_factor_for, w8a8_linear
+
+        w = torch.randint(-127, 128, (n, k), generator=gen, dtype=torch.int8)
+        s = torch.rand(n, generator=gen) * 1e-3
+        f = residual_factor_for(k) if scheme == "w8a8" else 0
+        return (lambda x: w8a8_linear(x, w, s, None, f)), n * k + 4 * n, torch.float32
     raise ValueError(f"unknown scheme {scheme!r}")
 
 
