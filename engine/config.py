@@ -122,6 +122,10 @@ class EngineConfig:
     # CPU; int4 = 4-bit groups of 32, int8 = one scale per output row); "w8a8": int8 weights per
     # row and int8 activations per token through an int32 GEMM (engine/quant_w8a8.py, CPU)
     weight_quantization: str = "none"
+    # Unquantized linears: "auto" = oneDNN with weights prepacked at load for float32/bfloat16
+    # on CPU in eager mode (engine/dense_linear.py), "onednn" = the same but an error where
+    # unavailable, "torch" = plain F.linear (graph mode always uses F.linear).
+    linear_backend: str = "auto"
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     # True = plain eager forward; False = graph mode (engine/compile.py: torch.compile of the
@@ -134,6 +138,11 @@ class EngineConfig:
         if self.weight_quantization not in ("none", "int4", "int8", "w8a8"):
             raise ValueError(f"weight_quantization must be none, int4, int8 or w8a8, "
                              f"got {self.weight_quantization!r}")
+        if self.linear_backend not in ("auto", "onednn", "torch"):
+            raise ValueError(f"linear_backend must be auto, onednn or torch, "
+                             f"got {self.linear_backend!r}")
+        if self.linear_backend == "onednn" and not self.enforce_eager:
+            raise ValueError("linear_backend onednn runs eager only: graph mode uses F.linear")
 
     @property
     def torch_dtype(self) -> torch.dtype:

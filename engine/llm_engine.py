@@ -25,6 +25,7 @@ from scission.engine.attention import TorchAttentionBackend
 from scission.engine.block_hash import hash_seed
 from scission.engine.block_manager import BlockManager
 from scission.engine.config import AttentionBackendKind, EngineConfig
+from scission.engine.dense_linear import pack_dense_linears
 from scission.engine.detokenizer import IncrementalDetokenizer
 from scission.engine.kv_cache import KVCache, num_blocks_for
 from scission.engine.kv_events import KVEvent
@@ -89,6 +90,12 @@ class LLMEngine:
             self.model_config = model_cfg
             logger.info("%s weight-only quantization: decode reads %.0f MB of linear weights",
                         mode, read_bytes / 1e6)
+        if config.linear_backend != "torch" and config.enforce_eager:
+            packed = pack_dense_linears(self.model)
+            if config.linear_backend == "onednn" and packed == 0 \
+                    and config.weight_quantization == "none":
+                raise ValueError(f"linear_backend onednn: no oneDNN linear for "
+                                 f"{config.dtype} on {config.device}")
         # Vision-language checkpoints: the vision tower + connector and the HF processor.
         vision = load_vision(self.model_path, config.torch_dtype)
         self.vision_encoder, self.mm_processor = vision if vision is not None else (None, None)
