@@ -52,7 +52,7 @@ ENGINES = ("scission", "hf", "llama.cpp")
 # int4 / int8 / w8a8: scission only (float32 model, quantized linears: engine/quant*.py)
 DTYPES = ("float32", "bfloat16", *QUANTIZED_DTYPES)
 # "<dtype>+graph": scission only, graph mode (EngineConfig.enforce_eager=False, engine/compile.py)
-GRAPH_DTYPES = tuple(f"{d}+graph" for d in ("float32", "bfloat16"))
+GRAPH_DTYPES = tuple(f"{d}+graph" for d in ("float32", "bfloat16", *QUANTIZED_DTYPES))
 DTYPES += GRAPH_DTYPES
 
 
@@ -172,8 +172,8 @@ def run_all(cfg: EngineBenchConfig, builder: PromptBuilder) -> tuple[list[Measur
             for n in cfg.engines
             if n != "llama.cpp" or (dtype == cfg.dtypes[0] and "llama.cpp" not in notes)
         ]
-        if dtype in QUANTIZED_DTYPES + GRAPH_DTYPES:  # scission-only modes
-            names = [n for n in names if n == "scission"]
+        if dtype in QUANTIZED_DTYPES + GRAPH_DTYPES:  # scission-only modes (llama.cpp runs
+            names = [n for n in names if n != "hf"]  # its own weights with the first dtype)
         runners = [make_runner(name, runner_spec(cfg), dtype) for name in names]
         results.extend(bench_runners(runners, cfg, builder))
         for runner in runners:

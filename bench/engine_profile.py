@@ -33,6 +33,7 @@ def make_engine(args: argparse.Namespace) -> LLMEngine:
             dtype=args.dtype,
             num_threads=args.threads,
             enforce_eager=not args.graph,
+            weight_quantization=args.weight_quantization,
             cache=CacheConfig(enable_prefix_caching=False),
             scheduler=SchedulerConfig(
                 max_num_seqs=max(64, args.batch),
@@ -102,6 +103,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=50, help="profiled decode steps")
     parser.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    parser.add_argument("--weight-quantization", default="none", choices=("none", "int4", "int8"),
+                        help="EngineConfig.weight_quantization (default none)")
     parser.add_argument("--graph", action="store_true",
                         help="graph mode (EngineConfig.enforce_eager=False, engine/compile.py)")
     parser.add_argument("--top", type=int, default=25, help="rows of the op table")

@@ -67,30 +67,49 @@ def pad_tokens(num_tokens: int, buckets: tuple[int, ...] = CUDA_GRAPH_BUCKETS) -
     return num_tokens
 
 
+def _dense_linear(x, weight, bias):
+    return F.linear(x, weight, bias)
+
+
+def _linear_fn(module: torch.nn.Module):
+    """The pure ``(x, *args)`` function a graph calls for one kind of linear, and how to get
+    a layer's ``args``: ``F.linear`` for ``nn.Linear``; ``graph_linear`` / ``graph_args`` for
+    the quantized modules (engine/quant.py), whose kernels run inside the graph."""
+    if type(module) is torch.nn.Linear:
+        return _dense_linear, lambda m: (m.weight, m.bias)
+    return module.graph_linear, lambda m: m.graph_args()
+
+
+LINEARS = ("qkv", "o_proj", "gate_up", "down")
+
+
 def _pieces(model: LlamaForCausalLM):
-    """The three graph pieces as pure functions of (activations, weights)."""
+    """The three graph pieces as pure functions of (activations, weights); each linear's
+    weights are one tuple argument (``_linear_fn``)."""
     cfg = model.cfg
     nh, nkv, hd, eps = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.rms_norm_eps
     q_size, kv_size = nh * hd, nkv * hd
+    lin_qkv, lin_o, lin_gate_up, lin_down = (_linear_fn(getattr(model.layers[0], a))[0]
+                                             for a in LINEARS)
 
-    def qkv_rope(x, cos, sin, qkv_w, qkv_b):
-        qkv = F.linear(x, qkv_w, qkv_b)
+    def qkv_rope(x, cos, sin, qkv_w):
+        qkv = lin_qkv(x, *qkv_w)
         qk = apply_rope(qkv[:, : q_size + kv_size].view(-1, nh + nkv, hd), cos, sin)
         v = qkv[:, q_size + kv_size :].reshape(-1, nkv, hd)
         return qk[:, :nh], qk[:, nh:], v
 
     def mlp_block(o, h, o_w, post_w, gate_up_w, down_w):
-        x, h = add_rms_norm(F.linear(o.reshape(-1, q_size), o_w), h, post_w, eps)
-        gate, up = F.linear(x, gate_up_w).chunk(2, dim=-1)
-        return F.linear(F.silu(gate) * up, down_w), h
+        x, h = add_rms_norm(lin_o(o.reshape(-1, q_size), *o_w), h, post_w, eps)
+        gate, up = lin_gate_up(x, *gate_up_w).chunk(2, dim=-1)
+        return lin_down(F.silu(gate) * up, *down_w), h
 
-    def first(h, cos, sin, in_w, qkv_w, qkv_b):
-        return qkv_rope(rms_norm(h, in_w, eps), cos, sin, qkv_w, qkv_b)
+    def first(h, cos, sin, in_w, qkv_w):
+        return qkv_rope(rms_norm(h, in_w, eps), cos, sin, qkv_w)
 
-    def mid(o, h, cos, sin, o_w, post_w, gate_up_w, down_w, in_w, qkv_w, qkv_b):
+    def mid(o, h, cos, sin, o_w, post_w, gate_up_w, down_w, in_w, qkv_w):
         m, h = mlp_block(o, h, o_w, post_w, gate_up_w, down_w)
         x, h = add_rms_norm(m, h, in_w, eps)
-        q, k, v = qkv_rope(x, cos, sin, qkv_w, qkv_b)
+        q, k, v = qkv_rope(x, cos, sin, qkv_w)
         return q, k, v, h
 
     def last(o, h, o_w, post_w, gate_up_w, down_w, norm_w):
@@ -123,9 +142,16 @@ def _pieces(model: LlamaForCausalLM):
 
 
 def compilable(model: LlamaForCausalLM) -> bool:
-    """Plain ``nn.Linear`` decoder layers (not quantized modules): the pieces read ``.weight``."""
-    return all(type(getattr(layer, n)) is torch.nn.Linear
-               for layer in model.layers for n in ("qkv", "o_proj", "gate_up", "down"))
+    """Every decoder linear is ``nn.Linear`` or has ``graph_linear`` / ``graph_args``, one kind
+    per projection across layers (one compiled graph serves every layer)."""
+    for a in LINEARS:
+        kinds = {type(getattr(layer, a)) for layer in model.layers}
+        if len(kinds) != 1:
+            return False
+        kind = kinds.pop()
+        if kind is not torch.nn.Linear and not hasattr(kind, "graph_linear"):
+            return False
+    return True
 
 
 def _mark_tokens_dynamic(*tensors: torch.Tensor) -> None:
@@ -140,7 +166,7 @@ class CompiledDecoder:
     """
 
     def __init__(self, model: LlamaForCausalLM) -> None:
-        assert compilable(model), "graph mode needs unquantized nn.Linear layers"
+        assert compilable(model), "graph mode needs nn.Linear or graph_linear layers"
         use_disk_cache()
         self.model = model
         self.cuda = next(model.parameters()).is_cuda
@@ -152,6 +178,10 @@ class CompiledDecoder:
         self.fuse_decode_attention = not self.cuda and os.environ.get(
             "SCISSION_GRAPH_DECODE_ATTN", "1") == "1"
         self.compile_s = 0.0  # wall time of warmup() calls
+        # Per layer: each linear's weight tuple (qkv, o_proj, gate_up, down), built once.
+        getters = [_linear_fn(getattr(model.layers[0], a))[1] for a in LINEARS]
+        self.layer_args = [tuple(g(getattr(layer, a)) for g, a in zip(getters, LINEARS, strict=True))
+                           for layer in model.layers]
 
     def forward_embeds(self, h: torch.Tensor, positions: torch.Tensor, kv_caches: KVCaches,
                        attn) -> torch.Tensor:
@@ -172,18 +202,17 @@ class CompiledDecoder:
         if self.fuse_decode_attention and md is not None and md.is_pure_decode:
             return self._decode_forward(h, cos, sin, kv_caches, md)
         layers = m.layers
-        q, k, v = self.first(h, cos, sin, layers[0].input_norm, layers[0].qkv.weight,
-                             layers[0].qkv.bias)
+        args = self.layer_args
+        q, k, v = self.first(h, cos, sin, layers[0].input_norm, args[0][0])
         for i, (layer, kv) in enumerate(zip(layers, kv_caches, strict=True)):
             o = attn.run(q[:n], k[:n], v[:n], kv[0], kv[1], layer.scale)
             if o.shape[0] != h.shape[0]:
                 o = F.pad(o, (0, 0, 0, 0, 0, h.shape[0] - o.shape[0]))
             mark(o)
-            w = (layer.o_proj.weight, layer.post_norm, layer.gate_up.weight, layer.down.weight)
+            w = (args[i][1], layer.post_norm, args[i][2], args[i][3])
             if i + 1 < len(layers):
-                nxt = layers[i + 1]
-                q, k, v, h = self.mid(o, h, cos, sin, *w, nxt.input_norm, nxt.qkv.weight,
-                                      nxt.qkv.bias)
+                q, k, v, h = self.mid(o, h, cos, sin, *w, layers[i + 1].input_norm,
+                                      args[i + 1][0])
             else:
                 h = self.last(o, h, *w, m.norm)
         return h[:n]
@@ -202,15 +231,14 @@ class CompiledDecoder:
         torch._dynamo.maybe_mark_dynamic(kv_slots, 1)
         torch._dynamo.maybe_mark_dynamic(kv_bias, 1)
         slots = md.slot_mapping
-        q, k, v = self.first(h, cos, sin, layers[0].input_norm, layers[0].qkv.weight,
-                             layers[0].qkv.bias)
+        args = self.layer_args
+        q, k, v = self.first(h, cos, sin, layers[0].input_norm, args[0][0])
         for i, (layer, (kc, vc)) in enumerate(zip(layers, kv_caches, strict=True)):
             write_kv(k, v, kc, vc, slots, all_valid=True)
-            w = (layer.o_proj.weight, layer.post_norm, layer.gate_up.weight, layer.down.weight)
+            w = (args[i][1], layer.post_norm, args[i][2], args[i][3])
             if i + 1 < len(layers):
-                nxt = layers[i + 1]
                 q, k, v, h = self.mid_decode(q, kc, vc, kv_slots, kv_bias, h, cos, sin, *w,
-                                             nxt.input_norm, nxt.qkv.weight, nxt.qkv.bias)
+                                             layers[i + 1].input_norm, args[i + 1][0])
             else:
                 h = self.last_decode(q, kc, vc, kv_slots, kv_bias, h, *w, m.norm)
         return h
@@ -232,13 +260,13 @@ def enable_graph_mode(model: LlamaForCausalLM, kv_cache, attn,
                       warmup_tokens: tuple[int, ...] = (1, 2)) -> CompiledDecoder | None:
     """Install a ``CompiledDecoder`` on ``model`` and compile it now (one forward per entry of
     ``warmup_tokens``: 1 = the static single-token graph, 2 = the dynamic graph every larger
-    batch uses). Returns None (model stays eager) for quantized models.
+    batch uses). Returns None (model stays eager) when ``compilable`` is false.
 
     The warm-up forwards write garbage K/V into block 0 and then zero it again, so call this
     before any request holds blocks.
     """
     if not compilable(model):
-        logger.warning("graph mode skipped: quantized linears run eager")
+        logger.warning("graph mode skipped: a decoder linear has no graph form; running eager")
         return None
     from scission.engine.attention import AttentionMetadata
 

@@ -76,27 +76,41 @@ class _PackedLinear(nn.Module):
 
     Subclasses set ``in_features``, ``out_features``, ``max_packed_rows``, the buffers
     ``dense_weight`` (``[N, K]``, model dtype) and ``bias`` (``[N]`` or None), and implement
-    ``_packed_mm(x [M, K] bfloat16) -> [M, N] bfloat16``.
+    ``packed_args()`` (the kernel's weight tensors) and
+    ``packed_mm(x [M, K] bfloat16, *packed_args) -> [M, N] bfloat16``, which may read only
+    Python constants from ``self`` (graph mode traces it with the tensors as arguments).
     """
 
     in_features: int
     out_features: int
     max_packed_rows: int
 
-    def _packed_mm(self, x: torch.Tensor) -> torch.Tensor:
+    def packed_args(self) -> tuple[torch.Tensor, ...]:
         raise NotImplementedError
+
+    def packed_mm(self, x: torch.Tensor, *packed: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def graph_args(self) -> tuple[torch.Tensor | None, ...]:
+        """The tensors ``graph_linear`` takes: the packed weights, the dense copy, the bias."""
+        return (*self.packed_args(), self.dense_weight, self.bias)
+
+    def graph_linear(self, x: torch.Tensor, *args: torch.Tensor | None) -> torch.Tensor:
+        """x ``[M, K]`` -> ``[M, N]`` in x's dtype from ``graph_args()``: a pure function of its
+        arguments (engine/compile.py calls it inside compiled graphs)."""
+        *packed, dense, bias = args
+        if x.shape[0] > self.max_packed_rows:
+            y = x @ dense.to(x.dtype).T
+        else:
+            y = self.packed_mm(x.to(torch.bfloat16), *packed).to(x.dtype)
+        return y if bias is None else y + bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x``: ``[..., in_features]``, any float dtype; returns ``[..., out_features]`` in
         ``x.dtype``. The 2-D decode case runs without reshapes (each is a call at batch 1)."""
         flat = x if x.dim() == 2 else x.reshape(-1, self.in_features)
-        if flat.shape[0] > self.max_packed_rows:
-            y = flat @ self.dense_weight.to(x.dtype).T
-        else:
-            y = self._packed_mm(flat.to(torch.bfloat16)).to(x.dtype)
-        if x.dim() != 2:
-            y = y.reshape(*x.shape[:-1], self.out_features)
-        return y if self.bias is None else y + self.bias
+        y = self.graph_linear(flat, *self.graph_args())
+        return y if x.dim() == 2 else y.reshape(*x.shape[:-1], self.out_features)
 
     def decode_read_bytes(self) -> int:
         """Bytes a packed (decode) call reads for the weights: codes + scales (+ zeros)."""
@@ -134,9 +148,13 @@ class Int4Linear(_PackedLinear):
         self.register_buffer("dense_weight", dense.reshape(n, k).to(linear.weight.dtype))
         self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().clone())
 
-    def _packed_mm(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.packed, self.group_size,
-                                                          self.scales_and_zeros)
+    def packed_args(self) -> tuple[torch.Tensor, ...]:
+        return (self.packed, self.scales_and_zeros)
+
+    def packed_mm(self, x: torch.Tensor, *packed: torch.Tensor) -> torch.Tensor:
+        codes, scales_and_zeros = packed
+        return torch.ops.aten._weight_int4pack_mm_for_cpu(x, codes, self.group_size,
+                                                          scales_and_zeros)
 
     def decode_read_bytes(self) -> int:
         return _nbytes(self.packed) + _nbytes(self.scales_and_zeros)
@@ -159,8 +177,12 @@ class Int8Linear(_PackedLinear):
                              .to(linear.weight.dtype))
         self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().clone())
 
-    def _packed_mm(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.ops.aten._weight_int8pack_mm(x, self.weight_int8, self.scales)
+    def packed_args(self) -> tuple[torch.Tensor, ...]:
+        return (self.weight_int8, self.scales)
+
+    def packed_mm(self, x: torch.Tensor, *packed: torch.Tensor) -> torch.Tensor:
+        weight_int8, scales = packed
+        return torch.ops.aten._weight_int8pack_mm(x, weight_int8, scales)
 
     def decode_read_bytes(self) -> int:
         return _nbytes(self.weight_int8) + _nbytes(self.scales)

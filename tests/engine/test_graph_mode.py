@@ -62,10 +62,35 @@ def test_compiled_float32_equals_hf(compiled_engine, hf_model, chat_prompt_ids):
         assert got[i] == hf_greedy(hf_model, ids, NEW_TOKENS), f"prompt {i} diverged"
 
 
-def test_quantized_engine_stays_eager(tokenizer):
-    cfg = EngineConfig(num_threads=2, enforce_eager=False, weight_quantization="int4",
-                       cache=CacheConfig(num_blocks=64))
-    assert LLMEngine(cfg, tokenizer=tokenizer).model.compiled is None
+def test_int4_graph_mode_equals_int4_eager(tokenizer, chat_prompt_ids, tmp_path, monkeypatch):
+    """Quantized linears compile too (their kernels inside the graphs, ``graph_linear``):
+    same int4 weights, the eager int4 engine's greedy tokens: exactly for a single stream,
+    up to a late near-tie flip when batched (see the bound below)."""
+    monkeypatch.setenv("SCISSION_CACHE_DIR", str(tmp_path))
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+
+    def int4_engine(enforce_eager: bool) -> LLMEngine:
+        cfg = EngineConfig(num_threads=2, enforce_eager=enforce_eager,
+                           weight_quantization="int4", cache=CacheConfig(num_blocks=256),
+                           scheduler=SchedulerConfig(max_num_batched_tokens=512))
+        return LLMEngine(cfg, tokenizer=tokenizer)
+
+    compiled = int4_engine(enforce_eager=False)
+    assert isinstance(compiled.model.compiled, CompiledDecoder)
+    params = SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, ignore_eos=True)
+    prompts = chat_prompt_ids[:8]
+    got_single = run_engine(compiled, prompts[:1], params)
+    got = run_engine(compiled, prompts, params)
+    del compiled
+    want = run_engine(int4_engine(enforce_eager=True), prompts, params)
+    assert got_single == want[:1]
+    # Batched, the compiled graphs fuse the float32 norms (another rounding order) ahead of
+    # bfloat16 kernel inputs, so a near-tie may flip late: measured 7 of 8 prompts equal for
+    # all 24 tokens, the 8th for its first 20 (2026-11-30).
+    agree = [next((j for j, (a, b) in enumerate(zip(g, w, strict=True)) if a != b),
+                  len(w)) for g, w in zip(got, want, strict=True)]
+    assert sum(a == NEW_TOKENS for a in agree) >= len(prompts) - 1, agree
+    assert min(agree) >= NEW_TOKENS // 2, agree
 
 
 def test_pad_tokens_buckets():
