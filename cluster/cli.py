@@ -56,6 +56,15 @@ def _cluster_args(p: argparse.ArgumentParser) -> None:
                         "inputs, faster small-batch decode on CPU, tokens may differ from "
                         "float32 after a few dozen (CPU only; accuracy in bench/README.md); "
                         "w8a8: int8 weights and per-token int8 activations, int32 GEMMs")
+    g.add_argument("--linear-backend", default="auto", choices=["auto", "onednn", "torch"],
+                   help="unquantized linears: auto = oneDNN with weights prepacked at load on CPU "
+                        "(1.3-1.6x faster float32 decode than torch's F.linear; "
+                        "engine/dense_linear.py), torch = F.linear (default auto)")
+    g.add_argument("--graph-mode", action="store_true",
+                   help="compile each worker's decoder with torch.compile (engine/compile.py): "
+                        "pays off with --weight-quantization int4 (1.4x single-stream decode); "
+                        "dense linears then use F.linear. The first start compiles for ~20 s, "
+                        "later starts read the on-disk cache ($SCISSION_CACHE_DIR)")
     g.add_argument("--kv-cache-mb", type=int, default=512, help="KV cache per worker, MiB")
     g.add_argument("--block-size", type=int, default=16, help="tokens per KV block")
     g.add_argument("--kv-layout", choices=[k.value for k in KVLayout],

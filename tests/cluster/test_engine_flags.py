@@ -1,0 +1,37 @@
+"""``scission up`` engine flags (``--linear-backend``, ``--graph-mode``,
+``--weight-quantization``) reach every worker's ``EngineConfig``; a contradictory pair is
+refused before anything starts."""
+
+from __future__ import annotations
+
+import pytest
+
+from scission.cluster.cli import build_parser
+from scission.cluster.commands import cluster_config
+
+
+def test_defaults_are_eager_with_onednn_linears():
+    engine = cluster_config(build_parser().parse_args(["up"])).engine
+    assert (engine.linear_backend, engine.enforce_eager, engine.weight_quantization) == (
+        "auto", True, "none")
+
+
+def test_flags_reach_the_engine_config():
+    args = build_parser().parse_args(["up", "--graph-mode", "--weight-quantization", "int4",
+                                      "--linear-backend", "torch"])
+    engine = cluster_config(args).engine
+    assert (engine.linear_backend, engine.enforce_eager, engine.weight_quantization) == (
+        "torch", False, "int4")
+
+
+def test_onednn_with_graph_mode_is_refused_before_start():
+    """``--linear-backend onednn`` is eager-only: building the config (before ``up`` starts
+    anything) raises the ValueError that ``up`` prints with exit code 2."""
+    args = build_parser().parse_args(["up", "--linear-backend", "onednn", "--graph-mode"])
+    with pytest.raises(ValueError, match="eager only"):
+        cluster_config(args)
+
+
+def test_unknown_backend_is_an_argparse_error():
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["up", "--linear-backend", "mkl"])
