@@ -248,7 +248,7 @@ class RescoredInt4Head(nn.Module):
 
 WEIGHT_QUANTIZATIONS = ("int4", "int8", "w8a8")  # w8a8: engine/quant_w8a8.py
 # The LM head per mode: "int4" pairs the 4-bit decoder with the rescored head above.
-_HEAD_MODE = {"int4": "int4-rescored", "int8": "int8", "w8a8": "w8a8"}
+_HEAD_MODE = {"int4": "int4-rescored", "int8": "int8", "w8a8": "w8a8-head"}
 DECODER_LINEARS = ("qkv", "o_proj", "gate_up", "down")
 
 
@@ -257,7 +257,8 @@ def quantize_model(model: nn.Module, mode: str, layer_attrs: tuple[str, ...] = D
     """Replace each decoder layer's ``layer_attrs`` linears and ``model.<head_attr>`` by
     ``Int4Linear`` (``mode="int4"``), ``Int8Linear`` (``"int8"``) or ``W8A8Linear``
     (``"w8a8"``, engine/quant_w8a8.py), in place (CPU only). The LM head gets ``head_mode``
-    ("int4", "int8", "int4-rescored", "w8a8" or "w8a8-rescored"; default ``_HEAD_MODE[mode]``).
+    ("int4", "int8", "int4-rescored", "w8a8", "w8a8-head" or "w8a8-rescored"; default
+    ``_HEAD_MODE[mode]``).
     Returns the bytes a decode step reads for those weights now (packed codes + scales; the
     dense prefill copies are not read in decode).
 
@@ -269,10 +270,10 @@ def quantize_model(model: nn.Module, mode: str, layer_attrs: tuple[str, ...] = D
         raise ValueError(f"weight quantization must be one of {WEIGHT_QUANTIZATIONS}, got {mode!r}")
     if any(p.device.type != "cpu" for p in model.parameters()):
         raise ValueError(f"{mode} weight quantization runs on CPU only")
-    from scission.engine.quant_w8a8 import W8A8Linear, W8A8RescoredHead  # imports this module
+    from scission.engine.quant_w8a8 import W8A8Head, W8A8Linear, W8A8RescoredHead  # cycle
 
     kinds = {"int4": Int4Linear, "int8": Int8Linear, "int4-rescored": RescoredInt4Head,
-             "w8a8": W8A8Linear, "w8a8-rescored": W8A8RescoredHead}
+             "w8a8": W8A8Linear, "w8a8-head": W8A8Head, "w8a8-rescored": W8A8RescoredHead}
     read_bytes = 0
     for owner, attr in [(layer, a) for layer in model.layers for a in layer_attrs] \
             + [(model, head_attr)]:

@@ -1,10 +1,10 @@
 """W8A8 linears: int8 weights per output channel, int8 activations per token, int32 GEMM.
 
 ``EngineConfig.weight_quantization="w8a8"`` (``engine/quant.py: quantize_model``) replaces
-every decoder linear and the LM head by ``W8A8Linear``. Unlike the weight-only modes (whose
-kernels dequantize weights to bfloat16 and multiply in floating point), both GEMM operands are
-int8 and the product accumulates in int32 through ``torch._int_mm`` (oneDNN's VNNI int8 GEMM
-on CPU), for the compute-bound cases: prefill chunks and batched decode.
+every decoder linear by ``W8A8Linear`` and the LM head by ``W8A8Head``. Unlike the weight-only
+modes (whose kernels dequantize weights to bfloat16 and multiply in floating point), both GEMM
+operands are int8 and the product accumulates in int32 through ``torch._int_mm`` (oneDNN's
+VNNI int8 GEMM on CPU), for the compute-bound cases: prefill chunks and batched decode.
 
 Scheme (SmoothQuant's "W8A8 per-token dynamic" baseline, Xiao et al. 2023; LLM.int8()'s
 vector-wise quantization without its outlier split, Dettmers et al. 2022; vLLM's
@@ -14,30 +14,36 @@ compressed-tensors ``W8A8 int8`` scheme with dynamic per-token activation scales
     activations, per call: s_x[m] = max_k |x[m, k]| / 127,  q1 = round(x / s_x[:, None])
     one term:   y[m, n] = (q1 @ W_q^T)[m, n] * s_w[n] * s_x[m]  (+ bias[n])
 
-One term is not accurate enough on SmolLM2-135M: its decoder inputs have outlier channels
-(a row's max is 10-27x its RMS), so per-token int8 costs 1.6-2.7 % per linear against
+One term alone is not accurate enough on SmolLM2-135M: its decoder inputs have outlier
+channels (a row's max is 10-27x its RMS), so per-token int8 costs 1.6-2.7 % per linear against
 0.7-0.9 % for int8 weights with bfloat16 activations, and the whole model flips top-1 on 5 of
 the 22 test prompts (logits relative error 0.038-0.183 vs HF float32). Static SmoothQuant
-smoothing (alpha 0.5, calibrated on other text) did not fix it (13/22). So ``W8A8Linear``
-defaults to two int8 terms per activation: the rounding residual, in units of ``s_x / F``::
+smoothing (alpha 0.5, calibrated on other text) did not fix it (13/22). Two remedies here:
 
-    q2 = round((x - q1 * s_x) / (s_x / F)),  |q2| <= F / 2
-    y = ((q1 @ W_q^T) * F + q2 @ W_q^T) * s_w * s_x / F     (one _int_mm of 2M rows)
+- rotation (QuaRot, Ashkboos et al. 2024; SpinQuant): ``x W^T = (x R)(W R)^T`` for orthogonal
+  ``R``; with ``R`` = random signs times a 64x64 Hadamard per block of 64 channels
+  (``block_hadamard``), an outlier channel is spread over its block, so the per-token scale
+  shrinks. ``W R`` is quantized once; ``x R`` is one small GEMM per call (``rotate_blocks``).
+- two int8 terms: the rounding residual in units of ``s_x / F``::
 
-with ``F = residual_factor_for(K)`` (128 for K = 576, 64 for K = 1536) so that the combined
-sum stays exact in int32. The activation error drops F-fold and the weight rounding is what
-remains: top-1 22/22, error 0.011-0.078 (tests/engine/test_quant_engine.py; int8 weight-only
-mode: 0.011-0.059). It costs a GEMM of twice the rows (bench/README.md "W8A8").
+      q2 = round((x - q1 * s_x) / (s_x / F)),  |q2| <= F / 2
+      y = ((q1 @ W_q^T) * F + q2 @ W_q^T) * s_w * s_x / F     (one _int_mm of 2M rows)
 
-LM head: the same two-term ``W8A8Linear`` (top-1 22/22, error 0.011-0.078 mean 0.031, greedy
-agreement mean 21.8 of 32 tokens). Measured against it: a one-term head with its top 64
-logits per row recomputed from the int8 weights with float32 activations
-(``W8A8RescoredHead``, ``head_mode="w8a8-rescored"``): top-1 22/22, the same greedy tokens,
-error 0.018-0.105 mean 0.038 (the one-term tail), 0.75 vs 1.25 ms at 1 row but no faster at
-8 or 32 rows; a plain one-term head: 21/22.
+  with ``F = residual_factor_for(K)`` (128 for K = 576, 64 for K = 1536) so that the combined
+  sum stays exact in int32: the activation error drops F-fold, at twice the GEMM rows.
+
+The mode: decoder linears rotated with one term (``W8A8Linear`` defaults); the LM head
+(``W8A8Head``) with two terms and no rotation, since it decides the greedy token. Against HF
+float32 on the 22 prompts (tests/engine/test_quant_engine.py): top-1 22/22, logits error
+0.013-0.120 (mean 0.031), greedy agreement mean 19.5 of 32 tokens (int8 weight-only: 22/22,
+0.011-0.059, 20.5). Measured alternatives (bench/README.md "W8A8"): two terms everywhere
+22/22, 0.011-0.078, 21.8, but 1.3-2x instead of 2-3x faster than float32 GEMMs; rotated one
+term with a one-term head whose top 64 logits are recomputed from the int8 weights with float
+activations (``W8A8RescoredHead``, ``head_mode="w8a8-rescored"``): 22/22 but error up to
+0.133; rotation with a plain one-term head: 21/22; no rotation, one term: 17/22.
 
 Codes are symmetric in ``[-127, 127]``; rounding is round-half-to-even; all scales are float32.
-The int32 sums are exact and every other step is elementwise within one row of ``x``: a
+The int32 sums are exact and every other step works within one row of ``x`` (the rotation too): a
 request's output row depends only on its own activations, never on its batch-mates'
 (bitwise; ``tests/engine/test_quant_w8a8.py``). ``torch._int_mm`` on CPU (torch 2.13) takes
 any ``M >= 1`` and any ``K``, ``N`` (the CUDA kernel's ``M > 16`` and multiple-of-8 rules do
@@ -56,6 +62,7 @@ from scission.engine.quant import quantize_int8_per_channel
 
 W8A8_MAX_IN_FEATURES = (2**31 - 1) // (127 * 127)  # 133,144: int32 accumulation cannot overflow
 RESCORE_TOP_K = 64
+ROTATION_BLOCK = 64  # Hadamard block of the activation rotation
 _MIN_SCALE = torch.finfo(torch.float32).tiny  # all-zero rows: scale > 0, codes 0, output 0
 
 
@@ -124,14 +131,47 @@ def w8a8_linear(x: torch.Tensor, weight_int8: torch.Tensor, weight_scales: torch
     return y.to(x.dtype)
 
 
+def block_hadamard(in_features: int, block: int = ROTATION_BLOCK
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The orthogonal rotation ``R = diag(signs) @ blockdiag(H, ..., H)`` (QuaRot's randomized
+    Hadamard transform, applied per block of ``block`` input channels).
+
+    Returns:
+        ``(signs, hadamard)``: signs ``[K]`` float32 of +-1 (seeded by ``K``: the same model
+        gives the same rotation); hadamard ``[block, block]`` float32 Sylvester matrix / sqrt.
+    Raises:
+        ValueError: ``in_features`` is not a multiple of ``block`` (a power of two).
+    """
+    if in_features % block or block & (block - 1):
+        raise ValueError(f"in_features {in_features} is not a multiple of the rotation block "
+                         f"{block} (a power of two)")
+    h = torch.ones(1, 1, dtype=torch.float64)
+    while h.shape[0] < block:
+        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
+    gen = torch.Generator().manual_seed(in_features)
+    signs = torch.where(torch.rand(in_features, generator=gen) < 0.5, -1.0, 1.0)
+    return signs.float(), (h / block**0.5).float()
+
+
+def rotate_blocks(x: torch.Tensor, signs: torch.Tensor, hadamard: torch.Tensor) -> torch.Tensor:
+    """``x @ R`` for ``block_hadamard``'s ``R``: ``x`` ``[M, K]`` any float dtype -> ``[M, K]``
+    float32 (one GEMM of ``[M * K / block, block] x [block, block]``)."""
+    m, k = x.shape
+    b = hadamard.shape[0]
+    return ((x.float() * signs).view(m, k // b, b) @ hadamard).view(m, k)
+
+
 class W8A8Linear(nn.Module):
     """``y = x @ W^T (+ bias)`` with int8 weights (one float32 scale per output row) and
     per-token dynamic int8 activations through ``torch._int_mm`` (module docstring).
 
     Args:
         linear: the float layer (weight ``[N, K]``, optional bias ``[N]``), on CPU.
-        terms: int8 terms per activation: 2 (default; ``q1`` + the rounding residual, see the
-            module docstring) or 1 (plain per-token int8, faster, less accurate).
+        terms: int8 terms per activation: 1 (default; per-token int8) or 2 (``q1`` + the
+            rounding residual, ~F times less activation error for twice the GEMM rows).
+        rotate: multiply activations by ``block_hadamard``'s rotation ``R`` before quantizing
+            them (and the weights by ``R`` once): ``x W^T = (x R)(W R)^T``; spreads outlier
+            channels over their block of 64 so per-token int8 loses less (default True).
 
     Input ``[..., in_features]`` of any float dtype, any number of rows (1 included); output
     ``[..., out_features]`` in the input dtype. One code path for every batch size: decode and
@@ -145,32 +185,40 @@ class W8A8Linear(nn.Module):
             (``> W8A8_MAX_IN_FEATURES`` for one term, ``> 66,052`` for two); not on CPU.
     """
 
-    def __init__(self, linear: nn.Linear, terms: int = 2) -> None:
+    def __init__(self, linear: nn.Linear, terms: int = 1, rotate: bool = True) -> None:
         super().__init__()
         n, k = linear.weight.shape
         if terms not in (1, 2):
             raise ValueError(f"terms must be 1 or 2, got {terms}")
+        signs, hadamard = block_hadamard(k) if rotate else (None, None)
         self.residual_factor = residual_factor_for(k) if terms == 2 else 0
         if k > W8A8_MAX_IN_FEATURES:
             raise ValueError(f"in_features {k} > {W8A8_MAX_IN_FEATURES}: the int32 sum of "
                              f"int8 products could overflow")
         if linear.weight.device.type != "cpu":
             raise ValueError("W8A8 linears run on CPU only")
-        codes, scales = quantize_int8_per_channel(linear.weight)
+        weight = linear.weight.detach()
+        codes, scales = quantize_int8_per_channel(
+            weight if signs is None else rotate_blocks(weight, signs, hadamard))
         self.out_features, self.in_features = n, k
-        self.register_buffer("weight_int8", codes)  # [N, K] int8, contiguous
+        self.register_buffer("weight_int8", codes)  # [N, K] int8, contiguous (rotated W)
         self.register_buffer("weight_scales", scales)  # [N] float32
         bias = None if linear.bias is None else linear.bias.detach().float().clone()
         self.register_buffer("bias", bias)  # [N] float32 or None
+        self.register_buffer("signs", signs)  # [K] float32 or None
+        self.register_buffer("hadamard", hadamard)  # [64, 64] float32 or None
 
     def graph_args(self) -> tuple[torch.Tensor | None, ...]:
-        """``(weight_int8 [N, K] int8, weight_scales [N] float32, bias [N] float32 | None)``."""
-        return self.weight_int8, self.weight_scales, self.bias
+        """``(weight_int8 [N, K] int8, weight_scales [N] float32, bias [N] float32 | None,
+        signs [K] float32 | None, hadamard [64, 64] float32 | None)``."""
+        return self.weight_int8, self.weight_scales, self.bias, self.signs, self.hadamard
 
     def graph_linear(self, x: torch.Tensor, *args: torch.Tensor | None) -> torch.Tensor:
         """``x``: ``[M, K]``; ``args`` = ``graph_args()``. Returns ``[M, N]`` in ``x.dtype``;
         reads no tensor of ``self`` (traceable by ``torch.compile(fullgraph=True)``)."""
-        return w8a8_linear(x, *args, self.residual_factor)
+        weight_int8, weight_scales, bias, signs, hadamard = args
+        xr = x if signs is None else rotate_blocks(x, signs, hadamard)
+        return w8a8_linear(xr, weight_int8, weight_scales, bias, self.residual_factor).to(x.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x if x.dim() == 2 else x.reshape(-1, self.in_features)
@@ -180,6 +228,14 @@ class W8A8Linear(nn.Module):
     def decode_read_bytes(self) -> int:
         """Weight bytes a call reads: int8 codes + float32 scales (+ bias)."""
         return sum(t.numel() * t.element_size() for t in self.graph_args() if t is not None)
+
+
+class W8A8Head(W8A8Linear):
+    """The ``"w8a8"`` mode's LM head: ``W8A8Linear`` with two activation terms and no rotation
+    (module docstring: the head decides greedy tokens, so it gets the accurate variant)."""
+
+    def __init__(self, linear: nn.Linear) -> None:
+        super().__init__(linear, terms=2, rotate=False)
 
 
 class W8A8RescoredHead(W8A8Linear):
@@ -194,12 +250,13 @@ class W8A8RescoredHead(W8A8Linear):
     def __init__(self, linear: nn.Linear, top_k: int = RESCORE_TOP_K, terms: int = 1) -> None:
         if linear.bias is not None:
             raise ValueError("W8A8RescoredHead has no bias")
-        super().__init__(linear, terms)
+        super().__init__(linear, terms, rotate=False)
         self.top_k = min(top_k, self.out_features)
 
     def graph_linear(self, x: torch.Tensor, *args: torch.Tensor | None) -> torch.Tensor:
-        weight_int8, weight_scales, _ = args
-        logits = w8a8_linear(x, *args, self.residual_factor)  # [M, V], x.dtype
+        weight_int8, weight_scales, bias = args[:3]
+        logits = w8a8_linear(x, weight_int8, weight_scales, bias,
+                             self.residual_factor)  # [M, V], x.dtype
         idx = logits.topk(self.top_k, dim=-1).indices  # [M, k]
         w = weight_int8[idx].float()  # [M, k, K]
         fine = torch.bmm(w, x.float()[:, :, None])[..., 0] * weight_scales[idx]  # [M, k]
