@@ -12,10 +12,11 @@ row count ``M`` (1, 8, 32 = decode batch sizes), the time of one ``y = x @ W^T``
   activations);
 - ``fbgemm-dyn-int8``: ``quantized.linear_dynamic`` (int8 weights, activations quantized to
   uint8 per call, float32 in and out: a different accuracy class, measured for reference);
-- ``w8a8`` / ``w8a8-t1``: ``engine/quant_w8a8.py: w8a8_linear`` (int8 weights per row, float32
-  activations quantized per token to two / one int8 terms, ``torch._int_mm``, float32 out):
-  the ``"w8a8"`` mode's linears (two terms) and the faster, less accurate one-term variant.
-  Their times include the per-call activation quantization and the int32 -> float32 epilogue.
+- ``w8a8`` / ``w8a8-t1`` / ``w8a8-rot``: ``engine/quant_w8a8.py: w8a8_linear`` (int8 weights
+  per row, float32 activations quantized per token to two / one / one int8 terms,
+  ``torch._int_mm``, float32 out); ``w8a8-rot`` first rotates the activations by the block-64
+  Hadamard (``rotate_blocks``). The ``"w8a8"`` mode = ``w8a8-rot`` decoder + ``w8a8`` LM head.
+  Times include the per-call rotation, activation quantization and int32 -> float32 epilogue.
 
 Kernel times take activations already in the kernel's dtype; ``+cast`` rows add the float32
 -> bf16 -> float32 conversions a float32 model pays per call. Each shape cycles through enough
@@ -55,7 +56,7 @@ SHAPES = {"qkv": (960, 576), "o_proj": (576, 576), "gate_up": (3072, 576), "down
 NUM_LAYERS = 30
 CACHE_DEFEAT_BYTES = 96 << 20  # > 32 MiB L3: each call reads its weights from DRAM
 SCHEMES = ("fp32", "bf16", "int8", "int4-g32-t1", "int4-g32-t2", "int4-g32-t8", "int4-g64-t2",
-           "fbgemm-dyn-int8", "w8a8", "w8a8-t1")
+           "fbgemm-dyn-int8", "w8a8", "w8a8-t1", "w8a8-rot")
 
 Matmul = Callable[[torch.Tensor], torch.Tensor]
 
@@ -90,13 +91,17 @@ def make_matmul(scheme: str, n: int, k: int, gen: torch.Generator) -> tuple[Matm
         packed = torch.ops.quantized.linear_prepack(qw, None)
         return (lambda x: torch.ops.quantized.linear_dynamic(x, packed)), n * k + 8 * n, \
             torch.float32
-    if scheme in ("w8a8", "w8a8-t1"):
-        from scission.engine.quant_w8a8 import residual_factor_for, w8a8_linear
+    if scheme in ("w8a8", "w8a8-t1", "w8a8-rot"):
+        from scission.engine import quant_w8a8 as qw
 
         w = torch.randint(-127, 128, (n, k), generator=gen, dtype=torch.int8)
         s = torch.rand(n, generator=gen) * 1e-3
-        f = residual_factor_for(k) if scheme == "w8a8" else 0
-        return (lambda x: w8a8_linear(x, w, s, None, f)), n * k + 4 * n, torch.float32
+        f = qw.residual_factor_for(k) if scheme == "w8a8" else 0
+        if scheme == "w8a8-rot":
+            signs, h = qw.block_hadamard(k)
+            return (lambda x: qw.w8a8_linear(qw.rotate_blocks(x, signs, h), w, s, None, 0)), \
+                n * k + 4 * n + 4 * k + h.numel() * 4, torch.float32
+        return (lambda x: qw.w8a8_linear(x, w, s, None, f)), n * k + 4 * n, torch.float32
     raise ValueError(f"unknown scheme {scheme!r}")
 
 
