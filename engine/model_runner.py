@@ -50,9 +50,12 @@ class ModelRunner:
         rows = hidden if inp.samples_every_row else hidden[inp.logits_indices]
         params = [r.sampling_params for r in inp.sampled_requests]
         if all(p.greedy for p in params):
-            # argmax of the model-dtype logits: the float32 upcast is exact and monotonic,
-            # so the same token without a full-vocabulary copy.
-            tokens = self.model.lm_head(rows).argmax(dim=-1).tolist()
+            # float32 logits: argmax in place, no copy. Others: upcast first (exact and
+            # monotonic, the same token): torch's bfloat16 argmax over [32, 49152] takes 2.8 ms
+            # on this CPU against 0.75 ms for the upcast and a float32 argmax.
+            logits = self.model.lm_head(rows)
+            tokens = (logits if logits.dtype == torch.float32 else logits.float()
+                      ).argmax(dim=-1).tolist()
         else:
             logits = self.model.compute_logits(rows)
             positions = [r.num_output_tokens for r in inp.sampled_requests]
