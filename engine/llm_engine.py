@@ -88,7 +88,7 @@ class LLMEngine:
             # Quantized KV differs from the float model's: never share prefix-cache entries.
             model_cfg = dataclasses.replace(model_cfg, model_id=f"{model_cfg.model_id}+{mode}")
             self.model_config = model_cfg
-            logger.info("%s weight-only quantization: decode reads %.0f MB of linear weights",
+            logger.info("%s quantization: a decode step reads %.0f MB of linear weights",
                         mode, read_bytes / 1e6)
         if config.linear_backend != "torch" and config.enforce_eager:
             packed = pack_dense_linears(self.model)
