@@ -103,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=50, help="profiled decode steps")
     parser.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
-    parser.add_argument("--weight-quantization", default="none", choices=("none", "int4", "int8"),
+    parser.add_argument("--weight-quantization", default="none", choices=("none", "int4", "int8", "w8a8"),
                         help="EngineConfig.weight_quantization (default none)")
     parser.add_argument("--graph", action="store_true",
                         help="graph mode (EngineConfig.enforce_eager=False, engine/compile.py)")

@@ -141,8 +141,6 @@ class EngineConfig:
         if self.linear_backend not in ("auto", "onednn", "torch"):
             raise ValueError(f"linear_backend must be auto, onednn or torch, "
                              f"got {self.linear_backend!r}")
-        if self.linear_backend == "onednn" and not self.enforce_eager:
-            raise ValueError("linear_backend onednn runs eager only: graph mode uses F.linear")
 
     @property
     def torch_dtype(self) -> torch.dtype:

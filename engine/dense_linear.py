@@ -15,14 +15,25 @@ on unit-scale inputs, as between any two BLAS libraries); the float32 engine sta
 against HF transformers (``tests/engine/test_engine_vs_hf.py``).
 
 ``EngineConfig.linear_backend`` picks it: ``"auto"`` (default) = oneDNN for float32 and
-bfloat16 models on CPU when torch has oneDNN, in eager mode; ``"torch"`` = plain ``F.linear``.
-Graph mode (``engine/compile.py``) keeps ``F.linear``: inductor's lowering of the oneDNN op
-accepts only weights frozen into the graph as constants, and our graphs take the weights as
-arguments (one graph for every layer). Quantized modes (``engine/quant.py``) keep their own
-kernels for the layers they replace.
+bfloat16 models on CPU when torch has oneDNN, eager and graph mode; ``"torch"`` = plain
+``F.linear``. Quantized modes (``engine/quant.py``) keep their own kernels for the layers they
+replace.
+
+In graph mode (``engine/compile.py``) the packed weight cannot be a graph argument: it is an
+opaque oneDNN tensor (``layout=torch._mkldnn``) that fake tensors do not model, and inductor's
+own lowering of ``mkldnn._linear_pointwise`` accepts it only as a constant frozen into the
+graph, while our graphs take the weights as arguments (one graph serves every layer). So the
+graphs call the opaque custom op ``scission::onednn_linear(x, handle, out_features, bias)``:
+``handle`` is a one-element int64 tensor naming the layer's packed weight in a process-wide
+registry (weak references: an entry lives as long as its module). Inductor runs the op as an
+extern call between its fused kernels; every layer passes the same shapes, so one graph still
+serves all of them.
 """
 
 from __future__ import annotations
+
+import itertools
+import weakref
 
 import torch
 from torch import nn
@@ -30,6 +41,34 @@ from torch import nn
 ONEDNN_DTYPES = (torch.float32, torch.bfloat16)
 LINEAR_BACKENDS = ("auto", "onednn", "torch")
 DECODER_LINEARS = ("qkv", "o_proj", "gate_up", "down")
+
+
+# handle -> packed weight, for the graph-mode op; entries die with their OneDNNLinear.
+_PACKED: weakref.WeakValueDictionary[int, torch.Tensor] = weakref.WeakValueDictionary()
+_NEXT_HANDLE = itertools.count(1)
+
+
+@torch.library.custom_op("scission::onednn_linear", mutates_args=())
+def onednn_linear(x: torch.Tensor, handle: torch.Tensor, out_features: int,
+                  bias: torch.Tensor | None) -> torch.Tensor:
+    """``x @ W^T (+ bias)`` with ``W`` the packed weight registered under ``handle``.
+
+    Args:
+        x: ``[M, K]`` in the weight's dtype.
+        handle: ``[1]`` int64, ``OneDNNLinear.handle``.
+        out_features: ``N`` (the fake implementation's output width).
+        bias: ``[N]`` or None.
+    Returns: ``[M, N]``, x's dtype.
+    Raises:
+        KeyError: no live ``OneDNNLinear`` holds ``handle``.
+    """
+    packed = _PACKED[int(handle)]
+    return torch.ops.mkldnn._linear_pointwise(x.contiguous(), packed, bias, "none", [], "")
+
+
+@onednn_linear.register_fake
+def _(x, handle, out_features, bias):
+    return x.new_empty(x.shape[0], out_features)
 
 
 def onednn_available(dtype: torch.dtype, device: torch.device | str) -> bool:
@@ -58,6 +97,9 @@ class OneDNNLinear(nn.Module):
         # batch_size_hint only guides oneDNN's choice of blocked layout; any row count runs.
         self.packed = torch.ops.mkldnn._reorder_linear_weight(w.contiguous(), batch_size_hint)
         self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().clone())
+        key = next(_NEXT_HANDLE)
+        _PACKED[key] = self.packed
+        self.handle = torch.tensor([key], dtype=torch.int64)  # graph mode's name for `packed`
 
     @property
     def weight(self) -> torch.Tensor:
@@ -69,6 +111,17 @@ class OneDNNLinear(nn.Module):
         y = torch.ops.mkldnn._linear_pointwise(flat.contiguous(), self.packed, self.bias,
                                                "none", [], "")
         return y if x.dim() == 2 else y.reshape(*x.shape[:-1], self.out_features)
+
+    def graph_args(self) -> tuple:
+        """Graph mode's arguments for this layer (``engine/compile.py``)."""
+        return self.handle, self.out_features, self.bias
+
+    @staticmethod
+    def graph_linear(x: torch.Tensor, handle: torch.Tensor, out_features: int,
+                     bias: torch.Tensor | None) -> torch.Tensor:
+        """``forward`` as a pure function of ``graph_args``, for ``torch.compile``: x
+        ``[M, in_features]`` -> ``[M, out_features]``."""
+        return torch.ops.scission.onednn_linear(x, handle, out_features, bias)
 
     def decode_read_bytes(self) -> int:
         return self.out_features * self.in_features * self.packed.element_size()

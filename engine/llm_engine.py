@@ -90,7 +90,7 @@ class LLMEngine:
             self.model_config = model_cfg
             logger.info("%s quantization: a decode step reads %.0f MB of linear weights",
                         mode, read_bytes / 1e6)
-        if config.linear_backend != "torch" and config.enforce_eager:
+        if config.linear_backend != "torch":
             packed = pack_dense_linears(self.model)
             if config.linear_backend == "onednn" and packed == 0 \
                     and config.weight_quantization == "none":
