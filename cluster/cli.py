@@ -62,8 +62,8 @@ def _cluster_args(p: argparse.ArgumentParser) -> None:
                         "engine/dense_linear.py), torch = F.linear (default auto)")
     g.add_argument("--graph-mode", action="store_true",
                    help="compile each worker's decoder with torch.compile (engine/compile.py): "
-                        "pays off with --weight-quantization int4 (1.4x single-stream decode); "
-                        "dense linears then use F.linear. The first start compiles for ~20 s, "
+                        "1.1-1.4x faster decode than eager (int4, and float32/bfloat16 with the "
+                        "oneDNN linears; bench/README.md). The first start compiles for ~20 s, "
                         "later starts read the on-disk cache ($SCISSION_CACHE_DIR)")
     g.add_argument("--kv-cache-mb", type=int, default=512, help="KV cache per worker, MiB")
     g.add_argument("--block-size", type=int, default=16, help="tokens per KV block")

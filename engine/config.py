@@ -123,13 +123,13 @@ class EngineConfig:
     # row and int8 activations per token through an int32 GEMM (engine/quant_w8a8.py, CPU)
     weight_quantization: str = "none"
     # Unquantized linears: "auto" = oneDNN with weights prepacked at load for float32/bfloat16
-    # on CPU in eager mode (engine/dense_linear.py), "onednn" = the same but an error where
-    # unavailable, "torch" = plain F.linear (graph mode always uses F.linear).
+    # on CPU, eager and graph mode (engine/dense_linear.py), "onednn" = the same but an error
+    # where unavailable, "torch" = plain F.linear.
     linear_backend: str = "auto"
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     # True = plain eager forward; False = graph mode (engine/compile.py: torch.compile of the
-    # dense parts between attention calls, compiled at start, cache on disk). Unquantized only.
+    # dense parts between attention calls, compiled at start, cache on disk).
     enforce_eager: bool = True
 
     def __post_init__(self) -> None:

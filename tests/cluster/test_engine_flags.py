@@ -24,12 +24,12 @@ def test_flags_reach_the_engine_config():
         "torch", False, "int4")
 
 
-def test_onednn_with_graph_mode_is_refused_before_start():
-    """``--linear-backend onednn`` is eager-only: building the config (before ``up`` starts
-    anything) raises the ValueError that ``up`` prints with exit code 2."""
+def test_onednn_with_graph_mode_is_accepted():
+    """``--linear-backend onednn --graph-mode``: graph mode calls the packed oneDNN linears
+    through its opaque op (engine/dense_linear.py), so the pair is a valid config."""
     args = build_parser().parse_args(["up", "--linear-backend", "onednn", "--graph-mode"])
-    with pytest.raises(ValueError, match="eager only"):
-        cluster_config(args)
+    engine = cluster_config(args).engine
+    assert (engine.linear_backend, engine.enforce_eager) == ("onednn", False)
 
 
 def test_unknown_backend_is_an_argparse_error():
