@@ -79,6 +79,31 @@ def cache_rows(cache: torch.Tensor) -> torch.Tensor | None:
     return cache.view(-1, *cache.shape[2:])
 
 
+def strided_rows(cache: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """``cache`` ``[num_blocks, block_size, H_kv, D]`` in either KV layout as one strided view
+    ``[R, H_kv, D]`` (no copy) and the row pitch of a block, ``stride(0) // stride(1)``:
+    slot ``s`` is row ``(s // block_size) * pitch + s % block_size`` (``slot_rows``). Rows
+    between a block's last slot and the next block's first are other layers' (block-major)
+    memory, never indexed. Layer-major: ``pitch == block_size`` and this is ``cache_rows``.
+
+    Raises:
+        ValueError: a block's stride is not a whole number of slot rows.
+    """
+    num_blocks, block_size = cache.shape[:2]
+    pitch, rem = divmod(cache.stride(0), cache.stride(1))
+    if rem:
+        raise ValueError(f"block stride {cache.stride(0)} is not a multiple of the slot "
+                         f"stride {cache.stride(1)}")
+    rows = (num_blocks - 1) * pitch + block_size
+    return cache.as_strided((rows, *cache.shape[2:]), cache.stride()[1:]), pitch
+
+
+def slot_rows(slots: torch.Tensor, block_size: int, pitch: int) -> torch.Tensor:
+    """Rows of ``strided_rows``'s view for cache ``slots`` (int64, any shape): one integer
+    division per slot per step instead of one per layer (or per element inside a kernel)."""
+    return slots // block_size * pitch + slots % block_size
+
+
 def gather_slots(cache: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
     """Rows ``cache[slot // block_size, slot % block_size]`` for int64 ``slots`` of any shape:
     ``[*slots.shape, H_kv, D]`` (a copy), for either KV layout."""

@@ -41,7 +41,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from scission.engine.attention import gather_slots, write_kv
+from scission.engine.attention import slot_rows, strided_rows
 from scission.engine.model import KVCaches, LlamaForCausalLM, add_rms_norm, apply_rope, rms_norm
 
 logger = logging.getLogger(__name__)
@@ -118,25 +118,27 @@ def _pieces(model: LlamaForCausalLM):
 
     gqa, scale = nh // nkv, 1.0 / math.sqrt(hd)
 
-    def decode_attention(q, k_cache, v_cache, kv_slots, kv_bias):
-        """q [n, H, D]; kv_slots [n, L] cache slots of each row's context (padding: any
-        slot), kv_bias [n, L] 0 / -inf. Written as gather + multiply + sum so inductor fuses
-        the gather into the reductions (the cache rows are read in place, never copied)."""
+    def decode_attention(q, k_rows, v_rows, kv_rows, kv_bias):
+        """q [n, H, D]; k_rows / v_rows a layer's cache as ``strided_rows`` [R, H_kv, D];
+        kv_rows [n, L] int64 rows of each request's context (padding: any valid row), kv_bias
+        [n, L] 0 / -inf. Written as gather + multiply + sum so inductor fuses the gather into
+        the reductions (the cache rows are read in place, never copied); the rows are
+        computed once per step (``slot_rows``), so the kernel does no integer division."""
         n = q.shape[0]
-        k = gather_slots(k_cache, kv_slots)  # [n, L, H_kv, D]
-        v = gather_slots(v_cache, kv_slots)
+        k = k_rows[kv_rows]  # [n, L, H_kv, D]
+        v = v_rows[kv_rows]
         qf = q.reshape(n, 1, nkv, gqa, hd).float()  # float32 math, as SDPA accumulates
         s = (qf * k[:, :, :, None, :].float()).sum(-1) * scale + kv_bias[:, :, None, None]
         p = torch.softmax(s, dim=1)  # [n, L, H_kv, gqa]
         o = (p[..., None] * v[:, :, :, None, :].float()).sum(1)
         return o.to(q.dtype).reshape(n, nh, hd)
 
-    def mid_decode(q, k_cache, v_cache, kv_slots, kv_bias, h, cos, sin, *weights):
-        return mid(decode_attention(q, k_cache, v_cache, kv_slots, kv_bias), h, cos, sin,
+    def mid_decode(q, k_rows, v_rows, kv_rows, kv_bias, h, cos, sin, *weights):
+        return mid(decode_attention(q, k_rows, v_rows, kv_rows, kv_bias), h, cos, sin,
                    *weights)
 
-    def last_decode(q, k_cache, v_cache, kv_slots, kv_bias, h, *weights):
-        return last(decode_attention(q, k_cache, v_cache, kv_slots, kv_bias), h, *weights)
+    def last_decode(q, k_rows, v_rows, kv_rows, kv_bias, h, *weights):
+        return last(decode_attention(q, k_rows, v_rows, kv_rows, kv_bias), h, *weights)
 
     return first, mid, last, mid_decode, last_decode
 
@@ -182,6 +184,17 @@ class CompiledDecoder:
         getters = [_linear_fn(getattr(model.layers[0], a))[1] for a in LINEARS]
         self.layer_args = [tuple(g(getattr(layer, a)) for g, a in zip(getters, LINEARS, strict=True))
                            for layer in model.layers]
+        self._row_views: tuple[tuple, list, int] | None = None  # (key, per layer, pitch)
+
+    def row_views(self, kv_caches: KVCaches) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], int]:
+        """Each layer's (K, V) cache as ``strided_rows`` views and the block pitch, built once
+        per cache (the views are fixed windows on the cache tensor)."""
+        kc = kv_caches[0][0]
+        key = (kc.data_ptr(), tuple(kc.shape), tuple(kc.stride()), len(kv_caches))
+        if self._row_views is None or self._row_views[0] != key:
+            views = [(strided_rows(k)[0], strided_rows(v)[0]) for k, v in kv_caches]
+            self._row_views = (key, views, strided_rows(kc)[1])
+        return self._row_views[1], self._row_views[2]
 
     def forward_embeds(self, h: torch.Tensor, positions: torch.Tensor, kv_caches: KVCaches,
                        attn) -> torch.Tensor:
@@ -219,28 +232,31 @@ class CompiledDecoder:
 
     def _decode_forward(self, h, cos, sin, kv_caches: KVCaches, md) -> torch.Tensor:
         """Pure decode on CPU: per layer one compiled call (attention + dense) and the K/V
-        write (index_copy) between calls."""
+        write (``index_copy_`` into the row views) between calls. Cache rows of the context
+        and of the new tokens are computed once for all layers (``slot_rows``)."""
         m, layers = self.model, self.model.layers
         bs, n = md.block_size, h.shape[0]
+        views, pitch = self.row_views(kv_caches)
         pos = torch.arange(md.max_seq_len)
         table = md.block_table.to(torch.int64)
-        kv_slots = table[:, pos // bs] * bs + pos % bs  # [n, L]
+        kv_rows = table[:, pos // bs] * pitch + pos % bs  # [n, L]: slot_rows of the context
         kv_bias = torch.zeros(n, md.max_seq_len)  # float32
         kv_bias.masked_fill_(pos[None, :] >= md.seq_lens[:, None], float("-inf"))
-        _mark_tokens_dynamic(kv_slots, kv_bias)
-        torch._dynamo.maybe_mark_dynamic(kv_slots, 1)
+        _mark_tokens_dynamic(kv_rows, kv_bias)
+        torch._dynamo.maybe_mark_dynamic(kv_rows, 1)
         torch._dynamo.maybe_mark_dynamic(kv_bias, 1)
-        slots = md.slot_mapping
+        new_rows = slot_rows(md.slot_mapping, bs, pitch)  # [n]: no padding slots in decode
         args = self.layer_args
         q, k, v = self.first(h, cos, sin, layers[0].input_norm, args[0][0])
-        for i, (layer, (kc, vc)) in enumerate(zip(layers, kv_caches, strict=True)):
-            write_kv(k, v, kc, vc, slots, all_valid=True)
+        for i, (layer, (k_rows, v_rows)) in enumerate(zip(layers, views, strict=True)):
+            k_rows.index_copy_(0, new_rows, k)
+            v_rows.index_copy_(0, new_rows, v)
             w = (args[i][1], layer.post_norm, args[i][2], args[i][3])
             if i + 1 < len(layers):
-                q, k, v, h = self.mid_decode(q, kc, vc, kv_slots, kv_bias, h, cos, sin, *w,
-                                             layers[i + 1].input_norm, args[i + 1][0])
+                q, k, v, h = self.mid_decode(q, k_rows, v_rows, kv_rows, kv_bias, h, cos, sin,
+                                             *w, layers[i + 1].input_norm, args[i + 1][0])
             else:
-                h = self.last_decode(q, kc, vc, kv_slots, kv_bias, h, *w, m.norm)
+                h = self.last_decode(q, k_rows, v_rows, kv_rows, kv_bias, h, *w, m.norm)
         return h
 
     def warmup(self, run_step, sizes: tuple[int, ...]) -> float:
