@@ -47,6 +47,7 @@ from scission.engine.model import KVCaches, LlamaForCausalLM, add_rms_norm, appl
 logger = logging.getLogger(__name__)
 
 CUDA_GRAPH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
+RECOMPILE_LIMIT = 64  # graphs per piece per process (CompiledDecoder.__init__)
 
 
 def cache_dir() -> Path:
@@ -170,6 +171,12 @@ class CompiledDecoder:
     def __init__(self, model: LlamaForCausalLM) -> None:
         assert compilable(model), "graph mode needs nn.Linear or graph_linear layers"
         use_disk_cache()
+        # Dynamo caches graphs per code object, and every CompiledDecoder compiles the same
+        # ``_pieces`` functions: each engine in a process (one per dtype or linear kind, as in
+        # ``bench engine`` or the tests) adds 2-3 entries per piece. The default limit (8)
+        # would make the fifth engine's warm-up fail (fullgraph=True).
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit,
+                                                   RECOMPILE_LIMIT)
         self.model = model
         self.cuda = next(model.parameters()).is_cuda
         opts = dict(fullgraph=True, dynamic=False if self.cuda else None,
