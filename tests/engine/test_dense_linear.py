@@ -75,7 +75,6 @@ def test_graph_linear_compiled_equals_forward(dtype):
     a, b = (OneDNNLinear(nn.Linear(64, 96, dtype=dtype)) for _ in range(2))
     fn = torch.compile(lambda x, *args: torch.relu(OneDNNLinear.graph_linear(x, *args)),
                        fullgraph=True, dynamic=True)
-    torch._dynamo.reset()
     for rows in (3, 17):
         x = torch.randn(rows, 64, dtype=dtype)
         for lin in (a, b):
