@@ -70,21 +70,12 @@ class AttentionBackend(abc.ABC):
         ...
 
 
-def cache_rows(cache: torch.Tensor) -> torch.Tensor | None:
-    """``cache`` ``[num_blocks, block_size, H_kv, D]`` as ``[num_blocks * block_size, H_kv, D]``
-    (row = slot) when its blocks are adjacent in memory (``KVLayout.LAYER_MAJOR``); None
-    when they are strided (``BLOCK_MAJOR``: the view does not exist)."""
-    if cache.stride(0) != cache.shape[1] * cache.stride(1):
-        return None
-    return cache.view(-1, *cache.shape[2:])
-
-
 def strided_rows(cache: torch.Tensor) -> tuple[torch.Tensor, int]:
     """``cache`` ``[num_blocks, block_size, H_kv, D]`` in either KV layout as one strided view
     ``[R, H_kv, D]`` (no copy) and the row pitch of a block, ``stride(0) // stride(1)``:
     slot ``s`` is row ``(s // block_size) * pitch + s % block_size`` (``slot_rows``). Rows
     between a block's last slot and the next block's first are other layers' (block-major)
-    memory, never indexed. Layer-major: ``pitch == block_size`` and this is ``cache_rows``.
+    memory, never indexed. Layer-major: ``pitch == block_size``, row == slot.
 
     Raises:
         ValueError: a block's stride is not a whole number of slot rows.
@@ -99,19 +90,19 @@ def strided_rows(cache: torch.Tensor) -> tuple[torch.Tensor, int]:
 
 
 def slot_rows(slots: torch.Tensor, block_size: int, pitch: int) -> torch.Tensor:
-    """Rows of ``strided_rows``'s view for cache ``slots`` (int64, any shape): one integer
-    division per slot per step instead of one per layer (or per element inside a kernel)."""
+    """Rows of ``strided_rows``'s view for cache ``slots`` (int64, any shape; the slots
+    themselves when ``pitch == block_size``). Graph decode computes them once per step instead
+    of once per layer (or per element inside a kernel)."""
+    if pitch == block_size:
+        return slots
     return slots // block_size * pitch + slots % block_size
 
 
 def gather_slots(cache: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
     """Rows ``cache[slot // block_size, slot % block_size]`` for int64 ``slots`` of any shape:
     ``[*slots.shape, H_kv, D]`` (a copy), for either KV layout."""
-    rows = cache_rows(cache)
-    if rows is not None:
-        return rows[slots]
-    block_size = cache.shape[1]
-    return cache[slots // block_size, slots % block_size]
+    rows, pitch = strided_rows(cache)
+    return rows[slot_rows(slots, cache.shape[1], pitch)]
 
 
 def write_kv(
@@ -126,13 +117,12 @@ def write_kv(
         if slot_mapping.numel() == 0:
             return
         k, v = k[keep], v[keep]
+    rows = None
     for new, cache in ((k, k_cache), (v, v_cache)):
-        rows = cache_rows(cache)  # [num_blocks * block_size, H_kv, D]
-        if rows is not None:
-            rows.index_copy_(0, slot_mapping, new)
-        else:  # block-major: (block, offset) index pairs
-            bs = cache.shape[1]
-            cache.index_put_((slot_mapping // bs, slot_mapping % bs), new)
+        view, pitch = strided_rows(cache)
+        if rows is None:  # K and V caches share strides
+            rows = slot_rows(slot_mapping, cache.shape[1], pitch)
+        view.index_copy_(0, rows, new)
 
 
 class TorchAttentionBackend(AttentionBackend):

@@ -62,7 +62,12 @@ def onednn_linear(x: torch.Tensor, handle: torch.Tensor, out_features: int,
     Raises:
         KeyError: no live ``OneDNNLinear`` holds ``handle``.
     """
-    packed = _PACKED[int(handle)]
+    return _packed_linear(x, _PACKED[int(handle)], bias)
+
+
+def _packed_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None
+                   ) -> torch.Tensor:
+    """oneDNN's matmul of ``x`` ``[M, K]`` by a packed ``[N, K]`` weight: ``[M, N]``."""
     return torch.ops.mkldnn._linear_pointwise(x.contiguous(), packed, bias, "none", [], "")
 
 
@@ -108,8 +113,7 @@ class OneDNNLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x if x.dim() == 2 else x.reshape(-1, self.in_features)
-        y = torch.ops.mkldnn._linear_pointwise(flat.contiguous(), self.packed, self.bias,
-                                               "none", [], "")
+        y = _packed_linear(flat, self.packed, self.bias)
         return y if x.dim() == 2 else y.reshape(*x.shape[:-1], self.out_features)
 
     def graph_args(self) -> tuple:
