@@ -10,9 +10,10 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
+import psutil
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
@@ -120,6 +121,45 @@ class ClusterConfig:
         return pools
 
 
+# Ray's head node waits a fixed 30 s for its raylet to register with the GCS and raises this
+# when it does not (ray/_private/node.py); on a loaded 2-core machine a raylet has taken longer.
+_RAY_STARTUP_TIMEOUT = "timed out during startup"
+RAY_START_ATTEMPTS = 3
+
+
+def start_ray(init: Callable[[], object], attempts: int = RAY_START_ATTEMPTS) -> None:
+    """Calls ``init`` (a ``ray.init``), retried up to ``attempts`` times in all when Ray's
+    head node times out during startup. Before each retry the processes that attempt spawned
+    (its GCS, raylet, agents: new children of this process) are killed and ``ray.shutdown``
+    is called, so a slow raylet of a failed attempt is not left running beside the next one.
+
+    Raises:
+        Exception: whatever ``init`` raised on the last attempt, or at once for any other
+            error than the startup timeout.
+        ValueError: ``attempts`` < 1.
+    """
+    if attempts < 1:
+        raise ValueError(f"attempts must be >= 1, got {attempts}")
+    me = psutil.Process()
+    for attempt in range(1, attempts + 1):
+        before = {p.pid for p in me.children(recursive=True)}
+        try:
+            init()
+            return
+        except Exception as e:
+            if _RAY_STARTUP_TIMEOUT not in str(e) or attempt == attempts:
+                raise
+            spawned = [p for p in me.children(recursive=True) if p.pid not in before]
+            for p in spawned:
+                with contextlib.suppress(psutil.NoSuchProcess):
+                    p.kill()
+            psutil.wait_procs(spawned, timeout=10)
+            ray.shutdown()
+            logger.warning("Ray's head node did not start (%s); killed the %d processes it "
+                           "spawned, attempt %d of %d next", e, len(spawned), attempt + 1,
+                           attempts)
+
+
 @contextlib.contextmanager
 def _keep_signal_handlers() -> Iterator[None]:
     """Keep this process's own SIGTERM/SIGINT handlers across ``ray.init``: a head node
@@ -179,8 +219,8 @@ class LocalCluster:
         cfg = self.config
         if not ray.is_initialized():
             with _keep_signal_handlers():
-                ray.init(address=cfg.ray_address, include_dashboard=False, log_to_driver=False,
-                         configure_logging=False)
+                start_ray(lambda: ray.init(address=cfg.ray_address, include_dashboard=False,
+                                           log_to_driver=False, configure_logging=False))
             self._ray_started = True
         endpoints = cfg.etcd_endpoints
         if not endpoints:
