@@ -211,6 +211,39 @@ def worker_process_info(pid: int) -> dict[str, Any]:
             "env": {k: v for k, v in env.items() if k.startswith(("OMP_", "MKL_", "KMP_"))}}
 
 
+def thread_counters(pid: int) -> dict[int, tuple[float, int]]:
+    """Per thread of process ``pid``: (CPU seconds, voluntary context switches), from
+    /proc/<pid>/task (a thread that ends while being read is left out)."""
+    hz = os.sysconf("SC_CLK_TCK")
+    out = {}
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            stat = Path(f"/proc/{pid}/task/{tid}/stat").read_text()
+            status = Path(f"/proc/{pid}/task/{tid}/status").read_text()
+        except OSError:
+            continue
+        fields = stat.rsplit(")", 1)[1].split()  # fields[0] is field 3 (state)
+        voluntary = next(int(line.split()[1]) for line in status.splitlines()
+                         if line.startswith("voluntary_ctxt_switches"))
+        out[int(tid)] = ((int(fields[11]) + int(fields[12])) / hz, voluntary)
+    return out
+
+
+def busiest_threads(before: dict[int, tuple[float, int]], after: dict[int, tuple[float, int]],
+                    wall_s: float, steps: int, n: int = 2) -> list[dict[str, float]]:
+    """The ``n`` threads that used the most CPU between two ``thread_counters``: each one's
+    CPU as a percent of one core over ``wall_s`` and its voluntary context switches (sleeps:
+    on the GIL, a futex, a queue) per engine step. With 2 torch threads these are the
+    stepping thread and its OpenMP team thread, which an engine alone keeps spinning (~0
+    sleeps per step)."""
+    rows = []
+    for tid, (cpu_s, vol) in after.items():
+        cpu0, vol0 = before.get(tid, (0.0, 0))
+        rows.append({"tid": tid, "cpu_pct": 100.0 * (cpu_s - cpu0) / wall_s,
+                     "sleeps_per_step": (vol - vol0) / max(steps, 1)})
+    return sorted(rows, key=lambda r: -r["cpu_pct"])[:n]
+
+
 # -- the run -------------------------------------------------------------------------------
 def run(cfg: WorkerVsEngineConfig) -> dict[str, Any]:
     """Start the engine child and a one-worker cluster, run every round, stop both."""
@@ -248,6 +281,8 @@ def run(cfg: WorkerVsEngineConfig) -> dict[str, Any]:
                 sides = ("engine", "worker") if (r + batch) % 2 == 0 else ("worker", "engine")
                 row: dict[str, Any] = {"round": r, "batch": batch, "order": list(sides)}
                 for side in sides:
+                    side_pid = engine.info["pid"] if side == "engine" else pid
+                    before, t0 = thread_counters(side_pid), time.perf_counter()
                     if side == "engine":
                         row["engine"] = engine.run(prompts, cfg.new_tokens)
                     else:
@@ -255,6 +290,12 @@ def run(cfg: WorkerVsEngineConfig) -> dict[str, Any]:
                         w["loop_step_ms"] = worker_steps(directory, info.worker_id, batch,
                                                          w["wall_start_s"], w["wall_end_s"])
                         row["worker"] = w
+                    row[side]["threads"] = (thread_counters(side_pid),
+                                            time.perf_counter() - t0, before)
+                for side in sides:  # the same step count on both sides: the engine's
+                    after, wall_s, before = row[side]["threads"]
+                    row[side]["threads"] = busiest_threads(before, after, wall_s,
+                                                           len(row["engine"]["steps"]))
                 rounds.append(row)
                 logger.info("round %d batch %d: %s", r, batch, _round_line(row))
     finally:
@@ -292,25 +333,36 @@ def summarize(rounds: list[dict[str, Any]], cfg: WorkerVsEngineConfig) -> dict[s
         same = sum(e == s["tokens"] for r in rows
                    for e, s in zip(r["engine"]["tokens"], r["worker"]["streams"], strict=True))
         eng_p50, tpot_p50 = statistics.median(eng), statistics.median(gaps)
+        # The second-busiest thread of each side: the stepping thread's OpenMP team thread
+        team = {side: {k: statistics.median(r[side]["threads"][1][k] for r in rows)
+                       for k in ("cpu_pct", "sleeps_per_step")}
+                for side in ("engine", "worker") if all(len(r[side].get("threads", ())) > 1
+                                                        for r in rows)}
         out[str(batch)] = {
             "engine_step_ms_p50": eng_p50, "worker_tpot_ms_p50": tpot_p50,
             "worker_tpot_ms_mean": statistics.fmean(gaps),
             "worker_loop_step_ms_p50": statistics.median(loop) if loop else None,
             "ratio": tpot_p50 / eng_p50, "ratio_per_round": per_round,
             "loop_step_ratio": statistics.median(loop) / eng_p50 if loop else None,
-            "requests_same_tokens": same, "requests": batch * len(rows)}
+            "requests_same_tokens": same, "requests": batch * len(rows),
+            "omp_team_thread": team}
     return out
 
 
 def format_table(doc: dict[str, Any]) -> str:
     lines = ["| batch | engine step p50 ms | worker TPOT p50 ms | ratio (per round) | worker "
-             "in-loop step p50 ms | same tokens |", "|---|---|---|---|---|---|"]
+             "in-loop step p50 ms | team thread % core, sleeps/step: engine / worker | "
+             "same tokens |", "|---|---|---|---|---|---|---|"]
     for batch, s in doc["summary"].items():
         loop = "-" if s["worker_loop_step_ms_p50"] is None else \
             f"{s['worker_loop_step_ms_p50']:.1f} ({s['loop_step_ratio']:.2f}x)"
         rounds = ", ".join(f"{x:.2f}" for x in s["ratio_per_round"])
+        team = s.get("omp_team_thread", {})
+        team_cell = " / ".join(f"{team[k]['cpu_pct']:.0f} %, {team[k]['sleeps_per_step']:.1f}"
+                               if k in team else "-" for k in ("engine", "worker"))
         lines.append(f"| {batch} | {s['engine_step_ms_p50']:.1f} | "
                      f"{s['worker_tpot_ms_p50']:.1f} | {s['ratio']:.2f}x ({rounds}) | {loop} | "
+                     f"{team_cell} | "
                      f"{s['requests_same_tokens']}/{s['requests']} |")
     return "\n".join(lines)
 

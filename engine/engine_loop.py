@@ -40,6 +40,41 @@ FINISHED_ABORT = RequestOutput("", (), "", FinishReason.ABORT, 0, 0)
 MIGRATE = RequestOutput("", (), "", FinishReason.ABORT, 0, 0)
 
 
+def in_scratch_thread(fn: Callable[[], T]) -> T:
+    """Run ``fn()`` in a new thread that exits when it returns; its result (or exception)
+    comes back here. For building an engine (weights, KV cache, compile) in a process whose
+    steps run on another thread (``EngineLoop``'s).
+
+    Why: libgomp (torch's OpenMP on Linux) gives every thread that starts a parallel region
+    a team of its own, kept until that thread exits, and once the process has more OpenMP
+    threads than CPUs every waiting team thread spins ~100 times instead of ~300,000 before
+    it sleeps on a futex (``do_spin``, libgomp/config/linux/wait.h: ``gomp_managed_threads >
+    gomp_available_cpus``). A worker that loaded its model on Ray's actor thread then stepped
+    on the loop thread had two teams: its intra-op thread slept and was woken between nearly
+    every op of a step (~240 futex sleeps per step at batch 8, vs none in an engine alone)
+    and ran at ~50 % of a core instead of ~100 %. A thread that exits frees its team, so the
+    loop thread's is the only one left.
+
+    Raises:
+        BaseException: whatever ``fn`` raised.
+    """
+    result: list[T] = []
+    error: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            result.append(fn())
+        except BaseException as e:  # re-raised on the caller's thread
+            error.append(e)
+
+    t = threading.Thread(target=run, name="engine-build")
+    t.start()
+    t.join()
+    if error:
+        raise error[0]
+    return result[0]
+
+
 class StreamClosedError(RuntimeError):
     """The request's stream was aborted (or evicted) before the request was added."""
 

@@ -18,7 +18,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from scission.engine.config import EngineConfig
-from scission.engine.engine_loop import EngineLoop
+from scission.engine.engine_loop import EngineLoop, in_scratch_thread
 from scission.engine.llm_engine import LLMEngine
 from scission.proto.scission.internal.v1 import worker_pb2 as pb
 from scission.proto.scission.internal.v1 import worker_pb2_grpc as pb_grpc
@@ -113,9 +113,11 @@ class WorkerRuntime:
         self.config = config
         self.role = config.role  # changes on a role flip (worker_id stays)
         self._servicer_for = servicer_for
-        self.engine = LLMEngine(config.engine)
+        # Every torch op of the build (weights, KV cache, embedding pages) off this (Ray's)
+        # thread, so the loop thread's OpenMP team is the process's only one (in_scratch_thread)
+        self.engine = in_scratch_thread(lambda: LLMEngine(config.engine))
         self.loop = EngineLoop(self.engine)
-        self.encode_service = make_encode_service(self.engine, config)
+        self.encode_service = in_scratch_thread(lambda: make_encode_service(self.engine, config))
         pages = None if self.encode_service is None else self.encode_service.cache.pages
         self.agent = KVTransferAgent(f"{config.worker_id}:{uuid.uuid4().hex[:8]}",
                                      self.engine.kv_cache.layers, embedding_pages=pages)
