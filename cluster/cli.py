@@ -55,7 +55,9 @@ def _cluster_args(p: argparse.ArgumentParser) -> None:
                         "head; int8: all linears int8, one scale per row; bfloat16 matmul "
                         "inputs, faster small-batch decode on CPU, tokens may differ from "
                         "float32 after a few dozen (CPU only; accuracy in bench/README.md); "
-                        "w8a8: int8 weights and per-token int8 activations, int32 GEMMs")
+                        "w8a8: int8 weights and per-token int8 activations, int32 GEMMs "
+                        "(fast only on CPUs with AVX512-VNNI or AMX; many times slower than "
+                        "float32 on AVX2-only ones, which log a warning)")
     g.add_argument("--linear-backend", default="auto", choices=["auto", "onednn", "torch"],
                    help="unquantized linears: auto = oneDNN with weights prepacked at load on CPU "
                         "(1.3-1.6x faster float32 decode than torch's F.linear; "

@@ -270,7 +270,15 @@ def quantize_model(model: nn.Module, mode: str, layer_attrs: tuple[str, ...] = D
         raise ValueError(f"weight quantization must be one of {WEIGHT_QUANTIZATIONS}, got {mode!r}")
     if any(p.device.type != "cpu" for p in model.parameters()):
         raise ValueError(f"{mode} weight quantization runs on CPU only")
-    from scission.engine.quant_w8a8 import W8A8Head, W8A8Linear, W8A8RescoredHead  # cycle
+    from scission.engine.quant_w8a8 import (  # cycle
+        W8A8Head,
+        W8A8Linear,
+        W8A8RescoredHead,
+        warn_if_slow_int_mm,
+    )
+
+    if mode == "w8a8" or (head_mode or "").startswith("w8a8"):
+        warn_if_slow_int_mm()
 
     kinds = {"int4": Int4Linear, "int8": Int8Linear, "int4-rescored": RescoredInt4Head,
              "w8a8": W8A8Linear, "w8a8-head": W8A8Head, "w8a8-rescored": W8A8RescoredHead}

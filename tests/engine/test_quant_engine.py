@@ -30,13 +30,21 @@ GREEDY_TOKENS = 32
 #     0.0129-0.1199 (mean 0.0306), top-1 22/22; greedy all 32 on 5/22, mean 19.5, worst 1.
 #     Two terms everywhere instead (slower): 0.0107-0.0780, 22/22, greedy mean 21.8; one term
 #     without rotation: 0.038-0.183, top-1 17/22, greedy mean 7.7 (bench/README.md "W8A8").
-# Bounds: ~1.5x the worst relative error; top-1 on all but one prompt; greedy mean at least
-# half of what was measured (a single near-tie shifts a divergence point by many tokens).
+#   The figures above are from an AVX-512 CPU (Zen 4). On an AVX2-only one (Zen 2, 2026-12-01)
+#   float32 sums run in another order, so a few activations round to other int8 codes: w8a8
+#   error 0.0111-0.0724, top-1 20/22, the two flips where HF's top-1 leads by 0.11 and 0.50
+#   logits (quantized: second by 0.03 and 0.15); int4 and int8 unchanged at 22/22.
+# Bounds: ~1.5x the worst relative error; top-1 equal on every prompt where HF's top-1 leads
+# its second by >= CLEAR_MARGIN logits, at most MAX_TOP1_FLIPS near-ties flipped; greedy mean
+# at least half of what was measured (a single near-tie shifts a divergence point by many
+# tokens).
 BOUNDS = {  # mode -> (max logits relative error, min mean greedy agreement in tokens)
     "int4": (0.11, 11.0),
     "int8": (0.09, 10.0),
     "w8a8": (0.18, 9.5),
 }
+CLEAR_MARGIN = 1.0  # logits
+MAX_TOP1_FLIPS = {"int4": 1, "int8": 1, "w8a8": 2}
 LAYER_TYPES = {"int4": Int4Linear, "int8": Int8Linear, "w8a8": W8A8Linear}
 HEAD_TYPES = {"int4": RescoredInt4Head, "int8": Int8Linear, "w8a8": W8A8Head}
 
@@ -117,17 +125,22 @@ def test_logits_close_to_hf_float32(quant_engine, hf_model, chat_prompt_ids):
         assert model.layers[0].qkv.residual_factor == 0 and model.layers[0].qkv.signs is not None
         assert model.layers[-1].down.hadamard.shape == (64, 64)
         assert model.lm_head.residual_factor == 128 and model.lm_head.signs is None
-    errors, agree = [], 0
+    errors, flips = [], []  # flips: HF's top-1 margin (logits) of each prompt whose top-1 differs
     for ids in chat_prompt_ids:
         with torch.no_grad():
             ref = hf_model(torch.tensor([ids])).logits[0, -1].double()
         got = last_logits(quant_engine, ids).double()
         errors.append(((got - ref).norm() / ref.norm()).item())
-        agree += int(got.argmax() == ref.argmax())
+        if got.argmax() != ref.argmax():
+            top2 = ref.topk(2).values
+            flips.append(round((top2[0] - top2[1]).item(), 3))
+    agree = len(chat_prompt_ids) - len(flips)
     print(f"{quant_engine.mode}: logits rel err {min(errors):.4f}-{max(errors):.4f} "
-          f"(mean {sum(errors) / len(errors):.4f}), top-1 {agree}/{len(chat_prompt_ids)}")
+          f"(mean {sum(errors) / len(errors):.4f}), top-1 {agree}/{len(chat_prompt_ids)}, "
+          f"flipped at HF margins {flips}")
     assert max(errors) < BOUNDS[quant_engine.mode][0], errors
-    assert agree >= len(chat_prompt_ids) - 1, f"top-1 equal on {agree}/{len(chat_prompt_ids)}"
+    assert all(m < CLEAR_MARGIN for m in flips), f"a clear top-1 flipped: HF margins {flips}"
+    assert len(flips) <= MAX_TOP1_FLIPS[quant_engine.mode], f"top-1 equal on {agree}, {flips}"
     assert quant_engine.num_free_blocks == quant_engine.block_manager.num_blocks
 
 

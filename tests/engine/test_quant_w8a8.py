@@ -219,3 +219,16 @@ def test_quantize_model_w8a8_replaces_every_linear_and_counts_bytes():
     rescored = _TinyModel()
     quantize_model(rescored, "w8a8", head_mode="w8a8-rescored")
     assert type(rescored.lm_head) is W8A8RescoredHead and rescored.lm_head.residual_factor == 0
+
+
+def test_slow_int_mm_warning_follows_the_cpu_probes(monkeypatch, caplog):
+    """Without VNNI or AMX (an AVX2-only CPU) building w8a8 warns; with either it does not."""
+    from scission.engine.quant_w8a8 import warn_if_slow_int_mm
+
+    for vnni, amx, warns in ((False, False, True), (True, False, False), (False, True, False)):
+        monkeypatch.setattr(torch.cpu, "_is_vnni_supported", lambda v=vnni: v)
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda a=amx: a)
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="scission.engine.quant_w8a8"):
+            assert warn_if_slow_int_mm() is warns
+        assert ("AVX512-VNNI" in caplog.text) is warns
