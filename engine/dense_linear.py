@@ -76,10 +76,19 @@ def _(x, handle, out_features, bias):
     return x.new_empty(x.shape[0], out_features)
 
 
+_BF16_HINT = " (bfloat16 needs a CPU with AVX512-BW/VL/DQ or AVX-NE-CONVERT)"
+
+
 def onednn_available(dtype: torch.dtype, device: torch.device | str) -> bool:
-    """Whether ``OneDNNLinear`` can run a ``dtype`` model on ``device``."""
-    return (torch.device(device).type == "cpu" and dtype in ONEDNN_DTYPES
-            and torch.backends.mkldnn.is_available())
+    """Whether ``OneDNNLinear`` can run a ``dtype`` model on ``device``: CPU, torch built with
+    oneDNN, and for bfloat16 a CPU with oneDNN's bf16 path (AVX512-BW/VL/DQ or AVX-NE-CONVERT;
+    torch's ``mkldnn._is_mkldnn_bf16_supported``). On an AVX2-only CPU packing a bfloat16
+    weight raises inside oneDNN, so ``"auto"`` leaves bfloat16 linears on ``F.linear`` there
+    and ``"onednn"`` refuses the model."""
+    if not (torch.device(device).type == "cpu" and dtype in ONEDNN_DTYPES
+            and torch.backends.mkldnn.is_available()):
+        return False
+    return dtype != torch.bfloat16 or bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
 class OneDNNLinear(nn.Module):
@@ -97,7 +106,8 @@ class OneDNNLinear(nn.Module):
         super().__init__()
         w = linear.weight.detach()
         if not onednn_available(w.dtype, w.device):
-            raise ValueError(f"no oneDNN linear for {w.dtype} on {w.device}")
+            raise ValueError(f"no oneDNN linear for {w.dtype} on {w.device}"
+                             + _BF16_HINT * (w.dtype == torch.bfloat16))
         self.out_features, self.in_features = w.shape
         # batch_size_hint only guides oneDNN's choice of blocked layout; any row count runs.
         self.packed = torch.ops.mkldnn._reorder_linear_weight(w.contiguous(), batch_size_hint)

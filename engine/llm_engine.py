@@ -95,7 +95,8 @@ class LLMEngine:
             if config.linear_backend == "onednn" and packed == 0 \
                     and config.weight_quantization == "none":
                 raise ValueError(f"linear_backend onednn: no oneDNN linear for "
-                                 f"{config.dtype} on {config.device}")
+                                 f"{config.dtype} on {config.device}; --linear-backend "
+                                 f"auto uses torch's F.linear where oneDNN has no path")
         # Vision-language checkpoints: the vision tower + connector and the HF processor.
         vision = load_vision(self.model_path, config.torch_dtype)
         self.vision_encoder, self.mm_processor = vision if vision is not None else (None, None)

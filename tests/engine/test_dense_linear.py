@@ -14,12 +14,17 @@ from scission.engine.llm_engine import LLMEngine
 pytestmark = pytest.mark.skipif(not onednn_available(torch.float32, "cpu"),
                                 reason="torch built without oneDNN")
 
+# bfloat16 packing needs oneDNN's bf16 path (AVX512-BW/VL/DQ or AVX-NE-CONVERT): not on AVX2-only
+# CPUs, where "auto" keeps bfloat16 on F.linear (test_bfloat16_without_a_onednn_path_stays_plain).
+DTYPES = [torch.float32, pytest.param(torch.bfloat16, marks=pytest.mark.skipif(
+    not onednn_available(torch.bfloat16, "cpu"), reason="this CPU has no oneDNN bf16 path"))]
+
 # Float32: a K=576 dot product in another summation order; bfloat16: the inputs and weights are
 # exactly representable (rounded first), the product accumulates in float32 and rounds once.
 TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("rows", [1, 3, 64, 513])
 @pytest.mark.parametrize("bias", [False, True])
 def test_onednn_linear_matches_float64(dtype, rows, bias):
@@ -48,6 +53,22 @@ def test_onednn_linear_refuses_float16():
         OneDNNLinear(nn.Linear(8, 8, dtype=torch.float16))
 
 
+def test_bfloat16_without_a_onednn_path_stays_plain(monkeypatch):
+    """On a CPU without oneDNN's bf16 path (an AVX2-only one: packing raises inside oneDNN),
+    bfloat16 linears are not packed and ``OneDNNLinear`` refuses them; float32 still packs."""
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)
+    assert not onednn_available(torch.bfloat16, "cpu")
+    assert onednn_available(torch.float32, "cpu")
+    model = nn.Module()
+    model.layers = nn.ModuleList()
+    model.lm_head = nn.Linear(8, 100, bias=False, dtype=torch.bfloat16)
+    assert pack_dense_linears(model) == 0 and type(model.lm_head) is nn.Linear
+    with pytest.raises(ValueError, match="no oneDNN linear"):
+        OneDNNLinear(nn.Linear(8, 8, dtype=torch.bfloat16))
+    model.lm_head = nn.Linear(8, 100, bias=False)
+    assert pack_dense_linears(model) == 1
+
+
 def test_pack_dense_linears_replaces_every_plain_linear():
     class Layer(nn.Module):
         def __init__(self):
@@ -65,7 +86,7 @@ def test_pack_dense_linears_replaces_every_plain_linear():
     assert pack_dense_linears(model) == 0  # already packed
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", DTYPES)
 def test_graph_linear_compiled_equals_forward(dtype):
     """Graph mode's opaque op (``scission::onednn_linear``) under ``torch.compile`` with the
     token dimension dynamic: the same bits as ``forward`` (the same oneDNN call), for two
