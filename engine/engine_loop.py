@@ -14,7 +14,9 @@ measured 1.18-1.26x the engine alone's at batch 8, 2 threads on 2 cores, with ~1
 CPU in other threads; after this change 1.06x, within that benchmark's noise:
 ``bench/worker_vs_engine.py``, bench/README.md "Worker vs engine alone"). A stream that
 misses the deadline is not waited for again until it acks (a client that stops reading
-costs one timeout, not one per step).
+costs one timeout, not one per step). The larger part of that gap turned out to be OpenMP,
+not the GIL: a second OpenMP team in the process made the loop's intra-op thread sleep
+between ops (``in_scratch_thread``).
 """
 
 from __future__ import annotations
