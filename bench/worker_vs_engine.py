@@ -280,6 +280,7 @@ def run(cfg: WorkerVsEngineConfig) -> dict[str, Any]:
                 prompts = make_prompts(cfg, batch, r)
                 sides = ("engine", "worker") if (r + batch) % 2 == 0 else ("worker", "engine")
                 row: dict[str, Any] = {"round": r, "batch": batch, "order": list(sides)}
+                counters = {}  # side -> (before, after, wall_s): its process's threads
                 for side in sides:
                     side_pid = engine.info["pid"] if side == "engine" else pid
                     before, t0 = thread_counters(side_pid), time.perf_counter()
@@ -290,10 +291,10 @@ def run(cfg: WorkerVsEngineConfig) -> dict[str, Any]:
                         w["loop_step_ms"] = worker_steps(directory, info.worker_id, batch,
                                                          w["wall_start_s"], w["wall_end_s"])
                         row["worker"] = w
-                    row[side]["threads"] = (thread_counters(side_pid),
-                                            time.perf_counter() - t0, before)
-                for side in sides:  # the same step count on both sides: the engine's
-                    after, wall_s, before = row[side]["threads"]
+                    counters[side] = (before, thread_counters(side_pid),
+                                      time.perf_counter() - t0)
+                for side, (before, after, wall_s) in counters.items():
+                    # per step of the engine's run: the same requests on both sides
                     row[side]["threads"] = busiest_threads(before, after, wall_s,
                                                            len(row["engine"]["steps"]))
                 rounds.append(row)
