@@ -288,7 +288,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--max-workers", type=int, default=3, help="worker budget of every contender")
     g.add_argument("--threads-per-worker", type=int, default=1)
     g.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
-    g.add_argument("--weight-quantization", default="none", choices=("none", "int4", "int8", "w8a8"))
+    g.add_argument("--weight-quantization", default="none", choices=("none", "int4", "int8", "w8a8", "w4a8"))
     g.add_argument("--max-num-batched-tokens", type=int, default=1024)
     g.add_argument("--drain-deadline-s", type=float, default=30.0)
     g.add_argument("--lease-ttl-s", type=int, default=15, help="worker/router etcd leases")

@@ -20,7 +20,12 @@ import time
 import torch
 
 from scission.bench.prompts import PromptBuilder, load_tokenizer
-from scission.engine.config import CacheConfig, EngineConfig, SchedulerConfig
+from scission.engine.config import (
+    WEIGHT_QUANTIZATION_CHOICES,
+    CacheConfig,
+    EngineConfig,
+    SchedulerConfig,
+)
 from scission.engine.llm_engine import LLMEngine
 from scission.engine.request import SamplingParams
 
@@ -103,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=50, help="profiled decode steps")
     parser.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
-    parser.add_argument("--weight-quantization", default="none", choices=("none", "int4", "int8", "w8a8"),
+    parser.add_argument("--weight-quantization", default="none", choices=WEIGHT_QUANTIZATION_CHOICES,
                         help="EngineConfig.weight_quantization (default none)")
     parser.add_argument("--graph", action="store_true",
                         help="graph mode (EngineConfig.enforce_eager=False, engine/compile.py)")

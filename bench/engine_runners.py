@@ -23,7 +23,7 @@ logger = logging.getLogger(__name__)
 
 # Bench dtypes that mean a float32 model with quantized linears (scission only): weight-only
 # int4 / int8, or w8a8 (int8 weights and per-token int8 activations, engine/quant_w8a8.py).
-QUANTIZED_DTYPES = ("int4", "int8", "w8a8")
+QUANTIZED_DTYPES = ("int4", "int8", "w8a8", "w4a8")
 
 
 @dataclass(frozen=True)

@@ -17,6 +17,9 @@ row count ``M`` (1, 8, 32 = decode batch sizes), the time of one ``y = x @ W^T``
   ``torch._int_mm``, float32 out); ``w8a8-rot`` first rotates the activations by the block-64
   Hadamard (``rotate_blocks``). The ``"w8a8"`` mode = ``w8a8-rot`` decoder + ``w8a8`` LM head.
   Times include the per-call rotation, activation quantization and int32 -> float32 epilogue.
+- ``w4a8``: ``torch.ops.scission.w4a8_mm`` (kernels/w4a8.py: Q4_1 weights, float32
+  activations quantized to int8 per block of 32 inside the kernel, integer dot products;
+  llama.cpp's Q4_1 x Q8_1), called through the op as the engine calls it.
 
 Kernel times take activations already in the kernel's dtype; ``+cast`` rows add the float32
 -> bf16 -> float32 conversions a float32 model pays per call. Each shape cycles through enough
@@ -56,7 +59,7 @@ SHAPES = {"qkv": (960, 576), "o_proj": (576, 576), "gate_up": (3072, 576), "down
 NUM_LAYERS = 30
 CACHE_DEFEAT_BYTES = 96 << 20  # > 32 MiB L3: each call reads its weights from DRAM
 SCHEMES = ("fp32", "bf16", "int8", "int4-g32-t1", "int4-g32-t2", "int4-g32-t8", "int4-g64-t2",
-           "fbgemm-dyn-int8", "w8a8", "w8a8-t1", "w8a8-rot")
+           "fbgemm-dyn-int8", "w8a8", "w8a8-t1", "w8a8-rot", "w4a8")
 
 Matmul = Callable[[torch.Tensor], torch.Tensor]
 
@@ -102,6 +105,14 @@ def make_matmul(scheme: str, n: int, k: int, gen: torch.Generator) -> tuple[Matm
             return (lambda x: qw.w8a8_linear(qw.rotate_blocks(x, signs, h), w, s, None, 0)), \
                 n * k + 4 * n + 4 * k + h.numel() * 4, torch.float32
         return (lambda x: qw.w8a8_linear(x, w, s, None, f)), n * k + 4 * n, torch.float32
+    if scheme == "w4a8":
+        from scission.kernels import w4a8
+
+        blocks = w4a8.pack_q4_1(torch.randint(0, 16, (n, k), generator=gen),
+                                torch.rand(n, k // 32, generator=gen) * 1e-2,
+                                -torch.rand(n, k // 32, generator=gen) * 1e-1)
+        return (lambda x: torch.ops.scission.w4a8_mm(x, blocks, n)), blocks.numel(), \
+            torch.float32
     raise ValueError(f"unknown scheme {scheme!r}")
 
 

@@ -74,7 +74,7 @@ class SideBySideConfig:
     threads_per_worker: int = 1
     pin_cpus: bool = True
     dtype: str = "float32"
-    weight_quantization: str = "none"  # "int4" | "int8" | "w8a8": EngineConfig.weight_quantization
+    weight_quantization: str = "none"  # "int4" | "int8" | "w8a8" | "w4a8": EngineConfig.weight_quantization
     prefix_caching: bool = False
     max_num_batched_tokens: int = 1024
     warmup_requests: int = 2
@@ -218,7 +218,7 @@ def _add_deployment_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--weight-quantization",
         default="none",
-        choices=("none", "int4", "int8", "w8a8"),
+        choices=("none", "int4", "int8", "w8a8", "w4a8"),
         help="weight quantization of every worker (int4/int8: faster small-batch decode; "
         "w8a8: int8 weights and activations)",
     )

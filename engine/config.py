@@ -12,6 +12,9 @@ from dataclasses import dataclass, field
 
 import torch
 
+# EngineConfig.weight_quantization's values (engine/quant.py; "none" = the model's dtype).
+WEIGHT_QUANTIZATION_CHOICES = ("none", "int4", "int8", "w8a8", "w4a8")
+
 
 class KVLayout(enum.Enum):
     """Memory order of the paged KV cache (``engine/kv_cache.py``; both expose per-layer
@@ -120,7 +123,9 @@ class EngineConfig:
     num_threads: int | None = None  # torch intra-op threads; None = torch default
     # "none" | "int4" | "int8": weight-only quantized decoder linears + LM head (engine/quant.py,
     # CPU; int4 = 4-bit groups of 32, int8 = one scale per output row); "w8a8": int8 weights per
-    # row and int8 activations per token through an int32 GEMM (engine/quant_w8a8.py, CPU)
+    # row and int8 activations per token through an int32 GEMM (engine/quant_w8a8.py, CPU);
+    # "w4a8": 4-bit groups of 32 times int8 activations per 32 (llama.cpp's Q4_1 x Q8_1, a C
+    # kernel built at start: kernels/w4a8.py, CPU). One of WEIGHT_QUANTIZATION_CHOICES.
     weight_quantization: str = "none"
     # Unquantized linears: "auto" = oneDNN with weights prepacked at load for float32/bfloat16
     # on CPU, eager and graph mode (engine/dense_linear.py), "onednn" = the same but an error
@@ -135,8 +140,9 @@ class EngineConfig:
     def __post_init__(self) -> None:
         if self.dtype not in ("float32", "bfloat16", "float16"):
             raise ValueError(f"dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
-        if self.weight_quantization not in ("none", "int4", "int8", "w8a8"):
-            raise ValueError(f"weight_quantization must be none, int4, int8 or w8a8, "
+        if self.weight_quantization not in WEIGHT_QUANTIZATION_CHOICES:
+            raise ValueError(f"weight_quantization must be one of "
+                             f"{', '.join(WEIGHT_QUANTIZATION_CHOICES)}, "
                              f"got {self.weight_quantization!r}")
         if self.linear_backend not in ("auto", "onednn", "torch"):
             raise ValueError(f"linear_backend must be auto, onednn or torch, "

@@ -10,9 +10,14 @@ head; embeddings, norms, attention and the KV cache are unchanged:
   (``RescoredInt4Head``): ~84 MB read per step.
 - ``"int8"``: int8 with one bfloat16 scale per output row (symmetric), through
   ``_weight_int8pack_mm`` (~135 MB read per step).
+- ``"w4a8"``: the int4 groups with float16 scale and minimum (llama.cpp's Q4_1 blocks) times
+  activations quantized to int8 per block of 32 on every call (Q8_1), through scission's own
+  C kernel (``kernels/w4a8.py``: integer dot products, ~2.3x torch's packed int4 kernel at one
+  row on an AVX2 CPU); the LM head the same, rescored as in int4. The same ~84 MB read per
+  step as int4, in fewer instructions. Needs a C compiler at the first start (as graph mode).
 
-Both kernels take bfloat16 activations; results are cast back to the model dtype (no cast
-when the model runs in bfloat16). Batches of more than ``max_packed_rows`` rows (prefill
+The int4 and int8 kernels take bfloat16 activations, w4a8's float32; results are cast back to
+the model dtype. Batches of more than ``max_packed_rows`` rows (prefill
 chunks) multiply by a dense copy of the same quantized weights in the model dtype, so the modes
 trade memory (packed + dense copies) for decode speed. Kernel choice, group size and the LM
 head's format were measured with ``bench/quant_kernels.py`` (``bench/README.md``).
@@ -37,6 +42,7 @@ from torch import nn
 INT4_GROUP_SIZE = 32
 INT4_MAX_PACKED_ROWS = 64  # larger batches use the dequantized dense weights (Int4Linear)
 INT8_MAX_PACKED_ROWS = 64  # the same for Int8Linear
+W4A8_MAX_PACKED_ROWS = 64  # the same for W4A8Linear
 _INT4_INNER_K_TILES = 1  # packing parameter of _convert_weight_to_int4pack_for_cpu
 _INT4_N_MULTIPLE = 16  # the packed kernel needs out_features % 16 == 0
 
@@ -77,13 +83,14 @@ class _PackedLinear(nn.Module):
     Subclasses set ``in_features``, ``out_features``, ``max_packed_rows``, the buffers
     ``dense_weight`` (``[N, K]``, model dtype) and ``bias`` (``[N]`` or None), and implement
     ``packed_args()`` (the kernel's weight tensors) and
-    ``packed_mm(x [M, K] bfloat16, *packed_args) -> [M, N] bfloat16``, which may read only
+    ``packed_mm(x [M, K] packed_input_dtype, *packed_args) -> [M, N]``, which may read only
     Python constants from ``self`` (graph mode traces it with the tensors as arguments).
     """
 
     in_features: int
     out_features: int
     max_packed_rows: int
+    packed_input_dtype: torch.dtype = torch.bfloat16  # what packed_mm takes
 
     def packed_args(self) -> tuple[torch.Tensor, ...]:
         raise NotImplementedError
@@ -102,7 +109,7 @@ class _PackedLinear(nn.Module):
         if x.shape[0] > self.max_packed_rows:
             y = x @ dense.to(x.dtype).T
         else:
-            y = self.packed_mm(x.to(torch.bfloat16), *packed).to(x.dtype)
+            y = self.packed_mm(x.to(self.packed_input_dtype), *packed).to(x.dtype)
         return y if bias is None else y + bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -188,6 +195,48 @@ class Int8Linear(_PackedLinear):
         return _nbytes(self.weight_int8) + _nbytes(self.scales)
 
 
+class W4A8Linear(_PackedLinear):
+    """``y = x @ W^T (+ bias)`` with ``W`` in Q4_1 blocks of 32 (float16 scale and minimum) and
+    ``x`` quantized to int8 per block of 32 inside the kernel (``scission.kernels.w4a8``).
+
+    The codes are ``quantize_int4_groupwise``'s (min/max round-to-nearest, as Q4_1): from a
+    Q4_1 GGUF they are the file's own codes and scales. Input ``[..., in_features]`` of any
+    float dtype; output the same dtype. More than ``max_packed_rows`` rows (prefill chunks)
+    multiply by the dequantized weights in the input dtype instead.
+
+    Raises:
+        ValueError: ``in_features`` is not a multiple of 32.
+        KernelBuildError: the C kernel cannot be built here (no compiler).
+    """
+
+    packed_input_dtype = torch.float32
+
+    def __init__(self, linear: nn.Linear, max_packed_rows: int = W4A8_MAX_PACKED_ROWS) -> None:
+        super().__init__()
+        from scission.kernels import w4a8
+
+        w4a8.library()  # build (or load) the kernel now: fail at load time, not mid-request
+        n, k = linear.weight.shape
+        codes, scales, mins = quantize_int4_groupwise(linear.weight, w4a8.BLOCK_SIZE)
+        scales, mins = scales.to(torch.float16), mins.to(torch.float16)
+        self.in_features, self.out_features = k, n
+        self.max_packed_rows = max_packed_rows
+        self.register_buffer("blocks", w4a8.pack_q4_1(codes, scales, mins))
+        dense = codes.float().reshape(n, -1, w4a8.BLOCK_SIZE) * scales.float()[..., None] \
+            + mins.float()[..., None]
+        self.register_buffer("dense_weight", dense.reshape(n, k).to(linear.weight.dtype))
+        self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().clone())
+
+    def packed_args(self) -> tuple[torch.Tensor, ...]:
+        return (self.blocks,)
+
+    def packed_mm(self, x: torch.Tensor, *packed: torch.Tensor) -> torch.Tensor:
+        return torch.ops.scission.w4a8_mm(x, packed[0], self.out_features)
+
+    def decode_read_bytes(self) -> int:
+        return _nbytes(self.blocks)
+
+
 def quantize_int8_per_channel(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric round-to-nearest int8 per output row.
 
@@ -217,14 +266,18 @@ class RescoredInt4Head(nn.Module):
     candidates that decide greedy and top-k/top-p sampling get int8 precision back; the tail
     keeps 4-bit values (its probability mass is what differs from an int8 head).
 
+    ``coarse``: the 4-bit pass's class, ``Int4Linear`` (default) or ``W4A8Linear`` (the
+    ``"w4a8"`` mode; the rescored rows still use unquantized bfloat16 activations).
+
     Input ``[..., in_features]`` any float dtype; output ``[..., out_features]`` same dtype.
     """
 
-    def __init__(self, linear: nn.Linear, top_k: int = RESCORE_TOP_K) -> None:
+    def __init__(self, linear: nn.Linear, top_k: int = RESCORE_TOP_K,
+                 coarse: type[_PackedLinear] | None = None) -> None:
         super().__init__()
         if linear.bias is not None:
             raise ValueError("RescoredInt4Head has no bias")
-        self.coarse = Int4Linear(linear)
+        self.coarse = (coarse or Int4Linear)(linear)
         self.out_features, self.in_features = linear.weight.shape
         self.top_k = min(top_k, self.out_features)
         codes, scales = quantize_int8_per_channel(linear.weight)
@@ -246,25 +299,27 @@ class RescoredInt4Head(nn.Module):
         return self.coarse.decode_read_bytes()
 
 
-WEIGHT_QUANTIZATIONS = ("int4", "int8", "w8a8")  # w8a8: engine/quant_w8a8.py
+WEIGHT_QUANTIZATIONS = ("int4", "int8", "w8a8", "w4a8")  # w8a8: engine/quant_w8a8.py
 # The LM head per mode: "int4" pairs the 4-bit decoder with the rescored head above.
-_HEAD_MODE = {"int4": "int4-rescored", "int8": "int8", "w8a8": "w8a8-head"}
+_HEAD_MODE = {"int4": "int4-rescored", "int8": "int8", "w8a8": "w8a8-head",
+              "w4a8": "w4a8-rescored"}
 DECODER_LINEARS = ("qkv", "o_proj", "gate_up", "down")
 
 
 def quantize_model(model: nn.Module, mode: str, layer_attrs: tuple[str, ...] = DECODER_LINEARS,
                    head_attr: str = "lm_head", head_mode: str | None = None) -> int:
     """Replace each decoder layer's ``layer_attrs`` linears and ``model.<head_attr>`` by
-    ``Int4Linear`` (``mode="int4"``), ``Int8Linear`` (``"int8"``) or ``W8A8Linear``
-    (``"w8a8"``, engine/quant_w8a8.py), in place (CPU only). The LM head gets ``head_mode``
-    ("int4", "int8", "int4-rescored", "w8a8", "w8a8-head" or "w8a8-rescored"; default
-    ``_HEAD_MODE[mode]``).
+    ``Int4Linear`` (``mode="int4"``), ``Int8Linear`` (``"int8"``), ``W8A8Linear``
+    (``"w8a8"``, engine/quant_w8a8.py) or ``W4A8Linear`` (``"w4a8"``), in place (CPU only).
+    The LM head gets ``head_mode`` ("int4", "int8", "int4-rescored", "w8a8", "w8a8-head",
+    "w8a8-rescored", "w4a8" or "w4a8-rescored"; default ``_HEAD_MODE[mode]``).
     Returns the bytes a decode step reads for those weights now (packed codes + scales; the
     dense prefill copies are not read in decode).
 
     Raises:
         ValueError: unknown ``mode``, the model is not on CPU, or a shape does not fit the
             packed kernels.
+        KernelBuildError: ``"w4a8"`` and its C kernel cannot be built (no compiler).
     """
     if mode not in WEIGHT_QUANTIZATIONS:
         raise ValueError(f"weight quantization must be one of {WEIGHT_QUANTIZATIONS}, got {mode!r}")
@@ -281,7 +336,9 @@ def quantize_model(model: nn.Module, mode: str, layer_attrs: tuple[str, ...] = D
         warn_if_slow_int_mm()
 
     kinds = {"int4": Int4Linear, "int8": Int8Linear, "int4-rescored": RescoredInt4Head,
-             "w8a8": W8A8Linear, "w8a8-head": W8A8Head, "w8a8-rescored": W8A8RescoredHead}
+             "w8a8": W8A8Linear, "w8a8-head": W8A8Head, "w8a8-rescored": W8A8RescoredHead,
+             "w4a8": W4A8Linear,
+             "w4a8-rescored": lambda lin: RescoredInt4Head(lin, coarse=W4A8Linear)}
     read_bytes = 0
     for owner, attr in [(layer, a) for layer in model.layers for a in layer_attrs] \
             + [(model, head_attr)]:

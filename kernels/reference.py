@@ -129,3 +129,27 @@ def ref_kv_scatter(
     for i, b in enumerate(block_ids.tolist()):
         out[b] = staging[i]
     return out
+
+
+def ref_w4a8_mm(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor,
+                mins: torch.Tensor) -> torch.Tensor:
+    """Float64 reference of ``scission.kernels.w4a8.w4a8_mm`` ``[M, N]``.
+
+    ``x`` ``[M, K]`` float32 is quantized as the kernel does it, in float32 (per row and block
+    of 32: ``e = max|x| / 127``, ``a = round_half_even(x * (127 / max|x|))``, 0 for an all-zero
+    block); the weights are ``codes [N, K]`` (0..15) times float16 ``scales`` plus float16
+    ``mins`` (``[N, K // 32]``); every product and sum after that is float64.
+    """
+    m, k = x.shape
+    n = codes.shape[0]
+    g = k // 32
+    xb = x.float().reshape(m, g, 32)
+    amax = xb.abs().amax(dim=-1)  # [M, G] float32
+    inv = torch.where(amax > 0, 127.0 / amax, torch.zeros_like(amax))
+    a = torch.round(xb * inv[..., None]).double()  # half to even, as nearbyintf
+    e = (amax / 127.0).double()
+    d = scales.to(torch.float16).double()
+    mn = mins.to(torch.float16).double()
+    q = codes.double().reshape(n, g, 32)
+    dots = torch.einsum("mgj,ngj->mng", a, q)  # [M, N, G]
+    return (dots * d[None] * e[:, None] + mn[None] * (e * a.sum(-1))[:, None]).sum(-1)

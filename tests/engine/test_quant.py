@@ -1,5 +1,5 @@
-"""Weight-only int4/int8 linears against float64 references of their dequantized weights, and
-``quantize_model`` on a small stand-in model."""
+"""Weight-only int4/int8 linears and w4a8 (int4 x int8 activations) against float64 references
+of their dequantized weights, and ``quantize_model`` on a small stand-in model."""
 
 from __future__ import annotations
 
@@ -11,11 +11,13 @@ from scission.engine.quant import (
     Int4Linear,
     Int8Linear,
     RescoredInt4Head,
+    W4A8Linear,
     dequantize_int4_groupwise,
     quantize_int4_groupwise,
     quantize_int8_per_channel,
     quantize_model,
 )
+from scission.kernels.reference import ref_w4a8_mm
 
 # bfloat16 activations (8 mantissa bits) bound the error: ‖y − ref‖ / ‖ref‖ ≤ 1e-2.
 REL_TOL = 1e-2
@@ -93,6 +95,35 @@ def test_int8_linear_matches_float64_reference():
     assert rel_err(layer(x), x.double() @ dense.weight.double().T) < 2 * REL_TOL
 
 
+@pytest.mark.parametrize("batch", [1, 5, 80])  # 80 > W4A8_MAX_PACKED_ROWS: dense path
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_w4a8_linear_matches_float64_reference(batch, bias, dtype):
+    """Up to 64 rows: the kernel, int8 activations per block of 32 (``ref_w4a8_mm``); beyond:
+    the dequantized weights (float16 scale and minimum) times the unquantized input."""
+    gen = torch.Generator().manual_seed(batch * 3 + bias)
+    dense = nn.Linear(96, 44, bias=bias)  # 44 rows: 11 tiles of 4
+    _, w = q4_1_like(44, 96, gen)
+    with torch.no_grad():
+        dense.weight.copy_(w)
+    dense = dense.to(dtype)  # a model's linears are in its dtype
+    layer = W4A8Linear(dense)
+    x = torch.randn(batch, 96, generator=gen).to(dtype)
+    codes, scales, mins = quantize_int4_groupwise(dense.weight)
+    b = dense.bias.double() if bias else 0
+    if batch <= layer.max_packed_rows:
+        ref = ref_w4a8_mm(x.float(), codes, scales, mins) + b
+    else:
+        w_ref = (codes.double().reshape(44, -1, 32) * scales.half().double()[..., None]
+                 + mins.half().double()[..., None]).reshape(44, 96)
+        ref = x.double() @ w_ref.T + b
+    out = layer(x)
+    assert out.dtype == dtype and out.shape == (batch, 44)
+    assert rel_err(out, ref) < (1e-5 if dtype == torch.float32 else REL_TOL)
+    # int8 activations: still close to the float product of the same 4-bit weights
+    assert rel_err(out, x.double() @ layer.dense_weight.double().T + b) < 2e-2
+
+
 def test_out_features_must_fit_the_packed_kernel():
     with pytest.raises(ValueError, match="multiple of 16"):
         Int4Linear(nn.Linear(64, 40))
@@ -136,18 +167,21 @@ class _TinyModel(nn.Module):
         self.lm_head = nn.Linear(64, 160, bias=False)
 
 
-@pytest.mark.parametrize("mode", ["int4", "int8"])
+@pytest.mark.parametrize("mode", ["int4", "int8", "w4a8"])
 def test_quantize_model_replaces_every_linear_and_counts_decode_bytes(mode):
     model = _TinyModel()
     read_bytes = quantize_model(model, mode)
-    decoder_type = Int4Linear if mode == "int4" else Int8Linear
+    decoder_type = {"int4": Int4Linear, "int8": Int8Linear, "w4a8": W4A8Linear}[mode]
     for layer in model.layers:
         assert all(isinstance(getattr(layer, a), decoder_type)
                    for a in ("qkv", "o_proj", "gate_up", "down"))
-    assert isinstance(model.lm_head, RescoredInt4Head if mode == "int4" else Int8Linear)
-    # int8: N*K codes + 2 bytes of scale per row; int4: N*K/2 + 4 bytes per group of 32 (the
-    # rescored head's decode read is its 4-bit pass).
+    assert isinstance(model.lm_head, Int8Linear if mode == "int8" else RescoredInt4Head)
+    if mode != "int8":
+        assert type(model.lm_head.coarse) is decoder_type
+    # int8: N*K codes + 2 bytes of scale per row; int4 and w4a8: N*K/2 + 4 bytes per group of
+    # 32 (the rescored head's decode read is its 4-bit pass).
     per_linear = {"int4": lambda n, k: n * k // 2 + 4 * n * k // 32,
+                  "w4a8": lambda n, k: n * k // 2 + 4 * n * k // 32,
                   "int8": lambda n, k: n * k + 2 * n}[mode]
     shapes = [(96, 64), (64, 64), (128, 64), (64, 64)] * 2 + [(160, 64)]
     assert read_bytes == sum(per_linear(n, k) for n, k in shapes)

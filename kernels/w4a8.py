@@ -1,0 +1,166 @@
+"""4-bit weights x 8-bit activations: the CPU kernel behind ``weight_quantization="w4a8"``.
+
+llama.cpp's Q4_1 x Q8_1 scheme (``ggml_vec_dot_q4_1_q8_1`` in ggml-quants.c), in C
+(``w4a8_gemv.c``, built once per machine by ``cpu_build``):
+
+- weights: blocks of 32 along the input dimension, each an fp16 scale ``d`` and minimum ``m``
+  and 32 codes ``q`` in ``[0, 15]`` (``w = q * d + m``); 20 bytes per block (5 bits a weight),
+  stored in tiles of 4 output rows (``pack_q4_1``);
+- activations: quantized by the kernel on every call, per row and block of 32, to int8
+  ``a = round(x * 127 / max|x|)`` with scale ``e = max|x| / 127`` (round half to even);
+- ``y[m, n] = sum_g d[n,g] e[m,g] (q[n,g] . a[m,g]) + m[n,g] e[m,g] sum(a[m,g])``: integer
+  dot products (AVX2 ``vpmaddubsw``), one float multiply-add per block.
+
+Decode at batch 1 is bound by the weight bytes a step reads; torch's packed int4 kernel
+(``_weight_int4pack_mm_for_cpu``) converts the codes to bfloat16 and multiplies in floating
+point, which on a 2-core AVX2 CPU is compute-bound at ~6 GB/s. This kernel is 2.3x faster on
+the decoder's shapes there (``bench/quant_kernels.py``). The int8 activations are the
+accuracy cost, as in llama.cpp (tests/engine/test_quant_engine.py states it against HF).
+
+``w4a8_mm`` is the op ``scission::w4a8_mm``, so graph mode (engine/compile.py) calls it
+between inductor's fused kernels; ``ref_w4a8_mm`` (kernels/reference.py) is its float64
+reference.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import os
+from pathlib import Path
+
+import torch
+
+from scission.kernels.cpu_build import KernelBuildError, load_library
+
+BLOCK_SIZE = 32  # weights per block
+TILE_ROWS = 4  # output rows stored together (w4a8_gemv.c: tile_q4_1)
+TILE_BYTES = 80  # per tile and block: fp16 d[4], fp16 m[4], 4 x 16 bytes of codes
+SOURCE = Path(__file__).with_name("w4a8_gemv.c")
+FLAGS = ("-O3", "-march=native", "-fopenmp", "-std=c11")
+PORTABLE_FLAGS = (*FLAGS, "-DSCISSION_W4A8_PORTABLE")  # the plain-C path, for tests
+
+__all__ = ["BLOCK_SIZE", "TILE_BYTES", "TILE_ROWS", "KernelBuildError", "library", "pack_q4_1", "w4a8_mm",
+           "w4a8_mm_with"]
+
+
+@functools.cache
+def library(portable: bool = False) -> ctypes.CDLL:
+    """The built kernel (cached per process). ``portable``: the plain-C path even on AVX2.
+
+    Raises:
+        KernelBuildError: no C compiler, or the build failed.
+    """
+    lib = load_library(SOURCE, PORTABLE_FLAGS if portable else FLAGS)
+    lib.w4a8_mm.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p,
+                            ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p,
+                            ctypes.c_int]
+    lib.w4a8_mm.restype = ctypes.c_int
+    if (lib.w4a8_tile_bytes(), lib.w4a8_tile_rows()) != (TILE_BYTES, TILE_ROWS):
+        raise KernelBuildError(f"{SOURCE.name}: tiles of {lib.w4a8_tile_rows()} rows and "
+                               f"{lib.w4a8_tile_bytes()} bytes, expected {TILE_ROWS} and "
+                               f"{TILE_BYTES}")
+    return lib
+
+
+def pack_q4_1(codes: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor) -> torch.Tensor:
+    """The kernel's weight layout from 4-bit codes and per-block scales and minimums.
+
+    Args:
+        codes: ``[N, K]`` integers in ``[0, 15]``; ``K % 32 == 0``.
+        scales, mins: ``[N, K // 32]`` float; stored as float16 (``w = q * d + m``).
+    Returns:
+        ``[ceil(N / 4), K // 32 * 80]`` uint8, contiguous: tiles of 4 rows; per tile and block
+        the 4 fp16 scales, the 4 fp16 minimums, then each row's 16 bytes
+        ``q[j] | q[j + 16] << 4``. Rows past ``N`` are zeros. 20 bytes per row and block, as
+        llama.cpp's ``block_q4_1``.
+    Raises:
+        ValueError: shapes disagree, ``K`` is not a multiple of 32, or a code is outside
+            ``[0, 15]``.
+    """
+    n, k = codes.shape
+    if k % BLOCK_SIZE:
+        raise ValueError(f"in_features {k} is not a multiple of {BLOCK_SIZE}")
+    g = k // BLOCK_SIZE
+    if scales.shape != (n, g) or mins.shape != (n, g):
+        raise ValueError(f"scales {tuple(scales.shape)} / mins {tuple(mins.shape)} != {(n, g)}")
+    if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) > 15):
+        raise ValueError("4-bit codes must be in [0, 15]")
+    tiles = -(-n // TILE_ROWS)
+    pad = tiles * TILE_ROWS - n
+    q = torch.nn.functional.pad(codes.to(torch.uint8), (0, 0, 0, pad)).reshape(
+        tiles, TILE_ROWS, g, BLOCK_SIZE)
+    qs = (q[..., :16] | (q[..., 16:] << 4)).transpose(1, 2)  # [T, G, 4, 16]
+
+    def halves(t: torch.Tensor) -> torch.Tensor:  # [N, G] -> [T, G, 8] bytes
+        t = torch.nn.functional.pad(t.to(torch.float16), (0, 0, 0, pad))
+        return t.reshape(tiles, TILE_ROWS, g).transpose(1, 2).contiguous().view(torch.uint8)
+
+    parts = [halves(scales), halves(mins), qs.reshape(tiles, g, TILE_ROWS * 16)]
+    return torch.cat(parts, dim=-1).reshape(tiles, g * TILE_BYTES).contiguous()
+
+
+def w4a8_mm_with(lib: ctypes.CDLL, x: torch.Tensor, blocks: torch.Tensor,
+                 out_features: int) -> torch.Tensor:
+    """``x [M, K]`` float32 times the packed weight ``blocks`` (``pack_q4_1`` of an
+    ``[out_features, K]`` weight) -> ``[M, out_features]`` float32, through ``lib``
+    (``library()``). Kept to a few microseconds of Python: the kernel checks the shapes.
+
+    Raises:
+        ValueError: wrong dtypes, layouts or shapes.
+        MemoryError: the kernel could not allocate its scratch.
+    """
+    if x.dtype != torch.float32 or blocks.dtype != torch.uint8 or x.dim() != 2 \
+            or blocks.dim() != 2 or not x.is_contiguous() or not blocks.is_contiguous():
+        raise ValueError(f"w4a8_mm: x must be contiguous float32 [M, K] and blocks contiguous "
+                         f"uint8 [T, B], got {x.dtype} {tuple(x.shape)} and {blocks.dtype} "
+                         f"{tuple(blocks.shape)}")
+    m, k = x.shape
+    y = x.new_empty((m, out_features))
+    rc = lib.w4a8_mm(x.data_ptr(), m, k, blocks.data_ptr(), blocks.shape[0], blocks.shape[1],
+                     out_features, y.data_ptr(), torch.get_num_threads())
+    if rc:
+        if rc == -1:
+            raise MemoryError("w4a8_mm: no memory for the quantized activations")
+        raise ValueError(f"w4a8_mm: x {tuple(x.shape)} does not fit blocks "
+                         f"{tuple(blocks.shape)} for {out_features} outputs (K a multiple of "
+                         f"{BLOCK_SIZE}, blocks [ceil(N / {TILE_ROWS}), K // {BLOCK_SIZE} * "
+                         f"{TILE_BYTES}])")
+    return y
+
+
+# The op is registered with torch.library.Library rather than torch.library.custom_op: the
+# latter's Python wrappers cost ~20 us a call against ~5 us here (bench/README.md), and a
+# decode step makes 121 of these calls.
+_LIBRARY = torch.library.Library("scission", "FRAGMENT")
+_LIBRARY.define("w4a8_mm(Tensor x, Tensor blocks, int out_features) -> Tensor")
+
+
+def w4a8_mm(x: torch.Tensor, blocks: torch.Tensor, out_features: int) -> torch.Tensor:
+    """``y = x @ W^T`` with ``W`` in Q4_1 ``blocks`` and ``x`` quantized to int8 per block of 32
+    (module docstring); the op ``torch.ops.scission.w4a8_mm``.
+
+    Args:
+        x: ``[M, K]`` float32, CPU, contiguous.
+        blocks: ``[ceil(N / 4), K // 32 * 80]`` uint8 (``pack_q4_1``).
+        out_features: ``N``.
+    Returns: ``[M, N]`` float32.
+    Raises:
+        ValueError: dtypes or shapes do not fit.
+        KernelBuildError: the kernel cannot be built here.
+    """
+    return w4a8_mm_with(library(), x, blocks, out_features)
+
+
+_LIBRARY.impl("w4a8_mm", w4a8_mm, "CPU")
+
+
+@torch.library.register_fake("scission::w4a8_mm", lib=_LIBRARY)
+def _(x, blocks, out_features):
+    return x.new_empty(x.shape[0], out_features)
+
+
+def kernel_info() -> dict[str, object]:
+    """What was built: ``{"path": ..., "avx2": bool}`` (for logs and benchmarks)."""
+    lib = library()
+    return {"path": os.fspath(lib._name), "avx2": bool(lib.w4a8_uses_avx2())}
