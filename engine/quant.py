@@ -12,8 +12,8 @@ head; embeddings, norms, attention and the KV cache are unchanged:
   ``_weight_int8pack_mm`` (~135 MB read per step).
 - ``"w4a8"``: the int4 groups with float16 scale and minimum (llama.cpp's Q4_1 blocks) times
   activations quantized to int8 per block of 32 on every call (Q8_1), through scission's own
-  C kernel (``kernels/w4a8.py``: integer dot products, ~2.3x torch's packed int4 kernel at one
-  row on an AVX2 CPU); the LM head the same, rescored as in int4. The same ~84 MB read per
+  C kernel (``kernels/w4a8.py``: integer dot products, 1.67x torch's packed int4 kernel over a
+  decode step's linears at one row on an AVX2 CPU); the LM head the same, rescored as in int4. The same ~84 MB read per
   step as int4, in fewer instructions. Needs a C compiler at the first start (as graph mode).
 
 The int4 and int8 kernels take bfloat16 activations, w4a8's float32; results are cast back to

@@ -13,8 +13,9 @@ llama.cpp's Q4_1 x Q8_1 scheme (``ggml_vec_dot_q4_1_q8_1`` in ggml-quants.c), in
 
 Decode at batch 1 is bound by the weight bytes a step reads; torch's packed int4 kernel
 (``_weight_int4pack_mm_for_cpu``) converts the codes to bfloat16 and multiplies in floating
-point, which on a 2-core AVX2 CPU is compute-bound at ~6 GB/s. This kernel is 2.3x faster on
-the decoder's shapes there (``bench/quant_kernels.py``). The int8 activations are the
+point, which on a 2-core AVX2 CPU is compute-bound at ~8 GB/s. This kernel runs a decode
+step's 121 linears 1.67x faster there (1.2-2.1x per shape; ``bench/quant_kernels.py``,
+bench/README.md "Latest (session 15)"). The int8 activations are the
 accuracy cost, as in llama.cpp (tests/engine/test_quant_engine.py states it against HF).
 
 ``w4a8_mm`` is the op ``scission::w4a8_mm``, so graph mode (engine/compile.py) calls it
@@ -40,8 +41,8 @@ SOURCE = Path(__file__).with_name("w4a8_gemv.c")
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-std=c11")
 PORTABLE_FLAGS = (*FLAGS, "-DSCISSION_W4A8_PORTABLE")  # the plain-C path, for tests
 
-__all__ = ["BLOCK_SIZE", "TILE_BYTES", "TILE_ROWS", "KernelBuildError", "library", "pack_q4_1", "w4a8_mm",
-           "w4a8_mm_with"]
+__all__ = ["BLOCK_SIZE", "TILE_BYTES", "TILE_ROWS", "KernelBuildError", "kernel_info", "library",
+           "pack_q4_1", "w4a8_mm", "w4a8_mm_with"]
 
 
 @functools.cache

@@ -16,12 +16,13 @@ def test_defaults_are_eager_with_onednn_linears():
         "auto", True, "none")
 
 
-def test_flags_reach_the_engine_config():
-    args = build_parser().parse_args(["up", "--graph-mode", "--weight-quantization", "int4",
+@pytest.mark.parametrize("mode", ["int4", "w4a8"])
+def test_flags_reach_the_engine_config(mode):
+    args = build_parser().parse_args(["up", "--graph-mode", "--weight-quantization", mode,
                                       "--linear-backend", "torch"])
     engine = cluster_config(args).engine
     assert (engine.linear_backend, engine.enforce_eager, engine.weight_quantization) == (
-        "torch", False, "int4")
+        "torch", False, mode)
 
 
 def test_onednn_with_graph_mode_is_accepted():
