@@ -19,11 +19,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from scission.engine.quant import WEIGHT_QUANTIZATIONS
+
 logger = logging.getLogger(__name__)
 
 # Bench dtypes that mean a float32 model with quantized linears (scission only): weight-only
-# int4 / int8, or w8a8 (int8 weights and per-token int8 activations, engine/quant_w8a8.py).
-QUANTIZED_DTYPES = ("int4", "int8", "w8a8", "w4a8")
+# int4 / int8, w8a8 (int8 weights and per-token int8 activations, engine/quant_w8a8.py) or
+# w4a8 (4-bit weights, int8 activations per block of 32: kernels/w4a8.py).
+QUANTIZED_DTYPES = WEIGHT_QUANTIZATIONS
 
 
 @dataclass(frozen=True)

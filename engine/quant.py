@@ -13,12 +13,12 @@ head; embeddings, norms, attention and the KV cache are unchanged:
 - ``"w4a8"``: the int4 groups with float16 scale and minimum (llama.cpp's Q4_1 blocks) times
   activations quantized to int8 per block of 32 on every call (Q8_1), through scission's own
   C kernel (``kernels/w4a8.py``: integer dot products, 1.67x torch's packed int4 kernel over a
-  decode step's linears at one row on an AVX2 CPU); the LM head the same, rescored as in int4. The same ~84 MB read per
-  step as int4, in fewer instructions. Needs a C compiler at the first start (as graph mode).
+  decode step's linears at one row on an AVX2 CPU); the LM head the same, rescored as in int4.
+  The same ~84 MB read per step as int4, in fewer instructions. Needs a C compiler at the
+  first start (as graph mode does).
 
 The int4 and int8 kernels take bfloat16 activations, w4a8's float32; results are cast back to
-the model dtype. Batches of more than ``max_packed_rows`` rows (prefill
-chunks) multiply by a dense copy of the same quantized weights in the model dtype, so the modes
+the model dtype. Batches of more than ``max_packed_rows`` rows (prefill chunks) multiply by a dense copy of the same quantized weights in the model dtype, so the modes
 trade memory (packed + dense copies) for decode speed. Kernel choice, group size and the LM
 head's format were measured with ``bench/quant_kernels.py`` (``bench/README.md``).
 
@@ -38,6 +38,8 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+
+from scission.engine.config import WEIGHT_QUANTIZATION_CHOICES
 
 INT4_GROUP_SIZE = 32
 INT4_MAX_PACKED_ROWS = 64  # larger batches use the dequantized dense weights (Int4Linear)
@@ -222,9 +224,8 @@ class W4A8Linear(_PackedLinear):
         self.in_features, self.out_features = k, n
         self.max_packed_rows = max_packed_rows
         self.register_buffer("blocks", w4a8.pack_q4_1(codes, scales, mins))
-        dense = codes.float().reshape(n, -1, w4a8.BLOCK_SIZE) * scales.float()[..., None] \
-            + mins.float()[..., None]
-        self.register_buffer("dense_weight", dense.reshape(n, k).to(linear.weight.dtype))
+        dense = dequantize_int4_groupwise(codes, scales.float(), mins.float())
+        self.register_buffer("dense_weight", dense.to(linear.weight.dtype))
         self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().clone())
 
     def packed_args(self) -> tuple[torch.Tensor, ...]:
@@ -299,7 +300,8 @@ class RescoredInt4Head(nn.Module):
         return self.coarse.decode_read_bytes()
 
 
-WEIGHT_QUANTIZATIONS = ("int4", "int8", "w8a8", "w4a8")  # w8a8: engine/quant_w8a8.py
+# The quantized modes (w8a8: engine/quant_w8a8.py).
+WEIGHT_QUANTIZATIONS = tuple(m for m in WEIGHT_QUANTIZATION_CHOICES if m != "none")
 # The LM head per mode: "int4" pairs the 4-bit decoder with the rescored head above.
 _HEAD_MODE = {"int4": "int4-rescored", "int8": "int8", "w8a8": "w8a8-head",
               "w4a8": "w4a8-rescored"}

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import os
 from pathlib import Path
 
 import torch
@@ -41,7 +40,7 @@ SOURCE = Path(__file__).with_name("w4a8_gemv.c")
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-std=c11")
 PORTABLE_FLAGS = (*FLAGS, "-DSCISSION_W4A8_PORTABLE")  # the plain-C path, for tests
 
-__all__ = ["BLOCK_SIZE", "TILE_BYTES", "TILE_ROWS", "KernelBuildError", "kernel_info", "library",
+__all__ = ["BLOCK_SIZE", "TILE_BYTES", "TILE_ROWS", "KernelBuildError", "library",
            "pack_q4_1", "w4a8_mm", "w4a8_mm_with"]
 
 
@@ -159,9 +158,3 @@ _LIBRARY.impl("w4a8_mm", w4a8_mm, "CPU")
 @torch.library.register_fake("scission::w4a8_mm", lib=_LIBRARY)
 def _(x, blocks, out_features):
     return x.new_empty(x.shape[0], out_features)
-
-
-def kernel_info() -> dict[str, object]:
-    """What was built: ``{"path": ..., "avx2": bool}`` (for logs and benchmarks)."""
-    lib = library()
-    return {"path": os.fspath(lib._name), "avx2": bool(lib.w4a8_uses_avx2())}
