@@ -40,6 +40,7 @@ import torch
 from scission.bench.cli_main import bench_main
 from scission.bench.engine_runners import (
     QUANTIZED_DTYPES,
+    TORCH_DECODE,
     RunnerSpec,
     llama_cpp_available,
     make_runner,
@@ -54,6 +55,9 @@ DTYPES = ("float32", "bfloat16", *QUANTIZED_DTYPES)
 # "<dtype>+graph": scission only, graph mode (EngineConfig.enforce_eager=False, engine/compile.py)
 GRAPH_DTYPES = tuple(f"{d}+graph" for d in ("float32", "bfloat16", *QUANTIZED_DTYPES))
 DTYPES += GRAPH_DTYPES
+# "w4a8[+graph]+torch-decode": w4a8 decode steps through torch, not the native C step
+# (EngineConfig.native_decode=False, engine/native_decode.py): the before/after pair.
+DTYPES += tuple(f"{d}{TORCH_DECODE}" for d in ("w4a8", "w4a8+graph"))
 
 
 @dataclass(frozen=True)
@@ -172,8 +176,8 @@ def run_all(cfg: EngineBenchConfig, builder: PromptBuilder) -> tuple[list[Measur
             for n in cfg.engines
             if n != "llama.cpp" or (dtype == cfg.dtypes[0] and "llama.cpp" not in notes)
         ]
-        if dtype in QUANTIZED_DTYPES + GRAPH_DTYPES:  # scission-only modes (llama.cpp runs
-            names = [n for n in names if n != "hf"]  # its own weights with the first dtype)
+        if dtype not in ("float32", "bfloat16"):  # scission-only modes (llama.cpp runs its
+            names = [n for n in names if n != "hf"]  # own weights with the first dtype)
         runners = [make_runner(name, runner_spec(cfg), dtype) for name in names]
         results.extend(bench_runners(runners, cfg, builder))
         for runner in runners:

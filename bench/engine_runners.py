@@ -27,6 +27,7 @@ logger = logging.getLogger(__name__)
 # int4 / int8, w8a8 (int8 weights and per-token int8 activations, engine/quant_w8a8.py) or
 # w4a8 (4-bit weights, int8 activations per block of 32: kernels/w4a8.py).
 QUANTIZED_DTYPES = WEIGHT_QUANTIZATIONS
+TORCH_DECODE = "+torch-decode"  # suffix: w4a8 without native decode (engine/native_decode.py)
 
 
 @dataclass(frozen=True)
@@ -48,11 +49,14 @@ class ScissionRunner:
         from scission.engine.llm_engine import LLMEngine
 
         self.dtype = dtype
+        # "+torch-decode": w4a8 decode steps through torch (EngineConfig.native_decode=False)
+        native, dtype = not dtype.endswith(TORCH_DECODE), dtype.removesuffix(TORCH_DECODE)
         graph, dtype = dtype.endswith("+graph"), dtype.removesuffix("+graph")  # graph mode
         self.engine = LLMEngine(
             EngineConfig(
                 model_path=spec.model_path,
                 enforce_eager=not graph,
+                native_decode=native,
                 dtype="float32" if dtype in QUANTIZED_DTYPES else dtype,
                 weight_quantization=dtype if dtype in QUANTIZED_DTYPES else "none",
                 num_threads=spec.threads,

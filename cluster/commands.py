@@ -49,6 +49,7 @@ def cluster_config(args: argparse.Namespace) -> ClusterConfig:
     engine = EngineConfig(
         model_path=args.model, dtype=args.dtype, weight_quantization=args.weight_quantization,
         linear_backend=args.linear_backend, enforce_eager=not args.graph_mode,
+        native_decode=not args.no_native_decode,
         cache=CacheConfig(block_size=args.block_size, kv_cache_bytes=args.kv_cache_mb * 2**20,
                           enable_prefix_caching=not args.no_prefix_caching,
                           kv_layout=KVLayout(args.kv_layout)),

@@ -136,6 +136,9 @@ class EngineConfig:
     # True = plain eager forward; False = graph mode (engine/compile.py: torch.compile of the
     # dense parts between attention calls, compiled at start, cache on disk).
     enforce_eager: bool = True
+    # w4a8 only: pure-decode steps run the decoder stack as one C call (engine/native_decode.py,
+    # kernels/llama_decode.c); prefill and mixed steps keep the path above. False = torch.
+    native_decode: bool = True
 
     def __post_init__(self) -> None:
         if self.dtype not in ("float32", "bfloat16", "float16"):

@@ -116,6 +116,10 @@ class LLMEngine:
             from scission.engine.compile import enable_graph_mode
 
             enable_graph_mode(self.model, self.kv_cache, attn)
+        if config.native_decode and config.weight_quantization == "w4a8":
+            from scission.engine.native_decode import enable_native_decode
+
+            enable_native_decode(self.model, self.kv_cache)
         self.requests: dict[str, Request] = {}
         self.held: dict[str, Request] = {}  # prefill role: finished, blocks pinned
         self._detok: dict[str, IncrementalDetokenizer] = {}

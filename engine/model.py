@@ -113,6 +113,8 @@ class LlamaForCausalLM(nn.Module):
         self.register_buffer("rope_sin", sin, persistent=False)
         # Graph mode (engine/compile.py CompiledDecoder) replaces forward_embeds when set.
         self.compiled = None
+        # Native decode (engine/native_decode.py NativeDecoder) runs pure-decode steps when set.
+        self.native_decode = None
 
     @torch.inference_mode()
     def forward(
@@ -127,6 +129,10 @@ class LlamaForCausalLM(nn.Module):
         h = self.embed(input_ids)
         if mm_rows is not None:  # image positions: the vision encoder's output, not the table
             h.index_copy_(0, mm_rows, mm_embeds.to(h.dtype))
+        md = getattr(attn, "metadata", None)
+        if self.native_decode is not None and md is not None and md.is_pure_decode \
+                and mm_rows is None:
+            return self.native_decode.forward_embeds(h, positions, md)
         run = self.compiled.forward_embeds if self.compiled is not None else self.forward_embeds
         return run(h, positions, kv_caches, attn)
 

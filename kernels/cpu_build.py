@@ -55,8 +55,10 @@ def _cpu_identity() -> str:
     return "\n".join(dict.fromkeys(keep))  # first CPU's lines
 
 
-def build_shared_library(source: Path, flags: tuple[str, ...]) -> Path:
+def build_shared_library(source: Path, flags: tuple[str, ...], deps: tuple[Path, ...] = ()
+                         ) -> Path:
     """Compile ``source`` with ``flags`` (plus ``-shared -fPIC``) unless a cached build exists.
+    ``deps``: files ``source`` includes; their text is part of the cache key.
 
     Returns: the path of the shared library.
     Raises:
@@ -68,7 +70,8 @@ def build_shared_library(source: Path, flags: tuple[str, ...]) -> Path:
                                  timeout=30).stdout
     except (OSError, subprocess.SubprocessError) as e:
         raise KernelBuildError(f"C compiler {cc!r} does not run: {e}") from e
-    key = hashlib.sha256("\0".join([source.read_text(), *flags, version, _cpu_identity()])
+    texts = [source.read_text(), *(d.read_text() for d in deps)]
+    key = hashlib.sha256("\0".join([*texts, *flags, version, _cpu_identity()])
                          .encode()).hexdigest()[:20]
     out_dir = cache_dir() / "kernels"
     target = out_dir / f"{source.stem}-{key}.so"
@@ -91,9 +94,10 @@ def build_shared_library(source: Path, flags: tuple[str, ...]) -> Path:
     return target
 
 
-def load_library(source: Path, flags: tuple[str, ...]) -> ctypes.CDLL:
+def load_library(source: Path, flags: tuple[str, ...], deps: tuple[Path, ...] = ()
+                 ) -> ctypes.CDLL:
     """``build_shared_library`` then ``ctypes.CDLL`` (raises ``KernelBuildError``)."""
-    path = build_shared_library(source, flags)
+    path = build_shared_library(source, flags, deps)
     try:
         return ctypes.CDLL(str(path))
     except OSError as e:

@@ -153,3 +153,58 @@ def ref_w4a8_mm(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor,
     q = codes.double().reshape(n, g, 32)
     dots = torch.einsum("mgj,ngj->mng", a, q)  # [M, N, G]
     return (dots * d[None] * e[:, None] + mn[None] * (e * a.sum(-1))[:, None]).sum(-1)
+
+
+def ref_llama_decode_step(
+    h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, layers: list[dict],
+    final_norm: torch.Tensor, kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
+    block_table: torch.Tensor, seq_lens: torch.Tensor, slot_mapping: torch.Tensor,
+    num_heads: int, num_kv_heads: int, eps: float,
+) -> torch.Tensor:
+    """Float64 reference of ``scission.kernels.llama_decode.LlamaDecodeStep``: one decode token
+    per request through every layer, ``[n, hidden]`` float64 final-normed hidden states.
+
+    ``layers[i]`` holds ``input_norm``, ``post_norm``, optional ``qkv_bias`` and, for each of
+    ``qkv``, ``o_proj``, ``gate_up``, ``down``, a ``(codes, scales, mins)`` triple
+    (``ref_w4a8_mm``'s; each linear's input is rounded to float32 and quantized as the kernel
+    does). Writes the K/V rows (float32) into ``kv_caches`` (pass copies); attention reads
+    them back through ``ref_decode_attention``'s path, in float64.
+    """
+    n, hidden = h.shape
+    head_dim = 2 * cos.shape[1]
+    qs, kvs = num_heads * head_dim, num_kv_heads * head_dim
+    scale = head_dim ** -0.5
+
+    def norm(x, w):
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * w.double()
+
+    def lin(x, wq):
+        return ref_w4a8_mm(x.float(), *wq)
+
+    def rope(x):  # [n, heads, D]
+        c, s = cos.double()[:, None], sin.double()[:, None]
+        x1, x2 = x[..., : head_dim // 2], x[..., head_dim // 2 :]
+        return torch.cat((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1)
+
+    res = h.double()
+    mlp = torch.zeros_like(res)
+    for i, lw in enumerate(layers):
+        res = res + mlp
+        x = norm(res, lw["input_norm"])
+        qkv = lin(x, lw["qkv"])
+        if lw.get("qkv_bias") is not None:
+            qkv = qkv + lw["qkv_bias"].double()
+        q = rope(qkv[:, :qs].reshape(n, num_heads, head_dim))
+        k = rope(qkv[:, qs : qs + kvs].reshape(n, num_kv_heads, head_dim))
+        v = qkv[:, qs + kvs :].reshape(n, num_kv_heads, head_dim)
+        k_cache, v_cache = kv_caches[i]
+        bs = k_cache.shape[1]
+        for r in range(n):
+            slot = int(slot_mapping[r])
+            k_cache[slot // bs, slot % bs] = k[r].float()
+            v_cache[slot // bs, slot % bs] = v[r].float()
+        att = ref_decode_attention(q, k_cache, v_cache, block_table, seq_lens, scale)
+        res = res + lin(att.reshape(n, qs), lw["o_proj"])
+        gate, up = lin(norm(res, lw["post_norm"]), lw["gate_up"]).chunk(2, dim=-1)
+        mlp = lin(gate * torch.sigmoid(gate) * up, lw["down"])
+    return norm(res + mlp, final_norm)

@@ -12,8 +12,14 @@ from scission.cluster.commands import cluster_config
 
 def test_defaults_are_eager_with_onednn_linears():
     engine = cluster_config(build_parser().parse_args(["up"])).engine
-    assert (engine.linear_backend, engine.enforce_eager, engine.weight_quantization) == (
-        "auto", True, "none")
+    assert (engine.linear_backend, engine.enforce_eager, engine.weight_quantization,
+            engine.native_decode) == ("auto", True, "none", True)
+
+
+def test_no_native_decode_reaches_the_engine_config():
+    args = build_parser().parse_args(["up", "--weight-quantization", "w4a8",
+                                      "--no-native-decode"])
+    assert cluster_config(args).engine.native_decode is False
 
 
 @pytest.mark.parametrize("mode", ["int4", "w4a8"])

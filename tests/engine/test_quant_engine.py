@@ -58,18 +58,22 @@ HEAD_TYPES = {"int4": RescoredInt4Head, "int8": Int8Linear, "w8a8": W8A8Head,
 
 
 @pytest.fixture(scope="module",
-                params=["int4", "int8", "w8a8", "w8a8+graph", "w4a8", "w4a8+graph"])
+                params=["int4", "int8", "w8a8", "w8a8+graph", "w4a8", "w4a8+graph",
+                        "w4a8+torch-decode"])
 def quant_engine(request, tokenizer, tmp_path_factory):
     """One engine per mode; ``w8a8+graph`` = w8a8 in graph mode (engine/compile.py), held to
     the same bounds: inductor fuses the per-token quantization (another rounding order at
-    code boundaries), so its tokens need not equal eager w8a8's, but its accuracy must hold."""
-    mode = request.param.removesuffix("+graph")
+    code boundaries), so its tokens need not equal eager w8a8's, but its accuracy must hold.
+    ``w4a8`` decodes through the native C step (engine/native_decode.py), ``w4a8+torch-decode``
+    through the torch model."""
+    mode = request.param.removesuffix("+torch-decode").removesuffix("+graph")
     mp = pytest.MonkeyPatch()
     mp.setenv("SCISSION_CACHE_DIR", str(tmp_path_factory.mktemp("scission_cache")))
     mp.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
     try:
         cfg = EngineConfig(num_threads=2, weight_quantization=mode,
-                           enforce_eager=not request.param.endswith("+graph"),
+                           enforce_eager="+graph" not in request.param,
+                           native_decode=not request.param.endswith("+torch-decode"),
                            cache=CacheConfig(num_blocks=256),
                            scheduler=SchedulerConfig(max_num_batched_tokens=512))
         engine = LLMEngine(cfg, tokenizer=tokenizer)

@@ -1,0 +1,213 @@
+/* One decode step of a Llama-family decoder in one C call (scission.kernels.llama_decode).
+ *
+ * For every layer, over n query tokens (one per request), float32 throughout:
+ *
+ *     x   = rms_norm(h, input_norm)                   (first layer; later: h += mlp, then norm)
+ *     qkv = w4a8(x, qkv) (+ bias)                      [n, (H + 2 H_kv) D]
+ *     q, k = rope(q), rope(k)                          neox halves, cos/sin rows per token
+ *     cache[slot_mapping[i]] = k, v                    paged K/V write
+ *     o   = softmax(q K^T * scale) V                   over each request's context (block table)
+ *     h  += w4a8(o, o_proj);  x = rms_norm(h, post_norm)
+ *     mlp = w4a8(silu(gate) * up, down),  [gate, up] = w4a8(x, gate_up)
+ *
+ * then h += mlp and out = rms_norm(h, final_norm). The linears are w4a8_gemv.c's kernel
+ * (included below, so one build holds both); the small parts are plain C loops with
+ * ``omp simd`` reductions. Decode at small batch is bound by the 4-bit weights (~84 MB per
+ * step for SmolLM2-135M): running the whole stack below Python removes the ~10 ms of
+ * per-op dispatch, graph guards and Python a torch step spends around ~5 ms of kernels at
+ * batch 1 (bench/README.md), as llama.cpp's graph executor does.
+ *
+ * The same arithmetic as the torch model (engine/model.py) with W4A8Linear layers, in
+ * another float32 summation order: the reference is kernels/reference.py
+ * ``ref_llama_decode_step`` (float64 around the w4a8 reference).
+ */
+#include "w4a8_gemv.c"
+
+#define LLAMA_DECODE_ABI 1
+
+/* The model as the step reads it. Per-layer arrays hold num_layers pointers. */
+typedef struct {
+    int64_t abi;                        /* LLAMA_DECODE_ABI */
+    int64_t num_layers, hidden, num_heads, num_kv_heads, head_dim, intermediate;
+    float rms_norm_eps, attn_scale;
+    const uint8_t *const *qkv;          /* pack_q4_1 of [(H + 2 H_kv) D, hidden] */
+    const float *const *qkv_bias;       /* NULL, or per layer [(H + 2 H_kv) D] */
+    const uint8_t *const *o_proj;       /* [hidden, H D] */
+    const uint8_t *const *gate_up;      /* [2 intermediate, hidden]: gate rows, then up rows */
+    const uint8_t *const *down;         /* [hidden, intermediate] */
+    const float *const *input_norm;     /* [hidden] */
+    const float *const *post_norm;      /* [hidden] */
+    const float *final_norm;            /* [hidden] */
+    float *const *k_cache;              /* layer's [num_blocks, block_size, H_kv, D] base */
+    float *const *v_cache;
+    int64_t num_blocks, block_size;
+    int64_t block_stride, slot_stride;  /* elements; a slot's [H_kv, D] is contiguous */
+} llama_decode_weights;
+
+int llama_decode_abi(void) { return LLAMA_DECODE_ABI; }
+
+static void rms_norm_row(const float *x, const float *w, int64_t d, float eps, float *y) {
+    float ss = 0.f;
+#pragma omp simd reduction(+ : ss)
+    for (int64_t j = 0; j < d; j++) ss += x[j] * x[j];
+    const float r = 1.f / sqrtf(ss / (float)d + eps);
+#pragma omp simd
+    for (int64_t j = 0; j < d; j++) y[j] = x[j] * r * w[j];
+}
+
+/* neox rotary on one head of D: (x1, x2) -> (x1 c - x2 s, x2 c + x1 s) */
+static void rope_head(float *x, const float *c, const float *s, int64_t half) {
+#pragma omp simd
+    for (int64_t j = 0; j < half; j++) {
+        const float x1 = x[j], x2 = x[j + half];
+        x[j] = x1 * c[j] - x2 * s[j];
+        x[j + half] = x2 * c[j] + x1 * s[j];
+    }
+}
+
+static inline const float *slot_row(const float *base, const llama_decode_weights *w,
+                                    int64_t block, int64_t off) {
+    return base + block * w->block_stride + off * w->slot_stride;
+}
+
+/* One query head of one request against its context of L tokens: o [D]. scores: [L]. */
+static void attend(const llama_decode_weights *w, const float *kb, const float *vb,
+                   const int32_t *table, int64_t L, int64_t kvh, const float *q, float *scores,
+                   float *o) {
+    const int64_t D = w->head_dim, bs = w->block_size, hoff = kvh * D;
+    float mx = -INFINITY;
+    for (int64_t p = 0; p < L; p++) {
+        const float *k = slot_row(kb, w, table[p / bs], p % bs) + hoff;
+        float dot = 0.f;
+#pragma omp simd reduction(+ : dot)
+        for (int64_t j = 0; j < D; j++) dot += q[j] * k[j];
+        scores[p] = dot * w->attn_scale;
+        mx = scores[p] > mx ? scores[p] : mx;
+    }
+    float sum = 0.f;
+    for (int64_t p = 0; p < L; p++) {
+        scores[p] = expf(scores[p] - mx);
+        sum += scores[p];
+    }
+    for (int64_t j = 0; j < D; j++) o[j] = 0.f;
+    for (int64_t p = 0; p < L; p++) {
+        const float *v = slot_row(vb, w, table[p / bs], p % bs) + hoff;
+        const float pr = scores[p];
+#pragma omp simd
+        for (int64_t j = 0; j < D; j++) o[j] += pr * v[j];
+    }
+    const float inv = 1.f / sum;
+#pragma omp simd
+    for (int64_t j = 0; j < D; j++) o[j] *= inv;
+}
+
+static int linear(const uint8_t *wq, const float *x, int64_t M, int64_t K, int64_t N, float *y,
+                  int nthreads) {
+    return w4a8_mm(x, M, K, wq, (N + NR - 1) / NR, K / QK * (int64_t)sizeof(tile_q4_1), N, y,
+                   nthreads);
+}
+
+/* One decode step: n requests, one token each.
+ *
+ *   h           [n, hidden] float32: the tokens' input embeddings (read only)
+ *   cos, sin    [n, D / 2] float32: rotary rows of each token's position
+ *   block_table [n, table_cols] int32, rows table_stride apart; seq_lens [n] int32 (context
+ *               incl. this token, >= 1)
+ *   slot_mapping [n] int64: where this token's K/V go (block * block_size + offset)
+ *   out         [n, hidden] float32: the final-normed hidden states (for the LM head)
+ *
+ * Returns 0; -2 (nothing written) for an argument out of range (ABI, shapes, a slot or block
+ * id past the cache, a context longer than the block table); -1 when scratch memory fails
+ * (the cache may hold part of this step's K/V: the caller fails the step's requests). */
+int llama_decode_step(const llama_decode_weights *w, int64_t n, const float *h,
+                      const float *cos, const float *sin, const int32_t *block_table,
+                      int64_t table_cols, int64_t table_stride, const int32_t *seq_lens,
+                      const int64_t *slot_mapping, float *out, int nthreads) {
+    if (!w || w->abi != LLAMA_DECODE_ABI || n <= 0 || table_cols > table_stride
+        || w->hidden % QK || w->head_dim % 2
+        || w->num_kv_heads <= 0 || w->num_heads % w->num_kv_heads || w->intermediate % QK
+        || (w->num_heads * w->head_dim) % QK)
+        return -2;
+    const int64_t Hd = w->hidden, D = w->head_dim, nh = w->num_heads, nkv = w->num_kv_heads;
+    const int64_t I = w->intermediate, qs = nh * D, kvs = nkv * D, qkv_n = qs + 2 * kvs;
+    const int64_t bs = w->block_size, cap = w->num_blocks * bs;
+    int64_t max_len = 1;
+    for (int64_t i = 0; i < n; i++) {
+        const int64_t L = seq_lens[i];
+        if (L < 1 || (L + bs - 1) / bs > table_cols || slot_mapping[i] < 0
+            || slot_mapping[i] >= cap)
+            return -2;
+        for (int64_t b = 0; b < (L + bs - 1) / bs; b++) {
+            const int32_t id = block_table[i * table_stride + b];
+            if (id < 0 || id >= w->num_blocks) return -2;
+        }
+        max_len = L > max_len ? L : max_len;
+    }
+    const size_t floats = (size_t)(n * (Hd + Hd + qkv_n + qs + 2 * I + I + Hd));
+    float *buf = (float *)malloc(floats * sizeof(float));
+    if (!buf) return -1;
+    float *res = buf, *x = res + n * Hd, *qkv = x + n * Hd, *att = qkv + n * qkv_n;
+    float *gu = att + n * qs, *act = gu + n * 2 * I, *mlp = act + n * I;
+    const int64_t gqa = nh / nkv, half = D / 2;
+    int rc = 0;
+    memcpy(res, h, (size_t)(n * Hd) * sizeof(float));
+    for (int64_t i = 0; i < n; i++) rms_norm_row(res + i * Hd, w->input_norm[0], Hd,
+                                                 w->rms_norm_eps, x + i * Hd);
+    for (int64_t l = 0; l < w->num_layers && !rc; l++) {
+        if (l > 0) {
+            for (int64_t i = 0; i < n * Hd; i++) res[i] += mlp[i];
+            for (int64_t i = 0; i < n; i++) rms_norm_row(res + i * Hd, w->input_norm[l], Hd,
+                                                         w->rms_norm_eps, x + i * Hd);
+        }
+        if ((rc = linear(w->qkv[l], x, n, Hd, qkv_n, qkv, nthreads))) break;
+        float *kc = w->k_cache[l], *vc = w->v_cache[l];
+        for (int64_t i = 0; i < n; i++) {
+            float *r = qkv + i * qkv_n;
+            if (w->qkv_bias && w->qkv_bias[l])
+                for (int64_t j = 0; j < qkv_n; j++) r[j] += w->qkv_bias[l][j];
+            for (int64_t hh = 0; hh < nh + nkv; hh++)  /* q heads then k heads */
+                rope_head(r + hh * D, cos + i * half, sin + i * half, half);
+            const int64_t slot = slot_mapping[i];
+            memcpy((float *)slot_row(kc, w, slot / bs, slot % bs), r + qs,
+                   (size_t)kvs * sizeof(float));
+            memcpy((float *)slot_row(vc, w, slot / bs, slot % bs), r + qs + kvs,
+                   (size_t)kvs * sizeof(float));
+        }
+        int failed = 0;
+#pragma omp parallel num_threads(nthreads > 0 ? nthreads : 1)
+        {
+            float *scores = (float *)malloc((size_t)max_len * sizeof(float));
+            if (!scores) {
+#pragma omp atomic write
+                failed = 1;
+            }
+#pragma omp for schedule(static)
+            for (int64_t t = 0; t < n * nh; t++) {
+                if (!scores) continue;
+                const int64_t i = t / nh, hh = t % nh;
+                attend(w, kc, vc, block_table + i * table_stride, seq_lens[i], hh / gqa,
+                       qkv + i * qkv_n + hh * D, scores, att + i * qs + hh * D);
+            }
+            free(scores);
+        }
+        if (failed) { rc = -1; break; }
+        if ((rc = linear(w->o_proj[l], att, n, qs, Hd, x, nthreads))) break;
+        for (int64_t i = 0; i < n * Hd; i++) res[i] += x[i];
+        for (int64_t i = 0; i < n; i++) rms_norm_row(res + i * Hd, w->post_norm[l], Hd,
+                                                     w->rms_norm_eps, x + i * Hd);
+        if ((rc = linear(w->gate_up[l], x, n, Hd, 2 * I, gu, nthreads))) break;
+        for (int64_t i = 0; i < n; i++) {
+            const float *g = gu + i * 2 * I, *u = g + I;
+            float *a = act + i * I;
+            for (int64_t j = 0; j < I; j++) a[j] = g[j] / (1.f + expf(-g[j])) * u[j];
+        }
+        if ((rc = linear(w->down[l], act, n, I, Hd, mlp, nthreads))) break;
+    }
+    if (!rc) {
+        for (int64_t i = 0; i < n * Hd; i++) res[i] += mlp[i];
+        for (int64_t i = 0; i < n; i++) rms_norm_row(res + i * Hd, w->final_norm, Hd,
+                                                     w->rms_norm_eps, out + i * Hd);
+    }
+    free(buf);
+    return rc;
+}
