@@ -142,9 +142,17 @@ class TorchAttentionBackend(AttentionBackend):
         # One decode row whose blocks are consecutive ids: (first slot, seq_len); its K/V
         # are then a view of the cache (no gather, no mask).
         self._decode_contig: tuple[int, int] | None = None
+        self._planned = False
 
     def plan(self, metadata: AttentionMetadata) -> None:
+        """Take the batch; the per-batch tensors are built at the first ``run`` (a step that
+        never calls ``run``, such as a native decode step, pays nothing for them)."""
         self._md = metadata
+        self._planned = False
+
+    def _plan_now(self) -> None:
+        metadata = self._md
+        self._planned = True
         bs = metadata.block_size
         table = metadata.block_table.to(torch.int64)
         self._decode_rows = [r for r, n in enumerate(metadata.query_lens) if n == 1]
@@ -174,6 +182,8 @@ class TorchAttentionBackend(AttentionBackend):
     def run(self, q, k, v, k_cache, v_cache, scale):
         md = self._md
         assert md is not None, "plan() must be called before run()"
+        if not self._planned:
+            self._plan_now()
         write_kv(k, v, k_cache, v_cache, md.slot_mapping, md.slots_all_valid)
         if not self._extend_rows:  # pure decode: row r of q is request r's token
             return self._decode(q, k_cache, v_cache, scale)

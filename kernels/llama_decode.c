@@ -70,12 +70,86 @@ static inline const float *slot_row(const float *base, const llama_decode_weight
     return base + block * w->block_stride + off * w->slot_stride;
 }
 
-/* One query head of one request against its context of L tokens: o [D]. scores: [L]. */
+#ifdef W4A8_AVX2
+/* e^x for x <= 0 (softmax after the max is subtracted): Cephes' expf (range reduction by ln 2
+ * in two parts, degree-6 polynomial, scale by 2^n), 8 lanes; within 2 ulp of expf. */
+static inline __m256 exp256_nonpositive(__m256 x) {
+    x = _mm256_max_ps(x, _mm256_set1_ps(-87.3f));
+    const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    x = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+    x = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), x);
+    __m256 y = _mm256_set1_ps(1.9875691500e-4f);
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.3981999507e-3f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(8.3334519073e-3f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(4.1665795894e-2f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.6666665459e-1f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(5.0000001201e-1f));
+    y = _mm256_add_ps(_mm256_fmadd_ps(y, _mm256_mul_ps(x, x), x), _mm256_set1_ps(1.f));
+    const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n),
+                                                         _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
+}
+#endif
+
+/* One query head of one request against its context of L tokens: o [D]. scores: [L].
+ * Two passes (scores and their max, then exp and the weighted sum of V), float32. With AVX2
+ * and D % 32 == 0 (64 and 128, the common head sizes): four independent accumulators per
+ * dot, exp eight at a time, and V summed into register accumulators. */
 static void attend(const llama_decode_weights *w, const float *kb, const float *vb,
                    const int32_t *table, int64_t L, int64_t kvh, const float *q, float *scores,
                    float *o) {
     const int64_t D = w->head_dim, bs = w->block_size, hoff = kvh * D;
-    float mx = -INFINITY;
+    float mx = -INFINITY, sum = 0.f;
+#ifdef W4A8_AVX2
+    if (D % 32 == 0) {
+        for (int64_t p = 0; p < L; p++) {
+            const float *k = slot_row(kb, w, table[p / bs], p % bs) + hoff;
+            __m256 s0 = _mm256_setzero_ps(), s1 = s0, s2 = s0, s3 = s0;
+            for (int64_t j = 0; j < D; j += 32) {
+                s0 = _mm256_fmadd_ps(_mm256_loadu_ps(q + j), _mm256_loadu_ps(k + j), s0);
+                s1 = _mm256_fmadd_ps(_mm256_loadu_ps(q + j + 8), _mm256_loadu_ps(k + j + 8), s1);
+                s2 = _mm256_fmadd_ps(_mm256_loadu_ps(q + j + 16), _mm256_loadu_ps(k + j + 16),
+                                     s2);
+                s3 = _mm256_fmadd_ps(_mm256_loadu_ps(q + j + 24), _mm256_loadu_ps(k + j + 24),
+                                     s3);
+            }
+            scores[p] = hsum(_mm256_add_ps(_mm256_add_ps(s0, s1), _mm256_add_ps(s2, s3)))
+                        * w->attn_scale;
+            mx = scores[p] > mx ? scores[p] : mx;
+        }
+        int64_t p = 0;
+        __m256 vsum = _mm256_setzero_ps();
+        for (; p + 8 <= L; p += 8) {
+            const __m256 e = exp256_nonpositive(_mm256_sub_ps(_mm256_loadu_ps(scores + p),
+                                                              _mm256_set1_ps(mx)));
+            _mm256_storeu_ps(scores + p, e);
+            vsum = _mm256_add_ps(vsum, e);
+        }
+        sum = hsum(vsum);
+        for (; p < L; p++) {
+            scores[p] = expf(scores[p] - mx);
+            sum += scores[p];
+        }
+        const __m256 inv = _mm256_set1_ps(1.f / sum);
+        for (int64_t j = 0; j < D; j += 32) {  /* 32 columns of o in 4 registers */
+            __m256 o0 = _mm256_setzero_ps(), o1 = o0, o2 = o0, o3 = o0;
+            for (int64_t t = 0; t < L; t++) {
+                const float *v = slot_row(vb, w, table[t / bs], t % bs) + hoff + j;
+                const __m256 pr = _mm256_broadcast_ss(scores + t);
+                o0 = _mm256_fmadd_ps(pr, _mm256_loadu_ps(v), o0);
+                o1 = _mm256_fmadd_ps(pr, _mm256_loadu_ps(v + 8), o1);
+                o2 = _mm256_fmadd_ps(pr, _mm256_loadu_ps(v + 16), o2);
+                o3 = _mm256_fmadd_ps(pr, _mm256_loadu_ps(v + 24), o3);
+            }
+            _mm256_storeu_ps(o + j, _mm256_mul_ps(o0, inv));
+            _mm256_storeu_ps(o + j + 8, _mm256_mul_ps(o1, inv));
+            _mm256_storeu_ps(o + j + 16, _mm256_mul_ps(o2, inv));
+            _mm256_storeu_ps(o + j + 24, _mm256_mul_ps(o3, inv));
+        }
+        return;
+    }
+#endif
     for (int64_t p = 0; p < L; p++) {
         const float *k = slot_row(kb, w, table[p / bs], p % bs) + hoff;
         float dot = 0.f;
@@ -84,7 +158,6 @@ static void attend(const llama_decode_weights *w, const float *kb, const float *
         scores[p] = dot * w->attn_scale;
         mx = scores[p] > mx ? scores[p] : mx;
     }
-    float sum = 0.f;
     for (int64_t p = 0; p < L; p++) {
         scores[p] = expf(scores[p] - mx);
         sum += scores[p];

@@ -41,7 +41,7 @@ FLAGS = ("-O3", "-march=native", "-fopenmp", "-std=c11")
 PORTABLE_FLAGS = (*FLAGS, "-DSCISSION_W4A8_PORTABLE")  # the plain-C path, for tests
 
 __all__ = ["BLOCK_SIZE", "TILE_BYTES", "TILE_ROWS", "KernelBuildError", "library",
-           "pack_q4_1", "w4a8_mm", "w4a8_mm_with"]
+           "pack_q4_1", "rescored_head_with", "w4a8_mm", "w4a8_mm_with"]
 
 
 @functools.cache
@@ -56,6 +56,11 @@ def library(portable: bool = False) -> ctypes.CDLL:
                             ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p,
                             ctypes.c_int]
     lib.w4a8_mm.restype = ctypes.c_int
+    lib.w4a8_rescored_head.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
+                                       ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
+                                       ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p,
+                                       ctypes.c_int64, ctypes.c_void_p, ctypes.c_int]
+    lib.w4a8_rescored_head.restype = ctypes.c_int
     if (lib.w4a8_tile_bytes(), lib.w4a8_tile_rows()) != (TILE_BYTES, TILE_ROWS):
         raise KernelBuildError(f"{SOURCE.name}: tiles of {lib.w4a8_tile_rows()} rows and "
                                f"{lib.w4a8_tile_bytes()} bytes, expected {TILE_ROWS} and "
@@ -127,6 +132,49 @@ def w4a8_mm_with(lib: ctypes.CDLL, x: torch.Tensor, blocks: torch.Tensor,
                          f"{BLOCK_SIZE}, blocks [ceil(N / {TILE_ROWS}), K // {BLOCK_SIZE} * "
                          f"{TILE_BYTES}])")
     return y
+
+
+def rescored_head_with(lib: ctypes.CDLL, x: torch.Tensor, blocks: torch.Tensor,
+                       weight_int8: torch.Tensor, scales: torch.Tensor, top_k: int
+                       ) -> torch.Tensor:
+    """A rescored LM head in one C call: ``w4a8_mm_with(lib, x, blocks, V)``, then in each
+    row the ``top_k`` largest logits recomputed as ``(weight_int8[v] . bf16(x)) * scales[v]``
+    (float32 sums of the int8 weights times x rounded to bfloat16), as
+    ``engine/quant.py: RescoredInt4Head`` computes them in torch.
+
+    Args:
+        x: ``[M, K]`` float32, contiguous.
+        blocks: ``pack_q4_1`` of the ``[V, K]`` 4-bit weight.
+        weight_int8: ``[V, K]`` int8, contiguous; scales: ``[V]`` bfloat16.
+        top_k: rows rescored per row of x, ``0 <= top_k <= V``.
+    Returns: ``[M, V]`` float32 logits.
+    Raises:
+        ValueError: dtypes, layouts or shapes do not fit.
+        MemoryError: the kernel could not allocate its scratch.
+    """
+    v = weight_int8.shape[0] if weight_int8.dim() == 2 else -1
+    if x.dtype != torch.float32 or x.dim() != 2 or not x.is_contiguous() \
+            or weight_int8.dtype != torch.int8 or weight_int8.shape != (v, x.shape[1]) \
+            or not weight_int8.is_contiguous() or scales.dtype != torch.bfloat16 \
+            or scales.shape != (v,) or not scales.is_contiguous() \
+            or blocks.dtype != torch.uint8 or blocks.dim() != 2 or not blocks.is_contiguous():
+        raise ValueError(f"rescored head: x float32 [M, K], weight_int8 int8 [V, K], scales "
+                         f"bfloat16 [V], blocks uint8 (all contiguous); got {x.dtype} "
+                         f"{tuple(x.shape)}, {weight_int8.dtype} {tuple(weight_int8.shape)}, "
+                         f"{scales.dtype} {tuple(scales.shape)}, {blocks.dtype} "
+                         f"{tuple(blocks.shape)}")
+    m, k = x.shape
+    logits = x.new_empty((m, v))
+    rc = lib.w4a8_rescored_head(x.data_ptr(), m, k, blocks.data_ptr(), blocks.shape[0],
+                                blocks.shape[1], v, weight_int8.data_ptr(), scales.data_ptr(),
+                                top_k, logits.data_ptr(), torch.get_num_threads())
+    if rc == -1:
+        raise MemoryError("rescored head: no memory for its scratch")
+    if rc:
+        raise ValueError(f"rescored head: blocks {tuple(blocks.shape)} do not fit x "
+                         f"{tuple(x.shape)} and {v} outputs, or top_k {top_k} is not in "
+                         f"[0, {v}]")
+    return logits
 
 
 # The op is registered with torch.library.Library rather than torch.library.custom_op: the

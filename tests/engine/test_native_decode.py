@@ -19,10 +19,13 @@ from scission.kernels.reference import rel_error
 CLEAR_MARGIN = 1.0  # logits: a top-1 lead this large must not flip between the two paths
 # The two paths round float32 sums in different orders; through 30 layers a few int8
 # activation codes then round the other way (a code step is max|x| / 127 of its block), so
-# the final hidden states differ by ~1-3 % (measured 0.012-0.032 on the prompts below, AVX2)
-# while the first layers agree to ~1e-7.
+# the final hidden states differ by ~1-3 % (measured 0.012-0.032 on the prompts below, AVX2).
+# Layer 0's K/V (embedding -> norm -> qkv -> rope) agree to ~1e-7 except where such a code
+# flips: measured 1.4e-4 over the whole layer. A wiring error (a wrong weight, row, slot or
+# layout) is an O(1) error in both; the kernel's own arithmetic is checked to 1e-5 against
+# float64 in tests/kernels/test_llama_decode.py.
 HIDDEN_REL_TOL = 0.08
-LAYER0_KV_REL_TOL = 1e-5  # layer 0's K/V come from the embeddings through identical arithmetic
+LAYER0_KV_REL_TOL = 2e-3
 
 PROMPTS = ["The capital of France is", "Write a haiku about the sea.", "def fibonacci(n):",
            "List three prime numbers and explain why they are prime."]

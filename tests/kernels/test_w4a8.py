@@ -108,6 +108,31 @@ def test_thread_count_does_not_change_the_result():
     assert torch.equal(one, two)  # each output row is summed by one thread, in one order
 
 
+@pytest.mark.parametrize("top_k", [0, 1, 16, 130])
+def test_rescored_head_matches_its_float64_definition(lib, top_k):
+    """Coarse w4a8 logits, then each row's top_k recomputed from int8 weights and bf16 x:
+    the same rows as torch.topk picks and float64 values of the rescored ones."""
+    gen = torch.Generator().manual_seed(top_k)
+    v, k = 130, 96
+    codes, scales, mins = random_q4_1(v, k, gen)
+    blocks = w4a8.pack_q4_1(codes, scales, mins)
+    weight_int8 = torch.randint(-127, 128, (v, k), generator=gen, dtype=torch.int8)
+    row_scales = (torch.rand(v, generator=gen) * 0.01 + 1e-3).to(torch.bfloat16)
+    x = torch.randn(3, k, generator=gen)
+    got = w4a8.rescored_head_with(lib, x, blocks, weight_int8, row_scales, top_k)
+    coarse = w4a8.w4a8_mm_with(lib, x, blocks, v)
+    want = coarse.double()
+    if top_k:
+        idx = coarse.topk(top_k, dim=-1).indices
+        fine = torch.einsum("mtk,mk->mt", weight_int8[idx].double(),
+                            x.to(torch.bfloat16).double()) * row_scales[idx].double()
+        want.scatter_(1, idx, fine)
+    assert got.shape == (3, v) and got.dtype == torch.float32
+    assert torch.allclose(got.double(), want, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="top_k"):
+        w4a8.rescored_head_with(lib, x, blocks, weight_int8, row_scales, v + 1)
+
+
 def test_op_inside_a_compiled_graph_equals_eager(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
     gen = torch.Generator().manual_seed(5)
