@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from scission.bench.cli_main import bench_main, report
-from scission.engine.config import CacheConfig, EngineConfig
+from scission.engine.config import WEIGHT_QUANTIZATION_CHOICES, CacheConfig, EngineConfig
 
 logger = logging.getLogger(__name__)
 
@@ -58,6 +58,7 @@ class WorkerVsEngineConfig:
     # ``scission up --colocated 1`` gives its one worker
     threads: int = field(default_factory=lambda: len(os.sched_getaffinity(0)))
     dtype: str = "float32"
+    weight_quantization: str = "none"  # EngineConfig.weight_quantization (w4a8: native decode)
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -69,6 +70,7 @@ class WorkerVsEngineConfig:
     @property
     def engine(self) -> EngineConfig:
         return EngineConfig(dtype=self.dtype, num_threads=self.threads,
+                            weight_quantization=self.weight_quantization,
                             cache=CacheConfig(enable_prefix_caching=False))
 
 
@@ -379,6 +381,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="torch threads of the engine and of the worker (default: the cores "
                         "this process may use)")
     p.add_argument("--dtype", default=d.dtype, choices=["float32", "bfloat16"])
+    p.add_argument("--weight-quantization", default=d.weight_quantization,
+                   choices=WEIGHT_QUANTIZATION_CHOICES,
+                   help="quantized linears on both sides (EngineConfig.weight_quantization; "
+                        "w4a8 decodes through the native C step)")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--label", default=None, help="result file suffix (default t<threads>)")
     p.add_argument("--output-dir", type=Path, default=RESULTS_DIR)
@@ -388,7 +394,8 @@ def run_cli(args: argparse.Namespace) -> int:
     cfg = WorkerVsEngineConfig(
         batch_sizes=tuple(int(b) for b in args.batch_sizes.split(",")),
         prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens, rounds=args.rounds,
-        threads=args.threads, dtype=args.dtype, seed=args.seed)
+        threads=args.threads, dtype=args.dtype,
+        weight_quantization=args.weight_quantization, seed=args.seed)
     doc = run(cfg)
     output = args.output_dir / f"worker_vs_engine_{args.label or f't{cfg.threads}'}.json"
     output.parent.mkdir(parents=True, exist_ok=True)

@@ -130,8 +130,8 @@ class LlamaForCausalLM(nn.Module):
         if mm_rows is not None:  # image positions: the vision encoder's output, not the table
             h.index_copy_(0, mm_rows, mm_embeds.to(h.dtype))
         md = getattr(attn, "metadata", None)
-        if self.native_decode is not None and md is not None and md.is_pure_decode \
-                and mm_rows is None:
+        if self.native_decode is not None and md is not None and mm_rows is None \
+                and self.native_decode.handles(md):
             return self.native_decode.forward_embeds(h, positions, md)
         run = self.compiled.forward_embeds if self.compiled is not None else self.forward_embeds
         return run(h, positions, kv_caches, attn)

@@ -24,7 +24,7 @@ import torch
 from scission.engine.attention import AttentionMetadata
 from scission.engine.kv_cache import KVCache
 from scission.engine.model import LlamaForCausalLM
-from scission.engine.quant import DECODER_LINEARS, W4A8Linear
+from scission.engine.quant import DECODER_LINEARS, W4A8_MAX_PACKED_ROWS, W4A8Linear
 
 logger = logging.getLogger(__name__)
 
@@ -48,6 +48,10 @@ def native_decode_unsupported(model: LlamaForCausalLM, kv_cache: KVCache) -> str
 class NativeDecoder:
     """Runs pure-decode steps of ``model`` over ``kv_cache`` through ``LlamaDecodeStep``.
 
+    Steps of up to ``max_batch`` requests (``W4A8_MAX_PACKED_ROWS``, where the torch path's
+    ``W4A8Linear`` also stops using the packed kernel: larger batches are compute-bound and
+    run faster as dense GEMMs) are native; larger ones keep the torch path.
+
     Raises:
         ValueError: ``native_decode_unsupported`` gives a reason, or a tensor does not fit.
         KernelBuildError: the C step cannot be built here.
@@ -66,10 +70,15 @@ class NativeDecoder:
                                qkv_bias=layer.qkv.bias)
                   for layer in model.layers]
         self.model = model
+        self.max_batch = W4A8_MAX_PACKED_ROWS
         self.step = LlamaDecodeStep(
             num_heads=cfg.num_heads, num_kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim,
             intermediate_size=cfg.intermediate_size, rms_norm_eps=cfg.rms_norm_eps,
             layers=layers, final_norm=model.norm, kv_caches=kv_cache.layers)
+
+    def handles(self, md: AttentionMetadata) -> bool:
+        """True for a pure-decode step of at most ``max_batch`` requests."""
+        return md.is_pure_decode and md.num_reqs <= self.max_batch
 
     def forward_embeds(self, h: torch.Tensor, positions: torch.Tensor,
                        md: AttentionMetadata) -> torch.Tensor:

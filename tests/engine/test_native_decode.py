@@ -13,6 +13,7 @@ import torch
 from scission.engine.config import CacheConfig, EngineConfig, SchedulerConfig
 from scission.engine.llm_engine import LLMEngine
 from scission.engine.native_decode import NativeDecoder, native_decode_unsupported
+from scission.engine.quant import W4A8_MAX_PACKED_ROWS
 from scission.engine.request import SamplingParams
 from scission.kernels.reference import rel_error
 
@@ -129,3 +130,15 @@ def test_tokens_do_not_depend_on_the_batch(engine, tokenizer):
     alone = [run(engine, [ids], 24)[0] for ids in prompts]
     assert together == alone
     assert engine.num_free_blocks == engine.block_manager.num_blocks
+
+
+def test_which_steps_it_takes(engine):
+    """Pure-decode steps up to W4A8Linear's packed-row limit; prefill, mixed and larger steps
+    stay on the torch path (dense GEMMs win there)."""
+    decoder = engine.model.native_decode
+    assert decoder.max_batch == W4A8_MAX_PACKED_ROWS
+    assert decoder.handles(SimpleNamespace(is_pure_decode=True, num_reqs=1))
+    assert decoder.handles(SimpleNamespace(is_pure_decode=True, num_reqs=W4A8_MAX_PACKED_ROWS))
+    assert not decoder.handles(SimpleNamespace(is_pure_decode=True,
+                                               num_reqs=W4A8_MAX_PACKED_ROWS + 1))
+    assert not decoder.handles(SimpleNamespace(is_pure_decode=False, num_reqs=2))
