@@ -5,7 +5,7 @@
 SiLU-gated MLP, residuals, the final norm) for n requests of one token each, float32 with
 4-bit (Q4_1) weights and int8 activations, and returns the final hidden states for the LM
 head. A torch step at batch 1 spends ~5 ms in the linears' kernel and ~10 ms around it in
-op dispatch, graph guards and Python (bench/README.md "Latest (session 15)"); one C call per
+op dispatch, graph guards and Python (bench/README.md "Session 15"); one C call per
 step leaves the kernels, as llama.cpp's graph executor does.
 
 ``LlamaDecodeStep`` holds the model's tensors (packed weights, norms, the cache views) and the

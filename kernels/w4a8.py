@@ -15,7 +15,7 @@ Decode at batch 1 is bound by the weight bytes a step reads; torch's packed int4
 (``_weight_int4pack_mm_for_cpu``) converts the codes to bfloat16 and multiplies in floating
 point, which on a 2-core AVX2 CPU is compute-bound at ~8 GB/s. This kernel runs a decode
 step's 121 linears 1.67x faster there (1.2-2.1x per shape; ``bench/quant_kernels.py``,
-bench/README.md "Latest (session 15)"). The int8 activations are the
+bench/README.md "Session 15"). The int8 activations are the
 accuracy cost, as in llama.cpp (tests/engine/test_quant_engine.py states it against HF).
 
 ``w4a8_mm`` is the op ``scission::w4a8_mm``, so graph mode (engine/compile.py) calls it

@@ -40,6 +40,11 @@ GREEDY_TOKENS = 32
 #     greedy all 32 on 3/22, mean 18.8. w4a8+graph: 0.0270-0.0753 (mean 0.0457), 21/22 (the
 #     same prompt), greedy mean 16.8: the int8 activations cost about what int4's bfloat16
 #     ones do, plus the rounding of a few activation codes near a half step.
+#   w4a8 decoding through the native C step (engine/native_decode.py; the default), AVX2,
+#     2026-12-01: the logits above are the prefill's (torch path), unchanged; greedy mean 16.8
+#     (full 2/22), 20.9 with graph-mode prefill; the torch decode step (w4a8+torch-decode)
+#     18.8. Another float32 summation order rounds other activation codes: the spread between
+#     these is that, not a loss of accuracy.
 # Bounds: ~1.5x the worst relative error; top-1 equal on every prompt where HF's top-1 leads
 # its second by >= CLEAR_MARGIN logits, at most MAX_TOP1_FLIPS near-ties flipped; greedy mean
 # at least half of what was measured (a single near-tie shifts a divergence point by many
