@@ -112,14 +112,15 @@ class LLMEngine:
         self.scheduler = Scheduler(config.scheduler, self.block_manager)
         attn = make_attention_backend(config.attention_backend, config.device)
         self.runner = ModelRunner(self.model, self.kv_cache, attn)
-        if not config.enforce_eager:  # graph mode: compile now, not on the first request
-            from scission.engine.compile import enable_graph_mode
-
-            enable_graph_mode(self.model, self.kv_cache, attn)
         if config.native_decode and config.weight_quantization == "w4a8":
             from scission.engine.native_decode import enable_native_decode
 
             enable_native_decode(self.model, self.kv_cache)
+        if not config.enforce_eager:  # graph mode: compile now, not on the first request
+            from scission.engine.compile import enable_graph_mode
+
+            # after native decode: its warm-up then compiles only what torch still runs
+            enable_graph_mode(self.model, self.kv_cache, attn)
         self.requests: dict[str, Request] = {}
         self.held: dict[str, Request] = {}  # prefill role: finished, blocks pinned
         self._detok: dict[str, IncrementalDetokenizer] = {}
