@@ -298,6 +298,13 @@ def enable_graph_mode(model: LlamaForCausalLM, kv_cache, attn,
     bs = kv_cache.block_size
     device = kv_cache.tensor.device
 
+    prefill = getattr(model, "native_decode", None) is not None
+    if prefill:  # quantized linears switch to their dense copy past max_packed_rows: a 2nd graph
+        rows = getattr(model.layers[0].qkv, "max_packed_rows", None)
+        warmup_tokens = (max(warmup_tokens),) + ((rows + 1,) if rows else ())
+        warmup_tokens = tuple(n for n in warmup_tokens if -(-n // bs) <= kv_cache.num_blocks)
+    used_blocks = -(-max(warmup_tokens, default=1) // bs) if prefill else 1
+
     def run_step(n: int) -> None:
         i32 = dict(dtype=torch.int32, device=device)
         if not prefill:  # n requests decoding their second token, all in block 0
@@ -319,13 +326,8 @@ def enable_graph_mode(model: LlamaForCausalLM, kv_cache, attn,
         with torch.inference_mode():
             model(ids, torch.ones_like(ids), kv_cache.layers, attn)
 
-    prefill = getattr(model, "native_decode", None) is not None
-    if prefill:  # quantized linears switch to their dense copy past max_packed_rows: a 2nd graph
-        rows = getattr(model.layers[0].qkv, "max_packed_rows", None)
-        warmup_tokens = (max(warmup_tokens),) + ((rows + 1,) if rows else ())
-        warmup_tokens = tuple(n for n in warmup_tokens if -(-n // bs) <= kv_cache.num_blocks)
     compiled.warmup(run_step, warmup_tokens)
     with torch.inference_mode():
-        for block in range(-(-max(warmup_tokens, default=1) // bs) if prefill else 1):
+        for block in range(used_blocks):
             kv_cache.zero_block(block)
     return compiled

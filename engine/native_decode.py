@@ -32,7 +32,8 @@ logger = logging.getLogger(__name__)
 def native_decode_unsupported(model: LlamaForCausalLM, kv_cache: KVCache) -> str | None:
     """Why ``NativeDecoder`` cannot run this model and cache, or None when it can."""
     if model.dtype != torch.float32 or kv_cache.dtype != torch.float32:
-        return f"needs float32 activations and KV cache, the model is {model.dtype}"
+        return (f"needs a float32 model and KV cache, got {model.dtype} and "
+                f"{kv_cache.dtype}")
     if kv_cache.tensor.device.type != "cpu":
         return f"runs on CPU, the KV cache is on {kv_cache.tensor.device}"
     for i, layer in enumerate(model.layers):
@@ -92,11 +93,15 @@ class NativeDecoder:
 
 def enable_native_decode(model: LlamaForCausalLM, kv_cache: KVCache) -> NativeDecoder | None:
     """Install a ``NativeDecoder`` on ``model`` (``model.native_decode``) when it can run;
-    logs why not and returns None otherwise (the torch path serves every step then)."""
-    reason = native_decode_unsupported(model, kv_cache)
-    if reason:
-        logger.warning("native decode off: %s", reason)
+    logs why not and returns None otherwise (the torch path serves every step then).
+
+    Raises:
+        KernelBuildError: the C step cannot be built here.
+    """
+    try:
+        model.native_decode = NativeDecoder(model, kv_cache)
+    except ValueError as e:
+        logger.warning("%s; decoding through torch", e)
         return None
-    model.native_decode = NativeDecoder(model, kv_cache)
     logger.info("native decode on: pure-decode steps run as one C call (kernels/llama_decode.c)")
     return model.native_decode

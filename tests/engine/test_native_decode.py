@@ -9,12 +9,12 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from engine_helpers import greedy_tokens
 
 from scission.engine.config import CacheConfig, EngineConfig, SchedulerConfig
 from scission.engine.llm_engine import LLMEngine
 from scission.engine.native_decode import NativeDecoder, native_decode_unsupported
 from scission.engine.quant import W4A8_MAX_PACKED_ROWS
-from scission.engine.request import SamplingParams
 from scission.kernels.reference import rel_error
 
 CLEAR_MARGIN = 1.0  # logits: a top-1 lead this large must not flip between the two paths
@@ -44,17 +44,6 @@ def engine(tokenizer, tmp_path_factory):
     finally:
         mp.undo()
     return eng
-
-
-def run(engine: LLMEngine, prompts: list[list[int]], max_tokens: int) -> list[list[int]]:
-    params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
-    for i, ids in enumerate(prompts):
-        engine.add_request(f"r{i}", ids, params)
-    tokens: dict[str, list[int]] = {f"r{i}": [] for i in range(len(prompts))}
-    while engine.has_unfinished():
-        for out in engine.step():
-            tokens[out.request_id].extend(out.new_token_ids)
-    return [tokens[f"r{i}"] for i in range(len(prompts))]
 
 
 def test_on_for_w4a8_float32_and_why_not_elsewhere(engine):
@@ -110,7 +99,7 @@ def test_pure_decode_steps_match_the_torch_step(engine, tokenizer):
 
     runner.execute = compare_then_execute
     try:
-        run(engine, [tokenizer.encode(p) for p in PROMPTS], 24)
+        greedy_tokens(engine, [tokenizer.encode(p) for p in PROMPTS], 24)
     finally:
         del runner.execute
     assert len(checked) >= 20
@@ -126,8 +115,8 @@ def test_tokens_do_not_depend_on_the_batch(engine, tokenizer):
     in the batch (per-row activation quantization, per-request attention), so greedy tokens
     of requests decoded together equal each request decoded alone."""
     prompts = [tokenizer.encode(p) for p in PROMPTS]
-    together = run(engine, prompts, 24)
-    alone = [run(engine, [ids], 24)[0] for ids in prompts]
+    together = greedy_tokens(engine, prompts, 24)
+    alone = [greedy_tokens(engine, [ids], 24)[0] for ids in prompts]
     assert together == alone
     assert engine.num_free_blocks == engine.block_manager.num_blocks
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from engine_helpers import greedy_tokens
 
 from scission.engine.config import CacheConfig, EngineConfig, SchedulerConfig
 from scission.engine.llm_engine import LLMEngine
@@ -116,17 +117,6 @@ def last_logits(engine: LLMEngine, ids: list[int]) -> torch.Tensor:
     return seen[0][-1].float()
 
 
-def greedy(engine: LLMEngine, prompts: list[list[int]], n: int) -> list[list[int]]:
-    params = SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True)
-    for i, ids in enumerate(prompts):
-        engine.add_request(f"greedy-{i}", ids, params)
-    tokens: dict[str, list[int]] = {f"greedy-{i}": [] for i in range(len(prompts))}
-    while engine.has_unfinished():
-        for out in engine.step():
-            tokens[out.request_id].extend(out.new_token_ids)
-    return [tokens[f"greedy-{i}"] for i in range(len(prompts))]
-
-
 def agreement(a: list[int], b: list[int]) -> int:
     """Number of leading tokens equal in ``a`` and ``b``."""
     return next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y),
@@ -167,7 +157,7 @@ def test_logits_close_to_hf_float32(quant_engine, hf_model, chat_prompt_ids):
 def test_greedy_agrees_with_hf_float32(quant_engine, chat_prompt_ids, hf_greedy_tokens):
     """Batched greedy decode (all 22 prompts at once, so the packed decode kernels and the dense
     prefill path both run) against HF's float32 greedy tokens."""
-    got = greedy(quant_engine, chat_prompt_ids, GREEDY_TOKENS)
+    got = greedy_tokens(quant_engine, chat_prompt_ids, GREEDY_TOKENS)
     lengths = [agreement(g, r) for g, r in zip(got, hf_greedy_tokens, strict=True)]
     mean = sum(lengths) / len(lengths)
     print(f"{quant_engine.mode}: greedy agreement {lengths} mean {mean:.1f}, "

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from engine_helpers import greedy_tokens
 
 from scission.engine.config import AttentionBackendKind, CacheConfig, EngineConfig, SchedulerConfig
 from scission.engine.llm_engine import LLMEngine
@@ -29,17 +30,6 @@ def save_tiny(tmp_path, arch: str) -> str:
     path = tmp_path / arch
     model.save_pretrained(path, safe_serialization=True)
     return str(path)
-
-
-def greedy(engine: LLMEngine, prompts: list[list[int]], n: int) -> list[list[int]]:
-    params = SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True)
-    for i, ids in enumerate(prompts):
-        engine.add_request(str(i), ids, params)
-    out: dict[str, list[int]] = {str(i): [] for i in range(len(prompts))}
-    while engine.has_unfinished():
-        for o in engine.step():
-            out[o.request_id].extend(o.new_token_ids)
-    return [out[str(i)] for i in range(len(prompts))]
 
 
 def make_engine(path: str, tokenizer, backend: AttentionBackendKind,
@@ -81,7 +71,7 @@ def test_triton_backend_equals_torch_backend(tmp_path, tokenizer):
     chunks and decodes of ragged prompts."""
     path = save_tiny(tmp_path, "llama")
     prompts = [list(range(200, 237)), list(range(300, 305)), list(range(400, 417))]
-    want = greedy(make_engine(path, tokenizer, AttentionBackendKind.TORCH), prompts, 8)
-    got = greedy(make_engine(path, tokenizer, AttentionBackendKind.TRITON), prompts, 8)
+    want = greedy_tokens(make_engine(path, tokenizer, AttentionBackendKind.TORCH), prompts, 8)
+    got = greedy_tokens(make_engine(path, tokenizer, AttentionBackendKind.TRITON), prompts, 8)
     assert got == want
     assert len({tuple(t) for t in want}) > 1  # not a degenerate model

@@ -4,6 +4,8 @@ both KV layouts, a qkv bias, both builds, and bad input refused with nothing wri
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import pytest
 import torch
 
@@ -70,18 +72,39 @@ def make_step(packed, final_norm, layers, portable=False):
         layers=packed, final_norm=final_norm, kv_caches=layers, portable=portable)
 
 
+@dataclass
+class Case:
+    """A random model, its KV cache and a batch, from one seed."""
+
+    refs: list
+    packed: list
+    final_norm: torch.Tensor
+    cache: torch.Tensor  # the whole cache tensor
+    layers: list  # per layer (k, v) views of it
+    inputs: tuple  # h, cos, sin, block_table, seq_lens, slot_mapping
+
+    @classmethod
+    def make(cls, seed: int, bias: bool = False, block_major: bool = False) -> Case:
+        gen = torch.Generator().manual_seed(seed)
+        refs, packed, final_norm = random_model(gen, bias)
+        cache, layers = kv_caches(gen, block_major)
+        return cls(refs, packed, final_norm, cache, layers, batch(gen))
+
+    def step(self, portable: bool = False) -> llama_decode.LlamaDecodeStep:
+        return make_step(self.packed, self.final_norm, self.layers, portable)
+
+
 @pytest.mark.parametrize("portable", [False, True], ids=["native", "portable"])
 @pytest.mark.parametrize("block_major", [False, True], ids=["layer_major", "block_major"])
 @pytest.mark.parametrize("bias", [False, True], ids=["no_bias", "qkv_bias"])
 def test_step_matches_float64_reference(portable, block_major, bias):
-    gen = torch.Generator().manual_seed(int(portable) * 4 + int(block_major) * 2 + int(bias))
-    refs, packed, final_norm = random_model(gen, bias)
-    cache, layers = kv_caches(gen, block_major)
-    h, cos, sin, table, seq_lens, slots = batch(gen)
+    c = Case.make(int(portable) * 4 + int(block_major) * 2 + int(bias), bias, block_major)
+    cache, layers = c.cache, c.layers
+    h, cos, sin, table, seq_lens, slots = c.inputs
     ref_cache, ref_layers = kv_caches(torch.Generator().manual_seed(0), block_major)
     ref_cache.copy_(cache)
-    out = make_step(packed, final_norm, layers, portable)(h, cos, sin, table, seq_lens, slots)
-    ref = ref_llama_decode_step(h, cos, sin, refs, final_norm, ref_layers, table, seq_lens,
+    out = c.step(portable)(*c.inputs)
+    ref = ref_llama_decode_step(h, cos, sin, c.refs, c.final_norm, ref_layers, table, seq_lens,
                                 slots, NH, NKV, EPS)
     assert out.dtype == torch.float32 and out.shape == (3, HIDDEN)
     assert rel_error(out, ref) < REL_TOL
@@ -91,30 +114,25 @@ def test_step_matches_float64_reference(portable, block_major, bias):
     untouched[slots] = False
     rows = NUM_BLOCKS * BS
     for (k, v), (rk, rv) in zip(layers, ref_layers, strict=True):
-        for c, rc in ((k, rk), (v, rv)):
-            assert torch.equal(c.reshape(rows, NKV, D)[untouched],
-                               rc.reshape(rows, NKV, D)[untouched])
+        for got, want in ((k, rk), (v, rv)):
+            assert torch.equal(got.reshape(rows, NKV, D)[untouched],
+                               want.reshape(rows, NKV, D)[untouched])
 
 
 def test_thread_counts_agree_bitwise():
-    gen = torch.Generator().manual_seed(11)
-    refs, packed, final_norm = random_model(gen, False)
-    cache, layers = kv_caches(gen, False)
-    h, cos, sin, table, seq_lens, slots = batch(gen)
-    step = make_step(packed, final_norm, layers)
-    start = cache.clone()
-    one = step(h, cos, sin, table, seq_lens, slots, num_threads=1)
-    cache.copy_(start)
-    two = step(h, cos, sin, table, seq_lens, slots, num_threads=2)
+    c = Case.make(11)
+    step = c.step()
+    start = c.cache.clone()
+    one = step(*c.inputs, num_threads=1)
+    c.cache.copy_(start)
+    two = step(*c.inputs, num_threads=2)
     assert torch.equal(one, two)
 
 
 @pytest.mark.parametrize("what", ["slot", "block_id", "seq_len", "zero_len"])
 def test_out_of_range_input_is_refused_and_writes_nothing(what):
-    gen = torch.Generator().manual_seed(5)
-    refs, packed, final_norm = random_model(gen, False)
-    cache, layers = kv_caches(gen, False)
-    h, cos, sin, table, seq_lens, slots = batch(gen)
+    c = Case.make(5)
+    h, cos, sin, table, seq_lens, slots = c.inputs
     if what == "slot":
         slots[1] = NUM_BLOCKS * BS
     elif what == "block_id":
@@ -123,18 +141,17 @@ def test_out_of_range_input_is_refused_and_writes_nothing(what):
         seq_lens[2] = 3 * BS + 1  # longer than the table's 3 blocks
     else:
         seq_lens[0] = 0
-    before = cache.clone()
+    before = c.cache.clone()
     with pytest.raises(ValueError, match="out of range"):
-        make_step(packed, final_norm, layers)(h, cos, sin, table, seq_lens, slots)
-    assert torch.equal(cache, before)
+        c.step()(*c.inputs)
+    assert torch.equal(c.cache, before)
 
 
 def test_wrong_shapes_and_dtypes_name_the_tensor():
-    gen = torch.Generator().manual_seed(6)
-    refs, packed, final_norm = random_model(gen, False)
-    cache, layers = kv_caches(gen, False)
-    h, cos, sin, table, seq_lens, slots = batch(gen)
-    step = make_step(packed, final_norm, layers)
+    c = Case.make(6)
+    packed, final_norm, layers = c.packed, c.final_norm, c.layers
+    h, cos, sin, table, seq_lens, slots = c.inputs
+    step = c.step()
     with pytest.raises(ValueError, match="^h: "):
         step(h.double(), cos, sin, table, seq_lens, slots)
     with pytest.raises(ValueError, match="^slot_mapping: "):
