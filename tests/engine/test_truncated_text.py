@@ -4,7 +4,8 @@ Llama with the default tokenizer, whose byte-level tokens split characters)."""
 
 from __future__ import annotations
 
-from test_tiny_models import greedy, make_engine, save_tiny
+from engine_helpers import greedy_tokens
+from test_tiny_models import make_engine, save_tiny
 
 from scission.engine.config import AttentionBackendKind
 from scission.engine.request import FinishReason, SamplingParams
@@ -17,7 +18,7 @@ def test_text_cut_mid_character_by_max_tokens_has_no_replacement_char(tmp_path, 
     without the trailing U+FFFD."""
     engine = make_engine(save_tiny(tmp_path, "llama"), tokenizer, AttentionBackendKind.TORCH)
     prompts = [list(range(p, p + 8)) for p in range(100, 4000, 97)]
-    cut = next(((prompt, ids[:k]) for prompt, ids in zip(prompts, greedy(engine, prompts, 200),
+    cut = next(((prompt, ids[:k]) for prompt, ids in zip(prompts, greedy_tokens(engine, prompts, 200),
                                                         strict=True)
                 for k in range(1, len(ids) + 1)
                 if tokenizer.decode(ids[:k]).endswith("\ufffd")), None)
