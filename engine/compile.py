@@ -283,7 +283,8 @@ def enable_graph_mode(model: LlamaForCausalLM, kv_cache, attn,
     With native decode on (``model.native_decode``, engine/native_decode.py), pure-decode steps
     never reach the graphs: the warm-up then runs prefill chunks instead, of
     ``max(warmup_tokens)`` tokens and, for quantized linears, of ``max_packed_rows + 1`` (where
-    they switch to their dense copy: another graph), so no request waits for a compile.
+    they switch to their many-row path, a dense copy or w4a8's ``w4a8_gemm``: another graph),
+    so no request waits for a compile.
 
     The warm-up forwards write garbage K/V into block 0 (prefill warm-ups: blocks 0, 1, ...)
     and then zero them again, so call this before any request holds blocks.
@@ -299,7 +300,7 @@ def enable_graph_mode(model: LlamaForCausalLM, kv_cache, attn,
     device = kv_cache.tensor.device
 
     prefill = getattr(model, "native_decode", None) is not None
-    if prefill:  # quantized linears switch to their dense copy past max_packed_rows: a 2nd graph
+    if prefill:  # quantized linears switch kernels past max_packed_rows: a 2nd graph
         rows = getattr(model.layers[0].qkv, "max_packed_rows", None)
         warmup_tokens = (max(warmup_tokens),) + ((rows + 1,) if rows else ())
         warmup_tokens = tuple(n for n in warmup_tokens if -(-n // bs) <= kv_cache.num_blocks)

@@ -24,7 +24,7 @@ import torch
 from scission.engine.attention import AttentionMetadata
 from scission.engine.kv_cache import KVCache
 from scission.engine.model import LlamaForCausalLM
-from scission.engine.quant import DECODER_LINEARS, W4A8_MAX_PACKED_ROWS, W4A8Linear
+from scission.engine.quant import DECODER_LINEARS, W4A8_GEMM_MIN_ROWS, W4A8Linear
 
 logger = logging.getLogger(__name__)
 
@@ -49,16 +49,17 @@ def native_decode_unsupported(model: LlamaForCausalLM, kv_cache: KVCache) -> str
 class NativeDecoder:
     """Runs pure-decode steps of ``model`` over ``kv_cache`` through ``LlamaDecodeStep``.
 
-    Steps of up to ``max_batch`` requests (``W4A8_MAX_PACKED_ROWS``, where the torch path's
-    ``W4A8Linear`` also stops using the packed kernel: larger batches are compute-bound and
-    run faster as dense GEMMs) are native; larger ones keep the torch path.
+    Every pure-decode step is native. Its linears run ``w4a8_mm`` below ``gemm_min_rows``
+    requests and ``w4a8_gemm`` from there on (``W4A8_GEMM_MIN_ROWS``, where the torch path's
+    ``W4A8Linear`` switches too).
 
     Raises:
         ValueError: ``native_decode_unsupported`` gives a reason, or a tensor does not fit.
         KernelBuildError: the C step cannot be built here.
     """
 
-    def __init__(self, model: LlamaForCausalLM, kv_cache: KVCache) -> None:
+    def __init__(self, model: LlamaForCausalLM, kv_cache: KVCache,
+                 gemm_min_rows: int = W4A8_GEMM_MIN_ROWS) -> None:
         reason = native_decode_unsupported(model, kv_cache)
         if reason:
             raise ValueError(f"native decode: {reason}")
@@ -68,18 +69,23 @@ class NativeDecoder:
         layers = [LayerWeights(qkv=layer.qkv.blocks, o_proj=layer.o_proj.blocks,
                                gate_up=layer.gate_up.blocks, down=layer.down.blocks,
                                input_norm=layer.input_norm, post_norm=layer.post_norm,
-                               qkv_bias=layer.qkv.bias)
+                               qkv_bias=layer.qkv.bias,
+                               tiles={name: (lin.tile_codes, lin.tile_scales, lin.tile_mins)
+                                      for name, lin in (("qkv", layer.qkv),
+                                                        ("o_proj", layer.o_proj),
+                                                        ("gate_up", layer.gate_up),
+                                                        ("down", layer.down))})
                   for layer in model.layers]
         self.model = model
-        self.max_batch = W4A8_MAX_PACKED_ROWS
         self.step = LlamaDecodeStep(
             num_heads=cfg.num_heads, num_kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim,
             intermediate_size=cfg.intermediate_size, rms_norm_eps=cfg.rms_norm_eps,
-            layers=layers, final_norm=model.norm, kv_caches=kv_cache.layers)
+            layers=layers, final_norm=model.norm, kv_caches=kv_cache.layers,
+            gemm_min_rows=gemm_min_rows)
 
     def handles(self, md: AttentionMetadata) -> bool:
-        """True for a pure-decode step of at most ``max_batch`` requests."""
-        return md.is_pure_decode and md.num_reqs <= self.max_batch
+        """True for a pure-decode step (every request one token)."""
+        return md.is_pure_decode
 
     def forward_embeds(self, h: torch.Tensor, positions: torch.Tensor,
                        md: AttentionMetadata) -> torch.Tensor:

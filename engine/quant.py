@@ -18,8 +18,10 @@ head; embeddings, norms, attention and the KV cache are unchanged:
   first start (as graph mode does).
 
 The int4 and int8 kernels take bfloat16 activations, w4a8's float32; results are cast back to
-the model dtype. Batches of more than ``max_packed_rows`` rows (prefill chunks) multiply by a dense copy of the same quantized weights in the model dtype, so the modes
-trade memory (packed + dense copies) for decode speed. Kernel choice, group size and the LM
+the model dtype. Batches of more than ``max_packed_rows`` rows (prefill chunks) multiply by a
+dense copy of the same quantized weights in the model dtype in int4 and int8 mode, so those
+trade memory (packed + dense copies) for decode speed; w4a8 runs them through its own
+many-row kernel on the same codes (``W4A8Linear``). Kernel choice, group size and the LM
 head's format were measured with ``bench/quant_kernels.py`` (``bench/README.md``).
 
 Quantization is round-to-nearest (GPTQ/AWQ's "RTN" baseline, as in gpt-fast's int4 and int8
@@ -44,7 +46,9 @@ from scission.engine.config import WEIGHT_QUANTIZATION_CHOICES
 INT4_GROUP_SIZE = 32
 INT4_MAX_PACKED_ROWS = 64  # larger batches use the dequantized dense weights (Int4Linear)
 INT8_MAX_PACKED_ROWS = 64  # the same for Int8Linear
-W4A8_MAX_PACKED_ROWS = 64  # the same for W4A8Linear
+# W4A8Linear (and the native decode step) run w4a8_gemm from this many rows on, w4a8_mm below
+W4A8_GEMM_MIN_ROWS = 4
+W4A8_MAX_PACKED_ROWS = W4A8_GEMM_MIN_ROWS - 1  # W4A8Linear.max_packed_rows: w4a8_mm up to here
 _INT4_INNER_K_TILES = 1  # packing parameter of _convert_weight_to_int4pack_for_cpu
 _INT4_N_MULTIPLE = 16  # the packed kernel needs out_features % 16 == 0
 
@@ -203,8 +207,12 @@ class W4A8Linear(_PackedLinear):
 
     The codes are ``quantize_int4_groupwise``'s (min/max round-to-nearest, as Q4_1): from a
     Q4_1 GGUF they are the file's own codes and scales. Input ``[..., in_features]`` of any
-    float dtype; output the same dtype. More than ``max_packed_rows`` rows (prefill chunks)
-    multiply by the dequantized weights in the input dtype instead.
+    float dtype (computed in float32); output the same dtype. Up to ``max_packed_rows`` rows
+    (decode) run ``w4a8_mm`` on the 4-bit tiles; more rows (prefill chunks) run ``w4a8_gemm``
+    on the same codes one per byte (~1.7x a float32 GEMM on an AVX2 CPU). Both quantize the
+    input the same way and sum the same integer products, so a row's output does not depend
+    on how many rows share its step (up to the order of float additions). Memory: ~1.6 bytes
+    a weight (both layouts), against 4 for a float32 copy.
 
     Raises:
         ValueError: ``in_features`` is not a multiple of 32.
@@ -224,8 +232,10 @@ class W4A8Linear(_PackedLinear):
         self.in_features, self.out_features = k, n
         self.max_packed_rows = max_packed_rows
         self.register_buffer("blocks", w4a8.pack_q4_1(codes, scales, mins))
-        dense = dequantize_int4_groupwise(codes, scales.float(), mins.float())
-        self.register_buffer("dense_weight", dense.to(linear.weight.dtype))
+        tile_codes, tile_scales, tile_mins = w4a8.pack_q4_1_gemm(codes, scales, mins)
+        self.register_buffer("tile_codes", tile_codes)
+        self.register_buffer("tile_scales", tile_scales)
+        self.register_buffer("tile_mins", tile_mins)
         self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().clone())
 
     def packed_args(self) -> tuple[torch.Tensor, ...]:
@@ -233,6 +243,29 @@ class W4A8Linear(_PackedLinear):
 
     def packed_mm(self, x: torch.Tensor, *packed: torch.Tensor) -> torch.Tensor:
         return torch.ops.scission.w4a8_mm(x, packed[0], self.out_features)
+
+    def graph_args(self) -> tuple[torch.Tensor | None, ...]:
+        return (self.blocks, self.tile_codes, self.tile_scales, self.tile_mins, self.bias)
+
+    def graph_linear(self, x: torch.Tensor, *args: torch.Tensor | None) -> torch.Tensor:
+        blocks, tile_codes, tile_scales, tile_mins, bias = args
+        xf = x.to(torch.float32)
+        if x.shape[0] > self.max_packed_rows:
+            y = torch.ops.scission.w4a8_gemm(xf, tile_codes, tile_scales, tile_mins,
+                                             self.out_features)
+        else:
+            y = torch.ops.scission.w4a8_mm(xf, blocks, self.out_features)
+        y = y.to(x.dtype)
+        return y if bias is None else y + bias
+
+    def dequantized_weight(self) -> torch.Tensor:
+        """The float32 ``[N, K]`` weight the codes stand for (tests, references)."""
+        g = self.in_features // 32
+        t = self.tile_codes.reshape(-1, g, 8, 8, 4).permute(0, 3, 1, 2, 4)  # [T, n, G, s, 4]
+        codes = t.reshape(-1, g, 32)[: self.out_features].float()
+        scales = self.tile_scales.transpose(1, 2).reshape(-1, g)[: self.out_features]
+        mins = self.tile_mins.transpose(1, 2).reshape(-1, g)[: self.out_features]
+        return (codes * scales[..., None] + mins[..., None]).reshape(self.out_features, -1)
 
     def decode_read_bytes(self) -> int:
         return _nbytes(self.blocks)

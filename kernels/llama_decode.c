@@ -10,8 +10,9 @@
  *     h  += w4a8(o, o_proj);  x = rms_norm(h, post_norm)
  *     mlp = w4a8(silu(gate) * up, down),  [gate, up] = w4a8(x, gate_up)
  *
- * then h += mlp and out = rms_norm(h, final_norm). The linears are w4a8_gemv.c's kernel
- * (included below, so one build holds both); the small parts are plain C loops with
+ * then h += mlp and out = rms_norm(h, final_norm). The linears are w4a8_gemv.c's kernels
+ * (included below, so one build holds both): w4a8_mm for few requests, w4a8_gemm from
+ * gemm_min_rows requests on (the same products, ~2x faster once several rows share a weight); the small parts are plain C loops with
  * ``omp simd`` reductions. Decode at small batch is bound by the 4-bit weights (~84 MB per
  * step for SmolLM2-135M): running the whole stack below Python removes the ~10 ms of
  * per-op dispatch, graph guards and Python a torch step spends around ~5 ms of kernels at
@@ -23,7 +24,9 @@
  */
 #include "w4a8_gemv.c"
 
-#define LLAMA_DECODE_ABI 1
+#define LLAMA_DECODE_ABI 2
+
+enum { LIN_QKV, LIN_O_PROJ, LIN_GATE_UP, LIN_DOWN, NUM_LINEARS };
 
 /* The model as the step reads it. Per-layer arrays hold num_layers pointers. */
 typedef struct {
@@ -42,6 +45,13 @@ typedef struct {
     float *const *v_cache;
     int64_t num_blocks, block_size;
     int64_t block_stride, slot_stride;  /* elements; a slot's [H_kv, D] is contiguous */
+    /* The same weights in w4a8_gemm's layout (pack_q4_1_gemm), per linear (LIN_*) and
+     * layer: steps of gemm_min_rows requests or more run w4a8_gemm (0: never; then the
+     * arrays may be NULL). */
+    const uint8_t *const *tile_codes[NUM_LINEARS];
+    const float *const *tile_scales[NUM_LINEARS];
+    const float *const *tile_mins[NUM_LINEARS];
+    int64_t gemm_min_rows;
 } llama_decode_weights;
 
 int llama_decode_abi(void) { return LLAMA_DECODE_ABI; }
@@ -174,10 +184,17 @@ static void attend(const llama_decode_weights *w, const float *kb, const float *
     for (int64_t j = 0; j < D; j++) o[j] *= inv;
 }
 
-static int linear(const uint8_t *wq, const float *x, int64_t M, int64_t K, int64_t N, float *y,
-                  int nthreads) {
-    return w4a8_mm(x, M, K, wq, (N + NR - 1) / NR, K / QK * (int64_t)sizeof(tile_q4_1), N, y,
-                   nthreads);
+/* Linear `which` of layer l: w4a8_gemm from gemm_min_rows rows on (as engine/quant.py's
+ * W4A8Linear switches at its max_packed_rows), w4a8_mm below. */
+static int linear(const llama_decode_weights *w, int which, int64_t l, const float *x,
+                  int64_t M, int64_t K, int64_t N, float *y, int nthreads) {
+    if (w->gemm_min_rows > 0 && M >= w->gemm_min_rows)
+        return w4a8_gemm(x, M, K, w->tile_codes[which][l], (N + GEMM_NR - 1) / GEMM_NR,
+                         K / QK * 256, w->tile_scales[which][l], w->tile_mins[which][l], N, y,
+                         nthreads);
+    const uint8_t *const *packed[NUM_LINEARS] = {w->qkv, w->o_proj, w->gate_up, w->down};
+    return w4a8_mm(x, M, K, packed[which][l], (N + NR - 1) / NR,
+                   K / QK * (int64_t)sizeof(tile_q4_1), N, y, nthreads);
 }
 
 /* One decode step: n requests, one token each.
@@ -201,6 +218,9 @@ int llama_decode_step(const llama_decode_weights *w, int64_t n, const float *h,
         || w->num_kv_heads <= 0 || w->num_heads % w->num_kv_heads || w->intermediate % QK
         || (w->num_heads * w->head_dim) % QK)
         return -2;
+    if (w->gemm_min_rows > 0 && n >= w->gemm_min_rows)
+        for (int j = 0; j < NUM_LINEARS; j++)
+            if (!w->tile_codes[j] || !w->tile_scales[j] || !w->tile_mins[j]) return -2;
     const int64_t Hd = w->hidden, D = w->head_dim, nh = w->num_heads, nkv = w->num_kv_heads;
     const int64_t I = w->intermediate, qs = nh * D, kvs = nkv * D, qkv_n = qs + 2 * kvs;
     const int64_t bs = w->block_size, cap = w->num_blocks * bs;
@@ -232,7 +252,7 @@ int llama_decode_step(const llama_decode_weights *w, int64_t n, const float *h,
             for (int64_t i = 0; i < n; i++) rms_norm_row(res + i * Hd, w->input_norm[l], Hd,
                                                          w->rms_norm_eps, x + i * Hd);
         }
-        if ((rc = linear(w->qkv[l], x, n, Hd, qkv_n, qkv, nthreads))) break;
+        if ((rc = linear(w, LIN_QKV, l, x, n, Hd, qkv_n, qkv, nthreads))) break;
         float *kc = w->k_cache[l], *vc = w->v_cache[l];
         for (int64_t i = 0; i < n; i++) {
             float *r = qkv + i * qkv_n;
@@ -264,17 +284,17 @@ int llama_decode_step(const llama_decode_weights *w, int64_t n, const float *h,
             free(scores);
         }
         if (failed) { rc = -1; break; }
-        if ((rc = linear(w->o_proj[l], att, n, qs, Hd, x, nthreads))) break;
+        if ((rc = linear(w, LIN_O_PROJ, l, att, n, qs, Hd, x, nthreads))) break;
         for (int64_t i = 0; i < n * Hd; i++) res[i] += x[i];
         for (int64_t i = 0; i < n; i++) rms_norm_row(res + i * Hd, w->post_norm[l], Hd,
                                                      w->rms_norm_eps, x + i * Hd);
-        if ((rc = linear(w->gate_up[l], x, n, Hd, 2 * I, gu, nthreads))) break;
+        if ((rc = linear(w, LIN_GATE_UP, l, x, n, Hd, 2 * I, gu, nthreads))) break;
         for (int64_t i = 0; i < n; i++) {
             const float *g = gu + i * 2 * I, *u = g + I;
             float *a = act + i * I;
             for (int64_t j = 0; j < I; j++) a[j] = g[j] / (1.f + expf(-g[j])) * u[j];
         }
-        if ((rc = linear(w->down[l], act, n, I, Hd, mlp, nthreads))) break;
+        if ((rc = linear(w, LIN_DOWN, l, act, n, I, Hd, mlp, nthreads))) break;
     }
     if (!rc) {
         for (int64_t i = 0; i < n * Hd; i++) res[i] += mlp[i];

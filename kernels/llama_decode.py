@@ -27,7 +27,8 @@ from scission.kernels import w4a8
 from scission.kernels.cpu_build import KernelBuildError, load_library
 
 SOURCE = Path(__file__).with_name("llama_decode.c")
-ABI = 1  # LLAMA_DECODE_ABI in llama_decode.c
+ABI = 2  # LLAMA_DECODE_ABI in llama_decode.c
+LINEARS = ("qkv", "o_proj", "gate_up", "down")  # LIN_* in llama_decode.c, in order
 
 __all__ = ["KernelBuildError", "LayerWeights", "LlamaDecodeStep", "library"]
 
@@ -44,7 +45,9 @@ class _Weights(ctypes.Structure):
                 ("qkv", _P), ("qkv_bias", _P), ("o_proj", _P), ("gate_up", _P), ("down", _P),
                 ("input_norm", _P), ("post_norm", _P), ("final_norm", _P),
                 ("k_cache", _P), ("v_cache", _P), ("num_blocks", _I64), ("block_size", _I64),
-                ("block_stride", _I64), ("slot_stride", _I64)]
+                ("block_stride", _I64), ("slot_stride", _I64),
+                ("tile_codes", _P * len(LINEARS)), ("tile_scales", _P * len(LINEARS)),
+                ("tile_mins", _P * len(LINEARS)), ("gemm_min_rows", _I64)]
 
 
 @functools.cache
@@ -76,6 +79,9 @@ class LayerWeights:
     input_norm: torch.Tensor  # [hidden]
     post_norm: torch.Tensor  # [hidden]
     qkv_bias: torch.Tensor | None = None  # [(H + 2 H_kv) D]
+    # The same four weights in w4a8.pack_q4_1_gemm's layout (codes, scales, mins), by name
+    # ("qkv", "o_proj", "gate_up", "down"): needed when LlamaDecodeStep's gemm_min_rows > 0.
+    tiles: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None = None
 
 
 def _check(name: str, t: torch.Tensor, dtype: torch.dtype, shape: tuple[int, ...]) -> None:
@@ -101,6 +107,8 @@ class LlamaDecodeStep:
         kv_caches: per layer ``(k_cache, v_cache)``, each float32
             ``[num_blocks, block_size, H_kv, D]`` with a slot's ``[H_kv, D]`` contiguous and
             the same strides in every layer (both ``KVLayout``s qualify).
+        gemm_min_rows: steps of this many requests or more run the linears through
+            ``w4a8_gemm`` (each layer's ``tiles``), fewer through ``w4a8_mm``; 0: never.
         portable: use the plain-C build (tests).
     Raises:
         ValueError: a tensor's dtype, shape or layout does not fit.
@@ -111,7 +119,7 @@ class LlamaDecodeStep:
                  intermediate_size: int, rms_norm_eps: float, layers: Sequence[LayerWeights],
                  final_norm: torch.Tensor,
                  kv_caches: Sequence[tuple[torch.Tensor, torch.Tensor]],
-                 portable: bool = False) -> None:
+                 gemm_min_rows: int = 0, portable: bool = False) -> None:
         if not layers or len(layers) != len(kv_caches):
             raise ValueError(f"{len(layers)} layers but {len(kv_caches)} KV caches")
         hidden = final_norm.shape[0]
@@ -139,6 +147,22 @@ class LlamaDecodeStep:
             _check(f"layer {i} post_norm", lw.post_norm, f32, (hidden,))
             if lw.qkv_bias is not None:
                 _check(f"layer {i} qkv_bias", lw.qkv_bias, f32, (qs + 2 * kvs,))
+            if gemm_min_rows > 0:
+                if lw.tiles is None or set(lw.tiles) != set(LINEARS):
+                    raise ValueError(f"layer {i}: gemm_min_rows {gemm_min_rows} needs tiles "
+                                     f"for {LINEARS}")
+                for name, (n_out, k_in) in zip(LINEARS, ((qs + 2 * kvs, hidden), (hidden, qs),
+                                                         (2 * inter, hidden), (hidden, inter)),
+                                               strict=True):
+                    codes, scales, mins = lw.tiles[name]
+                    tiles = -(-n_out // w4a8.GEMM_TILE_ROWS)
+                    groups = k_in // w4a8.BLOCK_SIZE
+                    _check(f"layer {i} {name} tile codes", codes, u8,
+                           (tiles, groups * w4a8.GEMM_BLOCK_BYTES))
+                    _check(f"layer {i} {name} tile scales", scales, f32,
+                           (tiles, groups, w4a8.GEMM_TILE_ROWS))
+                    _check(f"layer {i} {name} tile mins", mins, f32,
+                           (tiles, groups, w4a8.GEMM_TILE_ROWS))
             for c in (kc, vc):
                 if c.dtype != f32 or tuple(c.shape) != cache_shape or c.stride() != k0.stride() \
                         or c.stride()[2:] != (head_dim, 1):
@@ -162,7 +186,17 @@ class LlamaDecodeStep:
         has_bias = any(lw.qkv_bias is not None for lw in layers)
         if has_bias:
             self._arrays["qkv_bias"] = ptrs([lw.qkv_bias for lw in layers])
+        if gemm_min_rows > 0:
+            for j, part in enumerate(("codes", "scales", "mins")):
+                for name in LINEARS:
+                    self._arrays[f"{name}_tile_{part}"] = ptrs([lw.tiles[name][j]
+                                                                for lw in layers])
         addr = {k: ctypes.cast(v, ctypes.c_void_p) for k, v in self._arrays.items()}
+
+        def per_linear(part: str) -> ctypes.Array:
+            return (_P * len(LINEARS))(*(addr.get(f"{name}_tile_{part}") for name in LINEARS))
+
+        self.gemm_min_rows = gemm_min_rows
         self._weights = _Weights(
             abi=ABI, num_layers=len(layers), hidden=hidden, num_heads=num_heads,
             num_kv_heads=num_kv_heads, head_dim=head_dim, intermediate=inter,
@@ -171,7 +205,9 @@ class LlamaDecodeStep:
             gate_up=addr["gate_up"], down=addr["down"], input_norm=addr["input_norm"],
             post_norm=addr["post_norm"], final_norm=final_norm.data_ptr(),
             k_cache=addr["k_cache"], v_cache=addr["v_cache"], num_blocks=self.num_blocks,
-            block_size=self.block_size, block_stride=k0.stride(0), slot_stride=k0.stride(1))
+            block_size=self.block_size, block_stride=k0.stride(0), slot_stride=k0.stride(1),
+            tile_codes=per_linear("codes"), tile_scales=per_linear("scales"),
+            tile_mins=per_linear("mins"), gemm_min_rows=max(gemm_min_rows, 0))
         self._weights_ref = ctypes.byref(self._weights)
 
     def __call__(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,

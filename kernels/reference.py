@@ -145,7 +145,9 @@ def ref_w4a8_mm(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor,
     g = k // 32
     xb = x.float().reshape(m, g, 32)
     amax = xb.abs().amax(dim=-1)  # [M, G] float32
-    inv = torch.where(amax > 0, 127.0 / amax, torch.zeros_like(amax))
+    # a true float32 division, as the kernel's 127.f / amax: torch's scalar / tensor multiplies
+    # by a reciprocal and is off by an ulp for ~1/4 of inputs, which flips a tie's rounding
+    inv = torch.where(amax > 0, torch.full_like(amax, 127.0) / amax, torch.zeros_like(amax))
     a = torch.round(xb * inv[..., None]).double()  # half to even, as nearbyintf
     e = (amax / 127.0).double()
     d = scales.to(torch.float16).double()

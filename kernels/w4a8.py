@@ -18,9 +18,15 @@ step's 121 linears 1.67x faster there (1.2-2.1x per shape; ``bench/quant_kernels
 bench/README.md "Session 15"). The int8 activations are the
 accuracy cost, as in llama.cpp (tests/engine/test_quant_engine.py states it against HF).
 
-``w4a8_mm`` is the op ``scission::w4a8_mm``, so graph mode (engine/compile.py) calls it
-between inductor's fused kernels; ``ref_w4a8_mm`` (kernels/reference.py) is its float64
-reference.
+Many rows (prefill chunks) take ``w4a8_gemm``: the same arithmetic (only the float sums run in
+another order) on the codes stored one per byte in tiles of 8 output rows
+(``pack_q4_1_gemm``), so one ``vpmaddubsw`` multiplies 8 weight rows by 4 activations and the
+products add up in int16 across a block: ~1.7x a float32 GEMM (oneDNN) on the same CPU, where
+the Q4_1 x Q8_1 dot per row is ~2x slower than it (bench/README.md "Session 17").
+
+``w4a8_mm`` and ``w4a8_gemm`` are the ops ``scission::w4a8_mm`` / ``scission::w4a8_gemm``, so
+graph mode (engine/compile.py) calls them between inductor's fused kernels; ``ref_w4a8_mm``
+(kernels/reference.py) is the float64 reference of both.
 """
 
 from __future__ import annotations
@@ -36,12 +42,15 @@ from scission.kernels.cpu_build import KernelBuildError, load_library
 BLOCK_SIZE = 32  # weights per block
 TILE_ROWS = 4  # output rows stored together (w4a8_gemv.c: tile_q4_1)
 TILE_BYTES = 80  # per tile and block: fp16 d[4], fp16 m[4], 4 x 16 bytes of codes
+GEMM_TILE_ROWS = 8  # output rows per tile of the many-row layout (w4a8_gemm)
+GEMM_BLOCK_BYTES = 256  # per tile and block: 8 rows x 32 codes, one per byte
 SOURCE = Path(__file__).with_name("w4a8_gemv.c")
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-std=c11")
 PORTABLE_FLAGS = (*FLAGS, "-DSCISSION_W4A8_PORTABLE")  # the plain-C path, for tests
 
-__all__ = ["BLOCK_SIZE", "TILE_BYTES", "TILE_ROWS", "KernelBuildError", "library",
-           "pack_q4_1", "rescored_head_with", "w4a8_mm", "w4a8_mm_with"]
+__all__ = ["BLOCK_SIZE", "GEMM_TILE_ROWS", "TILE_BYTES", "TILE_ROWS", "KernelBuildError",
+           "library", "pack_q4_1", "pack_q4_1_gemm", "rescored_head_with", "w4a8_gemm",
+           "w4a8_gemm_with", "w4a8_mm", "w4a8_mm_with"]
 
 
 @functools.cache
@@ -61,6 +70,13 @@ def library(portable: bool = False) -> ctypes.CDLL:
                                        ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p,
                                        ctypes.c_int64, ctypes.c_void_p, ctypes.c_int]
     lib.w4a8_rescored_head.restype = ctypes.c_int
+    lib.w4a8_gemm.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p,
+                              ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p,
+                              ctypes.c_int64, ctypes.c_void_p, ctypes.c_int]
+    lib.w4a8_gemm.restype = ctypes.c_int
+    if lib.w4a8_gemm_tile_rows() != GEMM_TILE_ROWS:
+        raise KernelBuildError(f"{SOURCE.name}: w4a8_gemm tiles of {lib.w4a8_gemm_tile_rows()} "
+                               f"rows, expected {GEMM_TILE_ROWS}")
     if (lib.w4a8_tile_bytes(), lib.w4a8_tile_rows()) != (TILE_BYTES, TILE_ROWS):
         raise KernelBuildError(f"{SOURCE.name}: tiles of {lib.w4a8_tile_rows()} rows and "
                                f"{lib.w4a8_tile_bytes()} bytes, expected {TILE_ROWS} and "
@@ -103,6 +119,81 @@ def pack_q4_1(codes: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor) -> 
 
     parts = [halves(scales), halves(mins), qs.reshape(tiles, g, TILE_ROWS * 16)]
     return torch.cat(parts, dim=-1).reshape(tiles, g * TILE_BYTES).contiguous()
+
+
+def pack_q4_1_gemm(codes: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``w4a8_gemm``'s weight layout (many rows) from 4-bit codes and per-block scales/minimums.
+
+    Args:
+        codes: ``[N, K]`` integers in ``[0, 15]``; ``K % 32 == 0``.
+        scales, mins: ``[N, K // 32]`` float (pass float16 values to match ``pack_q4_1``).
+    Returns:
+        ``(tile_codes, tile_scales, tile_mins)``: ``[ceil(N / 8), K // 32 * 256]`` uint8, one
+        code per byte, per tile and block 8 steps of 8 rows x 4 consecutive codes (step ``s``,
+        row ``n``: ``q[n, 32 g + 4 s .. 4 s + 3]``); scales and minimums
+        ``[ceil(N / 8), K // 32, 8]`` float32. Rows past ``N`` are zeros. All contiguous.
+    Raises:
+        ValueError: shapes disagree, ``K`` is not a multiple of 32, or a code is outside
+            ``[0, 15]``.
+    """
+    n, k = codes.shape
+    if k % BLOCK_SIZE:
+        raise ValueError(f"in_features {k} is not a multiple of {BLOCK_SIZE}")
+    g = k // BLOCK_SIZE
+    if scales.shape != (n, g) or mins.shape != (n, g):
+        raise ValueError(f"scales {tuple(scales.shape)} / mins {tuple(mins.shape)} != {(n, g)}")
+    if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) > 15):
+        raise ValueError("4-bit codes must be in [0, 15]")
+    tiles = -(-n // GEMM_TILE_ROWS)
+    pad = tiles * GEMM_TILE_ROWS - n
+    q = torch.nn.functional.pad(codes.to(torch.uint8), (0, 0, 0, pad))
+    q = q.reshape(tiles, GEMM_TILE_ROWS, g, 8, 4).permute(0, 2, 3, 1, 4)  # [T, G, s, n, 4]
+
+    def per_tile(t: torch.Tensor) -> torch.Tensor:  # [N, G] -> [T, G, 8] float32
+        t = torch.nn.functional.pad(t.float(), (0, 0, 0, pad))
+        return t.reshape(tiles, GEMM_TILE_ROWS, g).transpose(1, 2).contiguous()
+
+    return q.reshape(tiles, g * GEMM_BLOCK_BYTES).contiguous(), per_tile(scales), per_tile(mins)
+
+
+def w4a8_gemm_with(lib: ctypes.CDLL, x: torch.Tensor, tile_codes: torch.Tensor,
+                   tile_scales: torch.Tensor, tile_mins: torch.Tensor,
+                   out_features: int) -> torch.Tensor:
+    """``x [M, K]`` float32 times the weight in ``pack_q4_1_gemm``'s layout ->
+    ``[M, out_features]`` float32, through ``lib`` (``library()``); x is quantized per row and
+    block of 32 exactly as ``w4a8_mm_with`` does, so both give the same products up to the
+    order of float additions.
+
+    Raises:
+        ValueError: wrong dtypes, layouts or shapes.
+        MemoryError: the kernel could not allocate its scratch.
+    """
+    if x.dtype != torch.float32 or x.dim() != 2 or not x.is_contiguous() \
+            or tile_codes.dtype != torch.uint8 or tile_codes.dim() != 2 \
+            or not tile_codes.is_contiguous() \
+            or any(t.dtype != torch.float32 or not t.is_contiguous()
+                   or t.shape != (tile_codes.shape[0], x.shape[1] // BLOCK_SIZE, GEMM_TILE_ROWS)
+                   for t in (tile_scales, tile_mins)):
+        raise ValueError(f"w4a8_gemm: x must be contiguous float32 [M, K], tile_codes uint8 "
+                         f"[T, K // 32 * 256], tile_scales / tile_mins float32 [T, K // 32, 8]; "
+                         f"got {x.dtype} {tuple(x.shape)}, {tile_codes.dtype} "
+                         f"{tuple(tile_codes.shape)}, {tile_scales.dtype} "
+                         f"{tuple(tile_scales.shape)}, {tile_mins.dtype} "
+                         f"{tuple(tile_mins.shape)}")
+    m, k = x.shape
+    y = x.new_empty((m, out_features))
+    rc = lib.w4a8_gemm(x.data_ptr(), m, k, tile_codes.data_ptr(), tile_codes.shape[0],
+                       tile_codes.shape[1], tile_scales.data_ptr(), tile_mins.data_ptr(),
+                       out_features, y.data_ptr(), torch.get_num_threads())
+    if rc:
+        if rc == -1:
+            raise MemoryError("w4a8_gemm: no memory for the quantized activations")
+        raise ValueError(f"w4a8_gemm: x {tuple(x.shape)} does not fit tile_codes "
+                         f"{tuple(tile_codes.shape)} for {out_features} outputs (K a multiple "
+                         f"of {BLOCK_SIZE}, tile_codes [ceil(N / {GEMM_TILE_ROWS}), K // "
+                         f"{BLOCK_SIZE} * {GEMM_BLOCK_BYTES}])")
+    return y
 
 
 def w4a8_mm_with(lib: ctypes.CDLL, x: torch.Tensor, blocks: torch.Tensor,
@@ -182,6 +273,8 @@ def rescored_head_with(lib: ctypes.CDLL, x: torch.Tensor, blocks: torch.Tensor,
 # decode step makes 121 of these calls.
 _LIBRARY = torch.library.Library("scission", "FRAGMENT")
 _LIBRARY.define("w4a8_mm(Tensor x, Tensor blocks, int out_features) -> Tensor")
+_LIBRARY.define("w4a8_gemm(Tensor x, Tensor tile_codes, Tensor tile_scales, Tensor tile_mins, "
+                "int out_features) -> Tensor")
 
 
 def w4a8_mm(x: torch.Tensor, blocks: torch.Tensor, out_features: int) -> torch.Tensor:
@@ -205,4 +298,30 @@ _LIBRARY.impl("w4a8_mm", w4a8_mm, "CPU")
 
 @torch.library.register_fake("scission::w4a8_mm", lib=_LIBRARY)
 def _(x, blocks, out_features):
+    return x.new_empty(x.shape[0], out_features)
+
+
+def w4a8_gemm(x: torch.Tensor, tile_codes: torch.Tensor, tile_scales: torch.Tensor,
+              tile_mins: torch.Tensor, out_features: int) -> torch.Tensor:
+    """``w4a8_mm``'s product for many rows, from ``pack_q4_1_gemm``'s layout; the op
+    ``torch.ops.scission.w4a8_gemm``.
+
+    Args:
+        x: ``[M, K]`` float32, CPU, contiguous.
+        tile_codes, tile_scales, tile_mins: ``pack_q4_1_gemm`` of the ``[out_features, K]``
+            weight.
+        out_features: ``N``.
+    Returns: ``[M, N]`` float32.
+    Raises:
+        ValueError: dtypes or shapes do not fit.
+        KernelBuildError: the kernel cannot be built here.
+    """
+    return w4a8_gemm_with(library(), x, tile_codes, tile_scales, tile_mins, out_features)
+
+
+_LIBRARY.impl("w4a8_gemm", w4a8_gemm, "CPU")
+
+
+@torch.library.register_fake("scission::w4a8_gemm", lib=_LIBRARY)
+def _(x, tile_codes, tile_scales, tile_mins, out_features):
     return x.new_empty(x.shape[0], out_features)

@@ -8,9 +8,12 @@
  *     y[m, n] = sum_g  d[n,g] * e[m,g] * sum_j q[n,g,j] * a[m,g,j]  +  m[n,g] * s[m,g].
  *
  * The integer dot of a block is one vpmaddubsw + vpmaddwd on AVX2 (q <= 15 and |a| <= 127,
- * so the int16 pair sums cannot saturate). Four output rows are computed together so their
- * four float accumulators are independent (one accumulator per row serializes on the FMA
- * latency); the weight is laid out in tiles of 4 rows (below). Without AVX2 the same arithmetic runs in plain C (also what the tests build with
+ * so the int16 pair sums cannot saturate), reduced to one exact integer; four output rows
+ * are computed together (their four dots reduced at once, one 4-lane float accumulator);
+ * the weight is laid out in tiles of 4 rows (below). Every kernel here and both builds sum
+ * a row's blocks with the same float operations in the same order (fmaf(dot, d * e, acc),
+ * then fmaf(m, s, acc)), so a row's result is the same bits whichever kernel, build or
+ * batch computes it. Without AVX2 the same arithmetic runs in plain C (also what the tests build with
  * SCISSION_W4A8_PORTABLE to check it).
  *
  * Threads: OpenMP over tiles of 4 rows, one contiguous run per thread. Linked against libgomp.so.1, which resolves to the
@@ -112,42 +115,40 @@ static inline float hsum(__m256 v) {
     return _mm_cvtss_f32(h);
 }
 
-/* acc + d * e * (q . a) for one row's block (8 partial sums). */
-static inline __m256 block_dot(const uint8_t *qs, __m256i av, __m256 de, __m256 acc) {
+/* q . a for one row's block: 8 int32 partial sums. */
+static inline __m256i block_idot(const uint8_t *qs, __m256i av) {
     /* the 16 bytes in both halves; the upper half shifted by 4: q[0..15] | q[16..31] */
     const __m256i v = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)qs));
     const __m256i q = _mm256_and_si256(_mm256_blend_epi32(v, _mm256_srli_epi16(v, 4), 0xf0),
                                        _mm256_set1_epi8(0x0f));
-    const __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(q, av), _mm256_set1_epi16(1));
-    return _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), de, acc);
+    return _mm256_madd_epi16(_mm256_maddubs_epi16(q, av), _mm256_set1_epi16(1));
 }
 
-/* The 4 rows of one tile for activation row m. */
+/* The 4 rows of one tile for activation row m. Per row and block, in order of g:
+ * acc = fma(dot, d * e, acc); acc = fma(m, s, acc) with the exact integer dot, the same
+ * float operations in the same order as w4a8_gemm's, so both kernels give a row the same
+ * bits however many rows share the call (batch invariance across the switch). */
 static void tile_avx2(const tile_q4_1 *t, int64_t G, const int8_t *am, const float *em,
                       const float *sm, float *out) {
-    __m256 acc0 = _mm256_setzero_ps(), acc1 = acc0, acc2 = acc0, acc3 = acc0;
-    __m128 accm = _mm_setzero_ps();
+    __m128 acc = _mm_setzero_ps();
     for (int64_t g = 0; g < G; g++, t++) {
 #if W4A8_PREFETCH_BYTES > 0
         _mm_prefetch((const char *)t + W4A8_PREFETCH_BYTES, _MM_HINT_T0);
 #endif
         const __m256i av = _mm256_loadu_si256((const __m256i *)(am + g * QK));
+        const __m256i p0 = block_idot(t->qs[0], av), p1 = block_idot(t->qs[1], av);
+        const __m256i p2 = block_idot(t->qs[2], av), p3 = block_idot(t->qs[3], av);
+        /* the four rows' 8 partial sums -> [dot0, dot1, dot2, dot3] (exact integers) */
+        const __m256i h = _mm256_hadd_epi32(_mm256_hadd_epi32(p0, p1), _mm256_hadd_epi32(p2, p3));
+        const __m128i dot = _mm_add_epi32(_mm256_castsi256_si128(h),
+                                          _mm256_extracti128_si256(h, 1));
         const __m128 de = _mm_mul_ps(_mm_cvtph_ps(_mm_loadl_epi64((const __m128i *)t->d)),
                                      _mm_set1_ps(em[g]));
-        const __m128 mn = _mm_cvtph_ps(_mm_loadl_epi64((const __m128i *)t->m));
-        accm = _mm_fmadd_ps(mn, _mm_set1_ps(sm[g]), accm);
-        const __m256 de2 = _mm256_set_m128(de, de);
-        acc0 = block_dot(t->qs[0], av, _mm256_permute_ps(de2, 0x00), acc0);
-        acc1 = block_dot(t->qs[1], av, _mm256_permute_ps(de2, 0x55), acc1);
-        acc2 = block_dot(t->qs[2], av, _mm256_permute_ps(de2, 0xaa), acc2);
-        acc3 = block_dot(t->qs[3], av, _mm256_permute_ps(de2, 0xff), acc3);
+        acc = _mm_fmadd_ps(_mm_cvtepi32_ps(dot), de, acc);
+        acc = _mm_fmadd_ps(_mm_cvtph_ps(_mm_loadl_epi64((const __m128i *)t->m)),
+                           _mm_set1_ps(sm[g]), acc);
     }
-    float mins[4];
-    _mm_storeu_ps(mins, accm);
-    out[0] = hsum(acc0) + mins[0];
-    out[1] = hsum(acc1) + mins[1];
-    out[2] = hsum(acc2) + mins[2];
-    out[3] = hsum(acc3) + mins[3];
+    _mm_storeu_ps(out, acc);
 }
 #endif
 
@@ -155,17 +156,17 @@ static void tile_avx2(const tile_q4_1 *t, int64_t G, const int8_t *am, const flo
 static void tile_portable(const tile_q4_1 *t, int64_t G, const int8_t *am, const float *em,
                           const float *sm, float *out) {
     for (int r = 0; r < NR; r++) {
-        float acc = 0.f, accm = 0.f;
+        float acc = 0.f;
         for (int64_t g = 0; g < G; g++) {
             const int8_t *ag = am + g * QK;
             const uint8_t *qs = t[g].qs[r];
             int dot = 0;
             for (int j = 0; j < QK / 2; j++)
                 dot += (qs[j] & 0x0f) * ag[j] + (qs[j] >> 4) * ag[j + QK / 2];
-            acc += (float)dot * (half_to_float(t[g].d[r]) * em[g]);
-            accm += half_to_float(t[g].m[r]) * sm[g];
+            acc = fmaf((float)dot, half_to_float(t[g].d[r]) * em[g], acc);
+            acc = fmaf(half_to_float(t[g].m[r]), sm[g], acc);
         }
-        out[r] = acc + accm;
+        out[r] = acc;
     }
 }
 #endif
@@ -276,5 +277,178 @@ int w4a8_rescored_head(const float *x, int64_t M, int64_t K, const uint8_t *w, i
     }
     free(idx);
     free(xb);
+    return 0;
+}
+
+/* ---- Prefill: many rows (w4a8_gemm) ----
+ *
+ * The same arithmetic as w4a8_mm (the integer dot of every block is exact, only the float
+ * sums run in another order), laid out for many activation rows. w4a8_mm spends ~8
+ * instructions per block, row and weight row unpacking nibbles and scaling; at hundreds of
+ * rows that is ~2x slower than a float32 GEMM. Here the codes are stored one per byte, in
+ * tiles of GEMM_NR = 8 output rows, so that one vpmaddubsw multiplies 8 weight rows by 4
+ * activations of one row (broadcast): step s of block g holds, for each of the tile's rows n,
+ * the 4 codes q[n, 32g + 4s .. 4s + 3] (32 bytes). Its 16 int16 lanes are pair sums of rows
+ * n = lane / 2; eight steps (the block's 32 inputs) add up in int16 without saturating
+ * (8 * 2 * 15 * 127 = 30480 < 32767), and one vpmaddwd by ones then gives the 8 rows' int32
+ * block dots. So a block costs 9 integer multiplies per 8 weight rows and activation row, and
+ * each weight register is reused for GEMM_MR = 4 activation rows.
+ *
+ * Layout (pack_q4_1_prefill in w4a8.py): codes [T, G, 8 steps, 8 rows, 4] uint8 with
+ * T = ceil(N / 8), G = K / 32; scales d and minimums m [T, G, 8] float32. Rows past N are
+ * zeros and are not written. */
+#define GEMM_NR 8   /* output rows per tile */
+#define GEMM_MR 4   /* activation rows per micro-kernel call */
+#define GEMM_MC 128 /* activation rows per chunk (their int8 copy stays in L2) */
+
+int w4a8_gemm_tile_rows(void) { return GEMM_NR; }
+
+/* One row's blocks of x quantized as in w4a8_quantize_x (the same values, bit for bit). */
+static void quantize_row(const float *x, int64_t G, int8_t *a, float *e, float *s) {
+#ifdef W4A8_AVX2
+    const __m256 sign = _mm256_set1_ps(-0.f);
+    for (int64_t g = 0; g < G; g++) {
+        const float *xb = x + g * QK;
+        __m256 v[4], mx = _mm256_setzero_ps();
+        for (int i = 0; i < 4; i++) {
+            v[i] = _mm256_loadu_ps(xb + 8 * i);
+            mx = _mm256_max_ps(mx, _mm256_andnot_ps(sign, v[i]));
+        }
+        __m128 h = _mm_max_ps(_mm256_castps256_ps128(mx), _mm256_extractf128_ps(mx, 1));
+        h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+        h = _mm_max_ss(h, _mm_movehdup_ps(h));
+        const float amax = _mm_cvtss_f32(h);
+        const __m256 inv = _mm256_set1_ps(amax > 0.f ? 127.f / amax : 0.f);
+        __m256i q[4]; /* round half to even: the default MXCSR mode, as nearbyintf */
+        for (int i = 0; i < 4; i++) q[i] = _mm256_cvtps_epi32(_mm256_mul_ps(v[i], inv));
+        const __m256i sum32 = _mm256_add_epi32(_mm256_add_epi32(q[0], q[1]),
+                                               _mm256_add_epi32(q[2], q[3]));
+        __m128i t = _mm_add_epi32(_mm256_castsi256_si128(sum32),
+                                  _mm256_extracti128_si256(sum32, 1));
+        t = _mm_add_epi32(t, _mm_shuffle_epi32(t, 0x4e));
+        t = _mm_add_epi32(t, _mm_shuffle_epi32(t, 0xb1));
+        const int sum = _mm_cvtsi128_si32(t);
+        /* int32 -> int8 (|q| <= 127: no saturation); packs interleave the 128-bit lanes */
+        const __m256i p16 = _mm256_packs_epi32(q[0], q[1]), p16b = _mm256_packs_epi32(q[2], q[3]);
+        const __m256i p8 = _mm256_packs_epi16(p16, p16b);
+        _mm256_storeu_si256((__m256i *)(a + g * QK),
+                            _mm256_permutevar8x32_epi32(p8, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7)));
+        e[g] = amax / 127.f;
+        s[g] = e[g] * (float)sum;
+    }
+#else
+    w4a8_quantize_x(x, 1, G * QK, a, e, s);
+#endif
+}
+
+#ifdef W4A8_AVX2
+/* y rows r0..r0+3 (rows >= nrows are computed from row r0 and not stored), one tile. */
+static void gemm_micro(const uint8_t *wt, const float *dt, const float *mt, int64_t G,
+                       const int8_t *a, const float *e, const float *s, int64_t K, int nrows,
+                       float *y, int64_t N, int64_t n0, int64_t nr) {
+    const int8_t *ar[GEMM_MR];
+    const float *er[GEMM_MR], *sr[GEMM_MR];
+    for (int r = 0; r < GEMM_MR; r++) {
+        const int64_t rr = r < nrows ? r : 0;
+        ar[r] = a + rr * K;
+        er[r] = e + rr * G;
+        sr[r] = s + rr * G;
+    }
+    const __m256i ones = _mm256_set1_epi16(1);
+    __m256 f0 = _mm256_setzero_ps(), f1 = f0, f2 = f0, f3 = f0;
+    for (int64_t g = 0; g < G; g++) {
+        const __m256i *wg = (const __m256i *)(wt + g * 256);
+        __m256i c0 = _mm256_setzero_si256(), c1 = c0, c2 = c0, c3 = c0;
+        for (int st = 0; st < 8; st++) {
+            const __m256i w = _mm256_loadu_si256(wg + st);
+            int32_t b0, b1, b2, b3;
+            memcpy(&b0, ar[0] + g * QK + 4 * st, 4);
+            memcpy(&b1, ar[1] + g * QK + 4 * st, 4);
+            memcpy(&b2, ar[2] + g * QK + 4 * st, 4);
+            memcpy(&b3, ar[3] + g * QK + 4 * st, 4);
+            c0 = _mm256_add_epi16(c0, _mm256_maddubs_epi16(w, _mm256_set1_epi32(b0)));
+            c1 = _mm256_add_epi16(c1, _mm256_maddubs_epi16(w, _mm256_set1_epi32(b1)));
+            c2 = _mm256_add_epi16(c2, _mm256_maddubs_epi16(w, _mm256_set1_epi32(b2)));
+            c3 = _mm256_add_epi16(c3, _mm256_maddubs_epi16(w, _mm256_set1_epi32(b3)));
+        }
+        const __m256 dv = _mm256_loadu_ps(dt + g * GEMM_NR), mv = _mm256_loadu_ps(mt + g * GEMM_NR);
+#define W4A8_ROW(c, f, r)                                                                     \
+    f = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(c, ones)),                       \
+                        _mm256_mul_ps(dv, _mm256_set1_ps(er[r][g])), f);                       \
+    f = _mm256_fmadd_ps(mv, _mm256_set1_ps(sr[r][g]), f);
+        W4A8_ROW(c0, f0, 0)
+        W4A8_ROW(c1, f1, 1)
+        W4A8_ROW(c2, f2, 2)
+        W4A8_ROW(c3, f3, 3)
+#undef W4A8_ROW
+    }
+    const __m256 f[GEMM_MR] = {f0, f1, f2, f3};
+    for (int r = 0; r < nrows; r++) {
+        if (nr == GEMM_NR) {
+            _mm256_storeu_ps(y + r * N + n0, f[r]);
+        } else {
+            float out[GEMM_NR];
+            _mm256_storeu_ps(out, f[r]);
+            for (int64_t j = 0; j < nr; j++) y[r * N + n0 + j] = out[j];
+        }
+    }
+}
+#else
+static void gemm_micro(const uint8_t *wt, const float *dt, const float *mt, int64_t G,
+                       const int8_t *a, const float *e, const float *s, int64_t K, int nrows,
+                       float *y, int64_t N, int64_t n0, int64_t nr) {
+    for (int r = 0; r < nrows; r++) {
+        for (int64_t j = 0; j < nr; j++) {
+            float acc = 0.f;
+            for (int64_t g = 0; g < G; g++) {
+                const uint8_t *wg = wt + g * 256;
+                const int8_t *ag = a + r * K + g * QK;
+                int dot = 0;
+                for (int st = 0; st < 8; st++)
+                    for (int i = 0; i < 4; i++) dot += wg[st * 32 + j * 4 + i] * ag[4 * st + i];
+                acc = fmaf((float)dot, dt[g * GEMM_NR + j] * e[r * G + g], acc);
+                acc = fmaf(mt[g * GEMM_NR + j], s[r * G + g], acc);
+            }
+            y[r * N + n0 + j] = acc;
+        }
+    }
+}
+#endif
+
+/* y [M, N] float32 = x [M, K] float32 times the weight in the prefill layout (above), x
+ * quantized per row and block of 32 exactly as w4a8_mm does. codes: [ceil(N / 8), K / 32 * 256]
+ * bytes; scales, mins: [ceil(N / 8), K / 32, 8] float32. Returns 0; -2 (nothing done) when the
+ * shapes do not fit; -1 when the scratch allocation fails (y untouched). */
+int w4a8_gemm(const float *x, int64_t M, int64_t K, const uint8_t *codes, int64_t c_rows,
+              int64_t c_cols, const float *scales, const float *mins, int64_t N, float *y,
+              int nthreads) {
+    if (M < 0 || K <= 0 || N <= 0 || K % QK || c_rows != (N + GEMM_NR - 1) / GEMM_NR
+        || c_cols != K / QK * 256)
+        return -2;
+    const int64_t G = K / QK, tiles = c_rows;
+    int8_t *a = (int8_t *)malloc((size_t)(M * K) + 2 * (size_t)(M * G) * sizeof(float) + 16);
+    if (!a) return -1;
+    float *e = (float *)(a + ((M * K + 15) & ~(int64_t)15));
+    float *s = e + M * G;
+#pragma omp parallel num_threads(nthreads > 0 ? nthreads : 1)
+    {
+#pragma omp for schedule(static)
+        for (int64_t m = 0; m < M; m++) quantize_row(x + m * K, G, a + m * K, e + m * G, s + m * G);
+        /* chunks of GEMM_MC rows; static: a thread keeps the same tiles in every chunk */
+        for (int64_t m0 = 0; m0 < M; m0 += GEMM_MC) {
+            const int64_t m1 = m0 + GEMM_MC < M ? m0 + GEMM_MC : M;
+#pragma omp for schedule(static) nowait
+            for (int64_t t = 0; t < tiles; t++) {
+                const int64_t n0 = t * GEMM_NR, nr = N - n0 < GEMM_NR ? N - n0 : GEMM_NR;
+                for (int64_t m = m0; m < m1; m += GEMM_MR) {
+                    const int nrows = m1 - m < GEMM_MR ? (int)(m1 - m) : GEMM_MR;
+                    gemm_micro(codes + t * c_cols, scales + t * G * GEMM_NR,
+                               mins + t * G * GEMM_NR, G, a + m * K, e + m * G, s + m * G, K,
+                               nrows, y + m * N, N, n0, nr);
+                }
+            }
+        }
+    }
+    free(a);
     return 0;
 }

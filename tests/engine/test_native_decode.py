@@ -14,7 +14,7 @@ from engine_helpers import greedy_tokens
 from scission.engine.config import CacheConfig, EngineConfig, SchedulerConfig
 from scission.engine.llm_engine import LLMEngine
 from scission.engine.native_decode import NativeDecoder, native_decode_unsupported
-from scission.engine.quant import W4A8_MAX_PACKED_ROWS
+from scission.engine.quant import W4A8_GEMM_MIN_ROWS
 from scission.kernels.reference import rel_error
 
 CLEAR_MARGIN = 1.0  # logits: a top-1 lead this large must not flip between the two paths
@@ -112,9 +112,11 @@ def test_pure_decode_steps_match_the_torch_step(engine, tokenizer):
 
 def test_tokens_do_not_depend_on_the_batch(engine, tokenizer):
     """The native step computes each request's row with the same arithmetic whatever else is
-    in the batch (per-row activation quantization, per-request attention), so greedy tokens
-    of requests decoded together equal each request decoded alone."""
+    in the batch (per-row activation quantization, per-request attention, and w4a8_mm and
+    w4a8_gemm summing a row in the same order), so greedy tokens of requests decoded together
+    (4 rows: w4a8_gemm) equal each request decoded alone (w4a8_mm)."""
     prompts = [tokenizer.encode(p) for p in PROMPTS]
+    assert len(prompts) >= W4A8_GEMM_MIN_ROWS
     together = greedy_tokens(engine, prompts, 24)
     alone = [greedy_tokens(engine, [ids], 24)[0] for ids in prompts]
     assert together == alone
@@ -122,12 +124,12 @@ def test_tokens_do_not_depend_on_the_batch(engine, tokenizer):
 
 
 def test_which_steps_it_takes(engine):
-    """Pure-decode steps up to W4A8Linear's packed-row limit; prefill, mixed and larger steps
-    stay on the torch path (dense GEMMs win there)."""
+    """Every pure-decode step, of any size (its linears switch to w4a8_gemm at
+    W4A8_GEMM_MIN_ROWS requests, as W4A8Linear does); prefill and mixed steps stay on the
+    torch path."""
     decoder = engine.model.native_decode
-    assert decoder.max_batch == W4A8_MAX_PACKED_ROWS
-    assert decoder.handles(SimpleNamespace(is_pure_decode=True, num_reqs=1))
-    assert decoder.handles(SimpleNamespace(is_pure_decode=True, num_reqs=W4A8_MAX_PACKED_ROWS))
-    assert not decoder.handles(SimpleNamespace(is_pure_decode=True,
-                                               num_reqs=W4A8_MAX_PACKED_ROWS + 1))
+    assert decoder.step.gemm_min_rows == W4A8_GEMM_MIN_ROWS
+    assert engine.model.layers[0].qkv.max_packed_rows == W4A8_GEMM_MIN_ROWS - 1
+    for n in (1, W4A8_GEMM_MIN_ROWS, 256):
+        assert decoder.handles(SimpleNamespace(is_pure_decode=True, num_reqs=n))
     assert not decoder.handles(SimpleNamespace(is_pure_decode=False, num_reqs=2))

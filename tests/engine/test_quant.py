@@ -95,12 +95,12 @@ def test_int8_linear_matches_float64_reference():
     assert rel_err(layer(x), x.double() @ dense.weight.double().T) < 2 * REL_TOL
 
 
-@pytest.mark.parametrize("batch", [1, 5, 80])  # 80 > W4A8_MAX_PACKED_ROWS: dense path
+@pytest.mark.parametrize("batch", [1, 5, 80])  # 80 > W4A8_MAX_PACKED_ROWS: w4a8_gemm
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_w4a8_linear_matches_float64_reference(batch, bias, dtype):
-    """Up to 64 rows: the kernel, int8 activations per block of 32 (``ref_w4a8_mm``); beyond:
-    the dequantized weights (float16 scale and minimum) times the unquantized input."""
+    """Both kernels (up to 64 rows w4a8_mm, beyond w4a8_gemm): int8 activations per block of
+    32 times the Q4_1 codes (``ref_w4a8_mm``)."""
     gen = torch.Generator().manual_seed(batch * 3 + bias)
     dense = nn.Linear(96, 44, bias=bias)  # 44 rows: 11 tiles of 4
     _, w = q4_1_like(44, 96, gen)
@@ -111,17 +111,15 @@ def test_w4a8_linear_matches_float64_reference(batch, bias, dtype):
     x = torch.randn(batch, 96, generator=gen).to(dtype)
     codes, scales, mins = quantize_int4_groupwise(dense.weight)
     b = dense.bias.double() if bias else 0
-    if batch <= layer.max_packed_rows:
-        ref = ref_w4a8_mm(x.float(), codes, scales, mins) + b
-    else:
-        w_ref = (codes.double().reshape(44, -1, 32) * scales.half().double()[..., None]
-                 + mins.half().double()[..., None]).reshape(44, 96)
-        ref = x.double() @ w_ref.T + b
+    ref = ref_w4a8_mm(x.float(), codes, scales, mins) + b
     out = layer(x)
     assert out.dtype == dtype and out.shape == (batch, 44)
     assert rel_err(out, ref) < (1e-5 if dtype == torch.float32 else REL_TOL)
     # int8 activations: still close to the float product of the same 4-bit weights
-    assert rel_err(out, x.double() @ layer.dense_weight.double().T + b) < 2e-2
+    w_ref = (codes.double().reshape(44, -1, 32) * scales.half().double()[..., None]
+             + mins.half().double()[..., None]).reshape(44, 96)
+    assert torch.equal(layer.dequantized_weight().double(), w_ref)
+    assert rel_err(out, x.double() @ w_ref.T + b) < 2e-2
 
 
 def test_out_features_must_fit_the_packed_kernel():

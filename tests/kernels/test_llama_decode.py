@@ -1,6 +1,7 @@
 """The native decode step (kernels/llama_decode.c) against its float64 reference
 (``ref_llama_decode_step``) on a small random Llama: final hidden states, the K/V it writes,
-both KV layouts, a qkv bias, both builds, and bad input refused with nothing written."""
+both KV layouts, a qkv bias, both builds, both linear kernels (w4a8_mm, and w4a8_gemm from
+gemm_min_rows requests on), and bad input refused with nothing written."""
 
 from __future__ import annotations
 
@@ -40,7 +41,8 @@ def random_model(gen: torch.Generator, bias: bool):
         refs.append(lw)
         packed.append(llama_decode.LayerWeights(
             **{name: w4a8.pack_q4_1(*lw[name]) for name in shapes},
-            input_norm=lw["input_norm"], post_norm=lw["post_norm"], qkv_bias=lw["qkv_bias"]))
+            input_norm=lw["input_norm"], post_norm=lw["post_norm"], qkv_bias=lw["qkv_bias"],
+            tiles={name: w4a8.pack_q4_1_gemm(*lw[name]) for name in shapes}))
     return refs, packed, 1 + 0.1 * torch.randn(HIDDEN, generator=gen)
 
 
@@ -66,10 +68,11 @@ def batch(gen: torch.Generator):
     return h, theta.cos(), theta.sin(), table, seq_lens, slots
 
 
-def make_step(packed, final_norm, layers, portable=False):
+def make_step(packed, final_norm, layers, portable=False, gemm_min_rows=0):
     return llama_decode.LlamaDecodeStep(
         num_heads=NH, num_kv_heads=NKV, head_dim=D, intermediate_size=INTER, rms_norm_eps=EPS,
-        layers=packed, final_norm=final_norm, kv_caches=layers, portable=portable)
+        layers=packed, final_norm=final_norm, kv_caches=layers, portable=portable,
+        gemm_min_rows=gemm_min_rows)
 
 
 @dataclass
@@ -90,20 +93,24 @@ class Case:
         cache, layers = kv_caches(gen, block_major)
         return cls(refs, packed, final_norm, cache, layers, batch(gen))
 
-    def step(self, portable: bool = False) -> llama_decode.LlamaDecodeStep:
-        return make_step(self.packed, self.final_norm, self.layers, portable)
+    def step(self, portable: bool = False, gemm_min_rows: int = 0
+             ) -> llama_decode.LlamaDecodeStep:
+        return make_step(self.packed, self.final_norm, self.layers, portable, gemm_min_rows)
 
 
+# gemm_min_rows: 0 = the linears through w4a8_mm; 3 = this 3-request batch through w4a8_gemm
+@pytest.mark.parametrize("gemm_min_rows", [0, 3], ids=["w4a8_mm", "w4a8_gemm"])
 @pytest.mark.parametrize("portable", [False, True], ids=["native", "portable"])
 @pytest.mark.parametrize("block_major", [False, True], ids=["layer_major", "block_major"])
 @pytest.mark.parametrize("bias", [False, True], ids=["no_bias", "qkv_bias"])
-def test_step_matches_float64_reference(portable, block_major, bias):
-    c = Case.make(int(portable) * 4 + int(block_major) * 2 + int(bias), bias, block_major)
+def test_step_matches_float64_reference(portable, block_major, bias, gemm_min_rows):
+    c = Case.make(int(portable) * 4 + int(block_major) * 2 + int(bias) + 8 * gemm_min_rows,
+                  bias, block_major)
     cache, layers = c.cache, c.layers
     h, cos, sin, table, seq_lens, slots = c.inputs
     ref_cache, ref_layers = kv_caches(torch.Generator().manual_seed(0), block_major)
     ref_cache.copy_(cache)
-    out = c.step(portable)(*c.inputs)
+    out = c.step(portable, gemm_min_rows)(*c.inputs)
     ref = ref_llama_decode_step(h, cos, sin, c.refs, c.final_norm, ref_layers, table, seq_lens,
                                 slots, NH, NKV, EPS)
     assert out.dtype == torch.float32 and out.shape == (3, HIDDEN)
@@ -163,3 +170,10 @@ def test_wrong_shapes_and_dtypes_name_the_tensor():
                    *packed[1:]], final_norm, layers)
     with pytest.raises(ValueError, match="KV cache"):
         make_step(packed, final_norm, [(k.double(), v.double()) for k, v in layers])
+    with pytest.raises(ValueError, match="layer 1: gemm_min_rows 4 needs tiles"):
+        make_step([packed[0], llama_decode.LayerWeights(**{**vars(packed[1]), "tiles": None}),
+                   *packed[2:]], final_norm, layers, gemm_min_rows=4)
+    with pytest.raises(ValueError, match="layer 0 down tile codes"):
+        tiles = {**packed[0].tiles, "down": packed[0].tiles["o_proj"]}
+        make_step([llama_decode.LayerWeights(**{**vars(packed[0]), "tiles": tiles}),
+                   *packed[1:]], final_norm, layers, gemm_min_rows=4)

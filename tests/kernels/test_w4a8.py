@@ -1,5 +1,6 @@
-"""The w4a8 CPU kernel (kernels/w4a8_gemv.c) against its float64 reference, its block layout
-by hand, its errors, and the run-time build (kernels/cpu_build.py)."""
+"""The w4a8 CPU kernels (kernels/w4a8_gemv.c: w4a8_mm for few rows, w4a8_gemm for many)
+against their float64 reference and each other, their layouts by hand, their errors, and the
+run-time build (kernels/cpu_build.py)."""
 
 from __future__ import annotations
 
@@ -51,8 +52,92 @@ def test_avx2_and_portable_builds_agree():
     x = torch.randn(3, 576, generator=gen)
     fast, plain = w4a8.library(), w4a8.library(portable=True)
     assert not plain.w4a8_uses_avx2()
-    assert rel_error(w4a8.w4a8_mm_with(fast, x, blocks, 96),
-                     w4a8.w4a8_mm_with(plain, x, blocks, 96)) < REL_TOL
+    assert torch.equal(w4a8.w4a8_mm_with(fast, x, blocks, 96),
+                       w4a8.w4a8_mm_with(plain, x, blocks, 96))  # same operations, same order
+
+
+def gemm_with(lib, x, codes, scales, mins):
+    n = codes.shape[0]
+    return w4a8.w4a8_gemm_with(lib, x, *w4a8.pack_q4_1_gemm(codes, scales, mins), n)
+
+
+# m: under one micro-kernel (4 rows), not a multiple of 4, over one chunk of 128 rows
+@pytest.mark.parametrize("m", [1, 3, 8, 130, 261])
+@pytest.mark.parametrize("n,k", [(1, 32), (13, 64), (64, 576), (130, 1536)])
+def test_w4a8_gemm_matches_float64_reference_and_w4a8_mm(lib, m, n, k):
+    """The many-row kernel: float64-exact up to float32 sums, and bit for bit w4a8_mm's
+    result (rows past a tile of 8 and past a micro-kernel's 4 are padding)."""
+    gen = torch.Generator().manual_seed(m * 1000 + n * 10 + k + 1)
+    codes, scales, mins = random_q4_1(n, k, gen)
+    scales, mins = scales.half().float(), mins.half().float()  # as W4A8Linear stores them
+    x = torch.randn(m, k, generator=gen) * 3
+    x[0, :32] = 0  # an all-zero block
+    x[-1, -1] = 40.0  # an outlier
+    y = gemm_with(lib, x, codes, scales, mins)
+    assert y.dtype == torch.float32 and y.shape == (m, n)
+    assert rel_error(y, ref_w4a8_mm(x, codes, scales, mins)) < REL_TOL
+    # the same float operations in the same order per row: equal bits (batch invariance)
+    assert torch.equal(y, w4a8.w4a8_mm_with(lib, x, w4a8.pack_q4_1(codes, scales, mins), n))
+
+
+def test_w4a8_gemm_quantizes_activations_as_w4a8_mm_exactly():
+    """Every block's max|x| is 127, so e = 1 and a = round_half_even(x); weight row 0 is codes
+    1 with scale 1, row 1 codes 0 with minimum 1: both outputs are sum(a), an integer every
+    float operation keeps exact. So the AVX2 and plain-C builds of both kernels must give
+    exactly the hand value, ties included (2.5 -> 2, -0.5 -> -0, 3.5 -> 4)."""
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(37, 64, generator=gen) * 20
+    x[:, 0] = x[:, 32] = 127.0
+    x[:, 1], x[:, 2], x[:, 33] = 2.5, -0.5, 3.5
+    codes = torch.stack([torch.ones(64, dtype=torch.int64), torch.zeros(64, dtype=torch.int64)])
+    scales = torch.tensor([[1.0, 1.0], [1.0, 1.0]])
+    mins = torch.tensor([[0.0, 0.0], [1.0, 1.0]])
+    want = torch.round(x).sum(dim=1, keepdim=True).expand(37, 2)  # half to even
+    blocks = w4a8.pack_q4_1(codes, scales, mins)
+    for lib in (w4a8.library(), w4a8.library(portable=True)):
+        assert torch.equal(gemm_with(lib, x, codes, scales, mins), want)
+        assert torch.equal(w4a8.w4a8_mm_with(lib, x, blocks, 2), want)
+
+
+def test_pack_q4_1_gemm_layout_by_hand():
+    """9 rows -> 2 tiles of 8 (the second padded with zeros); per tile and block 8 steps of
+    8 rows x 4 codes: byte (g, s, r, i) = q[8 t + r, 32 g + 4 s + i]; float32 scales and
+    minimums [T, G, 8]."""
+    n, k = 9, 64
+    codes = (torch.arange(k)[None] * 3 + torch.arange(n)[:, None] * 5).remainder(16)
+    scales = torch.arange(n * 2, dtype=torch.float32).reshape(n, 2) + 1
+    mins = -scales / 4
+    tile_codes, tile_scales, tile_mins = w4a8.pack_q4_1_gemm(codes, scales, mins)
+    assert tile_codes.shape == (2, 2 * 256) and tile_codes.dtype == torch.uint8
+    assert tile_scales.shape == tile_mins.shape == (2, 2, 8)
+    for t in range(2):
+        raw = tile_codes[t].tolist()
+        for g in range(2):
+            for r in range(8):
+                row = 8 * t + r
+                assert tile_scales[t, g, r].item() == (scales[row, g].item() if row < n else 0)
+                assert tile_mins[t, g, r].item() == (mins[row, g].item() if row < n else 0)
+                for st in range(8):
+                    got = raw[g * 256 + st * 32 + r * 4:g * 256 + st * 32 + r * 4 + 4]
+                    want = codes[row, 32 * g + 4 * st:32 * g + 4 * st + 4].tolist() \
+                        if row < n else [0] * 4
+                    assert got == want
+
+
+def test_w4a8_gemm_bad_inputs_are_refused_with_the_shapes():
+    packed = w4a8.pack_q4_1_gemm(torch.zeros(8, 64, dtype=torch.int64), torch.ones(8, 2),
+                                 torch.zeros(8, 2))
+    with pytest.raises(ValueError, match="tile_scales"):
+        torch.ops.scission.w4a8_gemm(torch.ones(2, 96), *packed, 8)  # K 96 vs a weight for 64
+    with pytest.raises(ValueError, match="does not fit"):
+        torch.ops.scission.w4a8_gemm(torch.ones(2, 64), *packed, 9)  # 9 rows need 2 tiles
+    with pytest.raises(ValueError, match="contiguous float32"):
+        torch.ops.scission.w4a8_gemm(torch.ones(64, 2).T, *packed, 8)
+    with pytest.raises(ValueError, match=r"\[0, 15\]"):
+        w4a8.pack_q4_1_gemm(torch.full((8, 32), 16), torch.ones(8, 1), torch.ones(8, 1))
+    with pytest.raises(ValueError, match="multiple of 32"):
+        w4a8.pack_q4_1_gemm(torch.zeros(8, 48, dtype=torch.int64), torch.ones(8, 1),
+                            torch.ones(8, 1))
 
 
 def test_pack_q4_1_tile_layout_by_hand():
@@ -97,15 +182,20 @@ def test_thread_count_does_not_change_the_result():
     codes, scales, mins = random_q4_1(203, 576, gen)
     blocks = w4a8.pack_q4_1(codes, scales, mins)
     x = torch.randn(4, 576, generator=gen)
+    packed = w4a8.pack_q4_1_gemm(codes, scales, mins)
+    x_many = torch.randn(133, 576, generator=gen)
     before = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
         one = torch.ops.scission.w4a8_mm(x, blocks, 203)
+        one_many = torch.ops.scission.w4a8_gemm(x_many, *packed, 203)
         torch.set_num_threads(2)
         two = torch.ops.scission.w4a8_mm(x, blocks, 203)
+        two_many = torch.ops.scission.w4a8_gemm(x_many, *packed, 203)
     finally:
         torch.set_num_threads(before)
     assert torch.equal(one, two)  # each output row is summed by one thread, in one order
+    assert torch.equal(one_many, two_many)
 
 
 @pytest.mark.parametrize("top_k", [0, 1, 16, 130])
@@ -140,11 +230,14 @@ def test_op_inside_a_compiled_graph_equals_eager(tmp_path, monkeypatch):
     blocks = w4a8.pack_q4_1(codes, scales, mins)
     x = torch.randn(3, 96, generator=gen)
 
-    def f(x, blocks):
-        return torch.nn.functional.silu(torch.ops.scission.w4a8_mm(x * 2, blocks, 64)) + 1
+    packed = w4a8.pack_q4_1_gemm(codes, scales, mins)
 
-    got = torch.compile(f, fullgraph=True)(x, blocks)
-    assert torch.allclose(got, f(x, blocks), rtol=1e-6, atol=1e-6)
+    def f(x, blocks, packed):
+        y = torch.ops.scission.w4a8_mm(x * 2, blocks, 64)
+        return torch.nn.functional.silu(y) + torch.ops.scission.w4a8_gemm(x, *packed, 64)
+
+    got = torch.compile(f, fullgraph=True)(x, blocks, packed)
+    assert torch.allclose(got, f(x, blocks, packed), rtol=1e-6, atol=1e-6)
 
 
 def test_bad_inputs_are_refused_with_the_shapes():
