@@ -67,8 +67,10 @@ def library(portable: bool = False) -> ctypes.CDLL:
     lib.w4a8_mm.restype = ctypes.c_int
     lib.w4a8_rescored_head.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
                                        ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
-                                       ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p,
-                                       ctypes.c_int64, ctypes.c_void_p, ctypes.c_int]
+                                       ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
+                                       ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p,
+                                       ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p,
+                                       ctypes.c_int]
     lib.w4a8_rescored_head.restype = ctypes.c_int
     lib.w4a8_gemm.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p,
                               ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p,
@@ -226,11 +228,13 @@ def w4a8_mm_with(lib: ctypes.CDLL, x: torch.Tensor, blocks: torch.Tensor,
 
 
 def rescored_head_with(lib: ctypes.CDLL, x: torch.Tensor, blocks: torch.Tensor,
-                       weight_int8: torch.Tensor, scales: torch.Tensor, top_k: int
-                       ) -> torch.Tensor:
-    """A rescored LM head in one C call: ``w4a8_mm_with(lib, x, blocks, V)``, then in each
-    row the ``top_k`` largest logits recomputed as ``(weight_int8[v] . bf16(x)) * scales[v]``
-    (float32 sums of the int8 weights times x rounded to bfloat16), as
+                       weight_int8: torch.Tensor, scales: torch.Tensor, top_k: int,
+                       tiles: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+                       gemm_min_rows: int = 0) -> torch.Tensor:
+    """A rescored LM head in one C call: ``w4a8_mm_with(lib, x, blocks, V)`` (or, with
+    ``tiles`` and at least ``gemm_min_rows`` rows, ``w4a8_gemm_with``: the same bits), then in
+    each row the ``top_k`` largest logits recomputed as ``(weight_int8[v] . bf16(x)) *
+    scales[v]`` (float32 sums of the int8 weights times x rounded to bfloat16), as
     ``engine/quant.py: RescoredInt4Head`` computes them in torch.
 
     Args:
@@ -238,6 +242,8 @@ def rescored_head_with(lib: ctypes.CDLL, x: torch.Tensor, blocks: torch.Tensor,
         blocks: ``pack_q4_1`` of the ``[V, K]`` 4-bit weight.
         weight_int8: ``[V, K]`` int8, contiguous; scales: ``[V]`` bfloat16.
         top_k: rows rescored per row of x, ``0 <= top_k <= V``.
+        tiles: ``pack_q4_1_gemm`` of the same weight, or None (``w4a8_mm`` only).
+        gemm_min_rows: with ``tiles``, from this many rows on the logits are ``w4a8_gemm``'s.
     Returns: ``[M, V]`` float32 logits.
     Raises:
         ValueError: dtypes, layouts or shapes do not fit.
@@ -255,10 +261,18 @@ def rescored_head_with(lib: ctypes.CDLL, x: torch.Tensor, blocks: torch.Tensor,
                          f"{scales.dtype} {tuple(scales.shape)}, {blocks.dtype} "
                          f"{tuple(blocks.shape)}")
     m, k = x.shape
+    if tiles is not None and any(
+            not t.is_contiguous() or t.dtype != dt or t.shape[0] != -(-v // GEMM_TILE_ROWS)
+            for t, dt in zip(tiles, (torch.uint8, torch.float32, torch.float32), strict=True)):
+        raise ValueError(f"rescored head: tiles must be pack_q4_1_gemm of the [{v}, {k}] "
+                         f"weight, got {[(t.dtype, tuple(t.shape)) for t in tiles]}")
+    codes, tile_scales, tile_mins = (t.data_ptr() for t in tiles) if tiles else (None,) * 3
     logits = x.new_empty((m, v))
     rc = lib.w4a8_rescored_head(x.data_ptr(), m, k, blocks.data_ptr(), blocks.shape[0],
-                                blocks.shape[1], v, weight_int8.data_ptr(), scales.data_ptr(),
-                                top_k, logits.data_ptr(), torch.get_num_threads())
+                                blocks.shape[1], codes, tile_scales, tile_mins,
+                                gemm_min_rows if tiles else 0, v, weight_int8.data_ptr(),
+                                scales.data_ptr(), top_k, logits.data_ptr(),
+                                torch.get_num_threads())
     if rc == -1:
         raise MemoryError("rescored head: no memory for its scratch")
     if rc:

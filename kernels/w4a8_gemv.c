@@ -246,44 +246,10 @@ static void top_k_indices(const float *v, int64_t n, int64_t k, int64_t *idx) {
     }
 }
 
-/* The rescored LM head (engine/quant.py RescoredInt4Head with a W4A8Linear coarse pass) in
- * one call: logits [M, V] = x [M, K] times the Q4_1 weight (w4a8_mm), then in each row the
- * top_k logits recomputed as (w8[v] . bf16(x)) * scale[v] from int8 weights w8 [V, K] and
- * bfloat16 per-row scales (raw bits). Returns 0, -2 for shapes that do not fit, -1 when
- * memory fails. */
-int w4a8_rescored_head(const float *x, int64_t M, int64_t K, const uint8_t *w, int64_t w_rows,
-                       int64_t w_cols, int64_t V, const int8_t *w8, const uint16_t *scales_bf16,
-                       int64_t top_k, float *logits, int nthreads) {
-    if (top_k < 0 || top_k > V) return -2;
-    int rc = w4a8_mm(x, M, K, w, w_rows, w_cols, V, logits, nthreads);
-    if (rc || top_k == 0) return rc;
-    int64_t *idx = (int64_t *)malloc((size_t)top_k * sizeof(int64_t));
-    float *xb = (float *)malloc((size_t)K * sizeof(float));
-    if (!idx || !xb) { free(idx); free(xb); return -1; }
-    for (int64_t m = 0; m < M; m++) {
-        float *row = logits + m * V;
-        for (int64_t j = 0; j < K; j++) xb[j] = round_to_bf16(x[m * K + j]);
-        top_k_indices(row, V, top_k, idx);
-        for (int64_t t = 0; t < top_k; t++) {
-            const int8_t *wr = w8 + idx[t] * K;
-            float dot = 0.f;
-#pragma omp simd reduction(+ : dot)
-            for (int64_t j = 0; j < K; j++) dot += (float)wr[j] * xb[j];
-            const uint32_t sbits = (uint32_t)scales_bf16[idx[t]] << 16;
-            float scale;
-            memcpy(&scale, &sbits, sizeof scale);
-            row[idx[t]] = dot * scale;
-        }
-    }
-    free(idx);
-    free(xb);
-    return 0;
-}
-
 /* ---- Prefill: many rows (w4a8_gemm) ----
  *
- * The same arithmetic as w4a8_mm (the integer dot of every block is exact, only the float
- * sums run in another order), laid out for many activation rows. w4a8_mm spends ~8
+ * The same arithmetic as w4a8_mm, float operations and their order included (the integer dot
+ * of every block is exact), laid out for many activation rows. w4a8_mm spends ~8
  * instructions per block, row and weight row unpacking nibbles and scaling; at hundreds of
  * rows that is ~2x slower than a float32 GEMM. Here the codes are stored one per byte, in
  * tiles of GEMM_NR = 8 output rows, so that one vpmaddubsw multiplies 8 weight rows by 4
@@ -393,6 +359,7 @@ static void gemm_micro(const uint8_t *wt, const float *dt, const float *mt, int6
         }
     }
 }
+
 #else
 static void gemm_micro(const uint8_t *wt, const float *dt, const float *mt, int64_t G,
                        const int8_t *a, const float *e, const float *s, int64_t K, int nrows,
@@ -451,4 +418,53 @@ int w4a8_gemm(const float *x, int64_t M, int64_t K, const uint8_t *codes, int64_
     }
     free(a);
     return 0;
+}
+
+/* The rescored LM head (engine/quant.py RescoredInt4Head with a W4A8Linear coarse pass) in
+ * one call: logits [M, V] = x [M, K] times the Q4_1 weight (w4a8_mm, or w4a8_gemm on the
+ * tile layout when tile_codes is given and M >= gemm_min_rows: the same bits), then in each
+ * row the top_k logits recomputed as (w8[v] . bf16(x)) * scale[v] from int8 weights
+ * w8 [V, K] and bfloat16 per-row scales (raw bits); rows in parallel. Returns 0, -2 for
+ * shapes that do not fit, -1 when memory fails. */
+int w4a8_rescored_head(const float *x, int64_t M, int64_t K, const uint8_t *w, int64_t w_rows,
+                       int64_t w_cols, const uint8_t *tile_codes, const float *tile_scales,
+                       const float *tile_mins, int64_t gemm_min_rows, int64_t V,
+                       const int8_t *w8, const uint16_t *scales_bf16, int64_t top_k,
+                       float *logits, int nthreads) {
+    if (top_k < 0 || top_k > V) return -2;
+    int rc = tile_codes && gemm_min_rows > 0 && M >= gemm_min_rows
+        ? w4a8_gemm(x, M, K, tile_codes, (V + GEMM_NR - 1) / GEMM_NR, K / QK * 256,
+                    tile_scales, tile_mins, V, logits, nthreads)
+        : w4a8_mm(x, M, K, w, w_rows, w_cols, V, logits, nthreads);
+    if (rc || top_k == 0) return rc;
+    int failed = 0;
+#pragma omp parallel num_threads(nthreads > 0 ? nthreads : 1)
+    {
+        int64_t *idx = (int64_t *)malloc((size_t)top_k * sizeof(int64_t));
+        float *xb = (float *)malloc((size_t)K * sizeof(float));
+        if (!idx || !xb) {
+#pragma omp atomic write
+            failed = 1;
+        }
+#pragma omp for schedule(static)
+        for (int64_t m = 0; m < M; m++) {
+            if (!idx || !xb) continue;
+            float *row = logits + m * V;
+            for (int64_t j = 0; j < K; j++) xb[j] = round_to_bf16(x[m * K + j]);
+            top_k_indices(row, V, top_k, idx);
+            for (int64_t t = 0; t < top_k; t++) {
+                const int8_t *wr = w8 + idx[t] * K;
+                float dot = 0.f;
+#pragma omp simd reduction(+ : dot)
+                for (int64_t j = 0; j < K; j++) dot += (float)wr[j] * xb[j];
+                const uint32_t sbits = (uint32_t)scales_bf16[idx[t]] << 16;
+                float scale;
+                memcpy(&scale, &sbits, sizeof scale);
+                row[idx[t]] = dot * scale;
+            }
+        }
+        free(idx);
+        free(xb);
+    }
+    return failed ? -1 : 0;
 }

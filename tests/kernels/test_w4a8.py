@@ -219,8 +219,15 @@ def test_rescored_head_matches_its_float64_definition(lib, top_k):
         want.scatter_(1, idx, fine)
     assert got.shape == (3, v) and got.dtype == torch.float32
     assert torch.allclose(got.double(), want, rtol=1e-5, atol=1e-6)
+    # with the tile layout and 3 >= gemm_min_rows rows, the coarse pass is w4a8_gemm's
+    tiles = w4a8.pack_q4_1_gemm(codes, scales.half().float(), mins.half().float())
+    assert torch.equal(w4a8.rescored_head_with(lib, x, blocks, weight_int8, row_scales, top_k,
+                                               tiles, gemm_min_rows=2), got)
     with pytest.raises(ValueError, match="top_k"):
         w4a8.rescored_head_with(lib, x, blocks, weight_int8, row_scales, v + 1)
+    with pytest.raises(ValueError, match="tiles must be"):
+        w4a8.rescored_head_with(lib, x, blocks, weight_int8, row_scales, top_k,
+                                w4a8.pack_q4_1_gemm(codes[:64], scales[:64], mins[:64]), 2)
 
 
 def test_op_inside_a_compiled_graph_equals_eager(tmp_path, monkeypatch):
