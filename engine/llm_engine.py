@@ -115,7 +115,9 @@ class LLMEngine:
         if config.native_decode and config.weight_quantization == "w4a8":
             from scission.engine.native_decode import enable_native_decode
 
-            enable_native_decode(self.model, self.kv_cache)
+            if enable_native_decode(self.model, self.kv_cache) is not None \
+                    and isinstance(attn, TorchAttentionBackend):
+                attn.native_prefill = True  # prefill chunks' attention in C as well
         if not config.enforce_eager:  # graph mode: compile now, not on the first request
             from scission.engine.compile import enable_graph_mode
 

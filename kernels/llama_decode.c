@@ -304,3 +304,179 @@ int llama_decode_step(const llama_decode_weights *w, int64_t n, const float *h,
     free(buf);
     return rc;
 }
+
+/* ---- Prefill attention over the paged cache (llama_prefill_attention) ----
+ *
+ * Causal attention of a chunk of q_len query tokens at the end of a context of kv_len tokens
+ * (query i at position kv_len - q_len + i sees keys 0 .. that position), GQA, float32, read
+ * from the paged cache through the request's block table. The chunk's own K/V must already
+ * be in the cache. Per layer the context's K is copied once per KV head into blocks of 8 keys
+ * transposed ([D][8]) and V into a contiguous [kv_len][D]; then every (query, KV head) item
+ * computes its group's scores 8 keys per FMA (a query element broadcast against 8 keys),
+ * softmax with exp eight lanes at a time, and the weighted sum of V. Two passes per query
+ * head (scores, then exp and V), as attend(). Against SDPA's CPU flash kernel on a 512-token
+ * prompt with SmolLM2's heads (9 q / 3 kv, D 64), 2 threads of a Zen 2 EPYC: 5.0-5.2 vs
+ * 6.2-6.5 ms a layer. Both are far from the FMA peak (~16 G multiply-adds/s a thread here);
+ * blocking queries as well as keys is the next step.
+ *
+ *   q     [q_len, num_heads, D], q_row_stride floats between tokens (head rows contiguous)
+ *   k_cache, v_cache: bases of [num_blocks, block_size, H_kv, D] with the given strides
+ *   block_table [ceil(kv_len / block_size)] int32
+ *   out   [q_len, num_heads, D] contiguous
+ *
+ * Returns 0; -2 (nothing written) for shapes or block ids out of range; -1 when scratch
+ * memory fails. */
+int llama_prefill_attention(const float *q, int64_t q_len, int64_t q_row_stride,
+                            int64_t num_heads, int64_t num_kv_heads, int64_t D,
+                            const float *k_cache, const float *v_cache, int64_t num_blocks,
+                            int64_t block_size, int64_t block_stride, int64_t slot_stride,
+                            const int32_t *block_table, int64_t kv_len, float scale,
+                            float *out, int nthreads) {
+    if (q_len <= 0 || kv_len < q_len || num_kv_heads <= 0 || num_heads % num_kv_heads
+        || D <= 0 || D % 8 || q_row_stride < num_heads * D || block_size <= 0)
+        return -2;
+    const int64_t nblk = (kv_len + block_size - 1) / block_size;
+    for (int64_t b = 0; b < nblk; b++)
+        if (block_table[b] < 0 || block_table[b] >= num_blocks) return -2;
+    const int64_t G = num_heads / num_kv_heads, L8 = (kv_len + 7) / 8, nt = nthreads > 0 ? nthreads : 1;
+    float *kt = (float *)malloc((size_t)(num_kv_heads * L8 * 8 * D) * sizeof(float));
+    float *vs = (float *)malloc((size_t)(num_kv_heads * kv_len * D) * sizeof(float));
+    float *scratch = (float *)malloc((size_t)(nt * L8 * 8) * sizeof(float));
+    if (!kt || !vs || !scratch) { free(kt); free(vs); free(scratch); return -1; }
+#pragma omp parallel num_threads(nt)
+    {
+#pragma omp for schedule(static)
+        for (int64_t j8 = 0; j8 < L8; j8++) { /* gather: K transposed per 8 keys, V rows */
+            for (int64_t hk = 0; hk < num_kv_heads; hk++) {
+                float *dst = kt + (hk * L8 + j8) * 8 * D;
+                for (int64_t jj = 0; jj < 8; jj++) {
+                    const int64_t j = j8 * 8 + jj;
+                    if (j >= kv_len) {
+                        for (int64_t d = 0; d < D; d++) dst[d * 8 + jj] = 0.f;
+                        continue;
+                    }
+                    const int64_t blk = block_table[j / block_size], off = j % block_size;
+                    const float *kr = k_cache + blk * block_stride + off * slot_stride + hk * D;
+                    const float *vr = v_cache + blk * block_stride + off * slot_stride + hk * D;
+                    for (int64_t d = 0; d < D; d++) dst[d * 8 + jj] = kr[d];
+                    memcpy(vs + (hk * kv_len + j) * D, vr, (size_t)D * sizeof(float));
+                }
+            }
+        }
+        float *sc = scratch + (int64_t)omp_get_thread_num() * L8 * 8;
+        /* later queries see more keys: hand items out dynamically, last queries first */
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t it = 0; it < q_len * num_heads; it++) {
+            const int64_t i = q_len - 1 - it / num_heads, h = it % num_heads, hk = h / G;
+            const int64_t n = kv_len - q_len + i + 1; /* keys this query sees */
+            const float *qh = q + i * q_row_stride + h * D;
+            const float *kh = kt + hk * L8 * 8 * D;
+            const int64_t nb = (n + 7) / 8;
+            float mx = -INFINITY;
+            const int64_t nfull = n / 8; /* blocks of 8 keys all visible to this query */
+#ifdef W4A8_AVX2
+            const __m256 vscale = _mm256_set1_ps(scale);
+            __m256 vmax = _mm256_set1_ps(-INFINITY);
+            int64_t b = 0;
+            for (; b + 8 <= nfull; b += 8) { /* 64 keys: 8 independent FMA chains */
+                const float *k0 = kh + b * 8 * D;
+                __m256 a[8];
+                for (int u = 0; u < 8; u++) a[u] = _mm256_setzero_ps();
+                for (int64_t d = 0; d < D; d++) {
+                    const __m256 qd = _mm256_broadcast_ss(qh + d);
+                    for (int u = 0; u < 8; u++)
+                        a[u] = _mm256_fmadd_ps(qd, _mm256_loadu_ps(k0 + u * 8 * D + d * 8), a[u]);
+                }
+                for (int u = 0; u < 8; u++) {
+                    const __m256 sv = _mm256_mul_ps(a[u], vscale);
+                    _mm256_storeu_ps(sc + (b + u) * 8, sv);
+                    vmax = _mm256_max_ps(vmax, sv);
+                }
+            }
+            for (; b < nb; b++) { /* the rest, and the last block partly visible */
+                const float *k0 = kh + b * 8 * D;
+                __m256 a0 = _mm256_setzero_ps(), a1 = a0;
+                for (int64_t d = 0; d < D; d += 2) {
+                    a0 = _mm256_fmadd_ps(_mm256_broadcast_ss(qh + d), _mm256_loadu_ps(k0 + d * 8), a0);
+                    a1 = _mm256_fmadd_ps(_mm256_broadcast_ss(qh + d + 1),
+                                         _mm256_loadu_ps(k0 + d * 8 + 8), a1);
+                }
+                const __m256 sv = _mm256_mul_ps(_mm256_add_ps(a0, a1), vscale);
+                _mm256_storeu_ps(sc + b * 8, sv);
+                if (b < nfull) vmax = _mm256_max_ps(vmax, sv);
+            }
+            __m128 hm = _mm_max_ps(_mm256_castps256_ps128(vmax), _mm256_extractf128_ps(vmax, 1));
+            hm = _mm_max_ps(hm, _mm_movehl_ps(hm, hm));
+            hm = _mm_max_ss(hm, _mm_movehdup_ps(hm));
+            mx = _mm_cvtss_f32(hm);
+#else
+            for (int64_t b = 0; b < nb; b++)
+                for (int64_t jj = 0; jj < 8; jj++) {
+                    float a = 0.f;
+                    for (int64_t d = 0; d < D; d++) a += qh[d] * kh[b * 8 * D + d * 8 + jj];
+                    sc[b * 8 + jj] = a * scale;
+                }
+            for (int64_t j = 0; j < nfull * 8; j++) mx = sc[j] > mx ? sc[j] : mx;
+#endif
+            for (int64_t j = nfull * 8; j < n; j++) mx = sc[j] > mx ? sc[j] : mx;
+            float sum = 0.f;
+            int64_t j = 0;
+#ifdef W4A8_AVX2
+            __m256 vsum = _mm256_setzero_ps();
+            for (; j + 8 <= n; j += 8) {
+                const __m256 p = exp256_nonpositive(_mm256_sub_ps(_mm256_loadu_ps(sc + j),
+                                                                  _mm256_set1_ps(mx)));
+                _mm256_storeu_ps(sc + j, p);
+                vsum = _mm256_add_ps(vsum, p);
+            }
+            sum = hsum(vsum);
+#endif
+            for (; j < n; j++) {
+                sc[j] = expf(sc[j] - mx);
+                sum += sc[j];
+            }
+            const float inv = 1.f / sum;
+            float *o = out + (i * num_heads + h) * D;
+            const float *vh = vs + hk * kv_len * D;
+#ifdef W4A8_AVX2
+            if (D == 64) {
+                __m256 o0 = _mm256_setzero_ps(), o1 = o0, o2 = o0, o3 = o0, o4 = o0, o5 = o0,
+                       o6 = o0, o7 = o0;
+                for (int64_t k = 0; k < n; k++) {
+                    const __m256 p = _mm256_broadcast_ss(sc + k);
+                    const float *v = vh + k * 64;
+                    o0 = _mm256_fmadd_ps(p, _mm256_loadu_ps(v), o0);
+                    o1 = _mm256_fmadd_ps(p, _mm256_loadu_ps(v + 8), o1);
+                    o2 = _mm256_fmadd_ps(p, _mm256_loadu_ps(v + 16), o2);
+                    o3 = _mm256_fmadd_ps(p, _mm256_loadu_ps(v + 24), o3);
+                    o4 = _mm256_fmadd_ps(p, _mm256_loadu_ps(v + 32), o4);
+                    o5 = _mm256_fmadd_ps(p, _mm256_loadu_ps(v + 40), o5);
+                    o6 = _mm256_fmadd_ps(p, _mm256_loadu_ps(v + 48), o6);
+                    o7 = _mm256_fmadd_ps(p, _mm256_loadu_ps(v + 56), o7);
+                }
+                const __m256 s = _mm256_set1_ps(inv);
+                _mm256_storeu_ps(o, _mm256_mul_ps(o0, s));
+                _mm256_storeu_ps(o + 8, _mm256_mul_ps(o1, s));
+                _mm256_storeu_ps(o + 16, _mm256_mul_ps(o2, s));
+                _mm256_storeu_ps(o + 24, _mm256_mul_ps(o3, s));
+                _mm256_storeu_ps(o + 32, _mm256_mul_ps(o4, s));
+                _mm256_storeu_ps(o + 40, _mm256_mul_ps(o5, s));
+                _mm256_storeu_ps(o + 48, _mm256_mul_ps(o6, s));
+                _mm256_storeu_ps(o + 56, _mm256_mul_ps(o7, s));
+                continue;
+            }
+#endif
+            for (int64_t d = 0; d < D; d++) o[d] = 0.f;
+            for (int64_t k = 0; k < n; k++) {
+                const float p = sc[k], *v = vh + k * D;
+#pragma omp simd
+                for (int64_t d = 0; d < D; d++) o[d] += p * v[d];
+            }
+            for (int64_t d = 0; d < D; d++) o[d] *= inv;
+        }
+    }
+    free(kt);
+    free(vs);
+    free(scratch);
+    return 0;
+}

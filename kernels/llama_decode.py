@@ -30,7 +30,8 @@ SOURCE = Path(__file__).with_name("llama_decode.c")
 ABI = 2  # LLAMA_DECODE_ABI in llama_decode.c
 LINEARS = ("qkv", "o_proj", "gate_up", "down")  # LIN_* in llama_decode.c, in order
 
-__all__ = ["KernelBuildError", "LayerWeights", "LlamaDecodeStep", "library"]
+__all__ = ["KernelBuildError", "LayerWeights", "LlamaDecodeStep", "library",
+           "prefill_attention"]
 
 _P = ctypes.c_void_p
 _I64 = ctypes.c_int64
@@ -62,6 +63,10 @@ def library(portable: bool = False) -> ctypes.CDLL:
     lib.llama_decode_step.argtypes = [ctypes.POINTER(_Weights), _I64, _P, _P, _P, _P, _I64,
                                       _I64, _P, _P, _P, ctypes.c_int]
     lib.llama_decode_step.restype = ctypes.c_int
+    lib.llama_prefill_attention.argtypes = [_P, _I64, _I64, _I64, _I64, _I64, _P, _P, _I64,
+                                            _I64, _I64, _I64, _P, _I64, ctypes.c_float, _P,
+                                            ctypes.c_int]
+    lib.llama_prefill_attention.restype = ctypes.c_int
     if lib.llama_decode_abi() != ABI:
         raise KernelBuildError(f"{SOURCE.name}: ABI {lib.llama_decode_abi()}, expected {ABI}")
     return lib
@@ -253,3 +258,56 @@ class LlamaDecodeStep:
                              f"{slot_mapping.tolist()}, {self.num_blocks} blocks of "
                              f"{self.block_size}, block_table width {block_table.shape[1]})")
         return out
+
+
+def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                      block_table: torch.Tensor, kv_len: int, scale: float,
+                      portable: bool = False) -> torch.Tensor:
+    """Causal attention of a prefill chunk over its paged context in one C call
+    (``llama_prefill_attention`` in llama_decode.c): query ``i`` sits at position
+    ``kv_len - q_len + i`` and sees keys ``0 ..`` that position; the chunk's own K/V must
+    already be in the cache. GQA by ``num_heads // num_kv_heads``. Float32 sums in another
+    order than SDPA's (float64 reference: ``kernels/reference.py: ref_prefill_attention``, one request).
+
+    Args:
+        q: ``[q_len, num_heads, D]`` float32, CPU; heads and dims contiguous (token rows may
+            be strided, e.g. a slice of the fused qkv output).
+        k_cache, v_cache: one layer's ``[num_blocks, block_size, H_kv, D]`` float32, a slot's
+            ``[H_kv, D]`` contiguous, both with the same strides (either ``KVLayout``).
+        block_table: ``[>= ceil(kv_len / block_size)]`` int32, contiguous: the request's blocks.
+        kv_len: context length including the chunk (``>= q_len``).
+        scale: softmax scale (usually ``D ** -0.5``).
+    Returns: ``[q_len, num_heads, D]`` float32, contiguous.
+    Raises:
+        ValueError: dtypes, layouts or shapes do not fit, or a block id is out of range.
+        MemoryError: scratch memory failed.
+    """
+    q_len, num_heads, head_dim = q.shape
+    num_blocks, block_size, num_kv_heads = k_cache.shape[:3]
+    if q.dtype != torch.float32 or q.stride()[1:] != (head_dim, 1) \
+            or any(c.dtype != torch.float32 or c.dim() != 4 or c.stride() != k_cache.stride()
+                   or c.shape != k_cache.shape or c.stride()[2:] != (head_dim, 1)
+                   for c in (k_cache, v_cache)) \
+            or k_cache.shape[3] != head_dim or block_table.dtype != torch.int32 \
+            or block_table.dim() != 1 or not block_table.is_contiguous() \
+            or block_table.shape[0] * block_size < kv_len:
+        raise ValueError(f"prefill attention: q float32 [q_len, H, D] (rows contiguous), "
+                         f"caches float32 [blocks, block_size, H_kv, D] with equal strides, "
+                         f"block_table int32 [>= ceil(kv_len / block_size)]; got q {q.dtype} "
+                         f"{tuple(q.shape)} {q.stride()}, k {k_cache.dtype} "
+                         f"{tuple(k_cache.shape)} {k_cache.stride()}, v {v_cache.dtype} "
+                         f"{tuple(v_cache.shape)} {v_cache.stride()}, block_table "
+                         f"{block_table.dtype} {tuple(block_table.shape)}, kv_len {kv_len}")
+    out = q.new_empty((q_len, num_heads, head_dim))
+    rc = library(portable).llama_prefill_attention(
+        q.data_ptr(), q_len, q.stride(0), num_heads, num_kv_heads, head_dim,
+        k_cache.data_ptr(), v_cache.data_ptr(), num_blocks, block_size, k_cache.stride(0),
+        k_cache.stride(1), block_table.data_ptr(), kv_len, scale, out.data_ptr(),
+        torch.get_num_threads())
+    if rc == -1:
+        raise MemoryError("prefill attention: no memory for its scratch")
+    if rc:
+        raise ValueError(f"prefill attention: q_len {q_len} / kv_len {kv_len} / heads "
+                         f"{num_heads}/{num_kv_heads} / D {head_dim} out of range, or a block "
+                         f"id outside [0, {num_blocks}) in {block_table.tolist()}")
+    return out

@@ -210,3 +210,4 @@ def ref_llama_decode_step(
         gate, up = lin(norm(res, lw["post_norm"]), lw["gate_up"]).chunk(2, dim=-1)
         mlp = lin(gate * torch.sigmoid(gate) * up, lw["down"])
     return norm(res + mlp, final_norm)
+

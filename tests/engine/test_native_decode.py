@@ -133,3 +133,23 @@ def test_which_steps_it_takes(engine):
     for n in (1, W4A8_GEMM_MIN_ROWS, 256):
         assert decoder.handles(SimpleNamespace(is_pure_decode=True, num_reqs=n))
     assert not decoder.handles(SimpleNamespace(is_pure_decode=False, num_reqs=2))
+
+
+def test_prefill_attention_runs_in_c_and_agrees_with_sdpa(engine, tokenizer):
+    """With native decode the torch backend's prefill chunks take the C attention
+    (kernels/llama_decode.py: prefill_attention, checked against float64 in
+    tests/kernels/test_prefill_attention_cpu.py); inside the engine its first tokens equal
+    SDPA's, and a long prompt in several chunks (a context before each) gives the same."""
+    attn = engine.runner.attn
+    assert attn.native_prefill
+    long_text = " ".join(PROMPTS * 12) + " Summarize the above in one word:"  # ~300 tokens
+    prompts = [tokenizer.encode(p) for p in [*PROMPTS, long_text]]
+    assert len(prompts[-1]) > 256
+    native = greedy_tokens(engine, prompts, 3)
+    attn.native_prefill = False
+    try:
+        sdpa = greedy_tokens(engine, prompts, 3)
+    finally:
+        attn.native_prefill = True
+    assert [t[0] for t in native] == [t[0] for t in sdpa]
+    assert engine.num_free_blocks == engine.block_manager.num_blocks
