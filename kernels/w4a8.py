@@ -86,6 +86,21 @@ def library(portable: bool = False) -> ctypes.CDLL:
     return lib
 
 
+def _check_q4_1(codes: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor) -> int:
+    """Blocks per row ``K // 32`` of a ``[N, K]`` weight's codes and ``[N, K // 32]`` scales
+    and minimums; raises ``ValueError`` when ``K % 32``, the shapes disagree or a code is
+    outside ``[0, 15]``."""
+    n, k = codes.shape
+    if k % BLOCK_SIZE:
+        raise ValueError(f"in_features {k} is not a multiple of {BLOCK_SIZE}")
+    g = k // BLOCK_SIZE
+    if scales.shape != (n, g) or mins.shape != (n, g):
+        raise ValueError(f"scales {tuple(scales.shape)} / mins {tuple(mins.shape)} != {(n, g)}")
+    if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) > 15):
+        raise ValueError("4-bit codes must be in [0, 15]")
+    return g
+
+
 def pack_q4_1(codes: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor) -> torch.Tensor:
     """The kernel's weight layout from 4-bit codes and per-block scales and minimums.
 
@@ -102,13 +117,7 @@ def pack_q4_1(codes: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor) -> 
             ``[0, 15]``.
     """
     n, k = codes.shape
-    if k % BLOCK_SIZE:
-        raise ValueError(f"in_features {k} is not a multiple of {BLOCK_SIZE}")
-    g = k // BLOCK_SIZE
-    if scales.shape != (n, g) or mins.shape != (n, g):
-        raise ValueError(f"scales {tuple(scales.shape)} / mins {tuple(mins.shape)} != {(n, g)}")
-    if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) > 15):
-        raise ValueError("4-bit codes must be in [0, 15]")
+    g = _check_q4_1(codes, scales, mins)
     tiles = -(-n // TILE_ROWS)
     pad = tiles * TILE_ROWS - n
     q = torch.nn.functional.pad(codes.to(torch.uint8), (0, 0, 0, pad)).reshape(
@@ -140,13 +149,7 @@ def pack_q4_1_gemm(codes: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor
             ``[0, 15]``.
     """
     n, k = codes.shape
-    if k % BLOCK_SIZE:
-        raise ValueError(f"in_features {k} is not a multiple of {BLOCK_SIZE}")
-    g = k // BLOCK_SIZE
-    if scales.shape != (n, g) or mins.shape != (n, g):
-        raise ValueError(f"scales {tuple(scales.shape)} / mins {tuple(mins.shape)} != {(n, g)}")
-    if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) > 15):
-        raise ValueError("4-bit codes must be in [0, 15]")
+    g = _check_q4_1(codes, scales, mins)
     tiles = -(-n // GEMM_TILE_ROWS)
     pad = tiles * GEMM_TILE_ROWS - n
     q = torch.nn.functional.pad(codes.to(torch.uint8), (0, 0, 0, pad))
