@@ -102,6 +102,28 @@ static inline __m256 exp256_nonpositive(__m256 x) {
 }
 #endif
 
+/* s[0 .. n) <- exp(s - mx) in place (mx >= every s); returns their float32 sum. Eight lanes
+ * at a time with AVX2 (exp256_nonpositive, lane sums then hsum), the rest with expf. */
+static float exp_sum_inplace(float *s, int64_t n, float mx) {
+    float sum = 0.f;
+    int64_t j = 0;
+#ifdef W4A8_AVX2
+    __m256 vsum = _mm256_setzero_ps();
+    for (; j + 8 <= n; j += 8) {
+        const __m256 e = exp256_nonpositive(_mm256_sub_ps(_mm256_loadu_ps(s + j),
+                                                          _mm256_set1_ps(mx)));
+        _mm256_storeu_ps(s + j, e);
+        vsum = _mm256_add_ps(vsum, e);
+    }
+    sum = hsum(vsum);
+#endif
+    for (; j < n; j++) {
+        s[j] = expf(s[j] - mx);
+        sum += s[j];
+    }
+    return sum;
+}
+
 /* One query head of one request against its context of L tokens: o [D]. scores: [L].
  * Two passes (scores and their max, then exp and the weighted sum of V), float32. With AVX2
  * and D % 32 == 0 (64 and 128, the common head sizes): four independent accumulators per
@@ -128,19 +150,7 @@ static void attend(const llama_decode_weights *w, const float *kb, const float *
                         * w->attn_scale;
             mx = scores[p] > mx ? scores[p] : mx;
         }
-        int64_t p = 0;
-        __m256 vsum = _mm256_setzero_ps();
-        for (; p + 8 <= L; p += 8) {
-            const __m256 e = exp256_nonpositive(_mm256_sub_ps(_mm256_loadu_ps(scores + p),
-                                                              _mm256_set1_ps(mx)));
-            _mm256_storeu_ps(scores + p, e);
-            vsum = _mm256_add_ps(vsum, e);
-        }
-        sum = hsum(vsum);
-        for (; p < L; p++) {
-            scores[p] = expf(scores[p] - mx);
-            sum += scores[p];
-        }
+        sum = exp_sum_inplace(scores, L, mx);
         const __m256 inv = _mm256_set1_ps(1.f / sum);
         for (int64_t j = 0; j < D; j += 32) {  /* 32 columns of o in 4 registers */
             __m256 o0 = _mm256_setzero_ps(), o1 = o0, o2 = o0, o3 = o0;
@@ -405,10 +415,7 @@ int llama_prefill_attention(const float *q, int64_t q_len, int64_t q_row_stride,
                 _mm256_storeu_ps(sc + b * 8, sv);
                 if (b < nfull) vmax = _mm256_max_ps(vmax, sv);
             }
-            __m128 hm = _mm_max_ps(_mm256_castps256_ps128(vmax), _mm256_extractf128_ps(vmax, 1));
-            hm = _mm_max_ps(hm, _mm_movehl_ps(hm, hm));
-            hm = _mm_max_ss(hm, _mm_movehdup_ps(hm));
-            mx = _mm_cvtss_f32(hm);
+            mx = hmax(vmax);
 #else
             for (int64_t b = 0; b < nb; b++)
                 for (int64_t jj = 0; jj < 8; jj++) {
@@ -419,23 +426,7 @@ int llama_prefill_attention(const float *q, int64_t q_len, int64_t q_row_stride,
             for (int64_t j = 0; j < nfull * 8; j++) mx = sc[j] > mx ? sc[j] : mx;
 #endif
             for (int64_t j = nfull * 8; j < n; j++) mx = sc[j] > mx ? sc[j] : mx;
-            float sum = 0.f;
-            int64_t j = 0;
-#ifdef W4A8_AVX2
-            __m256 vsum = _mm256_setzero_ps();
-            for (; j + 8 <= n; j += 8) {
-                const __m256 p = exp256_nonpositive(_mm256_sub_ps(_mm256_loadu_ps(sc + j),
-                                                                  _mm256_set1_ps(mx)));
-                _mm256_storeu_ps(sc + j, p);
-                vsum = _mm256_add_ps(vsum, p);
-            }
-            sum = hsum(vsum);
-#endif
-            for (; j < n; j++) {
-                sc[j] = expf(sc[j] - mx);
-                sum += sc[j];
-            }
-            const float inv = 1.f / sum;
+            const float inv = 1.f / exp_sum_inplace(sc, n, mx);
             float *o = out + (i * num_heads + h) * D;
             const float *vh = vs + hk * kv_len * D;
 #ifdef W4A8_AVX2

@@ -115,6 +115,13 @@ static inline float hsum(__m256 v) {
     return _mm_cvtss_f32(h);
 }
 
+static inline float hmax(__m256 v) {
+    __m128 h = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+    h = _mm_max_ss(h, _mm_movehdup_ps(h));
+    return _mm_cvtss_f32(h);
+}
+
 /* q . a for one row's block: 8 int32 partial sums. */
 static inline __m256i block_idot(const uint8_t *qs, __m256i av) {
     /* the 16 bytes in both halves; the upper half shifted by 4: q[0..15] | q[16..31] */
@@ -280,10 +287,7 @@ static void quantize_row(const float *x, int64_t G, int8_t *a, float *e, float *
             v[i] = _mm256_loadu_ps(xb + 8 * i);
             mx = _mm256_max_ps(mx, _mm256_andnot_ps(sign, v[i]));
         }
-        __m128 h = _mm_max_ps(_mm256_castps256_ps128(mx), _mm256_extractf128_ps(mx, 1));
-        h = _mm_max_ps(h, _mm_movehl_ps(h, h));
-        h = _mm_max_ss(h, _mm_movehdup_ps(h));
-        const float amax = _mm_cvtss_f32(h);
+        const float amax = hmax(mx);
         const __m256 inv = _mm256_set1_ps(amax > 0.f ? 127.f / amax : 0.f);
         __m256i q[4]; /* round half to even: the default MXCSR mode, as nearbyintf */
         for (int i = 0; i < 4; i++) q[i] = _mm256_cvtps_epi32(_mm256_mul_ps(v[i], inv));
