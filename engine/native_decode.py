@@ -63,7 +63,7 @@ class NativeDecoder:
         reason = native_decode_unsupported(model, kv_cache)
         if reason:
             raise ValueError(f"native decode: {reason}")
-        from scission.kernels.llama_decode import LayerWeights, LlamaDecodeStep
+        from scission.kernels.llama_decode import LINEARS, LayerWeights, LlamaDecodeStep
 
         cfg = model.cfg
         layers = [LayerWeights(qkv=layer.qkv.blocks, o_proj=layer.o_proj.blocks,
@@ -71,10 +71,8 @@ class NativeDecoder:
                                input_norm=layer.input_norm, post_norm=layer.post_norm,
                                qkv_bias=layer.qkv.bias,
                                tiles={name: (lin.tile_codes, lin.tile_scales, lin.tile_mins)
-                                      for name, lin in (("qkv", layer.qkv),
-                                                        ("o_proj", layer.o_proj),
-                                                        ("gate_up", layer.gate_up),
-                                                        ("down", layer.down))})
+                                      for name in LINEARS
+                                      for lin in (getattr(layer, name),)})
                   for layer in model.layers]
         self.model = model
         self.step = LlamaDecodeStep(

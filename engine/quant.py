@@ -210,16 +210,14 @@ class W4A8Linear(_PackedLinear):
     float dtype (computed in float32); output the same dtype. Up to ``max_packed_rows`` rows
     (decode) run ``w4a8_mm`` on the 4-bit tiles; more rows (prefill chunks) run ``w4a8_gemm``
     on the same codes one per byte (~1.7x a float32 GEMM on an AVX2 CPU). Both quantize the
-    input the same way and sum the same integer products, so a row's output does not depend
-    on how many rows share its step (up to the order of float additions). Memory: ~1.6 bytes
-    a weight (both layouts), against 4 for a float32 copy.
+    input the same way and sum a row's blocks with the same float operations in the same
+    order, so a row's output has the same bits however many rows share its step. Memory:
+    ~1.6 bytes a weight (both layouts), against 4 for a float32 copy.
 
     Raises:
         ValueError: ``in_features`` is not a multiple of 32.
         KernelBuildError: the C kernel cannot be built here (no compiler).
     """
-
-    packed_input_dtype = torch.float32
 
     def __init__(self, linear: nn.Linear, max_packed_rows: int = W4A8_MAX_PACKED_ROWS) -> None:
         super().__init__()
@@ -238,12 +236,8 @@ class W4A8Linear(_PackedLinear):
         self.register_buffer("tile_mins", tile_mins)
         self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().clone())
 
-    def packed_args(self) -> tuple[torch.Tensor, ...]:
-        return (self.blocks,)
-
-    def packed_mm(self, x: torch.Tensor, *packed: torch.Tensor) -> torch.Tensor:
-        return torch.ops.scission.w4a8_mm(x, packed[0], self.out_features)
-
+    # Two kernels and no dense copy: graph_args / graph_linear replace _PackedLinear's
+    # packed_args / packed_mm / dense_weight contract.
     def graph_args(self) -> tuple[torch.Tensor | None, ...]:
         return (self.blocks, self.tile_codes, self.tile_scales, self.tile_mins, self.bias)
 
