@@ -321,13 +321,17 @@ int llama_decode_step(const llama_decode_weights *w, int64_t n, const float *h,
  * (query i at position kv_len - q_len + i sees keys 0 .. that position), GQA, float32, read
  * from the paged cache through the request's block table. The chunk's own K/V must already
  * be in the cache. Per layer the context's K is copied once per KV head into blocks of 8 keys
- * transposed ([D][8]) and V into a contiguous [kv_len][D]; then every (query, KV head) item
- * computes its group's scores 8 keys per FMA (a query element broadcast against 8 keys),
- * softmax with exp eight lanes at a time, and the weighted sum of V. Two passes per query
- * head (scores, then exp and V), as attend(). Against SDPA's CPU flash kernel on a 512-token
- * prompt with SmolLM2's heads (9 q / 3 kv, D 64), 2 threads of a Zen 2 EPYC: 5.0-5.2 vs
- * 6.2-6.5 ms a layer. Both are far from the FMA peak (~16 G multiply-adds/s a thread here);
- * blocking queries as well as keys is the next step.
+ * transposed ([D][8]) and V into 8-column panels ([D / 8][keys][8]), both streamed
+ * contiguously below. Work items are (T adjacent query tokens, KV head), T = PF_ROWS / G
+ * (G = num_heads / num_kv_heads; 2 for SmolLM2's 9 / 3 heads): the item's T x G query rows
+ * are taken PF_ROWS at a time, so every K and V vector loaded feeds up to six rows' FMAs
+ * (register blocking over queries as well as keys, as a GEMM micro-kernel does; GQA's heads
+ * share their KV head's loads). FlashAttention's tiling (Dao et al., 2022, Algorithm 1)
+ * loads each K/V tile once for a block of queries the same way. Per block of rows: the
+ * scores (8 keys per FMA), each row's max and exp-and-sum (eight lanes at a time), then the
+ * weighted sum of V over the rows' keys (a row's keys past its own end weigh 0). On a
+ * 512-token prompt with SmolLM2's heads (D 64), 2 threads of a Zen 2 EPYC: ~2.1-2.3 ms a
+ * layer against SDPA's CPU flash kernel's 5.5-6.0 (one K/V load per row: 5.0).
  *
  *   q     [q_len, num_heads, D], q_row_stride floats between tokens (head rows contiguous)
  *   k_cache, v_cache: bases of [num_blocks, block_size, H_kv, D] with the given strides
@@ -336,6 +340,156 @@ int llama_decode_step(const llama_decode_weights *w, int64_t n, const float *h,
  *
  * Returns 0; -2 (nothing written) for shapes or block ids out of range; -1 when scratch
  * memory fails. */
+#define PF_ROWS 6 /* query rows sharing each K/V load (2 tokens x 3 heads for SmolLM2) */
+
+#ifdef W4A8_AVX2
+/* Scores of R query rows against nb blocks of 8 transposed keys: sc[r * ld + key] =
+ * scale * q_r . k_key. R constant after inlining; U key blocks a step keep R x U
+ * accumulators, U key vectors and one broadcast in the 16 registers. */
+static inline __attribute__((always_inline)) void pf_scores(const float *const *qr, const int R,
+                                                            const float *kh, int64_t nb,
+                                                            int64_t D, float scale, float *sc,
+                                                            int64_t ld) {
+    const __m256 vscale = _mm256_set1_ps(scale);
+    const int U = R <= 2 ? 4 : R <= 4 ? 3 : 2;
+    int64_t b = 0;
+    for (; b + U <= nb; b += U) {
+        __m256 acc[PF_ROWS][4];
+        for (int r = 0; r < R; r++)
+            for (int u = 0; u < U; u++) acc[r][u] = _mm256_setzero_ps();
+        const float *k0 = kh + b * 8 * D;
+        for (int64_t d = 0; d < D; d++) {
+            __m256 kv[4];
+            for (int u = 0; u < U; u++) kv[u] = _mm256_loadu_ps(k0 + u * 8 * D + d * 8);
+            for (int r = 0; r < R; r++) {
+                const __m256 qd = _mm256_broadcast_ss(qr[r] + d);
+                for (int u = 0; u < U; u++) acc[r][u] = _mm256_fmadd_ps(qd, kv[u], acc[r][u]);
+            }
+        }
+        for (int r = 0; r < R; r++)
+            for (int u = 0; u < U; u++)
+                _mm256_storeu_ps(sc + r * ld + (b + u) * 8, _mm256_mul_ps(acc[r][u], vscale));
+    }
+    for (; b < nb; b++) {
+        __m256 acc[PF_ROWS];
+        for (int r = 0; r < R; r++) acc[r] = _mm256_setzero_ps();
+        const float *k0 = kh + b * 8 * D;
+        for (int64_t d = 0; d < D; d++) {
+            const __m256 kv = _mm256_loadu_ps(k0 + d * 8);
+            for (int r = 0; r < R; r++)
+                acc[r] = _mm256_fmadd_ps(_mm256_broadcast_ss(qr[r] + d), kv, acc[r]);
+        }
+        for (int r = 0; r < R; r++)
+            _mm256_storeu_ps(sc + r * ld + b * 8, _mm256_mul_ps(acc[r], vscale));
+    }
+}
+
+/* o_r = inv_r * sum_k p[r][k] v_k over keys 0 .. n for R rows, C vectors of 8 columns of V
+ * a pass (R x C accumulators); D % (8 C) == 0. */
+static inline __attribute__((always_inline)) void pf_values(const float *p, int64_t ld,
+                                                            const int R, const float *vh,
+                                                            int64_t n, int64_t D,
+                                                            const float *inv, float *const *o) {
+    const int C = R <= 2 ? 4 : 2;
+    const int64_t n8 = ld * 8; /* floats between V's 8-column panels */
+    for (int64_t j = 0; j < D; j += 8 * C) {
+        __m256 acc[PF_ROWS][4];
+        for (int r = 0; r < R; r++)
+            for (int c = 0; c < C; c++) acc[r][c] = _mm256_setzero_ps();
+        for (int64_t k = 0; k < n; k++) {
+            __m256 vv[4];
+            for (int c = 0; c < C; c++) {
+                vv[c] = _mm256_loadu_ps(vh + ((j >> 3) + c) * n8 + k * 8);
+                /* keep V in a register: one load feeds R FMAs (GCC otherwise folds the
+                 * load into each FMA, R loads of it and ~30 % slower) */
+                __asm__("" : "+x"(vv[c]));
+            }
+            for (int r = 0; r < R; r++) {
+                const __m256 pr = _mm256_broadcast_ss(p + r * ld + k);
+                for (int c = 0; c < C; c++) acc[r][c] = _mm256_fmadd_ps(pr, vv[c], acc[r][c]);
+            }
+        }
+        for (int r = 0; r < R; r++) {
+            const __m256 s = _mm256_set1_ps(inv[r]);
+            for (int c = 0; c < C; c++)
+                _mm256_storeu_ps(o[r] + j + 8 * c, _mm256_mul_ps(acc[r][c], s));
+        }
+    }
+}
+#endif
+
+/* max of s[0 .. n), n >= 1: eight lanes at a time with AVX2. */
+static float max_of(const float *s, int64_t n) {
+    float mx = -INFINITY;
+    int64_t j = 0;
+#ifdef W4A8_AVX2
+    if (n >= 8) {
+        __m256 v = _mm256_loadu_ps(s);
+        for (j = 8; j + 8 <= n; j += 8) v = _mm256_max_ps(v, _mm256_loadu_ps(s + j));
+        mx = hmax(v);
+    }
+#endif
+    for (; j < n; j++) mx = s[j] > mx ? s[j] : mx;
+    return mx;
+}
+
+/* Rows of one work item (R <= PF_ROWS): query pointers qr, key counts nr (each row sees keys
+ * 0 .. nr[r]), outputs o; kh the KV head's transposed K blocks, vh its V rows; sc scratch of
+ * PF_ROWS rows of ld >= 8 * ceil(max nr / 8) floats. */
+static void pf_rows(const float *const *qr, const int64_t *nr, float *const *o, const int R,
+                    const float *kh, const float *vh, int64_t D, float scale, float *sc,
+                    int64_t ld) {
+    int64_t n = 0;
+    for (int r = 0; r < R; r++) n = nr[r] > n ? nr[r] : n;
+    const int64_t nb = (n + 7) / 8;
+#ifdef W4A8_AVX2
+    const int avx = D % 32 == 0;
+    if (avx) switch (R) { /* a constant R per inlined copy: the loops unroll into registers */
+        case 1: pf_scores(qr, 1, kh, nb, D, scale, sc, ld); break;
+        case 2: pf_scores(qr, 2, kh, nb, D, scale, sc, ld); break;
+        case 3: pf_scores(qr, 3, kh, nb, D, scale, sc, ld); break;
+        case 4: pf_scores(qr, 4, kh, nb, D, scale, sc, ld); break;
+        case 5: pf_scores(qr, 5, kh, nb, D, scale, sc, ld); break;
+        default: pf_scores(qr, 6, kh, nb, D, scale, sc, ld); break;
+    } else
+#endif
+    for (int r = 0; r < R; r++)
+        for (int64_t b = 0; b < nb; b++)
+            for (int64_t jj = 0; jj < 8; jj++) {
+                float a = 0.f;
+                for (int64_t d = 0; d < D; d++) a += qr[r][d] * kh[b * 8 * D + d * 8 + jj];
+                sc[r * ld + b * 8 + jj] = a * scale;
+            }
+    float inv[PF_ROWS];
+    for (int r = 0; r < R; r++) {
+        float *s = sc + r * ld;
+        const float mx = max_of(s, nr[r]);
+        inv[r] = 1.f / exp_sum_inplace(s, nr[r], mx);
+        for (int64_t j = nr[r]; j < n; j++) s[j] = 0.f; /* keys past the row's own end */
+    }
+#ifdef W4A8_AVX2
+    if (avx) {
+        switch (R) {
+        case 1: pf_values(sc, ld, 1, vh, n, D, inv, o); break;
+        case 2: pf_values(sc, ld, 2, vh, n, D, inv, o); break;
+        case 3: pf_values(sc, ld, 3, vh, n, D, inv, o); break;
+        case 4: pf_values(sc, ld, 4, vh, n, D, inv, o); break;
+        case 5: pf_values(sc, ld, 5, vh, n, D, inv, o); break;
+        default: pf_values(sc, ld, 6, vh, n, D, inv, o); break;
+        }
+        return;
+    }
+#endif
+    for (int r = 0; r < R; r++) {
+        float *orow = o[r];
+        const float *p = sc + r * ld;
+        for (int64_t d = 0; d < D; d++) orow[d] = 0.f;
+        for (int64_t k = 0; k < n; k++)
+            for (int64_t d = 0; d < D; d++) orow[d] += p[k] * vh[(d >> 3) * ld * 8 + k * 8 + (d & 7)];
+        for (int64_t d = 0; d < D; d++) orow[d] *= inv[r];
+    }
+}
+
 int llama_prefill_attention(const float *q, int64_t q_len, int64_t q_row_stride,
                             int64_t num_heads, int64_t num_kv_heads, int64_t D,
                             const float *k_cache, const float *v_cache, int64_t num_blocks,
@@ -350,9 +504,11 @@ int llama_prefill_attention(const float *q, int64_t q_len, int64_t q_row_stride,
         if (block_table[b] < 0 || block_table[b] >= num_blocks) return -2;
     const int64_t G = num_heads / num_kv_heads, L8 = (kv_len + 7) / 8, nt = nthreads > 0 ? nthreads : 1;
     float *kt = (float *)malloc((size_t)(num_kv_heads * L8 * 8 * D) * sizeof(float));
-    float *vs = (float *)malloc((size_t)(num_kv_heads * kv_len * D) * sizeof(float));
-    float *scratch = (float *)malloc((size_t)(nt * L8 * 8) * sizeof(float));
+    float *vs = (float *)malloc((size_t)(num_kv_heads * L8 * 8 * D) * sizeof(float));
+    float *scratch = (float *)malloc((size_t)(nt * PF_ROWS * L8 * 8) * sizeof(float));
     if (!kt || !vs || !scratch) { free(kt); free(vs); free(scratch); return -1; }
+    /* adjacent query tokens per work item: enough for PF_ROWS rows (2 for G = 3) */
+    const int64_t T = G >= PF_ROWS ? 1 : PF_ROWS / G, nitems = (q_len + T - 1) / T;
 #pragma omp parallel num_threads(nt)
     {
 #pragma omp for schedule(static)
@@ -369,101 +525,34 @@ int llama_prefill_attention(const float *q, int64_t q_len, int64_t q_row_stride,
                     const float *kr = k_cache + blk * block_stride + off * slot_stride + hk * D;
                     const float *vr = v_cache + blk * block_stride + off * slot_stride + hk * D;
                     for (int64_t d = 0; d < D; d++) dst[d * 8 + jj] = kr[d];
-                    memcpy(vs + (hk * kv_len + j) * D, vr, (size_t)D * sizeof(float));
+                    float *vd = vs + hk * L8 * 8 * D + j * 8;
+                    for (int64_t d8 = 0; d8 < D; d8 += 8) /* V in 8-column panels */
+                        memcpy(vd + d8 * L8 * 8, vr + d8, 8 * sizeof(float));
                 }
             }
         }
-        float *sc = scratch + (int64_t)omp_get_thread_num() * L8 * 8;
+        float *sc = scratch + (int64_t)omp_get_thread_num() * PF_ROWS * L8 * 8;
         /* later queries see more keys: hand items out dynamically, last queries first */
 #pragma omp for schedule(dynamic, 1)
-        for (int64_t it = 0; it < q_len * num_heads; it++) {
-            const int64_t i = q_len - 1 - it / num_heads, h = it % num_heads, hk = h / G;
-            const int64_t n = kv_len - q_len + i + 1; /* keys this query sees */
-            const float *qh = q + i * q_row_stride + h * D;
-            const float *kh = kt + hk * L8 * 8 * D;
-            const int64_t nb = (n + 7) / 8;
-            float mx = -INFINITY;
-            const int64_t nfull = n / 8; /* blocks of 8 keys all visible to this query */
-#ifdef W4A8_AVX2
-            const __m256 vscale = _mm256_set1_ps(scale);
-            __m256 vmax = _mm256_set1_ps(-INFINITY);
-            int64_t b = 0;
-            for (; b + 8 <= nfull; b += 8) { /* 64 keys: 8 independent FMA chains */
-                const float *k0 = kh + b * 8 * D;
-                __m256 a[8];
-                for (int u = 0; u < 8; u++) a[u] = _mm256_setzero_ps();
-                for (int64_t d = 0; d < D; d++) {
-                    const __m256 qd = _mm256_broadcast_ss(qh + d);
-                    for (int u = 0; u < 8; u++)
-                        a[u] = _mm256_fmadd_ps(qd, _mm256_loadu_ps(k0 + u * 8 * D + d * 8), a[u]);
+        for (int64_t it = 0; it < nitems * num_kv_heads; it++) {
+            const int64_t i1 = q_len - 1 - T * (it / num_kv_heads), hk = it % num_kv_heads;
+            const int64_t ntok = i1 + 1 < T ? i1 + 1 : T;
+            const float *qr[PF_ROWS];
+            int64_t nr[PF_ROWS];
+            float *o[PF_ROWS];
+            int R = 0;
+            for (int64_t t = 0; t < ntok; t++)
+                for (int64_t g = 0; g < G; g++) {
+                    const int64_t i = i1 - t, h = hk * G + g;
+                    qr[R] = q + i * q_row_stride + h * D;
+                    nr[R] = kv_len - q_len + i + 1;
+                    o[R] = out + (i * num_heads + h) * D;
+                    if (++R == PF_ROWS || (t == ntok - 1 && g == G - 1)) {
+                        pf_rows(qr, nr, o, R, kt + hk * L8 * 8 * D, vs + hk * L8 * 8 * D, D,
+                                scale, sc, L8 * 8);
+                        R = 0;
+                    }
                 }
-                for (int u = 0; u < 8; u++) {
-                    const __m256 sv = _mm256_mul_ps(a[u], vscale);
-                    _mm256_storeu_ps(sc + (b + u) * 8, sv);
-                    vmax = _mm256_max_ps(vmax, sv);
-                }
-            }
-            for (; b < nb; b++) { /* the rest, and the last block partly visible */
-                const float *k0 = kh + b * 8 * D;
-                __m256 a0 = _mm256_setzero_ps(), a1 = a0;
-                for (int64_t d = 0; d < D; d += 2) {
-                    a0 = _mm256_fmadd_ps(_mm256_broadcast_ss(qh + d), _mm256_loadu_ps(k0 + d * 8), a0);
-                    a1 = _mm256_fmadd_ps(_mm256_broadcast_ss(qh + d + 1),
-                                         _mm256_loadu_ps(k0 + d * 8 + 8), a1);
-                }
-                const __m256 sv = _mm256_mul_ps(_mm256_add_ps(a0, a1), vscale);
-                _mm256_storeu_ps(sc + b * 8, sv);
-                if (b < nfull) vmax = _mm256_max_ps(vmax, sv);
-            }
-            mx = hmax(vmax);
-#else
-            for (int64_t b = 0; b < nb; b++)
-                for (int64_t jj = 0; jj < 8; jj++) {
-                    float a = 0.f;
-                    for (int64_t d = 0; d < D; d++) a += qh[d] * kh[b * 8 * D + d * 8 + jj];
-                    sc[b * 8 + jj] = a * scale;
-                }
-            for (int64_t j = 0; j < nfull * 8; j++) mx = sc[j] > mx ? sc[j] : mx;
-#endif
-            for (int64_t j = nfull * 8; j < n; j++) mx = sc[j] > mx ? sc[j] : mx;
-            const float inv = 1.f / exp_sum_inplace(sc, n, mx);
-            float *o = out + (i * num_heads + h) * D;
-            const float *vh = vs + hk * kv_len * D;
-#ifdef W4A8_AVX2
-            if (D == 64) {
-                __m256 o0 = _mm256_setzero_ps(), o1 = o0, o2 = o0, o3 = o0, o4 = o0, o5 = o0,
-                       o6 = o0, o7 = o0;
-                for (int64_t k = 0; k < n; k++) {
-                    const __m256 p = _mm256_broadcast_ss(sc + k);
-                    const float *v = vh + k * 64;
-                    o0 = _mm256_fmadd_ps(p, _mm256_loadu_ps(v), o0);
-                    o1 = _mm256_fmadd_ps(p, _mm256_loadu_ps(v + 8), o1);
-                    o2 = _mm256_fmadd_ps(p, _mm256_loadu_ps(v + 16), o2);
-                    o3 = _mm256_fmadd_ps(p, _mm256_loadu_ps(v + 24), o3);
-                    o4 = _mm256_fmadd_ps(p, _mm256_loadu_ps(v + 32), o4);
-                    o5 = _mm256_fmadd_ps(p, _mm256_loadu_ps(v + 40), o5);
-                    o6 = _mm256_fmadd_ps(p, _mm256_loadu_ps(v + 48), o6);
-                    o7 = _mm256_fmadd_ps(p, _mm256_loadu_ps(v + 56), o7);
-                }
-                const __m256 s = _mm256_set1_ps(inv);
-                _mm256_storeu_ps(o, _mm256_mul_ps(o0, s));
-                _mm256_storeu_ps(o + 8, _mm256_mul_ps(o1, s));
-                _mm256_storeu_ps(o + 16, _mm256_mul_ps(o2, s));
-                _mm256_storeu_ps(o + 24, _mm256_mul_ps(o3, s));
-                _mm256_storeu_ps(o + 32, _mm256_mul_ps(o4, s));
-                _mm256_storeu_ps(o + 40, _mm256_mul_ps(o5, s));
-                _mm256_storeu_ps(o + 48, _mm256_mul_ps(o6, s));
-                _mm256_storeu_ps(o + 56, _mm256_mul_ps(o7, s));
-                continue;
-            }
-#endif
-            for (int64_t d = 0; d < D; d++) o[d] = 0.f;
-            for (int64_t k = 0; k < n; k++) {
-                const float p = sc[k], *v = vh + k * D;
-#pragma omp simd
-                for (int64_t d = 0; d < D; d++) o[d] += p * v[d];
-            }
-            for (int64_t d = 0; d < D; d++) o[d] *= inv;
         }
     }
     free(kt);

@@ -26,7 +26,10 @@ def paged(gen, num_blocks, block_size, nkv, d, block_major):
 @pytest.mark.parametrize("block_major", [False, True], ids=["layer_major", "block_major"])
 @pytest.mark.parametrize("q_len,kv_len,nh,nkv,d", [
     (1, 1, 2, 1, 8), (37, 37, 9, 3, 64), (70, 70, 4, 4, 64), (13, 45, 6, 2, 64),
-    (29, 29, 4, 2, 24), (40, 100, 8, 2, 128)])
+    (29, 29, 4, 2, 24), (40, 100, 8, 2, 128),
+    # rows per work item (2 tokens x 3 heads above): 6 tokens of 1 head with a 5-token last
+    # item; 1 token of 5 heads; 8 heads split into blocks of 6 and 2 rows
+    (17, 17, 2, 2, 64), (11, 30, 5, 1, 32), (23, 50, 8, 1, 64)])
 def test_matches_float64_reference(portable, block_major, q_len, kv_len, nh, nkv, d):
     gen = torch.Generator().manual_seed(q_len * 7 + kv_len + nh + d)
     bs, num_blocks = 16, 12
