@@ -55,7 +55,7 @@ DTYPES = ("float32", "bfloat16", *QUANTIZED_DTYPES)
 # "<dtype>+graph": scission only, graph mode (EngineConfig.enforce_eager=False, engine/compile.py)
 GRAPH_DTYPES = tuple(f"{d}+graph" for d in ("float32", "bfloat16", *QUANTIZED_DTYPES))
 DTYPES += GRAPH_DTYPES
-# "w4a8[+graph]+torch-decode": w4a8 decode steps through torch, not the native C step
+# "w4a8[+graph]+torch-decode": w4a8 steps through torch, not the native C step
 # (EngineConfig.native_decode=False, engine/native_decode.py): the before/after pair.
 DTYPES += tuple(f"{d}{TORCH_DECODE}" for d in ("w4a8", "w4a8+graph"))
 

@@ -49,7 +49,7 @@ class ScissionRunner:
         from scission.engine.llm_engine import LLMEngine
 
         self.dtype = dtype
-        # "+torch-decode": w4a8 decode steps through torch (EngineConfig.native_decode=False)
+        # "+torch-decode": w4a8 steps through torch (EngineConfig.native_decode=False)
         native, dtype = not dtype.endswith(TORCH_DECODE), dtype.removesuffix(TORCH_DECODE)
         graph, dtype = dtype.endswith("+graph"), dtype.removesuffix("+graph")  # graph mode
         self.engine = LLMEngine(

@@ -70,9 +70,10 @@ def _cluster_args(p: argparse.ArgumentParser) -> None:
                         "oneDNN linears; bench/README.md). The first start compiles for ~20 s, "
                         "later starts read the on-disk cache ($SCISSION_CACHE_DIR)")
     g.add_argument("--no-native-decode", action="store_true",
-                   help="w4a8: run decode steps through torch instead of the native C step "
-                        "(engine/native_decode.py: the whole decoder stack of a pure-decode "
-                        "step in one C call, the default with --weight-quantization w4a8)")
+                   help="w4a8: run steps through torch instead of the native C step "
+                        "(engine/native_decode.py: the whole decoder stack of a step, decode "
+                        "and prefill, in one C call; the default with --weight-quantization "
+                        "w4a8)")
     g.add_argument("--kv-cache-mb", type=int, default=512, help="KV cache per worker, MiB")
     g.add_argument("--block-size", type=int, default=16, help="tokens per KV block")
     g.add_argument("--kv-layout", choices=[k.value for k in KVLayout],

@@ -280,14 +280,12 @@ def enable_graph_mode(model: LlamaForCausalLM, kv_cache, attn,
     ``warmup_tokens``: 1 = the static single-token graph, 2 = the dynamic graph every larger
     batch uses). Returns None (model stays eager) when ``compilable`` is false.
 
-    With native decode on (``model.native_decode``, engine/native_decode.py), pure-decode steps
-    never reach the graphs: the warm-up then runs prefill chunks instead, of
-    ``max(warmup_tokens)`` tokens and, for quantized linears, of ``max_packed_rows + 1`` (where
-    they switch to their many-row path, a dense copy or w4a8's ``w4a8_gemm``: another graph),
-    so no request waits for a compile.
+    With native decode on (``model.native_decode``, engine/native_decode.py) every text step
+    runs in C and never reaches the graphs: no warm-up then, and steps with image embeddings
+    (the only ones left to torch) compile at their first call.
 
-    The warm-up forwards write garbage K/V into block 0 (prefill warm-ups: blocks 0, 1, ...)
-    and then zero them again, so call this before any request holds blocks.
+    The warm-up forwards write garbage K/V into block 0 and then zero it again, so call this
+    before any request holds blocks.
     """
     if not compilable(model):
         logger.warning("graph mode skipped: a decoder linear has no graph form; running eager")
@@ -299,29 +297,19 @@ def enable_graph_mode(model: LlamaForCausalLM, kv_cache, attn,
     bs = kv_cache.block_size
     device = kv_cache.tensor.device
 
-    prefill = getattr(model, "native_decode", None) is not None
-    if prefill:  # quantized linears switch kernels past max_packed_rows: a 2nd graph
-        rows = getattr(model.layers[0].qkv, "max_packed_rows", None)
-        warmup_tokens = (max(warmup_tokens),) + ((rows + 1,) if rows else ())
-        warmup_tokens = tuple(n for n in warmup_tokens if -(-n // bs) <= kv_cache.num_blocks)
-    used_blocks = -(-max(warmup_tokens, default=1) // bs) if prefill else 1
+    if getattr(model, "native_decode", None) is not None:
+        logger.info("graph mode: text steps run native (engine/native_decode.py); graphs "
+                    "compile at the first step with image embeddings")
+        return compiled
 
-    def run_step(n: int) -> None:
+    def run_step(n: int) -> None:  # n requests decoding their second token, all in block 0
         i32 = dict(dtype=torch.int32, device=device)
-        if not prefill:  # n requests decoding their second token, all in block 0
-            md = AttentionMetadata(
-                cu_seqlens_q=torch.arange(n + 1, **i32), seq_lens=torch.full((n,), 2, **i32),
-                block_table=torch.zeros(n, 1, **i32),
-                slot_mapping=torch.ones(n, dtype=torch.int64, device=device), max_seqlen_q=1,
-                max_seq_len=2, block_size=bs, query_lens=(1,) * n, seq_lens_host=(2,) * n,
-                slots_all_valid=True)
-        else:  # one request, an n-token chunk in blocks 0, 1, ...
-            md = AttentionMetadata(
-                cu_seqlens_q=torch.tensor([0, n], **i32), seq_lens=torch.tensor([n], **i32),
-                block_table=torch.arange(-(-n // bs), **i32)[None],
-                slot_mapping=torch.arange(n, dtype=torch.int64, device=device),
-                max_seqlen_q=n, max_seq_len=n, block_size=bs, query_lens=(n,),
-                seq_lens_host=(n,), slots_all_valid=True)
+        md = AttentionMetadata(
+            cu_seqlens_q=torch.arange(n + 1, **i32), seq_lens=torch.full((n,), 2, **i32),
+            block_table=torch.zeros(n, 1, **i32),
+            slot_mapping=torch.ones(n, dtype=torch.int64, device=device), max_seqlen_q=1,
+            max_seq_len=2, block_size=bs, query_lens=(1,) * n, seq_lens_host=(2,) * n,
+            slots_all_valid=True)
         attn.plan(md)
         ids = torch.zeros(n, dtype=torch.int64, device=device)
         with torch.inference_mode():
@@ -329,6 +317,5 @@ def enable_graph_mode(model: LlamaForCausalLM, kv_cache, attn,
 
     compiled.warmup(run_step, warmup_tokens)
     with torch.inference_mode():
-        for block in range(used_blocks):
-            kv_cache.zero_block(block)
+        kv_cache.zero_block(0)
     return compiled

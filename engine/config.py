@@ -136,8 +136,9 @@ class EngineConfig:
     # True = plain eager forward; False = graph mode (engine/compile.py: torch.compile of the
     # dense parts between attention calls, compiled at start, cache on disk).
     enforce_eager: bool = True
-    # w4a8 only: pure-decode steps run the decoder stack as one C call (engine/native_decode.py,
-    # kernels/llama_decode.c); prefill and mixed steps keep the path above. False = torch.
+    # w4a8 only: every text step (decode, prefill, mixed) runs the decoder stack as one C call
+    # (engine/native_decode.py, kernels/llama_decode.c); steps with image embeddings keep the
+    # path above. False = torch.
     native_decode: bool = True
 
     def __post_init__(self) -> None:

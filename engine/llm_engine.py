@@ -121,7 +121,7 @@ class LLMEngine:
         if not config.enforce_eager:  # graph mode: compile now, not on the first request
             from scission.engine.compile import enable_graph_mode
 
-            # after native decode: its warm-up then compiles only what torch still runs
+            # after native decode: with it on, text steps never reach the graphs
             enable_graph_mode(self.model, self.kv_cache, attn)
         self.requests: dict[str, Request] = {}
         self.held: dict[str, Request] = {}  # prefill role: finished, blocks pinned

@@ -1,13 +1,16 @@
-"""Native decode: a w4a8 model's pure-decode steps as one C call (kernels/llama_decode.py).
+"""Native decode: a w4a8 model's steps as one C call (kernels/llama_decode.py).
 
 With ``weight_quantization="w4a8"`` every decoder linear is a ``W4A8Linear`` whose kernel
 already runs in C; a torch decode step at batch 1 still spends about two thirds of its time
 around those kernels (121 op calls, graph guards or eager dispatch of ~30 small ops a layer,
-Python). ``NativeDecoder`` hands the whole decoder stack of a pure-decode step (every request
-one token) to ``LlamaDecodeStep``, reading the same packed weights, norms and paged KV cache
-in place; prefill and mixed steps keep the torch path (eager or graph mode). The LM head and
-sampling stay in torch (engine/model_runner.py), so the rescored head and every sampling
-option are unchanged.
+Python). ``NativeDecoder`` hands the whole decoder stack of a step to ``LlamaDecodeStep``,
+reading the same packed weights, norms and paged KV cache in place: pure-decode steps, and
+since 2026-12-01 prefill and mixed steps too (``llama_forward_step``: decode tokens take the
+decode attention, prefill chunks the C prefill attention). Every row's arithmetic is then
+the same whatever shares its step, so a request's greedy tokens do not depend on when other
+requests arrive. Steps with image embeddings keep the torch path (eager or graph mode). The
+LM head and sampling stay in torch (engine/model_runner.py), so the rescored head and every
+sampling option are unchanged.
 
 The arithmetic is the torch w4a8 model's (same codes, scales, int8 activation rule, float32
 elsewhere) in another float32 summation order; accuracy against HF is stated in
@@ -47,11 +50,11 @@ def native_decode_unsupported(model: LlamaForCausalLM, kv_cache: KVCache) -> str
 
 
 class NativeDecoder:
-    """Runs pure-decode steps of ``model`` over ``kv_cache`` through ``LlamaDecodeStep``.
+    """Runs the steps of ``model`` over ``kv_cache`` through ``LlamaDecodeStep``.
 
-    Every pure-decode step is native. Its linears run ``w4a8_mm`` below ``gemm_min_rows``
-    requests and ``w4a8_gemm`` from there on (``W4A8_GEMM_MIN_ROWS``, where the torch path's
-    ``W4A8Linear`` switches too).
+    Every text step is native (``handles``). Its linears run ``w4a8_mm`` below
+    ``gemm_min_rows`` tokens and ``w4a8_gemm`` from there on (``W4A8_GEMM_MIN_ROWS``, where
+    the torch path's ``W4A8Linear`` switches too); a row gets the same bits from either.
 
     Raises:
         ValueError: ``native_decode_unsupported`` gives a reason, or a tensor does not fit.
@@ -82,17 +85,19 @@ class NativeDecoder:
             gemm_min_rows=gemm_min_rows)
 
     def handles(self, md: AttentionMetadata) -> bool:
-        """True for a pure-decode step (every request one token)."""
-        return md.is_pure_decode
+        """True for every step: decode tokens, prefill chunks and mixes of both (the model
+        keeps steps with image embeddings on the torch path)."""
+        return True
 
     def forward_embeds(self, h: torch.Tensor, positions: torch.Tensor,
                        md: AttentionMetadata) -> torch.Tensor:
-        """h ``[n, hidden]`` float32 input embeddings of a pure-decode step (request r's token
-        is row r), positions ``[n]`` int64 -> the final-normed hidden states ``[n, hidden]``.
-        Writes the step's K/V into the cache."""
+        """h ``[n, hidden]`` float32 input embeddings of a step's tokens (request r's rows
+        ``md.cu_seqlens_q[r] ..``), positions ``[n]`` int64 -> the final-normed hidden states
+        ``[n, hidden]``. Writes the step's K/V into the cache."""
         m = self.model
         return self.step(h, m.rope_cos[positions], m.rope_sin[positions], md.block_table,
-                         md.seq_lens, md.slot_mapping)
+                         md.seq_lens, md.slot_mapping,
+                         cu_seqlens_q=None if md.is_pure_decode else md.cu_seqlens_q)
 
 
 def enable_native_decode(model: LlamaForCausalLM, kv_cache: KVCache) -> NativeDecoder | None:
@@ -107,5 +112,5 @@ def enable_native_decode(model: LlamaForCausalLM, kv_cache: KVCache) -> NativeDe
     except ValueError as e:
         logger.warning("%s; decoding through torch", e)
         return None
-    logger.info("native decode on: pure-decode steps run as one C call (kernels/llama_decode.c)")
+    logger.info("native decode on: each step runs as one C call (kernels/llama_decode.c)")
     return model.native_decode

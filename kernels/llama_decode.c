@@ -207,24 +207,61 @@ static int linear(const llama_decode_weights *w, int which, int64_t l, const flo
                    K / QK * (int64_t)sizeof(tile_q4_1), N, y, nthreads);
 }
 
-/* One decode step: n requests, one token each.
+static int prefill_attention_run(const float *q, int64_t q_len, int64_t q_row_stride,
+                                 int64_t num_heads, int64_t num_kv_heads, int64_t D,
+                                 const float *k_cache, const float *v_cache, int64_t block_size,
+                                 int64_t block_stride, int64_t slot_stride,
+                                 const int32_t *block_table, int64_t kv_len, float scale,
+                                 float *out, int nthreads);
+
+/* silu(g) * u over n floats: sigmoid from e = exp(-|g|) <= 1 (1 / (1 + e) for g >= 0,
+ * e / (1 + e) below), eight lanes at a time with AVX2, expf for the rest. */
+static void silu_mul(const float *g, const float *u, int64_t n, float *a) {
+    int64_t j = 0;
+#ifdef W4A8_AVX2
+    const __m256 one = _mm256_set1_ps(1.f), sign = _mm256_set1_ps(-0.f);
+    for (; j + 8 <= n; j += 8) {
+        const __m256 x = _mm256_loadu_ps(g + j);
+        const __m256 e = exp256_nonpositive(_mm256_or_ps(x, sign)); /* exp(-|x|) */
+        const __m256 num = _mm256_blendv_ps(one, e, x);              /* x < 0: e */
+        const __m256 sg = _mm256_div_ps(num, _mm256_add_ps(one, e));
+        _mm256_storeu_ps(a + j, _mm256_mul_ps(_mm256_mul_ps(x, sg), _mm256_loadu_ps(u + j)));
+    }
+#endif
+    for (; j < n; j++) a[j] = g[j] / (1.f + expf(-g[j])) * u[j];
+}
+
+/* One forward step of a batch of requests, each a chunk of query tokens: decode tokens
+ * (1 each) and prefill chunks in one call, n tokens in all.
  *
  *   h           [n, hidden] float32: the tokens' input embeddings (read only)
  *   cos, sin    [n, D / 2] float32: rotary rows of each token's position
- *   block_table [n, table_cols] int32, rows table_stride apart; seq_lens [n] int32 (context
- *               incl. this token, >= 1)
- *   slot_mapping [n] int64: where this token's K/V go (block * block_size + offset)
+ *   cu_seqlens_q [num_reqs + 1] int32: request r's tokens are rows cu[r] .. cu[r + 1] - 1,
+ *               the last cu[r + 1] - cu[r] positions of its context; NULL: num_reqs == n,
+ *               one token each (a decode step)
+ *   block_table [num_reqs, table_cols] int32, rows table_stride apart; seq_lens [num_reqs]
+ *               int32 (context incl. this step's tokens)
+ *   slot_mapping [n] int64: where each token's K/V go (block * block_size + offset; -1:
+ *               not written)
  *   out         [n, hidden] float32: the final-normed hidden states (for the LM head)
  *
- * Returns 0; -2 (nothing written) for an argument out of range (ABI, shapes, a slot or block
- * id past the cache, a context longer than the block table); -1 when scratch memory fails
- * (the cache may hold part of this step's K/V: the caller fails the step's requests). */
-int llama_decode_step(const llama_decode_weights *w, int64_t n, const float *h,
-                      const float *cos, const float *sin, const int32_t *block_table,
-                      int64_t table_cols, int64_t table_stride, const int32_t *seq_lens,
-                      const int64_t *slot_mapping, float *out, int nthreads) {
-    if (!w || w->abi != LLAMA_DECODE_ABI || n <= 0 || table_cols > table_stride
-        || w->hidden % QK || w->head_dim % 2
+ * Every token row takes the same row-wise operations whatever else is in the batch: norms,
+ * rotary and activations per row, linears that give a row the same bits from either kernel
+ * (w4a8_mm / w4a8_gemm), decode attention (attend) for a request with one query token and
+ * the prefill attention for a longer chunk. So a decode token's hidden state does not depend
+ * on whether prefill chunks share its step.
+ *
+ * Returns 0; -2 (nothing written) for an argument out of range (ABI, shapes, query lengths,
+ * a slot or block id past the cache, a context longer than the block table); -1 when scratch
+ * memory fails (the cache may hold part of this step's K/V: the caller fails the step's
+ * requests). */
+int llama_forward_step(const llama_decode_weights *w, int64_t n, int64_t num_reqs,
+                       const int32_t *cu_seqlens_q, const float *h, const float *cos,
+                       const float *sin, const int32_t *block_table, int64_t table_cols,
+                       int64_t table_stride, const int32_t *seq_lens,
+                       const int64_t *slot_mapping, float *out, int nthreads) {
+    if (!w || w->abi != LLAMA_DECODE_ABI || n <= 0 || num_reqs <= 0 || table_cols > table_stride
+        || (!cu_seqlens_q && num_reqs != n) || w->hidden % QK || w->head_dim % 2
         || w->num_kv_heads <= 0 || w->num_heads % w->num_kv_heads || w->intermediate % QK
         || (w->num_heads * w->head_dim) % QK)
         return -2;
@@ -234,36 +271,47 @@ int llama_decode_step(const llama_decode_weights *w, int64_t n, const float *h,
     const int64_t Hd = w->hidden, D = w->head_dim, nh = w->num_heads, nkv = w->num_kv_heads;
     const int64_t I = w->intermediate, qs = nh * D, kvs = nkv * D, qkv_n = qs + 2 * kvs;
     const int64_t bs = w->block_size, cap = w->num_blocks * bs;
-    int64_t max_len = 1;
-    for (int64_t i = 0; i < n; i++) {
-        const int64_t L = seq_lens[i];
-        if (L < 1 || (L + bs - 1) / bs > table_cols || slot_mapping[i] < 0
-            || slot_mapping[i] >= cap)
-            return -2;
+#define ROW0(r) (cu_seqlens_q ? (int64_t)cu_seqlens_q[r] : (int64_t)(r))
+    if (cu_seqlens_q && (cu_seqlens_q[0] != 0 || cu_seqlens_q[num_reqs] != n)) return -2;
+    int64_t max_len = 1, num_decode = 0;
+    for (int64_t r = 0; r < num_reqs; r++) {
+        const int64_t L = seq_lens[r], q_len = ROW0(r + 1) - ROW0(r);
+        if (q_len < 1 || L < q_len || (L + bs - 1) / bs > table_cols) return -2;
         for (int64_t b = 0; b < (L + bs - 1) / bs; b++) {
-            const int32_t id = block_table[i * table_stride + b];
+            const int32_t id = block_table[r * table_stride + b];
             if (id < 0 || id >= w->num_blocks) return -2;
         }
         max_len = L > max_len ? L : max_len;
+        num_decode += q_len == 1;
     }
+    for (int64_t i = 0; i < n; i++)
+        if (slot_mapping[i] < -1 || slot_mapping[i] >= cap) return -2;
     const size_t floats = (size_t)(n * (Hd + Hd + qkv_n + qs + 2 * I + I + Hd));
     float *buf = (float *)malloc(floats * sizeof(float));
-    if (!buf) return -1;
+    int64_t *decode_reqs = (int64_t *)malloc((size_t)(num_decode + 1) * sizeof(int64_t));
+    if (!buf || !decode_reqs) { free(buf); free(decode_reqs); return -1; }
+    for (int64_t r = 0, k = 0; r < num_reqs; r++)
+        if (ROW0(r + 1) - ROW0(r) == 1) decode_reqs[k++] = r;
     float *res = buf, *x = res + n * Hd, *qkv = x + n * Hd, *att = qkv + n * qkv_n;
     float *gu = att + n * qs, *act = gu + n * 2 * I, *mlp = act + n * I;
     const int64_t gqa = nh / nkv, half = D / 2;
+    const int nt = nthreads > 0 ? nthreads : 1;
     int rc = 0;
     memcpy(res, h, (size_t)(n * Hd) * sizeof(float));
+#pragma omp parallel for num_threads(nt) if (n >= 64)
     for (int64_t i = 0; i < n; i++) rms_norm_row(res + i * Hd, w->input_norm[0], Hd,
                                                  w->rms_norm_eps, x + i * Hd);
     for (int64_t l = 0; l < w->num_layers && !rc; l++) {
         if (l > 0) {
-            for (int64_t i = 0; i < n * Hd; i++) res[i] += mlp[i];
-            for (int64_t i = 0; i < n; i++) rms_norm_row(res + i * Hd, w->input_norm[l], Hd,
-                                                         w->rms_norm_eps, x + i * Hd);
+#pragma omp parallel for num_threads(nt) if (n >= 64)
+            for (int64_t i = 0; i < n; i++) {
+                for (int64_t j = 0; j < Hd; j++) res[i * Hd + j] += mlp[i * Hd + j];
+                rms_norm_row(res + i * Hd, w->input_norm[l], Hd, w->rms_norm_eps, x + i * Hd);
+            }
         }
         if ((rc = linear(w, LIN_QKV, l, x, n, Hd, qkv_n, qkv, nthreads))) break;
         float *kc = w->k_cache[l], *vc = w->v_cache[l];
+#pragma omp parallel for num_threads(nt) if (n >= 64)
         for (int64_t i = 0; i < n; i++) {
             float *r = qkv + i * qkv_n;
             if (w->qkv_bias && w->qkv_bias[l])
@@ -271,48 +319,71 @@ int llama_decode_step(const llama_decode_weights *w, int64_t n, const float *h,
             for (int64_t hh = 0; hh < nh + nkv; hh++)  /* q heads then k heads */
                 rope_head(r + hh * D, cos + i * half, sin + i * half, half);
             const int64_t slot = slot_mapping[i];
+            if (slot < 0) continue;
             memcpy((float *)slot_row(kc, w, slot / bs, slot % bs), r + qs,
                    (size_t)kvs * sizeof(float));
             memcpy((float *)slot_row(vc, w, slot / bs, slot % bs), r + qs + kvs,
                    (size_t)kvs * sizeof(float));
         }
         int failed = 0;
-#pragma omp parallel num_threads(nthreads > 0 ? nthreads : 1)
-        {
-            float *scores = (float *)malloc((size_t)max_len * sizeof(float));
-            if (!scores) {
+        if (num_decode) {
+#pragma omp parallel num_threads(nt)
+            {
+                float *scores = (float *)malloc((size_t)max_len * sizeof(float));
+                if (!scores) {
 #pragma omp atomic write
-                failed = 1;
-            }
+                    failed = 1;
+                }
 #pragma omp for schedule(static)
-            for (int64_t t = 0; t < n * nh; t++) {
-                if (!scores) continue;
-                const int64_t i = t / nh, hh = t % nh;
-                attend(w, kc, vc, block_table + i * table_stride, seq_lens[i], hh / gqa,
-                       qkv + i * qkv_n + hh * D, scores, att + i * qs + hh * D);
+                for (int64_t t = 0; t < num_decode * nh; t++) {
+                    if (!scores) continue;
+                    const int64_t r = decode_reqs[t / nh], hh = t % nh, i = ROW0(r);
+                    attend(w, kc, vc, block_table + r * table_stride, seq_lens[r], hh / gqa,
+                           qkv + i * qkv_n + hh * D, scores, att + i * qs + hh * D);
+                }
+                free(scores);
             }
-            free(scores);
+        }
+        for (int64_t r = 0; r < num_reqs && !failed; r++) { /* query chunks */
+            const int64_t i = ROW0(r), q_len = ROW0(r + 1) - i;
+            if (q_len > 1 && prefill_attention_run(qkv + i * qkv_n, q_len, qkv_n, nh, nkv, D, kc,
+                                                   vc, bs, w->block_stride, w->slot_stride,
+                                                   block_table + r * table_stride, seq_lens[r],
+                                                   w->attn_scale, att + i * qs, nthreads))
+                failed = 1;
         }
         if (failed) { rc = -1; break; }
         if ((rc = linear(w, LIN_O_PROJ, l, att, n, qs, Hd, x, nthreads))) break;
-        for (int64_t i = 0; i < n * Hd; i++) res[i] += x[i];
-        for (int64_t i = 0; i < n; i++) rms_norm_row(res + i * Hd, w->post_norm[l], Hd,
-                                                     w->rms_norm_eps, x + i * Hd);
-        if ((rc = linear(w, LIN_GATE_UP, l, x, n, Hd, 2 * I, gu, nthreads))) break;
+#pragma omp parallel for num_threads(nt) if (n >= 64)
         for (int64_t i = 0; i < n; i++) {
-            const float *g = gu + i * 2 * I, *u = g + I;
-            float *a = act + i * I;
-            for (int64_t j = 0; j < I; j++) a[j] = g[j] / (1.f + expf(-g[j])) * u[j];
+            for (int64_t j = 0; j < Hd; j++) res[i * Hd + j] += x[i * Hd + j];
+            rms_norm_row(res + i * Hd, w->post_norm[l], Hd, w->rms_norm_eps, x + i * Hd);
         }
+        if ((rc = linear(w, LIN_GATE_UP, l, x, n, Hd, 2 * I, gu, nthreads))) break;
+#pragma omp parallel for num_threads(nt) if (n >= 64)
+        for (int64_t i = 0; i < n; i++) silu_mul(gu + i * 2 * I, gu + i * 2 * I + I, I, act + i * I);
         if ((rc = linear(w, LIN_DOWN, l, act, n, I, Hd, mlp, nthreads))) break;
     }
     if (!rc) {
-        for (int64_t i = 0; i < n * Hd; i++) res[i] += mlp[i];
-        for (int64_t i = 0; i < n; i++) rms_norm_row(res + i * Hd, w->final_norm, Hd,
-                                                     w->rms_norm_eps, out + i * Hd);
+#pragma omp parallel for num_threads(nt) if (n >= 64)
+        for (int64_t i = 0; i < n; i++) {
+            for (int64_t j = 0; j < Hd; j++) res[i * Hd + j] += mlp[i * Hd + j];
+            rms_norm_row(res + i * Hd, w->final_norm, Hd, w->rms_norm_eps, out + i * Hd);
+        }
     }
+#undef ROW0
     free(buf);
+    free(decode_reqs);
     return rc;
+}
+
+/* One decode step: n requests, one token each (llama_forward_step without cu_seqlens_q). */
+int llama_decode_step(const llama_decode_weights *w, int64_t n, const float *h,
+                      const float *cos, const float *sin, const int32_t *block_table,
+                      int64_t table_cols, int64_t table_stride, const int32_t *seq_lens,
+                      const int64_t *slot_mapping, float *out, int nthreads) {
+    return llama_forward_step(w, n, n, NULL, h, cos, sin, block_table, table_cols, table_stride,
+                              seq_lens, slot_mapping, out, nthreads);
 }
 
 /* ---- Prefill attention over the paged cache (llama_prefill_attention) ----
@@ -502,6 +573,18 @@ int llama_prefill_attention(const float *q, int64_t q_len, int64_t q_row_stride,
     const int64_t nblk = (kv_len + block_size - 1) / block_size;
     for (int64_t b = 0; b < nblk; b++)
         if (block_table[b] < 0 || block_table[b] >= num_blocks) return -2;
+    return prefill_attention_run(q, q_len, q_row_stride, num_heads, num_kv_heads, D, k_cache,
+                                 v_cache, block_size, block_stride, slot_stride, block_table,
+                                 kv_len, scale, out, nthreads);
+}
+
+/* llama_prefill_attention after its checks (llama_forward_step's query chunks call it). */
+static int prefill_attention_run(const float *q, int64_t q_len, int64_t q_row_stride,
+                                 int64_t num_heads, int64_t num_kv_heads, int64_t D,
+                                 const float *k_cache, const float *v_cache, int64_t block_size,
+                                 int64_t block_stride, int64_t slot_stride,
+                                 const int32_t *block_table, int64_t kv_len, float scale,
+                                 float *out, int nthreads) {
     const int64_t G = num_heads / num_kv_heads, L8 = (kv_len + 7) / 8, nt = nthreads > 0 ? nthreads : 1;
     float *kt = (float *)malloc((size_t)(num_kv_heads * L8 * 8 * D) * sizeof(float));
     float *vs = (float *)malloc((size_t)(num_kv_heads * L8 * 8 * D) * sizeof(float));

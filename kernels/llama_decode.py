@@ -63,6 +63,9 @@ def library(portable: bool = False) -> ctypes.CDLL:
     lib.llama_decode_step.argtypes = [ctypes.POINTER(_Weights), _I64, _P, _P, _P, _P, _I64,
                                       _I64, _P, _P, _P, ctypes.c_int]
     lib.llama_decode_step.restype = ctypes.c_int
+    lib.llama_forward_step.argtypes = [ctypes.POINTER(_Weights), _I64, _I64, _P, _P, _P, _P,
+                                       _P, _I64, _I64, _P, _P, _P, ctypes.c_int]
+    lib.llama_forward_step.restype = ctypes.c_int
     lib.llama_prefill_attention.argtypes = [_P, _I64, _I64, _I64, _I64, _I64, _P, _P, _I64,
                                             _I64, _I64, _I64, _P, _I64, ctypes.c_float, _P,
                                             ctypes.c_int]
@@ -217,16 +220,26 @@ class LlamaDecodeStep:
 
     def __call__(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                  block_table: torch.Tensor, seq_lens: torch.Tensor,
-                 slot_mapping: torch.Tensor, num_threads: int | None = None) -> torch.Tensor:
-        """Run one decode step; writes this step's K/V into the cache.
+                 slot_mapping: torch.Tensor, num_threads: int | None = None,
+                 cu_seqlens_q: torch.Tensor | None = None) -> torch.Tensor:
+        """Run one step over ``n`` tokens; writes this step's K/V into the cache.
+
+        Without ``cu_seqlens_q`` a decode step: ``n`` requests, one token each. With it, any
+        mix of decode tokens and prefill chunks (``llama_forward_step`` in llama_decode.c):
+        request ``r`` owns token rows ``cu_seqlens_q[r] .. cu_seqlens_q[r + 1] - 1``, the
+        last positions of its context, and a row's result does not depend on the others.
 
         Args:
             h: ``[n, hidden]`` float32, the tokens' input embeddings.
             cos, sin: ``[n, head_dim // 2]`` float32, each token's rotary row.
-            block_table: ``[n, max_blocks]`` int32 (rows may be strided; columns contiguous).
-            seq_lens: ``[n]`` int32, each context's length including this token.
-            slot_mapping: ``[n]`` int64, the cache slot of each token's K/V.
+            block_table: ``[num_reqs, max_blocks]`` int32 (rows may be strided; columns
+                contiguous).
+            seq_lens: ``[num_reqs]`` int32, each context's length including this step's
+                tokens.
+            slot_mapping: ``[n]`` int64, the cache slot of each token's K/V (-1: not written).
             num_threads: OpenMP threads (default ``torch.get_num_threads()``).
+            cu_seqlens_q: ``[num_reqs + 1]`` int32, 0 first and ``n`` last; None: one token
+                per request.
         Returns: ``[n, hidden]`` float32, the final-normed hidden states.
         Raises:
             ValueError: a tensor does not fit, or a length, slot or block id is out of range
@@ -234,29 +247,36 @@ class LlamaDecodeStep:
             MemoryError: scratch memory failed (the cache may hold part of the step's K/V).
         """
         n = h.shape[0]
+        num_reqs = n if cu_seqlens_q is None else cu_seqlens_q.shape[0] - 1
         f32 = torch.float32
         _check("h", h, f32, (n, self.hidden))
         _check("cos", cos, f32, (n, self.half_dim))
         _check("sin", sin, f32, (n, self.half_dim))
-        _check("seq_lens", seq_lens, torch.int32, (n,))
+        _check("seq_lens", seq_lens, torch.int32, (num_reqs,))
         _check("slot_mapping", slot_mapping, torch.int64, (n,))
+        if cu_seqlens_q is not None:
+            _check("cu_seqlens_q", cu_seqlens_q, torch.int32, (num_reqs + 1,))
         if block_table.dtype != torch.int32 or block_table.dim() != 2 \
-                or block_table.shape[0] != n or block_table.stride(1) != 1:
-            raise ValueError(f"block_table: expected int32 [{n}, max_blocks] with contiguous "
-                             f"rows, got {block_table.dtype} {tuple(block_table.shape)}")
+                or block_table.shape[0] != num_reqs or block_table.stride(1) != 1:
+            raise ValueError(f"block_table: expected int32 [{num_reqs}, max_blocks] with "
+                             f"contiguous rows, got {block_table.dtype} "
+                             f"{tuple(block_table.shape)}")
         out = torch.empty_like(h)
-        rc = self.lib.llama_decode_step(
-            self._weights_ref, n, h.data_ptr(), cos.data_ptr(), sin.data_ptr(),
-            block_table.data_ptr(), block_table.shape[1], block_table.stride(0),
-            seq_lens.data_ptr(), slot_mapping.data_ptr(), out.data_ptr(),
+        rc = self.lib.llama_forward_step(
+            self._weights_ref, n, num_reqs,
+            None if cu_seqlens_q is None else cu_seqlens_q.data_ptr(), h.data_ptr(),
+            cos.data_ptr(), sin.data_ptr(), block_table.data_ptr(), block_table.shape[1],
+            block_table.stride(0), seq_lens.data_ptr(), slot_mapping.data_ptr(), out.data_ptr(),
             num_threads or torch.get_num_threads())
         if rc == -1:
-            raise MemoryError("llama_decode_step: no memory for its scratch buffers")
+            raise MemoryError("llama_forward_step: no memory for its scratch buffers")
         if rc:
-            raise ValueError(f"llama_decode_step: a sequence length, slot or block id is out of "
-                             f"range (seq_lens {seq_lens.tolist()}, slots "
-                             f"{slot_mapping.tolist()}, {self.num_blocks} blocks of "
-                             f"{self.block_size}, block_table width {block_table.shape[1]})")
+            raise ValueError(
+                f"llama_forward_step: a query length, sequence length, slot or block id is out "
+                f"of range (cu_seqlens_q "
+                f"{None if cu_seqlens_q is None else cu_seqlens_q.tolist()}, seq_lens "
+                f"{seq_lens.tolist()}, slots {slot_mapping.tolist()[:64]}, {self.num_blocks} "
+                f"blocks of {self.block_size}, block_table width {block_table.shape[1]})")
         return out
 
 

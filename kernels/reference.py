@@ -161,10 +161,12 @@ def ref_llama_decode_step(
     h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, layers: list[dict],
     final_norm: torch.Tensor, kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
     block_table: torch.Tensor, seq_lens: torch.Tensor, slot_mapping: torch.Tensor,
-    num_heads: int, num_kv_heads: int, eps: float,
+    num_heads: int, num_kv_heads: int, eps: float, cu_seqlens_q: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Float64 reference of ``scission.kernels.llama_decode.LlamaDecodeStep``: one decode token
-    per request through every layer, ``[n, hidden]`` float64 final-normed hidden states.
+    per request (or, with ``cu_seqlens_q``, request r's query rows ``cu[r] .. cu[r + 1] - 1``,
+    causal within its context) through every layer, ``[n, hidden]`` float64 final-normed
+    hidden states. A slot of -1 is not written.
 
     ``layers[i]`` holds ``input_norm``, ``post_norm``, optional ``qkv_bias`` and, for each of
     ``qkv``, ``o_proj``, ``gate_up``, ``down``, a ``(codes, scales, mins)`` triple
@@ -203,9 +205,14 @@ def ref_llama_decode_step(
         bs = k_cache.shape[1]
         for r in range(n):
             slot = int(slot_mapping[r])
-            k_cache[slot // bs, slot % bs] = k[r].float()
-            v_cache[slot // bs, slot % bs] = v[r].float()
-        att = ref_decode_attention(q, k_cache, v_cache, block_table, seq_lens, scale)
+            if slot >= 0:
+                k_cache[slot // bs, slot % bs] = k[r].float()
+                v_cache[slot // bs, slot % bs] = v[r].float()
+        if cu_seqlens_q is None:
+            att = ref_decode_attention(q, k_cache, v_cache, block_table, seq_lens, scale)
+        else:
+            att = ref_prefill_attention(q, k_cache, v_cache, block_table, seq_lens,
+                                        cu_seqlens_q, scale)
         res = res + lin(att.reshape(n, qs), lw["o_proj"])
         gate, up = lin(norm(res, lw["post_norm"]), lw["gate_up"]).chunk(2, dim=-1)
         mlp = lin(gate * torch.sigmoid(gate) * up, lw["down"])

@@ -1,6 +1,7 @@
 """Native decode (engine/native_decode.py) inside the engine on the default model: when it is
-on, that its pure-decode steps match the torch w4a8 step they replace, that a request's
-tokens do not depend on what else is in the batch, and that blocks are all returned.
+on, that its steps (decode, prefill and mixed) match the torch w4a8 step they replace, that a
+request's tokens do not depend on what else is in the batch or when other requests arrive,
+and that blocks are all returned.
 Accuracy against HF transformers is tests/engine/test_quant_engine.py's (``w4a8``)."""
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from scission.engine.config import CacheConfig, EngineConfig, SchedulerConfig
 from scission.engine.llm_engine import LLMEngine
 from scission.engine.native_decode import NativeDecoder, native_decode_unsupported
 from scission.engine.quant import W4A8_GEMM_MIN_ROWS
+from scission.engine.request import SamplingParams
 from scission.kernels.reference import rel_error
 
 CLEAR_MARGIN = 1.0  # logits: a top-1 lead this large must not flip between the two paths
@@ -67,34 +69,35 @@ def test_off_when_asked(tokenizer):
     assert eng.model.native_decode is None
 
 
-def test_pure_decode_steps_match_the_torch_step(engine, tokenizer):
-    """Every pure-decode step of a batched run, computed both ways from the same cache: the
-    K/V layer 0 writes agree to float32 rounding, the hidden states to the stated tolerance,
-    and the greedy token wherever the torch path's top-1 leads clearly."""
+def test_steps_match_the_torch_step(engine, tokenizer):
+    """Every step of a batched run (prefill chunks, then pure decode), computed both ways from
+    the same cache: the K/V layer 0 writes agree to float32 rounding, the hidden states to the
+    stated tolerance, and the greedy token wherever the torch path's top-1 leads clearly."""
     model, runner, cache = engine.model, engine.runner, engine.kv_cache
     checked: list[tuple[float, float]] = []
+    kinds: set[bool] = set()  # is_pure_decode of the steps checked
     execute = runner.execute
 
     def compare_then_execute(out):
         inp = runner.buffers.fill(out)
-        if inp.metadata.is_pure_decode:
-            runner.attn.plan(inp.metadata)
-            before = cache.tensor.clone()
-            native = model(inp.input_ids, inp.positions, cache.layers, runner.attn)
-            native_kv0 = cache.layer_major()[0].clone()
-            cache.tensor.copy_(before)
-            decoder, model.native_decode = model.native_decode, None
-            try:
-                ref = model(inp.input_ids, inp.positions, cache.layers, runner.attn)
-            finally:
-                model.native_decode = decoder
-            checked.append((rel_error(native, ref),
-                            rel_error(native_kv0, cache.layer_major()[0])))
-            ref_logits, got_logits = model.lm_head(ref), model.lm_head(native)
-            top2 = ref_logits.topk(2, dim=-1).values
-            clear = (top2[:, 0] - top2[:, 1]) >= CLEAR_MARGIN
-            assert torch.equal(got_logits.argmax(-1)[clear], ref_logits.argmax(-1)[clear])
-            cache.tensor.copy_(before)
+        kinds.add(inp.metadata.is_pure_decode)
+        runner.attn.plan(inp.metadata)
+        before = cache.tensor.clone()
+        native = model(inp.input_ids, inp.positions, cache.layers, runner.attn)
+        native_kv0 = cache.layer_major()[0].clone()
+        cache.tensor.copy_(before)
+        decoder, model.native_decode = model.native_decode, None
+        try:
+            ref = model(inp.input_ids, inp.positions, cache.layers, runner.attn)
+        finally:
+            model.native_decode = decoder
+        checked.append((rel_error(native, ref),
+                        rel_error(native_kv0, cache.layer_major()[0])))
+        ref_logits, got_logits = model.lm_head(ref), model.lm_head(native)
+        top2 = ref_logits.topk(2, dim=-1).values
+        clear = (top2[:, 0] - top2[:, 1]) >= CLEAR_MARGIN
+        assert torch.equal(got_logits.argmax(-1)[clear], ref_logits.argmax(-1)[clear])
+        cache.tensor.copy_(before)
         return execute(out)
 
     runner.execute = compare_then_execute
@@ -102,7 +105,7 @@ def test_pure_decode_steps_match_the_torch_step(engine, tokenizer):
         greedy_tokens(engine, [tokenizer.encode(p) for p in PROMPTS], 24)
     finally:
         del runner.execute
-    assert len(checked) >= 20
+    assert len(checked) >= 20 and kinds == {False, True}
     hidden_err, kv0_err = max(c[0] for c in checked), max(c[1] for c in checked)
     print(f"hidden rel err max {hidden_err:.4f}, layer-0 KV max {kv0_err:.2e}")
     assert kv0_err < LAYER0_KV_REL_TOL
@@ -123,33 +126,67 @@ def test_tokens_do_not_depend_on_the_batch(engine, tokenizer):
     assert engine.num_free_blocks == engine.block_manager.num_blocks
 
 
+def test_tokens_do_not_depend_on_arrival(engine, tokenizer):
+    """Requests arriving one per step share steps with the others' prefill chunks (mixed
+    steps: decode tokens take the decode attention, chunks the prefill attention, in one C
+    call); each request's greedy tokens still equal its tokens decoded alone."""
+    prompts = [tokenizer.encode(p) for p in PROMPTS]
+    alone = [greedy_tokens(engine, [ids], 24)[0] for ids in prompts]
+    params = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
+    tokens: dict[str, list[int]] = {f"late-{i}": [] for i in range(len(prompts))}
+    decoder = engine.model.native_decode
+    mixed_steps = []  # query lengths of the native steps with decode tokens and a chunk
+
+    def record(h, positions, md):
+        if 1 in md.query_lens and max(md.query_lens) > 1:
+            mixed_steps.append(md.query_lens)
+        return type(decoder).forward_embeds(decoder, h, positions, md)
+
+    decoder.forward_embeds = record
+    try:
+        for i, ids in enumerate(prompts):  # one arrival per step
+            engine.add_request(f"late-{i}", ids, params)
+            for out in engine.step():
+                tokens[out.request_id].extend(out.new_token_ids)
+        while engine.has_unfinished():
+            for out in engine.step():
+                tokens[out.request_id].extend(out.new_token_ids)
+    finally:
+        del decoder.forward_embeds
+    assert len(mixed_steps) >= 2, mixed_steps
+    assert [tokens[f"late-{i}"] for i in range(len(prompts))] == alone
+    assert engine.num_free_blocks == engine.block_manager.num_blocks
+
+
 def test_which_steps_it_takes(engine):
-    """Every pure-decode step, of any size (its linears switch to w4a8_gemm at
-    W4A8_GEMM_MIN_ROWS requests, as W4A8Linear does); prefill and mixed steps stay on the
-    torch path."""
+    """Every step, of any size (its linears switch to w4a8_gemm at W4A8_GEMM_MIN_ROWS
+    tokens, as W4A8Linear does), pure decode or not."""
     decoder = engine.model.native_decode
     assert decoder.step.gemm_min_rows == W4A8_GEMM_MIN_ROWS
     assert engine.model.layers[0].qkv.max_packed_rows == W4A8_GEMM_MIN_ROWS - 1
     for n in (1, W4A8_GEMM_MIN_ROWS, 256):
         assert decoder.handles(SimpleNamespace(is_pure_decode=True, num_reqs=n))
-    assert not decoder.handles(SimpleNamespace(is_pure_decode=False, num_reqs=2))
+    assert decoder.handles(SimpleNamespace(is_pure_decode=False, num_reqs=2))
 
 
 def test_prefill_attention_runs_in_c_and_agrees_with_sdpa(engine, tokenizer):
-    """With native decode the torch backend's prefill chunks take the C attention
-    (kernels/llama_decode.py: prefill_attention, checked against float64 in
-    tests/kernels/test_prefill_attention_cpu.py); inside the engine its first tokens equal
-    SDPA's, and a long prompt in several chunks (a context before each) gives the same."""
-    attn = engine.runner.attn
+    """Steps the torch path still runs (image embeddings) take the C prefill attention with
+    native decode on (kernels/llama_decode.py: prefill_attention, checked against float64 in
+    tests/kernels/test_prefill_attention_cpu.py): with the native step off, the torch path's
+    first tokens with it equal SDPA's, a long prompt in several chunks (a context before
+    each) included."""
+    attn, model = engine.runner.attn, engine.model
     assert attn.native_prefill
     long_text = " ".join(PROMPTS * 12) + " Summarize the above in one word:"  # ~300 tokens
     prompts = [tokenizer.encode(p) for p in [*PROMPTS, long_text]]
     assert len(prompts[-1]) > 256
-    native = greedy_tokens(engine, prompts, 3)
-    attn.native_prefill = False
+    decoder, model.native_decode = model.native_decode, None
     try:
+        native = greedy_tokens(engine, prompts, 3)
+        attn.native_prefill = False
         sdpa = greedy_tokens(engine, prompts, 3)
     finally:
         attn.native_prefill = True
+        model.native_decode = decoder
     assert [t[0] for t in native] == [t[0] for t in sdpa]
     assert engine.num_free_blocks == engine.block_manager.num_blocks
