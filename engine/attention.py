@@ -133,9 +133,10 @@ class TorchAttentionBackend(AttentionBackend):
 
     ``native_prefill`` (set by the engine with native decode, float32 on CPU): query chunks
     run ``kernels/llama_decode.py: prefill_attention`` instead, one C call per request
-    reading K/V from the paged cache (no gather): 5.0-5.2 ms against SDPA's CPU flash kernel's
-    6.2-6.5 ms per layer on a 512-token prompt with SmolLM2's heads (2 threads, AVX2), the
-    same values up to float32 summation order.
+    reading K/V from the paged cache (no gather): ~2.2 ms against SDPA's CPU flash kernel's
+    ~5.7 ms per layer on a 512-token prompt with SmolLM2's heads (2 threads, AVX2), the same
+    values up to float32 summation order. With native decode on, only steps with image
+    embeddings still come here (text steps run whole in C, engine/native_decode.py).
     """
 
     native_prefill = False

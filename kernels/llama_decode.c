@@ -1,12 +1,14 @@
-/* One decode step of a Llama-family decoder in one C call (scission.kernels.llama_decode).
+/* One step of a Llama-family decoder in one C call (scission.kernels.llama_decode).
  *
- * For every layer, over n query tokens (one per request), float32 throughout:
+ * For every layer, over n query tokens (one per request in a decode step; a request's
+ * prefill chunk is several, llama_forward_step), float32 throughout:
  *
  *     x   = rms_norm(h, input_norm)                   (first layer; later: h += mlp, then norm)
  *     qkv = w4a8(x, qkv) (+ bias)                      [n, (H + 2 H_kv) D]
  *     q, k = rope(q), rope(k)                          neox halves, cos/sin rows per token
  *     cache[slot_mapping[i]] = k, v                    paged K/V write
- *     o   = softmax(q K^T * scale) V                   over each request's context (block table)
+ *     o   = softmax(q K^T * scale) V                   over each request's context (block table),
+ *                                                      causal within a prefill chunk
  *     h  += w4a8(o, o_proj);  x = rms_norm(h, post_norm)
  *     mlp = w4a8(silu(gate) * up, down),  [gate, up] = w4a8(x, gate_up)
  *
@@ -401,8 +403,8 @@ int llama_decode_step(const llama_decode_weights *w, int64_t n, const float *h,
  * loads each K/V tile once for a block of queries the same way. Per block of rows: the
  * scores (8 keys per FMA), each row's max and exp-and-sum (eight lanes at a time), then the
  * weighted sum of V over the rows' keys (a row's keys past its own end weigh 0). On a
- * 512-token prompt with SmolLM2's heads (D 64), 2 threads of a Zen 2 EPYC: ~2.1-2.3 ms a
- * layer against SDPA's CPU flash kernel's 5.5-6.0 (one K/V load per row: 5.0).
+ * 512-token prompt with SmolLM2's heads (D 64), 2 threads of a Zen 2 EPYC: ~2.2 ms a layer
+ * against SDPA's CPU flash kernel's 5.4-6.0 (one K/V load per row, as before: 4.4-5.0).
  *
  *   q     [q_len, num_heads, D], q_row_stride floats between tokens (head rows contiguous)
  *   k_cache, v_cache: bases of [num_blocks, block_size, H_kv, D] with the given strides

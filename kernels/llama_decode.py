@@ -1,10 +1,10 @@
-"""A whole Llama-family decode step in one C call: the w4a8 decode path's step loop.
+"""A whole Llama-family step in one C call: the w4a8 path's step loop.
 
-``llama_decode.c`` runs every layer of a decode step (RMSNorm, the w4a8 linears of
-``w4a8_gemv.c``, neox RoPE, the paged K/V write, attention over each request's block table,
-SiLU-gated MLP, residuals, the final norm) for n requests of one token each, float32 with
-4-bit (Q4_1) weights and int8 activations, and returns the final hidden states for the LM
-head. A torch step at batch 1 spends ~5 ms in the linears' kernel and ~10 ms around it in
+``llama_decode.c`` runs every layer of a step (RMSNorm, the w4a8 linears of ``w4a8_gemv.c``,
+neox RoPE, the paged K/V write, attention over each request's block table, SiLU-gated MLP,
+residuals, the final norm) for a batch of requests, each one decode token or a prefill
+chunk (``llama_forward_step``; ``llama_decode_step`` = one token each), float32 with 4-bit
+(Q4_1) weights and int8 activations, and returns the final hidden states for the LM head. A torch step at batch 1 spends ~5 ms in the linears' kernel and ~10 ms around it in
 op dispatch, graph guards and Python (bench/README.md "Session 15"); one C call per
 step leaves the kernels, as llama.cpp's graph executor does.
 
