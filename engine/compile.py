@@ -294,13 +294,12 @@ def enable_graph_mode(model: LlamaForCausalLM, kv_cache, attn,
 
     compiled = CompiledDecoder(model)
     model.compiled = compiled
-    bs = kv_cache.block_size
-    device = kv_cache.tensor.device
-
     if getattr(model, "native_decode", None) is not None:
         logger.info("graph mode: text steps run native (engine/native_decode.py); graphs "
                     "compile at the first step with image embeddings")
         return compiled
+    bs = kv_cache.block_size
+    device = kv_cache.tensor.device
 
     def run_step(n: int) -> None:  # n requests decoding their second token, all in block 0
         i32 = dict(dtype=torch.int32, device=device)

@@ -379,15 +379,6 @@ int llama_forward_step(const llama_decode_weights *w, int64_t n, int64_t num_req
     return rc;
 }
 
-/* One decode step: n requests, one token each (llama_forward_step without cu_seqlens_q). */
-int llama_decode_step(const llama_decode_weights *w, int64_t n, const float *h,
-                      const float *cos, const float *sin, const int32_t *block_table,
-                      int64_t table_cols, int64_t table_stride, const int32_t *seq_lens,
-                      const int64_t *slot_mapping, float *out, int nthreads) {
-    return llama_forward_step(w, n, n, NULL, h, cos, sin, block_table, table_cols, table_stride,
-                              seq_lens, slot_mapping, out, nthreads);
-}
-
 /* ---- Prefill attention over the paged cache (llama_prefill_attention) ----
  *
  * Causal attention of a chunk of q_len query tokens at the end of a context of kv_len tokens

@@ -3,10 +3,11 @@
 ``llama_decode.c`` runs every layer of a step (RMSNorm, the w4a8 linears of ``w4a8_gemv.c``,
 neox RoPE, the paged K/V write, attention over each request's block table, SiLU-gated MLP,
 residuals, the final norm) for a batch of requests, each one decode token or a prefill
-chunk (``llama_forward_step``; ``llama_decode_step`` = one token each), float32 with 4-bit
-(Q4_1) weights and int8 activations, and returns the final hidden states for the LM head. A torch step at batch 1 spends ~5 ms in the linears' kernel and ~10 ms around it in
-op dispatch, graph guards and Python (bench/README.md "Session 15"); one C call per
-step leaves the kernels, as llama.cpp's graph executor does.
+chunk (``llama_forward_step``; no ``cu_seqlens_q``: one token each), float32 with 4-bit
+(Q4_1) weights and int8 activations, and returns the final hidden states for the LM head.
+A torch step at batch 1 spends ~5 ms in the linears' kernel and ~10 ms around it in op
+dispatch, graph guards and Python (bench/README.md "Session 15"); one C call per step
+leaves the kernels, as llama.cpp's graph executor does.
 
 ``LlamaDecodeStep`` holds the model's tensors (packed weights, norms, the cache views) and the
 C struct of their addresses, built once; calling it runs a step. The float64 reference is
@@ -60,9 +61,6 @@ def library(portable: bool = False) -> ctypes.CDLL:
     """
     flags = w4a8.PORTABLE_FLAGS if portable else w4a8.FLAGS
     lib = load_library(SOURCE, flags, deps=(w4a8.SOURCE,))
-    lib.llama_decode_step.argtypes = [ctypes.POINTER(_Weights), _I64, _P, _P, _P, _P, _I64,
-                                      _I64, _P, _P, _P, ctypes.c_int]
-    lib.llama_decode_step.restype = ctypes.c_int
     lib.llama_forward_step.argtypes = [ctypes.POINTER(_Weights), _I64, _I64, _P, _P, _P, _P,
                                        _P, _I64, _I64, _P, _P, _P, ctypes.c_int]
     lib.llama_forward_step.restype = ctypes.c_int
